@@ -111,3 +111,7 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -80,13 +80,14 @@ def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[st
 def compare_students(job: Job, question: str, console: Console) -> dict[str, Any]:
     """Evaluate the initialised and the trained student on the held-out shard set."""
     from distill.evaluate import generate_answer
+    from distill.student import init_student
     from distill.train import make_loader, run_dir
 
     out = run_dir(job)
-    init_dir, final_dir = out / "student-init", out / "student"
-    for d in (init_dir, final_dir):
-        if not (d / "config.json").is_file():
-            raise DistillError(f"{d} not found: run `distill-ctl train --job {job.path}` first")
+    final_dir = out / "student"
+    if not (final_dir / "config.json").is_file():
+        raise DistillError(f"{final_dir} not found: run `distill-ctl train --job {job.path}` first")
+    init_dir = init_student(job, out / "student-init")
     loader = make_loader(job, "eval", shuffle=False)
     before, _ = _eval_model(job, init_dir, loader)
     after, model = _eval_model(job, final_dir, loader)

@@ -56,6 +56,8 @@ def _check_name(name: str) -> str:
 
 
 def _tmp_sibling(dest: Path) -> Path:
+    """A temp name next to ``dest`` (its directory is created if needed)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
     return dest.with_name(f"{TMP_PREFIX}{dest.name}.{uuid.uuid4().hex}")
 
 
@@ -82,7 +84,8 @@ class Store(ABC):
 
     @abstractmethod
     def download(self, name: str, dest: Path) -> None:
-        """Copy the object to `dest` atomically (temp file next to `dest`, then os.replace)."""
+        """Copy the object to `dest` atomically (temp file next to `dest`, then os.replace);
+        missing parent directories are created."""
 
     @abstractmethod
     def put_file(self, name: str, src: Path) -> None:

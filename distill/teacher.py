@@ -168,10 +168,13 @@ def _stats_from_remote(store: Store, name: str, tmpdir: Path) -> ShardStats:
     local = tmpdir / name
     store.download(name, local)
     samples = list(read_shard(local))
-    stats = write_shard(tmpdir / f"check-{name}", samples)  # same samples -> same bytes
+    check = tmpdir / f"check-{name}"
+    stats = write_shard(check, samples)  # the same samples always encode to the same bytes
+    check.unlink()
     if stats.sha256 != _sha256_file(local):
         raise DistillError(f"{store.join(name)}: shard bytes differ from their re-encoding")
-    return stats
+    local.unlink()
+    return dataclasses.replace(stats, name=name)
 
 
 def run_split(

@@ -186,13 +186,13 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
                 sched.step()
                 step += 1
                 skip += 1
-                last_loss = float(loss)
+                last_loss = float(loss.detach())
                 tokens_seen += batch.tokens
                 rate = tokens_seen / (time.perf_counter() - t_start)
                 rec = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": float(loss),
+                    "loss": last_loss,
                     "kd": float(kd),
                     "ce": float(ce),
                     "lr": sched.get_last_lr()[0],

@@ -64,18 +64,16 @@ def smol_tokenizer(smol_dir: Path):
     return load_tokenizer(smol_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher_dir(smol_dir: Path, smol_tokenizer, tmp_path_factory) -> Path:
-    """A randomly initialised 4-layer Llama with SmolLM2's real tokenizer and vocab."""
+def _tiny_llama(tokenizer, dest: Path, layers: int, embed_std: float, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=49152,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -84,7 +82,22 @@ def tiny_teacher_dir(smol_dir: Path, smol_tokenizer, tmp_path_factory) -> Path:
         eos_token_id=2,
         pad_token_id=2,
     )
-    dest = tmp_path_factory.mktemp("tiny-teacher")
-    LlamaForCausalLM(config).save_pretrained(dest)
-    smol_tokenizer.save_pretrained(dest)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, embed_std)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(smol_tokenizer, tmp_path_factory) -> Path:
+    """A random 4-layer Llama with SmolLM2's real tokenizer and vocab; its wide (tied)
+    embedding gives peaked, teacher-like next-token distributions."""
+    return _tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("tiny-teacher"), 4, 1.0, 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(smol_tokenizer, tmp_path_factory) -> Path:
+    """An unrelated random 2-layer student with the same vocab (far from the teacher)."""
+    return _tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("tiny-student"), 2, 0.02, 1)

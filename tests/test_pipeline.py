@@ -1,0 +1,273 @@
+"""End to end on a tiny random model with the real SmolLM2 tokenizer, every shard passing
+through the real google-cloud-storage client and a local fake-gcs-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import teacher as teacher_mod
+from distill.config import load_job
+from distill.errors import DistillError
+from distill.manifest import MANIFEST, Manifest
+from distill.shards import read_shard
+from distill.storage import BucketNotFound, open_store
+from distill.teacher import run_teacher
+from distill.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dataset(tmp_path: Path, name: str, src: str, n: int) -> Path:
+    lines = (REPO / "data" / "demo" / src).read_text().splitlines()[:n]
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def make_job(tmp_path: Path, model: Path, output: str, n_train: int = 96, **extra: str) -> Path:
+    train_p = dataset(tmp_path, "train.jsonl", "train.jsonl", n_train)
+    eval_p = dataset(tmp_path, "eval.jsonl", "eval.jsonl", 24)
+    sections = {
+        "job": f'output = "{output}"\nseed = 1',
+        "teacher": f'model = "{model}"\ndtype = "float32"\nbatch_tokens = 1024\n'
+        "head_chunk = 64\nsamples_per_shard = 16",
+        "data": f'train = "{train_p}"\neval = "{eval_p}"\nmax_length = 128\ntruncation = "right"',
+        "targets": "k = 8",
+        "student": 'init = "teacher-layers"\nlayers = 2',
+        "train": f'run_dir = "{tmp_path / "run"}"\ncache_dir = "{tmp_path / "cache"}"\n'
+        "batch_size = 8\nlr = 1e-2\nwarmup_steps = 2\ncheckpoint_every = 4\nepochs = 2",
+    }
+    for key, value in extra.items():
+        section, field = key.split("__")
+        kept = [x for x in sections[section].splitlines() if not x.startswith(f"{field} =")]
+        sections[section] = "\n".join([*kept, f"{field} = {value}"])
+    path = tmp_path / "job.toml"
+    path.write_text("".join(f"[{s}]\n{body}\n\n" for s, body in sections.items()))
+    return path
+
+
+def dataset_keys(path: Path) -> list[str]:
+    return [f"{path.stem}-{i + 1:07d}" for i, line in enumerate(path.read_text().splitlines())]
+
+
+def stored_keys(url: str, tmp_path: Path) -> list[str]:
+    """Every sample key in the shard set that the manifest lists, read back from the bucket."""
+    store = open_store(url)
+    m = Manifest.from_json(store.read_bytes(MANIFEST), url)
+    keys = []
+    for s in m.shards:
+        local = tmp_path / "check" / url.replace("/", "_") / s.name
+        store.download(s.name, local)
+        keys += [x.key for x in read_shard(local)]
+    return keys
+
+
+def test_teacher_train_eval_through_gcs(tiny_teacher_dir, tiny_student_dir, gcs_bucket, tmp_path):
+    from google.cloud import storage
+    from transformers import AutoModelForCausalLM
+
+    from distill.report import compare_students, shard_set_stats
+
+    job = load_job(make_job(tmp_path, tiny_teacher_dir, f"{gcs_bucket}/run"))
+    manifests = run_teacher(job)
+    assert stored_keys(f"{gcs_bucket}/run/train", tmp_path) == dataset_keys(
+        tmp_path / "train.jsonl"
+    )
+    m = manifests["train"]
+    assert (m.samples, m.k, m.vocab_size, len(m.shards)) == (96, 8, 49152, 6)
+    assert m.dtypes["topk_ids"] == "uint16" and m.schema_version == 1
+    # The objects really are in the emulated bucket, seen through the plain GCS client.
+    client = storage.Client(
+        project="t",
+        credentials=__import__("google.auth.credentials").auth.credentials.AnonymousCredentials(),
+    )
+    names = {b.name for b in client.list_blobs(gcs_bucket[5:], prefix="run/train/")}
+    assert {f"run/train/{s.name}" for s in m.shards} | {"run/train/manifest.json"} <= names
+
+    _, stats = shard_set_stats(f"{gcs_bucket}/run/train", tmp_path / "c2")
+    assert 0 < stats["mean_topk_mass"] <= 1 and stats["bytes_per_token"] > 0
+
+    job = load_job(
+        tmp_path / "job.toml",
+        [
+            'student.init="pretrained"',
+            f'student.model="{tiny_student_dir}"',
+            "train.kd_weight=1.0",
+        ],
+    )
+    summary = train(job)
+    assert summary["steps"] == 2 * 12
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert model.config.num_hidden_layers == 2
+    result = compare_students(job, "Hello?", __import__("rich.console").console.Console(quiet=True))
+    assert result["trained"]["kd"] < result["initialised"]["kd"]
+    assert result["trained"]["target_tokens"] == manifests["eval"].target_tokens
+    assert isinstance(result["answer"], str)
+
+
+class Boom(KeyboardInterrupt):
+    pass
+
+
+def test_teacher_interrupted_then_rerun_has_every_sample_once(
+    tiny_teacher_dir, gcs_bucket, tmp_path, monkeypatch
+):
+    job = load_job(make_job(tmp_path, tiny_teacher_dir, f"{gcs_bucket}/run"))
+    real = teacher_mod.compute_targets
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Boom()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_mod, "compute_targets", flaky)
+    with pytest.raises(Boom):
+        run_teacher(job)
+    store = open_store(f"{gcs_bucket}/run/train")
+    assert not store.exists(MANIFEST)
+    done = [n for n in store.list() if n.endswith(".tar")]
+    assert 1 <= len(done) <= 3
+    monkeypatch.setattr(teacher_mod, "compute_targets", real)
+    calls["n"] = 0
+    run_teacher(job)
+    assert stored_keys(f"{gcs_bucket}/run/train", tmp_path) == dataset_keys(
+        tmp_path / "train.jsonl"
+    )
+    # A complete set is left alone; the same output for another dataset is refused.
+    run_teacher(job)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DistillError, match="different job or dataset"):
+        run_teacher(load_job(tmp_path / "job.toml"))
+
+
+def test_shard_without_sidecar_is_recovered_from_its_bytes(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "out"
+    job = load_job(make_job(tmp_path, tiny_teacher_dir, str(out)))
+    run_teacher(job)
+    want = (out / "train" / MANIFEST).read_text()
+    # Simulate a crash between a shard's upload and its sidecar (and before the manifest).
+    (out / "train" / MANIFEST).unlink()
+    (out / "train" / "shard-000002.json").unlink()
+    run_teacher(job)
+    a, b = json.loads(want), json.loads((out / "train" / MANIFEST).read_text())
+    assert a["shards"] == b["shards"]
+
+
+def test_teacher_killed_with_sigkill_then_rerun(tiny_teacher_dir, gcs_bucket, tmp_path):
+    path = make_job(
+        tmp_path,
+        tiny_teacher_dir,
+        f"{gcs_bucket}/run",
+        n_train=400,
+        teacher__samples_per_shard="4",
+    )
+    dataset(tmp_path, "train.jsonl", "train.jsonl", 400)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "teacher", "--job", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = open_store(f"{gcs_bucket}/run/train")
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(n.endswith(".tar") for n in store.list()):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"teacher ended before the kill: {proc.communicate()[1]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not store.exists(MANIFEST)
+    run_teacher(load_job(path))
+    keys = stored_keys(f"{gcs_bucket}/run/train", tmp_path)
+    assert keys == dataset_keys(tmp_path / "train.jsonl") and len(set(keys)) == 400
+
+
+def test_missing_bucket_fails_before_any_work(tiny_teacher_dir, gcs_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    job = load_job(make_job(tmp_path, tiny_teacher_dir, "gs://no-such-bucket-xyz/run"))
+    with pytest.raises(BucketNotFound, match="no-such-bucket-xyz"):
+        run_teacher(job)
+
+
+def test_unknown_model_and_k_too_large(tiny_teacher_dir, tmp_path):
+    job = load_job(make_job(tmp_path, tmp_path / "nowhere", str(tmp_path / "o")))
+    with pytest.raises(DistillError, match="not found: expected a Hugging Face directory"):
+        run_teacher(job)
+    job = load_job(make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o")), ["targets.k=49152"])
+    with pytest.raises(DistillError, match="must be smaller than the teacher vocab"):
+        run_teacher(job)
+    assert not (tmp_path / "o" / "train" / MANIFEST).exists()
+
+
+def test_student_with_other_vocab_is_refused(tiny_teacher_dir, tmp_path, smol_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    job = load_job(make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o")))
+    run_teacher(job)
+    other = tmp_path / "other"
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    smol_tokenizer.save_pretrained(other)
+    bad = load_job(tmp_path / "job.toml", ['student.init="pretrained"', f'student.model="{other}"'])
+    with pytest.raises(DistillError, match="student vocab size 32000 != teacher's 49152"):
+        train(bad)
+
+
+def test_training_resumes_exactly_after_a_kill(tiny_teacher_dir, tmp_path):
+    path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"))
+    run_teacher(load_job(path))
+    straight = load_job(path, [f'train.run_dir="{tmp_path / "a"}"'])
+    train(straight)
+    resumed = load_job(path, [f'train.run_dir="{tmp_path / "b"}"'])
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, stop_after_steps=9)  # killed mid-epoch 0 (12 steps/epoch), ckpt at 8
+    train(resumed)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    # A checkpoint from another job is refused, and so is a corrupt one.
+    other = load_job(path, [f'train.run_dir="{tmp_path / "b"}"', "train.lr=0.5"])
+    with pytest.raises(DistillError, match="belongs to a different job"):
+        train(other)
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(DistillError, match="corrupt checkpoint"):
+        train(resumed)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nlr = "fast"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "teacher", "--job", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "train.lr: expected float" in r.stderr and "Traceback" not in r.stderr
