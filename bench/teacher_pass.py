@@ -32,11 +32,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "TEACHER_PASS_RESULT "
-# |ours - naive| log-prob tolerance per dtype. Both sides store float16 log-probs; in 16-bit
-# dtypes the two sides' hidden states round differently (other batch shapes, other padding), so
-# logits differ by a few ulps of the logit magnitude (bf16 ulp is 0.0625-0.125 for |logit| in
-# 8-32).
-LOGPROB_TOL = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.25}
+# |ours - naive| log-prob tolerance per dtype (both sides store float16 log-probs). In 16-bit
+# dtypes the two sides' hidden states round differently (other batch shapes and padding), and
+# the noise adds up over the layers: measured against a float32 run on 64 demo samples, each
+# bfloat16 side (ours and naive alike) is off by mean 0.07, p99 0.3, max 0.84 (float32 sides
+# agree to 0.004).
+LOGPROB_TOL = {"float32": 0.01, "float16": 0.1, "bfloat16": 0.5}
 MIN_AGREEMENT = 0.99
 
 
@@ -163,6 +164,8 @@ def side_main(args: argparse.Namespace) -> None:
     from distill import models
     from distill.data import tokenize_file
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     teacher_dir = models.resolve_model(args.model)
     tokenizer = models.load_tokenizer(teacher_dir)
     samples = tokenize_file(
@@ -192,11 +195,13 @@ def side_main(args: argparse.Namespace) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     mem = PeakMemory(device)
     mem.start()
-    t0 = time.perf_counter()
+    load0 = loadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
     run(samples, outdir)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     peak = mem.peak()
     tokens = sum(len(s.input_ids) for s in samples)
     result = {
@@ -205,6 +210,8 @@ def side_main(args: argparse.Namespace) -> None:
         "tokens": tokens,
         "target_tokens": sum(s.n_targets for s in samples),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "loadavg": [load0, loadavg()],
         "tokens_per_s": tokens / seconds,
         "peak_bytes": peak,
         "baseline_bytes": mem.baseline,
@@ -254,8 +261,13 @@ def spawn_side(args: argparse.Namespace, side: str, outdir: Path) -> dict[str, A
         str(args.head_chunk),
         "--samples-per-shard",
         str(args.samples_per_shard),
+        "--threads",
+        str(args.threads),
     ]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if args.threads > 0:  # before torch loads, so every OpenMP/MKL pool gets the same size
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stdout}")
     for line in proc.stdout.splitlines():
@@ -318,6 +330,14 @@ def compare_targets(ours_dir: Path, naive_dir: Path, tol: float) -> dict[str, An
         "tol": tol,
         "ok": agreement >= MIN_AGREEMENT and within >= MIN_AGREEMENT,
     }
+
+
+def loadavg() -> float:
+    """1-minute load average (other processes compete for the same cores)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def cpu_model() -> str:
@@ -387,13 +407,21 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], agree: dict[str
         f"{'peak memory (MiB)':22}{mib(peak['ours']):>12}{mib(peak['naive']):>12}"
         f"{peak_ratio:>12.2f}x"
     )
-    print(f"{'pass wall time (s)':22}{o['seconds']:>12.2f}{n['seconds']:>12.2f}")
+    print(
+        f"{'pass wall time (s)':22}{o['seconds']:>12.2f}{n['seconds']:>12.2f}"
+        f"{o['seconds'] / n['seconds']:>12.2f}x"
+    )
+    print(
+        f"{'pass CPU time (s)':22}{o['cpu_seconds']:>12.2f}{n['cpu_seconds']:>12.2f}"
+        f"{o['cpu_seconds'] / n['cpu_seconds']:>12.2f}x"
+    )
     print(f"  peak memory = {mem_how}")
     print()
     print("runs (in order):")
     for r in runs:
         print(
-            f"  {r['side']:<6} {r['tokens_per_s']:>9,.0f} tok/s  {r['seconds']:7.2f} s  "
+            f"  {r['side']:<6} {r['tokens_per_s']:>9,.0f} tok/s  {r['seconds']:7.2f} s wall  "
+            f"{r['cpu_seconds']:7.2f} s CPU  load {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f}  "
             f"peak {mib(r['peak_bytes']):>9} MiB  (baseline {mib(r['baseline_bytes'])} MiB)"
         )
     print()
@@ -454,6 +482,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-chunk", type=int, default=512, help="ours: LM-head rows per chunk")
     p.add_argument("--samples-per-shard", type=int, default=128, help="ours: shard size")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (naive, ours)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch/OpenMP threads per side (0 = torch's default); 1 is steadier on a shared box",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     p.add_argument("--side", choices=("ours", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--outdir", help=argparse.SUPPRESS)

@@ -51,7 +51,8 @@ class TargetsSection:
 @dataclass
 class StudentSection:
     init: str = "teacher-layers"  # teacher-layers | pretrained
-    layers: int = 8  # teacher-layers: number of teacher layers kept, evenly spaced
+    layers: int = 8  # teacher-layers: number of teacher layers kept
+    layer_selection: str = "ends"  # ends: first and last layers, drop the middle | spaced
     model: str = ""  # pretrained: a Hugging Face directory
 
 
@@ -106,6 +107,7 @@ _CHOICES = {
     ("data", "truncation"): ("error", "right"),
     ("targets", "kind"): ("topk",),
     ("student", "init"): ("teacher-layers", "pretrained"),
+    ("student", "layer_selection"): ("ends", "spaced"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "dtype"): ("float32", "bfloat16"),
 }

@@ -346,9 +346,10 @@ def run_teacher(job: Job) -> dict[str, Manifest]:
         )
     device = models.pick_device(job.teacher.device)
     model = models.load_model(teacher_dir, job.teacher.dtype, device).eval()
-    if job.targets.k >= models.vocab_size(model):
+    vocab = models.vocab_size(model)
+    if job.targets.k >= vocab:
         raise DistillError(
-            f"targets.k = {job.targets.k} must be smaller than the teacher vocab ({models.vocab_size(model)})"
+            f"targets.k = {job.targets.k} must be smaller than the teacher vocab ({vocab})"
         )
     return {
         split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir)

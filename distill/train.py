@@ -199,7 +199,7 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
                     "tokens_per_s": rate,
                 }
                 log.write(json.dumps(rec) + "\n")
-                bar.update(task, completed=step, loss=f"{float(loss):.3f}", rate=f"{rate:,.0f}")
+                bar.update(task, completed=step, loss=f"{last_loss:.3f}", rate=f"{rate:,.0f}")
                 if step % job.train.checkpoint_every == 0 or step == total:
                     _save_checkpoint(
                         ckpt,

@@ -67,3 +67,12 @@ def test_parse_bytes():
     assert parse_bytes(7) == 7
     with pytest.raises(DistillError):
         parse_bytes("lots")
+
+
+def test_student_layer_selection():
+    from distill.student import select_layers
+
+    assert select_layers(30, 12, "ends") == [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
+    assert select_layers(30, 8, "spaced") == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert select_layers(4, 9) == [0, 1, 2, 3]
+    assert select_layers(5, 1, "spaced") == [0] and select_layers(5, 1, "ends") == [4]
