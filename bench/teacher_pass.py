@@ -48,8 +48,10 @@ MIN_AGREEMENT = 0.99
 
 def proc_status_kib() -> dict[str, int]:
     """VmRSS and VmHWM of this process, in KiB (Linux /proc)."""
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1)) for k in ("VmRSS", "VmHWM")}  # type: ignore[union-attr]
+    fields = dict(
+        re.findall(r"^(VmRSS|VmHWM):\s+(\d+)", Path("/proc/self/status").read_text(), re.M)
+    )
+    return {k: int(v) for k, v in fields.items()}
 
 
 def reset_hwm() -> bool:
@@ -230,6 +232,12 @@ def side_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def data_path(data: str) -> Path:
+    """The dataset path, relative to the working directory or else to the repository."""
+    p = Path(data)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
 def spawn_side(args: argparse.Namespace, side: str, outdir: Path) -> dict[str, Any]:
     """Run one side in a fresh Python process and return its result dict."""
     cmd = [
@@ -242,7 +250,7 @@ def spawn_side(args: argparse.Namespace, side: str, outdir: Path) -> dict[str, A
         "--model",
         args.model,
         "--data",
-        args.data,
+        str(data_path(args.data)),
         "--samples",
         str(args.samples),
         "--max-length",
@@ -354,7 +362,9 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def report(args: argparse.Namespace, runs: list[dict[str, Any]], agree: dict[str, Any]) -> dict:
+def report(
+    args: argparse.Namespace, runs: list[dict[str, Any]], agree: dict[str, Any]
+) -> dict[str, Any]:
     """Print the side-by-side table and return the JSON summary."""
     best = {
         side: max((r for r in runs if r["side"] == side), key=lambda r: r["tokens_per_s"])
@@ -471,7 +481,9 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], agree: dict[str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    p.add_argument("--data", default="data/demo/train.jsonl", help="JSONL, relative to the repo")
+    p.add_argument(
+        "--data", default="data/demo/train.jsonl", help="JSONL (relative: cwd, else repo)"
+    )
     p.add_argument("--samples", type=int, default=256, help="first N samples of the dataset")
     p.add_argument("--max-length", type=int, default=384, help="truncation='right' at this")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
@@ -479,7 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8, help="naive: samples per batch")
     p.add_argument("--batch-tokens", type=int, default=4096, help="ours: padded tokens/batch")
-    p.add_argument("--head-chunk", type=int, default=512, help="ours: LM-head rows per chunk")
+    p.add_argument("--head-chunk", type=int, default=256, help="ours: LM-head rows per chunk")
     p.add_argument("--samples-per-shard", type=int, default=128, help="ours: shard size")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (naive, ours)")
     p.add_argument(
@@ -518,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     summary = report(args, runs, agree)
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0 if agree["ok"] else 1
 

@@ -29,7 +29,7 @@ class TeacherSection:
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     batch_tokens: int = 4096  # padded tokens per forward batch
-    head_chunk: int = 1024  # target positions per LM-head chunk
+    head_chunk: int = 256  # target positions per LM-head chunk
     samples_per_shard: int = 256
 
 

@@ -21,7 +21,7 @@ def evaluate(model: Any, loader: ShardLoader, chunk: int = 1024) -> dict[str, fl
     for batch in loader.batches():
         b = batch.to(str(device))
         hidden = model.base_model(
-            input_ids=b.input_ids, attention_mask=b.attention_mask
+            input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
         ).last_hidden_state
         m = eval_metrics(hidden[b.target_mask], weight, b.t_ids, b.t_logprobs, b.labels, chunk)
         for k in tot:

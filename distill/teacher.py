@@ -70,12 +70,20 @@ def sparse_topk(
     return ids, lps
 
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group indices, longest first, so that len(batch) * longest <= batch_tokens."""
+def token_budget_batches(
+    lengths: Sequence[int], batch_tokens: int, min_fill: float = 0.9
+) -> list[list[int]]:
+    """Group indices, longest first, so that len(batch) * longest <= batch_tokens and no
+    sample is shorter than ``min_fill`` x its batch's longest (bounding padding to ~10%)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+        longest = lengths[batches[-1][0]] if batches else 0
+        if (
+            batches
+            and (len(batches[-1]) + 1) * longest <= batch_tokens
+            and lengths[i] >= min_fill * longest
+        ):
             batches[-1].append(i)
         else:
             batches.append([i])
@@ -110,7 +118,7 @@ def compute_targets(
     for batch in token_budget_batches([len(s.input_ids) for s in samples], batch_tokens):
         ids, attn = pad_batch([samples[i].input_ids for i in batch], pad_id=0)
         hidden = model.base_model(
-            input_ids=ids.to(device), attention_mask=attn.to(device)
+            input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
         ).last_hidden_state
         # Position t predicts token t+1: gather rows where token t+1 is an assistant token.
         tmask = torch.zeros(ids.shape, dtype=torch.bool)

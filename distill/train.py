@@ -167,7 +167,7 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
                 b = batch.to(device)
                 with autocast:
                     hidden = model.base_model(
-                        input_ids=b.input_ids, attention_mask=b.attention_mask
+                        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
                     ).last_hidden_state
                 loss, kd, ce = chunked_kd_loss(
                     hidden[b.target_mask],

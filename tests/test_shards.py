@@ -82,3 +82,16 @@ def test_manifest_round_trip_and_unknown_schema(tmp_path):
         Manifest.from_json(raw, "m")
     with pytest.raises(DistillError, match="not valid JSON"):
         Manifest.from_json(b"{", "m")
+
+
+def test_token_budget_batches_cover_everything_once_and_bound_padding():
+    from distill.teacher import token_budget_batches
+
+    rng = np.random.default_rng(4)
+    lengths = [int(x) for x in rng.integers(5, 300, 500)]
+    batches = token_budget_batches(lengths, 1024)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) * longest <= 1024 or len(b) == 1
+        assert min(lengths[i] for i in b) >= 0.9 * longest
