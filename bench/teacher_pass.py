@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(args, runs, agree)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0 if agree["ok"] else 1
 
