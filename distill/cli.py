@@ -52,11 +52,28 @@ def train(
     job: JobOpt,
     set_: SetOpt = None,
     output: OutputOpt = None,
+    auto: Annotated[bool, typer.Option(help="Apply `distill-ctl plan`'s settings.")] = False,
+    gpu_mem: Annotated[
+        str | None, typer.Option("--gpu-mem", help="Budget for --auto (default: the GPU's).")
+    ] = None,
 ) -> None:
     """Train the student from stored shards (resumes from <run_dir>/checkpoint.pt)."""
     from distill.train import train as run_train
 
-    summary = run_train(_load(job, set_, output))
+    j = _load(job, set_, output)
+    if auto:
+        from distill import planner
+        from distill.config import parse_bytes
+
+        budget = parse_bytes(gpu_mem) if gpu_mem else planner.device_budget()
+        p = planner.plan(j, budget)
+        planner.apply(j, p)
+        err.print(
+            f"--auto: micro-batch {j.train.batch_size}, grad_accum {j.train.grad_accum}, "
+            f"checkpointing {j.train.gradient_checkpointing} "
+            f"(estimated peak {p.estimate.total / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB)"
+        )
+    summary = run_train(j)
     out.print_json(json.dumps(summary))
 
 
@@ -71,6 +88,35 @@ def eval_(
     from distill.report import compare_students
 
     compare_students(_load(job, set_, output), question, out)
+
+
+@app.command()
+def plan(
+    job: JobOpt,
+    gpu_mem: Annotated[str, typer.Option("--gpu-mem", help="Memory budget, e.g. 12GiB.")],
+    set_: SetOpt = None,
+) -> None:
+    """Estimate the student's peak memory and recommend settings that fit the budget."""
+    from rich.table import Table
+
+    from distill.config import parse_bytes
+    from distill.planner import describe
+    from distill.planner import plan as make_plan
+
+    j = _load(job, set_)
+    p = make_plan(j, parse_bytes(gpu_mem))
+    t = Table(title=f"memory plan for {job} ({j.train.optimizer}, {j.train.dtype})")
+    t.add_column("item")
+    t.add_column("value")
+    for k, v in describe(p):
+        t.add_row(k, v)
+    out.print(t)
+    out.print(
+        f"use: --set train.batch_size={p.estimate.micro_batch} "
+        f"--set train.grad_accum={p.grad_accum} "
+        f"--set train.gradient_checkpointing={str(p.estimate.checkpointing).lower()}"
+        "  (or: distill-ctl train --auto --gpu-mem ...)"
+    )
 
 
 @app.command()

@@ -57,17 +57,37 @@ class StudentSection:
 
 
 @dataclass
+class LossSection:
+    """Weights of the terms (see distill/losses.py); KD terms are scaled by temperature**2."""
+
+    forward_kl: float = 0.9
+    reverse_kl: float = 0.0
+    jsd: float = 0.0
+    jsd_beta: float = 0.5
+    tvd: float = 0.0
+    bild: float = 0.0
+    bild_top: int = 8
+    ce: float = 0.1
+    temperature: float = 1.0
+
+
+@dataclass
 class TrainSection:
     run_dir: str = "runs/job"
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs decide
-    batch_size: int = 8
+    batch_size: int = 8  # samples per micro-batch (per rank under torchrun)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit (CUDA + bitsandbytes)
+    optimizer_offload: bool = False  # optimizer state and fp32 master weights in CPU memory
+    packing: bool = False  # several samples per row, no attention across them
+    pack_tokens: int = 0  # row length when packing (0 = the shard set's max_length)
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    kd_weight: float = 0.9  # loss = kd_weight * KD + (1 - kd_weight) * CE
     loss_chunk: int = 1024  # target positions per LM-head/loss chunk
     checkpoint_every: int = 50
     eval_every: int = 0  # 0 = only at the end
@@ -86,6 +106,7 @@ class Job:
     targets: TargetsSection = field(default_factory=TargetsSection)
     student: StudentSection = field(default_factory=StudentSection)
     train: TrainSection = field(default_factory=TrainSection)
+    loss: LossSection = field(default_factory=LossSection)
     path: Path | None = None  # the file it came from; relative paths resolve against its dir
 
     def resolve(self, p: str) -> Path:
@@ -110,6 +131,7 @@ _CHOICES = {
     ("student", "layer_selection"): ("ends", "spaced"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "dtype"): ("float32", "bfloat16"),
+    ("train", "optimizer"): ("adamw", "adamw8bit"),
 }
 _POSITIVE = {
     ("teacher", "batch_tokens"),
@@ -120,6 +142,7 @@ _POSITIVE = {
     ("student", "layers"),
     ("train", "epochs"),
     ("train", "batch_size"),
+    ("train", "grad_accum"),
     ("train", "lr"),
     ("train", "loss_chunk"),
     ("train", "checkpoint_every"),
@@ -187,6 +210,16 @@ def job_from_dict(raw: dict[str, Any], src: str = "<job>", path: Path | None = N
         cls = typing.get_type_hints(Job)[name]
         built[name] = _build_section(cls, raw.get(name, {}), name, src)
     job = Job(**built, path=path)
+    from distill.losses import LossWeights  # validates the loss section
+
+    try:
+        LossWeights(**dataclasses.asdict(job.loss))
+    except DistillError as e:
+        raise DistillError(f"{src}: {str(e).replace('LossWeights', 'loss')}") from None
+    if job.loss.bild > 0 and job.loss.bild_top > job.targets.k:
+        raise DistillError(
+            f"{src}: loss.bild_top = {job.loss.bild_top} > targets.k = {job.targets.k}"
+        )
     return job
 
 

@@ -3,13 +3,18 @@
 The order is a pure function of (seed, epoch): shards are permuted, then samples pass through
 a seeded shuffle buffer. A resumed run skips the batches it already trained on and so sees
 exactly what an uninterrupted run would have seen.
+
+Under ``torchrun`` every rank walks the same global order, cut into global batches of
+``world x batch_size`` samples; rank r takes the r-th slice of each. So ranks never overlap,
+no sample is dropped, and all ranks take the same number of steps (a rank whose slice of the
+last global batch is empty gets ``None`` and must still join the step).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +99,9 @@ class ShardLoader:
         seed: int = 0,
         shuffle_buffer: int = 256,
         shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        collate_fn: Callable[[Sequence[TargetSample]], Batch] = collate,
     ) -> None:
         self.manifest = manifest
         self.cache = cache
@@ -101,10 +109,12 @@ class ShardLoader:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.shuffle = shuffle
+        self.rank, self.world = rank, world
+        self.collate_fn = collate_fn
         self.wait_seconds = 0.0  # time spent producing batches (download, decode, collate)
 
     def __len__(self) -> int:
-        return math.ceil(self.manifest.samples / self.batch_size)
+        return math.ceil(self.manifest.samples / (self.batch_size * self.world))
 
     def _samples(self, epoch: int) -> Iterator[TargetSample]:
         refs = shard_refs(self.manifest)
@@ -123,17 +133,19 @@ class ShardLoader:
         while buf:
             yield buf.pop(int(rng.integers(len(buf))))
 
-    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
-        """This epoch's batches, after skipping the first ``skip`` (for an exact resume)."""
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch | None]:
+        """This rank's batches of an epoch, after skipping the first ``skip`` (exact resume)."""
         it = self._samples(epoch)
         index = 0
+        b = self.batch_size
         while True:
             t0 = time.perf_counter()
-            group = [s for _, s in zip(range(self.batch_size), it, strict=False)]
+            group = [s for _, s in zip(range(b * self.world), it, strict=False)]
             if not group:
                 return
             if index >= skip:
-                batch = collate(group)
+                mine = group[self.rank * b : (self.rank + 1) * b]
+                batch = self.collate_fn(mine) if mine else None
                 self.wait_seconds += time.perf_counter() - t0
                 yield batch
             index += 1

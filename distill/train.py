@@ -8,8 +8,10 @@ student is a Hugging Face directory (model + tokenizer) at ``<run_dir>/student``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,13 +23,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import models
+from distill import distributed, models
 from distill.cache import ShardCache
 from distill.config import Job
 from distill.errors import DistillError
-from distill.loader import ShardLoader
-from distill.losses import chunked_kd_loss
+from distill.evaluate import evaluate
+from distill.loader import Batch, ShardLoader
+from distill.losses import LossWeights, chunked_distill_loss
 from distill.manifest import MANIFEST, Manifest
+from distill.observe import RunLog, memory_bytes, plot_losses
+from distill.optim import build_optimizer
 from distill.storage import Store, open_store
 from distill.student import check_compatible, init_student
 
@@ -46,13 +51,19 @@ def open_targets(job: Job, split: str) -> tuple[Store, Manifest]:
     return store, Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
 
 
-def make_loader(job: Job, split: str, shuffle: bool) -> ShardLoader:
+def make_loader(job: Job, split: str, shuffle: bool, rank: int = 0, world: int = 1) -> ShardLoader:
     store, manifest = open_targets(job, split)
-    cache = ShardCache(
-        store, Path(job.train.cache_dir).expanduser(), job.train.cache_max_bytes, prefetch=2
-    )
+    cache_dir = Path(job.train.cache_dir).expanduser() / (f"rank{rank}" if world > 1 else "")
+    cache = ShardCache(store, cache_dir, job.train.cache_max_bytes, prefetch=2)
     return ShardLoader(
-        manifest, cache, job.train.batch_size, job.job.seed, job.train.shuffle_buffer, shuffle
+        manifest,
+        cache,
+        job.train.batch_size,
+        job.job.seed,
+        job.train.shuffle_buffer,
+        shuffle,
+        rank=rank,
+        world=world,
     )
 
 
@@ -60,7 +71,7 @@ def run_dir(job: Job) -> Path:
     return Path(job.train.run_dir).expanduser()
 
 
-def train_fingerprint(job: Job, manifest: Manifest) -> str:
+def train_fingerprint(job: Job, manifest: Manifest, world: int = 1) -> str:
     """What a checkpoint must agree with to be resumed (operational knobs excluded)."""
     t = dataclasses.asdict(job.train)
     for k in (
@@ -70,6 +81,8 @@ def train_fingerprint(job: Job, manifest: Manifest) -> str:
         "cache_max_bytes",
         "device",
         "run_dir",
+        "gradient_checkpointing",
+        "optimizer_offload",
     ):
         t.pop(k)
     keys = {
@@ -77,6 +90,8 @@ def train_fingerprint(job: Job, manifest: Manifest) -> str:
         "student": dataclasses.asdict(job.student),
         "train": t,
         "seed": job.job.seed,
+        "loss": dataclasses.asdict(job.loss),
+        "world": world,
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
@@ -114,28 +129,96 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
     return state
 
 
+class StudentBody(torch.nn.Module):
+    """The student's body as one module (what DDP wraps): ids -> last hidden states.
+
+    The LM head is applied by the chunked loss, outside this forward, on target rows only.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        extra = {}
+        if getattr(batch, "position_ids", None) is not None:  # packed rows
+            extra["position_ids"] = batch.position_ids
+        return self.model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            **extra,
+        ).last_hidden_state
+
+
+def _make_train_loader(job: Job, rank: int, world: int) -> ShardLoader:
+    loader = make_loader(job, "train", shuffle=True, rank=rank, world=world)
+    if job.train.packing:
+        from distill.packing import pack_collate
+
+        row = job.train.pack_tokens or loader.manifest.max_length
+        loader.collate_fn = lambda samples: pack_collate(samples, row)
+    return loader
+
+
+def _dummy_batch(device: str) -> Batch:
+    """A one-token stand-in for a rank whose slice of the last global batch is empty."""
+    z = torch.zeros((1, 1), dtype=torch.long, device=device)
+    return Batch(
+        z,
+        torch.ones_like(z),
+        torch.zeros((1, 1), dtype=torch.bool, device=device),
+        torch.zeros((0, 1), dtype=torch.long, device=device),
+        torch.zeros((0, 1), device=device),
+        torch.zeros(0, dtype=torch.long, device=device),
+        keys=[],
+    )
+
+
 def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
-    """Train (or resume) the student; returns a summary. ``stop_after_steps`` simulates a kill."""
+    """Train (or resume) the student; returns a summary. ``stop_after_steps`` simulates a kill.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) it runs DDP: rank r trains on the r-th slice of every
+    global batch, rank 0 logs, evaluates and saves.
+    """
+    rank, world, device = distributed.setup(job.train.device)
+    main = rank == 0
     out = run_dir(job)
     out.mkdir(parents=True, exist_ok=True)
-    loader = make_loader(job, "train", shuffle=True)
+    loader = _make_train_loader(job, rank, world)
     manifest = loader.manifest
-    device = models.pick_device(job.train.device)
-    init_dir = init_student(job, out / "student-init")
+    init_dir = out / "student-init"
+    if main:
+        init_dir = init_student(job, init_dir)
+    distributed.barrier()
+    init_dir = init_student(job, init_dir)  # built by rank 0; the others only resolve it
     tokenizer = models.load_tokenizer(init_dir)
     model = models.load_model(init_dir, "float32", device)
     check_compatible(model, tokenizer, manifest, loader.cache.store.join(MANIFEST))
+    if job.train.gradient_checkpointing:
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.train()
-    opt = torch.optim.AdamW(
+    body: torch.nn.Module = StudentBody(model)
+    if world > 1:
+        body = torch.nn.parallel.DistributedDataParallel(
+            body, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None
+        )
+    opt = build_optimizer(
         model.parameters(),
-        lr=job.train.lr,
-        weight_decay=job.train.weight_decay,
-        betas=(0.9, 0.95),
+        job.train.optimizer,
+        job.train.lr,
+        job.train.weight_decay,
+        offload=job.train.optimizer_offload,
     )
-    steps_per_epoch = len(loader)
+    accum = job.train.grad_accum
+    steps_per_epoch = math.ceil(len(loader) / accum)
     total = job.train.max_steps or job.train.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, job, total))
-    fp = train_fingerprint(job, manifest)
+    fp = train_fingerprint(job, manifest, world)
     step = epoch = skip = 0
     ckpt = out / CHECKPOINT
     if ckpt.exists():
@@ -144,90 +227,128 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-        console.print(f"resuming from {ckpt}: step {step}/{total}, epoch {epoch}")
+        if main:
+            console.print(f"resuming from {ckpt}: step {step}/{total}, epoch {epoch}")
     autocast = torch.autocast(
         device_type=device.split(":")[0],
         dtype=torch.bfloat16,
         enabled=job.train.dtype == "bfloat16",
     )
     weight = model.get_output_embeddings().weight
-    log = (out / "metrics.jsonl").open("a")
-    tokens_seen, t_start, last_loss = 0, time.perf_counter(), None
+    loss_weights = LossWeights(**dataclasses.asdict(job.loss))
+    eval_loader = (
+        make_loader(job, "eval", shuffle=False)
+        if (main and job.train.eval_every and job.data.eval)
+        else None
+    )
+    log = RunLog(out, enabled=main)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    tokens_seen, t_start, last_loss, peak_mem = 0, time.perf_counter(), None, 0
     cols = (
         TextColumn("train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} | {task.fields[rate]} tok/s"),
+        TextColumn("loss {task.fields[loss]} | {task.fields[rate]} tok/s | {task.fields[mem]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*cols, console=console) as bar:
-        task = bar.add_task("", total=total, completed=step, loss="-", rate="-")
+
+    def save() -> None:
+        if main:
+            _save_checkpoint(
+                ckpt,
+                {
+                    "kind": "distill.checkpoint",
+                    "fingerprint": fp,
+                    "step": step,
+                    "epoch": epoch,
+                    "batches_in_epoch": skip,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                },
+            )
+            log.flush()
+
+    with Progress(*cols, console=console, disable=not main) as bar:
+        task = bar.add_task("", total=total, completed=step, loss="-", rate="-", mem="-")
         while step < total:
-            for batch in loader.batches(epoch, skip):
-                b = batch.to(device)
-                with autocast:
-                    hidden = model.base_model(
-                        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-                    ).last_hidden_state
-                loss, kd, ce = chunked_kd_loss(
-                    hidden[b.target_mask],
-                    weight,
-                    b.t_ids,
-                    b.t_logprobs,
-                    b.labels,
-                    job.train.kd_weight,
-                    job.train.loss_chunk,
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            micro: list[Batch | None] = []
+            batches = loader.batches(epoch, skip)
+            exhausted = False
+            while not exhausted and step < total:
+                micro = list(itertools.islice(batches, accum))
+                exhausted = len(micro) < accum
+                if not micro:
+                    break
+                terms_sum: dict[str, float] = {}
+                loss_sum = 0.0
+                for i, batch in enumerate(micro):
+                    b = batch.to(device) if batch is not None else _dummy_batch(device)
+                    sync = i == len(micro) - 1 or world == 1
+                    ctx = body.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                    with ctx:
+                        with autocast:
+                            hidden = body(b)
+                        loss, terms = chunked_distill_loss(
+                            hidden[b.target_mask],
+                            weight,
+                            b.t_ids,
+                            b.t_logprobs,
+                            b.labels,
+                            loss_weights,
+                            job.train.loss_chunk,
+                        )
+                        if batch is None:  # join the collective step with a zero gradient
+                            loss = hidden.sum() * 0.0 + weight.sum() * 0.0
+                        (loss / len(micro)).backward()
+                    if batch is not None:
+                        tokens_seen += batch.tokens * world
+                        loss_sum += float(loss.detach()) / len(micro)
+                        for name, v in terms.items():
+                            terms_sum[name] = terms_sum.get(name, 0.0) + float(v) / len(micro)
                 if job.train.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
                 opt.step()
+                opt.zero_grad(set_to_none=True)
                 sched.step()
                 step += 1
-                skip += 1
-                last_loss = float(loss.detach())
-                tokens_seen += batch.tokens
-                rate = tokens_seen / (time.perf_counter() - t_start)
-                rec = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": last_loss,
-                    "kd": float(kd),
-                    "ce": float(ce),
-                    "lr": sched.get_last_lr()[0],
-                    "tokens_per_s": rate,
-                }
-                log.write(json.dumps(rec) + "\n")
-                bar.update(task, completed=step, loss=f"{last_loss:.3f}", rate=f"{rate:,.0f}")
+                skip += len(micro)
+                last_loss = loss_sum
+                elapsed = time.perf_counter() - t_start
+                rate = tokens_seen / max(elapsed, 1e-9)
+                mem = memory_bytes(device)
+                peak_mem = max(peak_mem, mem)
+                log.write(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": last_loss,
+                        **terms_sum,
+                        "lr": sched.get_last_lr()[0],
+                        "tokens_per_s": rate,
+                        "memory_bytes": mem,
+                        "data_wait_share": loader.wait_seconds / max(elapsed, 1e-9),
+                    }
+                )
+                bar.update(
+                    task,
+                    completed=step,
+                    loss=f"{last_loss:.3f}",
+                    rate=f"{rate:,.0f}",
+                    mem=f"{mem / 2**30:.2f} GiB",
+                )
+                if eval_loader is not None and step % job.train.eval_every == 0:
+                    r = evaluate(model, eval_loader, job.train.loss_chunk)
+                    log.write({"step": step, "split": "eval", **r})
+                    model.train()
                 if step % job.train.checkpoint_every == 0 or step == total:
-                    _save_checkpoint(
-                        ckpt,
-                        {
-                            "kind": "distill.checkpoint",
-                            "fingerprint": fp,
-                            "step": step,
-                            "epoch": epoch,
-                            "batches_in_epoch": skip,
-                            "model": model.state_dict(),
-                            "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(),
-                        },
-                    )
-                    log.flush()
+                    save()
                 if stop_after_steps and step >= stop_after_steps and step < total:
                     log.close()
                     raise KeyboardInterrupt(f"stopped after {step} steps (simulated kill)")
-                if step >= total:
-                    break
-            else:
+            if step < total:
                 epoch, skip = epoch + 1, 0
-                continue
-            break
-    log.close()
-    final = out / "student"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
     elapsed = time.perf_counter() - t_start
     summary = {
         "steps": step,
@@ -236,8 +357,29 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
         "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
         "seconds": elapsed,
         "data_wait_share": loader.wait_seconds / max(elapsed, 1e-9),
-        "student_dir": str(final),
+        "peak_memory_bytes": peak_mem,
+        "world_size": world,
+        "student_dir": str(out / "student"),
     }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"[green]student saved to {final} ({step} steps, {elapsed:.0f}s)")
+    if main:
+        if eval_loader is not None and step % job.train.eval_every:
+            log.write(
+                {
+                    "step": step,
+                    "split": "eval",
+                    **evaluate(model, eval_loader, job.train.loss_chunk),
+                }
+            )
+        log.close()
+        final = out / "student"
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        png = plot_losses(out / "metrics.jsonl", out / "loss_curves.png")
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        console.print(
+            f"[green]student saved to {final} ({step} steps, {elapsed:.0f}s)"
+            + (f"; loss curves: {png}" if png else "")
+        )
+    distributed.barrier()
+    distributed.teardown()
     return summary

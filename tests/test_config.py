@@ -76,3 +76,18 @@ def test_student_layer_selection():
     assert select_layers(30, 8, "spaced") == [0, 4, 8, 12, 17, 21, 25, 29]
     assert select_layers(4, 9) == [0, 1, 2, 3]
     assert select_layers(5, 1, "spaced") == [0] and select_layers(5, 1, "ends") == [4]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[loss]\ntemperature = 0\n", "loss.temperature must be > 0"),
+        ("[loss]\nforward_kl = 0\nce = 0\n", "at least one of"),
+        ("[loss]\njsd_beta = 1.5\njsd = 1\n", "loss.jsd_beta must be in (0, 1)"),
+        ("[loss]\nbild = 1\nbild_top = 32\n", "loss.bild_top = 32 > targets.k = 16"),
+    ],
+)
+def test_bad_loss_section(tmp_path, text, needle):
+    with pytest.raises(DistillError) as e:
+        load_job(write(tmp_path, text))
+    assert needle in str(e.value)

@@ -1,0 +1,64 @@
+"""The memory planner: monotone estimates, a plan that fits, and actionable refusals."""
+
+import pytest
+from transformers import LlamaConfig
+
+from distill.config import job_from_dict
+from distill.errors import DistillError
+from distill.planner import apply, count_params, estimate, plan
+
+CFG = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+)
+
+
+def test_param_count_is_exact():
+    # embeddings (tied) + 12 x (attention + MLP + 2 norms) + final norm
+    per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576
+    assert count_params(CFG) == 49152 * 576 + 12 * per_layer + 576
+
+
+def test_estimate_grows_with_tokens_and_levers_shrink_it():
+    p = count_params(CFG)
+    small = estimate(CFG, p, 1, 256, checkpointing=False)
+    big = estimate(CFG, p, 8, 256, checkpointing=False)
+    assert big.parts["activations"] > 7 * small.parts["activations"] * 0.9
+    assert big.parts["weights"] == small.parts["weights"] == 4 * p
+    ckpt = estimate(CFG, p, 8, 256, checkpointing=True)
+    assert ckpt.parts["activations"] < big.parts["activations"] / 2
+    off = estimate(CFG, p, 8, 256, checkpointing=False, offload=True)
+    assert off.parts["optimizer"] == 0 and big.parts["optimizer"] == 8 * p
+    eight = estimate(CFG, p, 8, 256, checkpointing=False, optimizer="adamw8bit")
+    assert eight.parts["optimizer"] == 2 * p
+    chunk = estimate(CFG, p, 8, 256, checkpointing=False, loss_chunk=128)
+    assert chunk.parts["loss_chunk"] < big.parts["loss_chunk"]
+
+
+def job(**train):
+    return job_from_dict({"data": {"max_length": 384}, "train": {"batch_size": 8, **train}})
+
+
+def test_plan_keeps_the_effective_batch_and_fits():
+    j = job()
+    p = plan(j, 4 * 2**30, config=CFG)
+    assert p.estimate.total <= 0.9 * 4 * 2**30
+    assert p.estimate.micro_batch * p.grad_accum == 8
+    roomy = plan(j, 64 * 2**30, config=CFG)
+    assert roomy.estimate.micro_batch == 8 and roomy.grad_accum == 1
+    assert not roomy.estimate.checkpointing
+    apply(j, p)
+    assert (j.train.batch_size, j.train.grad_accum) == (p.estimate.micro_batch, p.grad_accum)
+
+
+def test_plan_that_cannot_fit_names_the_levers():
+    with pytest.raises(DistillError) as e:
+        plan(job(), 2**29, config=CFG)
+    msg = str(e.value)
+    assert "cannot fit 0.50 GiB" in msg
+    assert "train.optimizer_offload" in msg and "train.loss_chunk" in msg
