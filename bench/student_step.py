@@ -48,8 +48,8 @@ if str(ROOT) not in sys.path:  # `python bench/student_step.py` from anywhere
     sys.path.insert(0, str(ROOT))
 RESULT_PREFIX = "STUDENT_STEP_RESULT "
 OOM_EXIT = 3  # a side's exit code when it ran out of memory (MemoryError / allocator failure)
-# [tokens, vocab] fp32 buffers naive keeps alive at once, per --naive-tail (an estimate with a
-# margin: 3.0 and 6.3 measured at vocab 5,000-151,936, 2,048-8,192 tokens)
+# [tokens, vocab] fp32 buffers naive keeps alive at once, per --naive-tail: an estimate with a
+# margin (measured: 3.0 for complement at vocab 49,152-151,936, 6.3 for masked at vocab 5,000)
 NAIVE_LIVE_BUFFERS = {"complement": 4, "masked": 7}
 VOCAB_NAMES = {49152: "SmolLM2", 151936: "Qwen"}
 TARGETS = {"peak_ratio_max": 0.15, "tokens_per_s_ratio_min": 1.0}
@@ -204,6 +204,7 @@ def cap_address_space(cap_bytes: int) -> bool:
 
 
 def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (Python, torch's CPU allocator or CUDA)."""
     if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()
@@ -415,7 +416,7 @@ def print_row(row: dict[str, Any]) -> None:
     name = VOCAB_NAMES.get(row["vocab"], "")
     used = f"{row['tokens']:,} tokens"
     if row["tokens"] < row["requested_tokens"]:
-        used += f" (requested {row['requested_tokens']:,}; naive does not run there)"
+        used += f" (requested {row['requested_tokens']:,}: naive not measured there, see notes)"
     print()
     print(
         f"vocab {row['vocab']:,}{f' ({name})' if name else ''}: {used}, hidden {row['hidden']}, "
