@@ -139,11 +139,132 @@ def demo(
     run_demo(job, workdir, list(set_ or []), out)
 
 
+@app.command("cost-estimate")
+def cost_estimate(
+    job: JobOpt,
+    set_: SetOpt = None,
+    mfu: Annotated[
+        float | None, typer.Option(help="Model FLOPs utilisation on the L4 (default 0.35).")
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="JSON with tokens_per_s, model and gpu measured on an L4."),
+    ] = None,
+    prices: Annotated[
+        Path | None, typer.Option(help="TOML/JSON overriding fields of the price table.")
+    ] = None,
+    preemption_overhead: Annotated[
+        float, typer.Option(help="Extra spot hours as a fraction (0.15 = 15%).")
+    ] = 0.15,
+    setup_minutes: Annotated[float, typer.Option(help="VM boot, driver, image pull.")] = 10.0,
+    storage_months: Annotated[float, typer.Option(help="How long the shards are kept.")] = 1.0,
+    downloads: Annotated[int, typer.Option(help="Full downloads of the shards.")] = 1,
+    reference_run: Annotated[
+        str | None,
+        typer.Option(help="An existing shard set (path or gs://) to take bytes/token from."),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the numbers to this file.")
+    ] = None,
+) -> None:
+    """Estimate hours and dollars of the job's teacher pass on one L4 spot VM."""
+    from distill.cost import CostOptions, estimate_cost, render_table
+
+    opts = CostOptions(
+        mfu=mfu,
+        calibration=calibration,
+        prices=prices,
+        preemption_overhead=preemption_overhead,
+        setup_minutes=setup_minutes,
+        storage_months=storage_months,
+        downloads=downloads,
+        reference_run=reference_run,
+    )
+    opts.validate()  # before the job is tokenised
+    est = estimate_cost(_load(job, set_), opts)
+    out.print(render_table(est))
+    if json_path:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(est.to_dict(), indent=2) + "\n")
+        except OSError as e:
+            raise DistillError(f"--json {json_path}: cannot write ({e.strerror})") from None
+        err.print(f"wrote {json_path}")
+
+
+@app.command("vm-render")
+def vm_render(
+    job: JobOpt,
+    project: Annotated[str, typer.Option(help="Google Cloud project.")],
+    image: Annotated[
+        str, typer.Option(help="Teacher image: REGION-docker.pkg.dev/PROJECT/REPO/teacher:TAG.")
+    ],
+    service_account: Annotated[str, typer.Option(help="The job's service account email.")],
+    zones: Annotated[
+        str, typer.Option(help="Comma-separated zones of one region, in failover order.")
+    ] = "us-central1-a,us-central1-b,us-central1-c",
+    zone: Annotated[
+        str | None, typer.Option(help="The zone to render (default: the first of --zones).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="gcloud | tfvars | api")] = "gcloud",
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where the tfvars or metadata files go.")
+    ] = Path("runs/vm"),
+    max_run_hours: Annotated[
+        float, typer.Option(help="Dead-man switch: the VM is deleted after this long.")
+    ] = 12.0,
+    input_: Annotated[
+        list[str] | None,
+        typer.Option("--input", help="Stage gs://SRC=DEST (DEST relative to the job file)."),
+    ] = None,
+) -> None:
+    """Render the teacher VM spec: gcloud command, Terraform variables or API request."""
+    import shlex
+
+    from distill.cloud.spec import VmSpec
+
+    if fmt not in ("gcloud", "tfvars", "api"):
+        raise DistillError(f"--format {fmt!r}: one of gcloud, tfvars, api")
+    inputs = []
+    for item in input_ or []:
+        src, eq, dest = item.partition("=")
+        if not eq:
+            raise DistillError(f"--input {item!r}: expected gs://SRC=DEST")
+        inputs.append((src, dest))
+    spec = VmSpec.for_job(
+        job,
+        project,
+        image,
+        service_account,
+        zones=tuple(z.strip() for z in zones.split(",") if z.strip()),
+        max_run_duration_s=int(max_run_hours * 3600),
+        inputs=tuple(inputs),
+    )
+    where = out_dir / spec.name
+    if fmt == "gcloud":
+        cmd = spec.gcloud(where, zone)
+        cmd.write_files()
+        out.print(shlex.join(cmd.argv), soft_wrap=True, highlight=False)
+    elif fmt == "tfvars":
+        path = spec.write_tfvars(where / "terraform.tfvars.json", zone)
+        out.print(
+            f"wrote {path}\nterraform -chdir=infra/terraform/teacher_vm apply "
+            f"-var-file={path.resolve()} -state={(where / 'terraform.tfstate').resolve()}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    else:
+        from google.cloud import compute_v1
+
+        req = spec.insert_request(zone)
+        out.print_json(compute_v1.InsertInstanceRequest.to_json(req))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except DistillError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: rerun the same command to resume")

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.codec import Codec
 from distill.errors import DistillError
+from distill.losses import LossWeights
+from distill.targets import KINDS, TargetSpec
 
 
 @dataclass
@@ -44,8 +47,55 @@ class DataSection:
 
 @dataclass
 class TargetsSection:
-    kind: str = "topk"
-    k: int = 16
+    """Sparse teacher targets (distill/targets.py) and their on-disk codec (distill/codec.py)."""
+
+    kind: str = "topk"  # topk | topp | sample | topk+sample
+    k: int = 16  # topk: entries; topp: the cap; topk+sample: the exact head
+    top_p: float = 0.95  # topp: keep the smallest prefix with at least this mass
+    draws: int = 50  # sample, topk+sample: N draws with replacement
+    codec: str = "npz"  # npz (v0: float16 log-probs) | packed (v1: bit-packed, see codec.py)
+    values: str = "log8"  # packed: log8 | pow8 | f16 (exact entries' log-probs)
+    log_range: float = 20.0  # packed log8: codes span log-probs [-log_range, 0]
+    zstd: bool = False  # packed: one zstd frame per sample
+    zstd_level: int = 3
+
+    def spec(self) -> TargetSpec:
+        return TargetSpec(kind=self.kind, k=self.k, top_p=self.top_p, draws=self.draws)
+
+    def codec_spec(self) -> Codec:
+        if self.codec == "npz":
+            return Codec()
+        return Codec(
+            name=self.codec,
+            version=1,
+            values=self.values,
+            log_range=self.log_range,
+            zstd=self.zstd,
+            zstd_level=self.zstd_level,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the shards' bytes (for the default, the same keys as before kinds)."""
+        d = {k: v for k, v in self.spec().info().items() if k not in ("tail", "width")}
+        return d if self.codec == "npz" else {**d, "codec": self.codec_spec().info()}
+
+    def check(self, src: str, loss: LossWeights) -> None:
+        """Field ranges, and loss terms that this target kind cannot support."""
+        self.spec().check(where=f"{src}: targets")
+        self.codec_spec().check(f"{src}: targets")
+        if self.zstd and self.codec != "packed":
+            raise DistillError(f'{src}: targets.zstd needs targets.codec = "packed"')
+        kind = self.kind
+        if loss.bild > 0 and kind != "topk":
+            raise DistillError(
+                f'{src}: loss.bild needs targets.kind = "topk" (BiLD ranks a fixed, exact '
+                f"top-k), got {kind!r}"
+            )
+        if loss.reverse_kl > 0 and kind in ("sample", "topk+sample"):
+            raise DistillError(
+                f"{src}: loss.reverse_kl cannot use targets.kind = {kind!r}: sampled targets "
+                "have no tail bucket, so KL(q || p_hat) is infinite off the sampled ids"
+            )
 
 
 @dataclass
@@ -54,21 +104,6 @@ class StudentSection:
     layers: int = 8  # teacher-layers: number of teacher layers kept
     layer_selection: str = "ends"  # ends: first and last layers, drop the middle | spaced
     model: str = ""  # pretrained: a Hugging Face directory
-
-
-@dataclass
-class LossSection:
-    """Weights of the terms (see distill/losses.py); KD terms are scaled by temperature**2."""
-
-    forward_kl: float = 0.9
-    reverse_kl: float = 0.0
-    jsd: float = 0.0
-    jsd_beta: float = 0.5
-    tvd: float = 0.0
-    bild: float = 0.0
-    bild_top: int = 8
-    ce: float = 0.1
-    temperature: float = 1.0
 
 
 @dataclass
@@ -106,7 +141,7 @@ class Job:
     targets: TargetsSection = field(default_factory=TargetsSection)
     student: StudentSection = field(default_factory=StudentSection)
     train: TrainSection = field(default_factory=TrainSection)
-    loss: LossSection = field(default_factory=LossSection)
+    loss: LossWeights = field(default_factory=LossWeights)  # validated on construction
     path: Path | None = None  # the file it came from; relative paths resolve against its dir
 
     def resolve(self, p: str) -> Path:
@@ -126,7 +161,9 @@ _CHOICES = {
     ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "device"): ("auto", "cpu", "cuda"),
     ("data", "truncation"): ("error", "right"),
-    ("targets", "kind"): ("topk",),
+    ("targets", "kind"): KINDS,
+    ("targets", "codec"): ("npz", "packed"),
+    ("targets", "values"): ("log8", "pow8", "f16"),
     ("student", "init"): ("teacher-layers", "pretrained"),
     ("student", "layer_selection"): ("ends", "spaced"),
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -208,14 +245,12 @@ def job_from_dict(raw: dict[str, Any], src: str = "<job>", path: Path | None = N
     built = {}
     for name in sections:
         cls = typing.get_type_hints(Job)[name]
-        built[name] = _build_section(cls, raw.get(name, {}), name, src)
+        try:
+            built[name] = _build_section(cls, raw.get(name, {}), name, src)
+        except DistillError as e:  # LossWeights validates itself and names its fields
+            raise DistillError(str(e).replace("LossWeights.", f"{src}: loss.")) from None
     job = Job(**built, path=path)
-    from distill.losses import LossWeights  # validates the loss section
-
-    try:
-        LossWeights(**dataclasses.asdict(job.loss))
-    except DistillError as e:
-        raise DistillError(f"{src}: {str(e).replace('LossWeights', 'loss')}") from None
+    job.targets.check(src, job.loss)
     if job.loss.bild > 0 and job.loss.bild_top > job.targets.k:
         raise DistillError(
             f"{src}: loss.bild_top = {job.loss.bild_top} > targets.k = {job.targets.k}"

@@ -23,7 +23,15 @@ def evaluate(model: Any, loader: ShardLoader, chunk: int = 1024) -> dict[str, fl
         hidden = model.base_model(
             input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
         ).last_hidden_state
-        m = eval_metrics(hidden[b.target_mask], weight, b.t_ids, b.t_logprobs, b.labels, chunk)
+        m = eval_metrics(
+            hidden[b.target_mask],
+            weight,
+            b.t_ids,
+            b.t_logprobs,
+            b.labels,
+            chunk,
+            tail=loader.manifest.tail,
+        )
         for k in tot:
             tot[k] += m[k]
     model.train(was_training)

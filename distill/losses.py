@@ -44,6 +44,22 @@ Caveat: ``p_tail = 1 - sum_S p`` carries the rounding error of the stored log-pr
 in float64, ~1e-4 and up to ~5e-4 from float16 shards), and tempering raises it to the power
 ``1 / tau``, so at ``tau > 1`` a tail that should be ~0 can get visible mass in the bucket terms.
 
+Sampled targets (``tail=False``; the manifest's ``targets.tail``): the stored values are
+``log p_hat`` with ``p_hat = count / N`` (see distill/targets.py), an unbiased estimate of the
+teacher's distribution that already sums to 1, so the teacher's tail bucket is exactly 0
+(no ``1 - sum`` from rounded values). The student keeps its full softmax: ``log q_i`` over
+the whole vocab on S and ``q_tail`` = its mass off S, so every bucket term equals the same
+divergence between ``p_hat`` (zero off S) and the full ``q``. The forward KL is then the
+cross-entropy of the full student softmax against ``p_hat`` minus the constant ``-H(p_hat)``,
+its gradient w.r.t. the student logits is ``q - p_hat`` (``sum p_hat = 1``), and
+``E[q - p_hat] = q - p``: unbiased for the full forward-KL gradient at ``tau = 1``. Dropping
+``q_tail`` and renormalising ``q`` over S instead would be biased (no push-down off S). JSD
+and TVD are defined but biased (non-linear in ``p_hat``); reverse KL is infinite (refused).
+
+Padding: entries whose stored value is ``-inf`` (variable-width rows, see
+distill/targets.py) are absent from both sides: ``p = q = 0`` there, and their ids (a copy of
+the row's first id) are excluded from ``q_tail`` like S.
+
 ``chunked_distill_loss`` applies the LM head and the loss one chunk of rows at a time and takes
 the gradient chunk by chunk, so the step's peak memory is O(chunk x vocab), not
 O(rows x vocab). ``chunked_kd_loss`` is the original forward-KL + CE mix on top of it.
@@ -121,10 +137,15 @@ def _kl(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(pos, a * diff, 0.0).sum(-1)
 
 
-def _teacher_buckets(t_lp: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """(log p, p) [n, k+1] over S + tail; at ``tau != 1`` softmax([log p_S, log p_tail] / tau)."""
+def _teacher_buckets(t_lp: Tensor, tau: float, tail: bool = True) -> tuple[Tensor, Tensor]:
+    """(log p, p) [n, k+1] over S + tail; at ``tau != 1`` softmax([log p_S, log p_tail] / tau).
+
+    ``tail=False``: p_tail = 0 exactly (sampled targets)."""
     p_s = t_lp.exp()
-    p_tail = (1.0 - p_s.sum(-1, keepdim=True)).clamp(min=0.0)
+    if tail:
+        p_tail = (1.0 - p_s.sum(-1, keepdim=True)).clamp(min=0.0)
+    else:
+        p_tail = torch.zeros_like(p_s[:, :1])
     log_p = torch.cat([t_lp, p_tail.log()], dim=-1)  # log 0 = -inf: an empty tail
     if tau == 1.0:
         return log_p, torch.cat([p_s, p_tail], dim=-1)
@@ -141,10 +162,12 @@ def sparse_distill_terms(
     temperature: float = 1.0,
     jsd_beta: float = 0.5,
     bild_top: int = 8,
+    tail: bool = True,
 ) -> dict[str, Tensor]:
     """Per-row values [n] of the named terms (a subset of ``TERMS``) from full logits [n, V].
 
-    No ``tau**2`` factor is applied here. Only the named terms are computed.
+    No ``tau**2`` factor is applied here. Only the named terms are computed. ``tail=False``:
+    sampled targets, the teacher's tail bucket is 0 (see the module docstring).
     """
     unknown = set(names) - set(TERMS)
     if unknown:
@@ -154,6 +177,10 @@ def sparse_distill_terms(
     tau = float(temperature)
     z = logits if tau == 1.0 else logits / tau
     t_lp = t_logprobs.to(logits.dtype)
+    present = t_lp > float("-inf")  # -inf: padding of a variable-width row
+    padded = not bool(present.all())
+    if padded:  # padding repeats the row's first id: exclude it like S from q_tail
+        t_ids = torch.where(present, t_ids, t_ids[:, :1])
     out: dict[str, Tensor] = {}
     lse = None
     if "ce" in names:
@@ -161,18 +188,18 @@ def sparse_distill_terms(
         out["ce"] = lse - logits.gather(1, labels[:, None]).squeeze(1)
     if _BUCKET_TERMS.intersection(names):
         lse_z = lse if (tau == 1.0 and lse is not None) else torch.logsumexp(z, dim=-1)
+        z_s = z.gather(1, t_ids)
+        if padded:
+            z_s = z_s.masked_fill(~present, float("-inf"))
         log_q = (
             torch.cat(
-                [
-                    z.gather(1, t_ids),
-                    torch.logsumexp(z.scatter(1, t_ids, float("-inf")), dim=-1)[:, None],
-                ],
+                [z_s, torch.logsumexp(z.scatter(1, t_ids, float("-inf")), dim=-1)[:, None]],
                 dim=-1,
             )
             - lse_z[:, None]
         )
         q = log_q.exp()
-        log_p, p = _teacher_buckets(t_lp, tau)
+        log_p, p = _teacher_buckets(t_lp, tau, tail)
         if "forward_kl" in names:
             out["forward_kl"] = _kl(p, log_p, log_q)
         if "reverse_kl" in names:
@@ -181,11 +208,15 @@ def sparse_distill_terms(
             out["reverse_kl"] = _kl(q, log_q, log_p_floor)
         if "jsd" in names:
             b = float(jsd_beta)
-            log_m = torch.logaddexp(math.log(b) + log_p, math.log1p(-b) + log_q)
+            # clamp -inf (padding, an empty tail) so logaddexp's gradient has no -inf - -inf
+            lo_p, lo_q = log_p.clamp(min=-1e4), log_q.clamp(min=-1e4)
+            log_m = torch.logaddexp(math.log(b) + lo_p, math.log1p(-b) + lo_q)
             out["jsd"] = b * _kl(p, log_p, log_m) + (1.0 - b) * _kl(q, log_q, log_m)
         if "tvd" in names:
             out["tvd"] = 0.5 * (p - q).abs().sum(-1)
     if "bild" in names:
+        if padded:
+            raise DistillError("BiLD needs fixed-width top-k targets (these rows are padded)")
         k = t_ids.shape[1]
         if not 1 <= bild_top <= k:
             raise DistillError(f"bild_top={bild_top} must be in [1, {k}] (the stored top-k)")
@@ -223,10 +254,10 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         t_logprobs,
         labels,
         coefs: tuple[tuple[str, float], ...],
-        opts: tuple[float, float, int],
+        opts: tuple[float, float, int, bool],
         chunk: int,
     ):
-        temperature, jsd_beta, bild_top = opts
+        temperature, jsd_beta, bild_top, tail = opts
         names = [name for name, _ in coefs]
         n = hidden.shape[0]
         grad_h = torch.zeros_like(hidden)
@@ -247,6 +278,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     temperature,
                     jsd_beta,
                     bild_top,
+                    tail,
                 )
                 loss = sum(c * terms[name].sum() for name, c in coefs) / n
             inputs = [h, w] if weight.requires_grad else [h]
@@ -278,6 +310,17 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         )
 
 
+def _lm_head_loss(hidden, weight, t_ids, t_logprobs, labels, coefs, opts, chunk):
+    """``_ChunkedLMHeadLoss.apply``, or the same loss with a hand-written single-buffer gradient
+    (distill/kd_kernel.py) where that applies."""
+    from distill import kd_kernel  # lazy: kd_kernel imports this module
+
+    args = (hidden, weight, t_ids, t_logprobs, labels, coefs, opts, chunk)
+    if kd_kernel.supports(hidden, weight, coefs):
+        return kd_kernel.FusedLMHeadLoss.apply(*args)
+    return _ChunkedLMHeadLoss.apply(*args)
+
+
 def chunked_distill_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -286,8 +329,11 @@ def chunked_distill_loss(
     labels: Tensor,
     weights: LossWeights,
     chunk: int = 1024,
+    tail: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(total, per-term means) over rows; ``total`` backpropagates to ``hidden`` and ``weight``.
+
+    ``tail`` is the shard set's ``manifest.tail``: False for sampled targets (no tail bucket).
 
     ``total = mean_rows(tau**2 * sum_KD w_t term_t + w_ce ce)``. The dict holds the detached
     row means of exactly the terms with weight > 0 (keys from ``TERMS``), unscaled by
@@ -303,9 +349,14 @@ def chunked_distill_loss(
             f"LossWeights.bild_top={weights.bild_top} exceeds the {t_ids.shape[-1]} stored "
             "teacher ids per token"
         )
+    if not tail and weights.reverse_kl > 0:
+        raise DistillError(
+            "LossWeights.reverse_kl needs a tail bucket: against sampled targets (tail=False) "
+            "KL(q || p_hat) is infinite off the sampled ids"
+        )
     coefs = tuple(weights.coefficients().items())
-    opts = (float(weights.temperature), float(weights.jsd_beta), int(weights.bild_top))
-    total, *means = _ChunkedLMHeadLoss.apply(
+    opts = (float(weights.temperature), float(weights.jsd_beta), int(weights.bild_top), bool(tail))
+    total, *means = _lm_head_loss(
         hidden, weight, t_ids.long(), t_logprobs, labels.long(), coefs, opts, int(chunk)
     )
     return total, {name: m for (name, _), m in zip(coefs, means, strict=True)}
@@ -319,6 +370,7 @@ def chunked_kd_loss(
     labels: Tensor,
     kd_weight: float = 0.9,
     chunk: int = 1024,
+    tail: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, mean KD, mean CE) over rows; ``loss`` backpropagates to ``hidden`` and ``weight``.
 
@@ -329,8 +381,15 @@ def chunked_kd_loss(
     """
     kd_weight = float(kd_weight)
     coefs = (("forward_kl", kd_weight), ("ce", 1.0 - kd_weight))
-    return _ChunkedLMHeadLoss.apply(
-        hidden, weight, t_ids.long(), t_logprobs, labels.long(), coefs, (1.0, 0.5, 1), int(chunk)
+    return _lm_head_loss(
+        hidden,
+        weight,
+        t_ids.long(),
+        t_logprobs,
+        labels.long(),
+        coefs,
+        (1.0, 0.5, 1, bool(tail)),
+        int(chunk),
     )
 
 
@@ -343,6 +402,7 @@ def eval_metrics(
     labels: Tensor,
     chunk: int = 1024,
     weights: LossWeights | None = None,
+    tail: bool = True,
 ) -> dict[str, float]:
     """Summed KD, CE and teacher top-1 agreement over rows (divide by ``rows`` for means).
 
@@ -363,7 +423,7 @@ def eval_metrics(
         args = (logits, t_ids[lo : lo + chunk], t_logprobs[lo : lo + chunk])
         lab = labels[lo : lo + chunk].long()
         base = sparse_distill_terms(
-            *args, lab, {"forward_kl", "ce", *(extra if merged else [])}, 1.0, *hyper
+            *args, lab, {"forward_kl", "ce", *(extra if merged else [])}, 1.0, *hyper, tail
         )
         sums["kd"] += float(base["forward_kl"].sum())
         sums["ce"] += float(base["ce"].sum())
@@ -371,7 +431,13 @@ def eval_metrics(
             terms = base
             if not merged:
                 terms = sparse_distill_terms(
-                    *args, lab, extra, weights.temperature, weights.jsd_beta, weights.bild_top
+                    *args,
+                    lab,
+                    extra,
+                    weights.temperature,
+                    weights.jsd_beta,
+                    weights.bild_top,
+                    tail,
                 )
             for name in extra:
                 if name != "ce":  # CE is untempered: already summed above

@@ -1,4 +1,12 @@
-"""The manifest: written last, it marks a shard set complete and describes how to read it."""
+"""The manifest: written last, it marks a shard set complete and describes how to read it.
+
+``codec`` names the member codec and its settings (``{"name": "packed", "version": 1, ...}``,
+see :mod:`distill.codec`); manifests written before codecs existed have none and read as
+``npz`` v0. ``targets`` holds what the losses need about the target kind (``kind``, its
+parameters, ``tail``: whether a tail bucket ``1 - sum p`` applies, ``width``; see
+:mod:`distill.targets`); older manifests get ``topk`` with ``k``. A codec name or version this
+distill does not know is refused on load.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from distill.codec import Codec
 from distill.errors import DistillError
 from distill.shards import ShardStats
 
@@ -31,6 +40,20 @@ class Manifest:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    codec: dict[str, Any] = field(default_factory=lambda: {"name": "npz", "version": 0})
+    targets: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.targets:  # a manifest from before target kinds: top-k with a tail
+            self.targets = {"kind": self.target_kind, "k": self.k, "tail": True, "width": self.k}
+
+    @property
+    def tail(self) -> bool:
+        """Whether the losses use a tail bucket (False for sampled targets)."""
+        return bool(self.targets.get("tail", True))
+
+    def codec_spec(self, where: str = "manifest") -> Codec:
+        return Codec.from_info(self.codec, where)
 
     @property
     def samples(self) -> int:
@@ -65,6 +88,10 @@ class Manifest:
             )
         try:
             raw["shards"] = [ShardStats(**s) for s in raw["shards"]]
-            return cls(**raw)
+            m = cls(**raw)
         except TypeError as e:
             raise DistillError(f"{where}: malformed manifest ({e})") from None
+        if not isinstance(m.codec, dict) or not isinstance(m.targets, dict):
+            raise DistillError(f"{where}: malformed manifest (codec/targets must be objects)")
+        m.codec_spec(where)  # refuses an unknown codec name or version
+        return m

@@ -25,7 +25,7 @@ from distill.config import Job
 from distill.errors import DistillError
 
 SAFETY = 0.9  # plan to use at most this share of the budget
-CHUNK_TEMPORARIES = 4  # fp32 [chunk, vocab] blocks alive at once in the chunked loss
+CHUNK_TEMPORARIES = 1  # fp32 [chunk, vocab] buffers alive at once (distill/kd_kernel.py)
 
 
 @dataclass

@@ -1,22 +1,26 @@
 """Shards: WebDataset tar files of per-sample sparse teacher targets.
 
-Each sample ``KEY`` is one member ``KEY.targets.npz`` (uncompressed NumPy archive; one tar
-header per sample instead of four) holding:
+Each sample ``KEY`` is one tar member (one tar header per sample), ``KEY.targets.npz`` for the
+``npz`` v0 codec (an uncompressed NumPy archive, the default) or ``KEY.targets.dpk`` for the
+``packed`` v1 codec (see :mod:`distill.codec`). Either decodes to a :class:`TargetSample`:
 
 - ``input_ids``     [T]    token ids (uint16 when the vocab fits, else int32)
 - ``loss_mask``     [T]    uint8, 1 = assistant token (a label)
-- ``topk_ids``      [N, k] the teacher's top-k token ids at the N target positions
-- ``topk_logprobs`` [N, k] float16 log-probabilities normalised over the full vocab
+- ``topk_ids``      [N, w] the teacher's stored ids at the N target positions
+- ``topk_logprobs`` [N, w] log-probabilities normalised over the full vocab (float16 from
+  npz, float32 from packed); for sampled entries ``log(count / draws)`` (see
+  :mod:`distill.targets`); ``-inf`` marks padding in variable-width rows
+- ``topk_counts``   [N, w] uint16 draw counts, sampled kinds only (else None)
 
 Target positions are the t with ``loss_mask[t + 1] == 1`` (position t predicts token t+1), in
-order, so positions need not be stored. The tail mass is ``1 - sum(exp(topk_logprobs))``.
-Tar members carry a fixed mtime, so the same samples always give the same bytes.
+order, so positions need not be stored. For ``topk``/``topp`` the tail mass is
+``1 - sum(exp(topk_logprobs))``. Tar members carry a fixed mtime, so the same samples always
+give the same bytes. The member suffix names the codec, so a shard reads without its manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -26,14 +30,24 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from distill import codec as codecs
+from distill.codec import ShardFormat, id_dtype
 from distill.errors import DistillError
 
 FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
-MEMBER = "targets.npz"
+MEMBER = "targets.npz"  # the npz v0 member suffix
 
-
-def id_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+__all__ = [
+    "FIELDS",
+    "MEMBER",
+    "ShardFormat",
+    "ShardStats",
+    "TargetSample",
+    "id_dtype",
+    "read_shard",
+    "shard_name",
+    "write_shard",
+]
 
 
 @dataclass
@@ -43,6 +57,10 @@ class TargetSample:
     loss_mask: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
+    topk_counts: np.ndarray | None = None  # sampled kinds: draws per stored id (0: exact/pad)
+
+    def arrays(self) -> dict[str, np.ndarray | None]:
+        return {k: getattr(self, k) for k in (*FIELDS, "topk_counts")}
 
     def target_positions(self) -> np.ndarray:
         return np.flatnonzero(self.loss_mask[1:])
@@ -55,6 +73,7 @@ class TargetSample:
             and self.topk_ids.shape == self.topk_logprobs.shape
             and self.topk_ids.ndim == 2
             and self.topk_ids.shape[0] == n
+            and (self.topk_counts is None or self.topk_counts.shape == self.topk_ids.shape)
         )
         if not ok:
             raise DistillError(
@@ -77,17 +96,21 @@ class ShardStats:
     last_key: str
 
 
-def write_shard(path: Path, samples: Iterable[TargetSample]) -> ShardStats:
-    """Write samples to a tar file at ``path`` and return its stats (including sha256)."""
+def write_shard(
+    path: Path, samples: Iterable[TargetSample], fmt: ShardFormat | None = None
+) -> ShardStats:
+    """Write samples to a tar file at ``path`` and return its stats (including sha256).
+
+    ``fmt`` picks the codec (None: npz v0)."""
     samples = list(samples)
     if not samples:
         raise ValueError("a shard needs at least one sample")
+    member = fmt.codec.member if fmt is not None else MEMBER
     with path.open("wb") as f:
-        writer = wds.TarWriter(f, mtime=0.0)
+        writer = wds.TarWriter(f, mtime=0)  # an int: no 1 KiB PAX header per member
         for s in samples:
-            buf = io.BytesIO()
-            np.savez(buf, **{k: getattr(s, k) for k in FIELDS})
-            writer.write({"__key__": s.key, MEMBER: buf.getvalue()})
+            data = codecs.encode(s.arrays(), fmt, f"{path}: sample {s.key}")
+            writer.write({"__key__": s.key, member: data})
         writer.close()
     data = path.read_bytes()
     return ShardStats(
@@ -102,23 +125,35 @@ def write_shard(path: Path, samples: Iterable[TargetSample]) -> ShardStats:
     )
 
 
-def read_shard(path: Path) -> Iterator[TargetSample]:
-    """Yield the samples of a local tar shard, validating each one."""
+def read_shard(path: Path, vocab_size: int | None = None) -> Iterator[TargetSample]:
+    """Yield the samples of a local tar shard (any known codec), validating each one.
+
+    With ``vocab_size`` (the manifest's), a packed sample written for another vocab is refused.
+    """
     try:
         with tarfile.open(path, "r|") as tf:  # streaming: members in write order
             for info in tf:
                 key, _, suffix = info.name.partition(".")
-                if suffix != MEMBER or not info.isfile():
+                name = codecs.member_codec(suffix)
+                if name is None or not info.isfile():
                     raise DistillError(f"{path}: unexpected member {info.name!r}")
                 data = tf.extractfile(info).read()  # type: ignore[union-attr]
-                with np.load(io.BytesIO(data)) as z:
-                    missing = [k for k in FIELDS if k not in z.files]
-                    if missing:
-                        raise DistillError(f"{path}: sample {key} lacks {', '.join(missing)}")
-                    arrays = {k: z[k] for k in FIELDS}
-                s = TargetSample(key=key, **arrays)
+                where = f"{path}: sample {key}"
+                if name == "npz":
+                    arrays = codecs.decode_npz(data, where)
+                else:
+                    arrays, vocab = codecs.decode_packed(data, where)
+                    if vocab_size is not None and vocab != vocab_size:
+                        raise DistillError(
+                            f"{where} was packed for vocab size {vocab}, the manifest says "
+                            f"{vocab_size}"
+                        )
+                s = TargetSample(key=key, **arrays)  # type: ignore[arg-type]
                 s.validate(str(path))
                 yield s
+            # a file cut at a member boundary reads as a short archive: demand the end marker
+            if path.stat().st_size < tf.offset + 2 * tarfile.BLOCKSIZE:
+                raise DistillError(f"{path}: corrupt shard (truncated: no end-of-archive marker)")
     except (tarfile.TarError, zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
         raise DistillError(f"{path}: corrupt shard ({e})") from None
 

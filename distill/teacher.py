@@ -44,8 +44,17 @@ from distill.config import Job
 from distill.data import Sample, TokenizeStats, tokenize_file
 from distill.errors import DistillError
 from distill.manifest import MANIFEST, Manifest
-from distill.shards import ShardStats, TargetSample, id_dtype, read_shard, shard_name, write_shard
+from distill.shards import (
+    ShardFormat,
+    ShardStats,
+    TargetSample,
+    id_dtype,
+    read_shard,
+    shard_name,
+    write_shard,
+)
 from distill.storage import ObjectExists, Store, open_store
+from distill.targets import TargetSpec, draw_uniforms, extract
 
 console = Console(stderr=True)
 
@@ -56,18 +65,11 @@ def sparse_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids and full-vocab-normalised log-probs of ``hidden @ weight.T``, chunk by chunk.
 
-    Peak extra memory is O(chunk x vocab) instead of O(rows x vocab).
+    Peak extra memory is O(chunk x vocab) instead of O(rows x vocab). (The ``topk`` case of
+    :func:`distill.targets.extract`, which handles every target kind.)
     """
-    n = hidden.shape[0]
-    ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
-    lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
-    for lo in range(0, n, chunk):
-        logits = (hidden[lo : lo + chunk] @ weight.T).float()
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        top = torch.topk(logits, k, dim=-1)
-        ids[lo : lo + chunk] = top.indices
-        lps[lo : lo + chunk] = top.values - lse
-    return ids, lps
+    t = extract(hidden, weight, TargetSpec(kind="topk", k=k), chunk)
+    return t.ids, t.values
 
 
 def token_budget_batches(
@@ -105,12 +107,18 @@ def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, to
 def compute_targets(
     model: Any,
     samples: Sequence[Sample],
-    k: int,
+    spec: TargetSpec | int,
     batch_tokens: int,
     head_chunk: int,
     on_batch: Any = None,
+    seed: int = 0,
 ) -> list[TargetSample]:
-    """Sparse top-k targets for each sample, returned in input order."""
+    """Sparse targets (``spec``, or an int k for top-k) for each sample, in input order.
+
+    Sampled kinds draw with uniforms seeded from ``(seed, sample key)``: reruns are identical.
+    """
+    if isinstance(spec, int):
+        spec = TargetSpec(kind="topk", k=spec)
     device = next(model.parameters()).device
     weight = model.get_output_embeddings().weight
     vdt = id_dtype(weight.shape[0])
@@ -126,8 +134,17 @@ def compute_targets(
             m = samples[i].loss_mask
             tmask[b, : len(m) - 1] = torch.from_numpy(m[1:].astype(bool))
         rows = hidden[tmask.to(device)]
-        top_ids, top_lps = sparse_topk(rows, weight, k, head_chunk)
-        top_ids, top_lps = top_ids.cpu().numpy(), top_lps.cpu().numpy()
+        uniforms = None
+        if spec.sampled:  # rows are in (sample, position) order, as the split below
+            uniforms = np.concatenate(
+                [
+                    draw_uniforms(seed, samples[i].key, samples[i].n_targets, spec.draws)
+                    for i in batch
+                ]
+            )
+        t = extract(rows, weight, spec, head_chunk, uniforms)
+        top_ids, top_lps = t.ids.cpu().numpy(), t.values.cpu().numpy()
+        counts = t.counts.cpu().numpy().astype(np.uint16) if spec.sampled else None
         lo = 0
         for i in batch:
             s = samples[i]
@@ -137,7 +154,8 @@ def compute_targets(
                 input_ids=s.input_ids.astype(vdt),
                 loss_mask=s.loss_mask,
                 topk_ids=top_ids[lo : lo + n].astype(vdt),
-                topk_logprobs=top_lps[lo : lo + n].astype(np.float16),
+                topk_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
+                topk_counts=None if counts is None else counts[lo : lo + n],
             )
             lo += n
         if on_batch is not None:
@@ -162,7 +180,7 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
         "teacher_config_sha256": _sha256_file(teacher_dir / "config.json"),
         "tokenizer": tok_fp,
         "dtype": job.teacher.dtype,
-        "targets": dataclasses.asdict(job.targets),
+        "targets": job.targets.fingerprint(),
         "data": {
             k: v for k, v in dataclasses.asdict(job.data).items() if k not in ("train", "eval")
         },
@@ -171,13 +189,13 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
-def _stats_from_remote(store: Store, name: str, tmpdir: Path) -> ShardStats:
+def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) -> ShardStats:
     """A shard uploaded before a crash but without its sidecar: recompute its stats."""
     local = tmpdir / name
     store.download(name, local)
-    samples = list(read_shard(local))
+    samples = list(read_shard(local, fmt.vocab_size))
     check = tmpdir / f"check-{name}"
-    stats = write_shard(check, samples)  # the same samples always encode to the same bytes
+    stats = write_shard(check, samples, fmt)  # the same samples always encode to the same bytes
     check.unlink()
     if stats.sha256 != _sha256_file(local):
         raise DistillError(f"{store.join(name)}: shard bytes differ from their re-encoding")
@@ -219,6 +237,8 @@ def run_split(
     chunks = [samples[i : i + per] for i in range(0, len(samples), per)]
     stats: list[ShardStats | None] = [None] * len(chunks)
     weight = model.get_output_embeddings().weight
+    spec, codec = job.targets.spec(), job.targets.codec_spec()
+    fmt = ShardFormat(codec, spec, int(weight.shape[0]))
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="distill-teacher-"))
     pending: list[tuple[int, Future[ShardStats]]] = []
@@ -226,11 +246,11 @@ def run_split(
     def upload(idx: int, targets: list[TargetSample]) -> ShardStats:
         name = shard_name(idx)
         local = tmp / name
-        st = write_shard(local, targets)
+        st = write_shard(local, targets, fmt)
         try:
             store.put_file(name, local)
         except ObjectExists:  # a concurrent or earlier run finished it: trust its bytes
-            st = _stats_from_remote(store, name, tmp)
+            st = _stats_from_remote(store, name, tmp, fmt)
         store.put_bytes(name.replace(".tar", ".json"), json.dumps(dataclasses.asdict(st)).encode())
         local.unlink(missing_ok=True)
         return st
@@ -241,7 +261,7 @@ def run_split(
         if name in existing and side in existing:
             stats[idx] = ShardStats(**json.loads(store.read_bytes(side)))
         elif name in existing:
-            st = _stats_from_remote(store, name, tmp)
+            st = _stats_from_remote(store, name, tmp, fmt)
             store.put_bytes(side, json.dumps(dataclasses.asdict(st)).encode())
             stats[idx] = st
         else:
@@ -276,10 +296,11 @@ def run_split(
             targets = compute_targets(
                 model,
                 chunk,
-                job.targets.k,
+                spec,
                 job.teacher.batch_tokens,
                 job.teacher.head_chunk,
                 on_batch,
+                job.job.seed,
             )
             pending.append((idx, pool.submit(upload, idx, targets)))
             # Bound memory: at most one shard waits for its upload while the next is computed.
@@ -295,19 +316,22 @@ def run_split(
         teacher_config_sha256=_sha256_file(teacher_dir / "config.json"),
         tokenizer_fingerprint=tok_fp,
         vocab_size=int(weight.shape[0]),
-        target_kind=job.targets.kind,
-        k=job.targets.k,
+        target_kind=spec.kind,
+        k=spec.width,  # columns of the decoded [N, k] arrays; kind parameters in `targets`
         dtypes={
             "input_ids": id_dtype(weight.shape[0]).name,
             "loss_mask": "uint8",
             "topk_ids": id_dtype(weight.shape[0]).name,
-            "topk_logprobs": "float16",
+            "topk_logprobs": "float16" if codec.name == "npz" else "float32",
+            **({"topk_counts": "uint16"} if spec.sampled else {}),
         },
         max_length=job.data.max_length,
         job_fingerprint=fingerprint,
         shards=[s for s in stats if s is not None],
         teacher_seconds=elapsed,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        codec=codec.info(),
+        targets=spec.info(),
     )
     # A concurrent run may have finished first; its manifest describes the same shards.
     with contextlib.suppress(ObjectExists):
@@ -354,11 +378,7 @@ def run_teacher(job: Job) -> dict[str, Manifest]:
         )
     device = models.pick_device(job.teacher.device)
     model = models.load_model(teacher_dir, job.teacher.dtype, device).eval()
-    vocab = models.vocab_size(model)
-    if job.targets.k >= vocab:
-        raise DistillError(
-            f"targets.k = {job.targets.k} must be smaller than the teacher vocab ({vocab})"
-        )
+    job.targets.spec().check(models.vocab_size(model))
     return {
         split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir)
         for split, (samples, store, fp) in prepared.items()

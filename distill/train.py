@@ -29,7 +29,7 @@ from distill.config import Job
 from distill.errors import DistillError
 from distill.evaluate import evaluate
 from distill.loader import Batch, ShardLoader
-from distill.losses import LossWeights, chunked_distill_loss
+from distill.losses import chunked_distill_loss
 from distill.manifest import MANIFEST, Manifest
 from distill.observe import RunLog, memory_bytes, plot_losses
 from distill.optim import build_optimizer
@@ -195,6 +195,11 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(init_dir)
     model = models.load_model(init_dir, "float32", device)
     check_compatible(model, tokenizer, manifest, loader.cache.store.join(MANIFEST))
+    if not manifest.tail and job.loss.reverse_kl > 0:
+        raise DistillError(
+            f"{loader.cache.store.url} holds sampled targets (no tail bucket): loss.reverse_kl "
+            "is infinite off the sampled ids; set loss.reverse_kl = 0"
+        )
     if job.train.gradient_checkpointing:
         kw = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
@@ -235,7 +240,7 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
         enabled=job.train.dtype == "bfloat16",
     )
     weight = model.get_output_embeddings().weight
-    loss_weights = LossWeights(**dataclasses.asdict(job.loss))
+    loss_weights = job.loss
     eval_loader = (
         make_loader(job, "eval", shuffle=False)
         if (main and job.train.eval_every and job.data.eval)
@@ -298,6 +303,7 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
                             b.labels,
                             loss_weights,
                             job.train.loss_chunk,
+                            tail=manifest.tail,
                         )
                         if batch is None:  # join the collective step with a zero gradient
                             loss = hidden.sum() * 0.0 + weight.sum() * 0.0

@@ -1,0 +1,748 @@
+"""Cost estimate for one teacher pass on a Google Cloud L4 spot VM (g2-standard-8).
+
+Every number is either counted (the job's tokens after tokenisation with the teacher's own
+tokenizer, the teacher's parameters from its config on the meta device, the teacher's real
+batches) or a stated assumption that a flag or a file overrides. The table prints them all:
+
+- compute: FLOPs = padded tokens x (2 x non-embedding params + 2 x layers x ctx x d_attn)
+  + target tokens x 2 x hidden x vocab (the LM head runs only at target positions);
+- time: FLOPs / (L4 peak x MFU); the MFU is assumed (0.35) or calibrated from a benchmark
+  measured on an L4; plus VM boot/setup minutes and the weights' load; spot hours carry a
+  preemption overhead (lost work since the last shard + re-setup);
+- money: VM hours x a dated price table (spot and on-demand), the boot disk, shard storage
+  in GB-months at the GCS Standard price, and internet egress for the student's download.
+
+A job whose teacher cannot fit the L4's memory is refused with the estimate in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.cloud.spec import BOOT_DISK_GB
+from distill.config import Job
+from distill.errors import DistillError
+
+# --- The GPU (NVIDIA L4 datasheet) -------------------------------------------------------------
+L4_NAME = "NVIDIA L4"
+# Dense peak (the datasheet's 242 TFLOP/s bf16/fp16 is with structured sparsity; fp32 30.3).
+L4_PEAK_FLOPS = {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12}
+L4_MEMORY_BYTES = 23_034 * 2**20  # "24 GB" card: what nvidia-smi reports as total
+CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS workspace, outside torch's allocator
+ALLOCATOR_MARGIN = 0.05  # fragmentation headroom kept free
+DEFAULT_MFU = 0.35
+DEFAULT_PREEMPTION_OVERHEAD = 0.15
+DEFAULT_SETUP_MINUTES = 10.0  # boot, driver check, image pull, container start
+WEIGHTS_LOAD_BYTES_PER_S = 200e6  # teacher weights read into the GPU at 200 MB/s
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 2**30  # Google bills storage and egress per GiB ("GB" on the pricing pages)
+HOURS_PER_MONTH = 730.0  # Google's billing month
+
+# --- Shard bytes (distill/shards.py) ----------------------------------------------------------
+LOGPROB_BYTES = 2  # float16
+MASK_BYTES = 1  # uint8 loss mask, one per token
+# Per tar shard: the end-of-archive blocks (1,024) + on average half a 10,240-byte tar record.
+SHARD_OVERHEAD_BYTES = 6144
+
+
+@dataclass(frozen=True)
+class Prices:
+    """A dated price table (USD). Override with ``--prices FILE`` (TOML or JSON, any subset)."""
+
+    as_of: str = "2026-11"
+    source: str = "Google Cloud pricing page, us-central1; verify before relying"
+    region: str = "us-central1"
+    machine: str = "g2-standard-8 (8 vCPU, 32 GB, 1 x NVIDIA L4)"
+    vm_on_demand_per_hour: float = 0.85
+    vm_spot_per_hour: float = 0.34
+    boot_disk_per_gb_month: float = 0.10  # pd-balanced
+    storage_per_gb_month: float = 0.020  # Cloud Storage Standard, regional
+    egress_per_gb: float = 0.12  # internet egress (premium tier, first TB), no free tier counted
+
+
+_PRICE_NUMBERS = tuple(f.name for f in dataclasses.fields(Prices) if f.type in ("float", float))
+
+
+def load_prices(path: Path | None) -> Prices:
+    """Defaults, with the fields a TOML/JSON file names replaced (unknown keys refused)."""
+    if path is None:
+        return Prices()
+    raw = _read_table(path, "price file")
+    if isinstance(raw.get("prices"), dict):  # allow a [prices] table
+        raw = raw["prices"]
+    known = {f.name for f in dataclasses.fields(Prices)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DistillError(
+            f"{path}: unknown price {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    values: dict[str, Any] = {}
+    for key, v in raw.items():
+        if key in _PRICE_NUMBERS:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or v < 0
+                or not math.isfinite(v)
+            ):
+                raise DistillError(f"{path}: {key} must be a number >= 0, got {v!r}")
+            values[key] = float(v)
+        elif not isinstance(v, str):
+            raise DistillError(f"{path}: {key} must be a string, got {v!r}")
+        else:
+            values[key] = v
+    values.setdefault("source", f"{path} (defaults for the fields it does not set)")
+    values.setdefault("as_of", "unknown (set as_of in the price file)")
+    return dataclasses.replace(Prices(), **values)
+
+
+def _read_table(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DistillError(f"{what} {path} not found")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise DistillError(f"{path}: not valid {kind}: {e}") from None
+    if not isinstance(raw, dict):
+        raise DistillError(f"{path}: expected a table/object, got {type(raw).__name__}")
+    return raw
+
+
+# --- The teacher's shape ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherProfile:
+    """What the estimate needs from a model config (counted on the meta device)."""
+
+    params: int  # every parameter once (tied embeddings once)
+    non_embedding_params: int  # params minus the input embedding and an untied LM head
+    hidden: int
+    vocab: int
+    layers: int
+    heads: int
+    q_dim: int  # heads x head_dim
+    kv_dim: int  # kv heads x head_dim
+    intermediate: int
+
+
+def teacher_profile(config: Any) -> TeacherProfile:
+    """Exact parameter counts from ``config`` without allocating weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = {id(p): p.numel() for p in model.parameters()}
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    excluded = {id(embed)} | ({id(head.weight)} if head is not None else set())
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return TeacherProfile(
+        params=sum(params.values()),
+        non_embedding_params=sum(n for i, n in params.items() if i not in excluded),
+        hidden=h,
+        vocab=int(embed.shape[0]),
+        layers=config.num_hidden_layers,
+        heads=heads,
+        q_dim=heads * head_dim,
+        kv_dim=kv * head_dim,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * h,
+    )
+
+
+def teacher_memory(
+    p: TeacherProfile,
+    dtype: str,
+    batch_tokens: int,
+    head_chunk: int,
+    max_length: int,
+    kind: str = "topk",
+) -> dict[str, int]:
+    """Peak GPU bytes of the teacher pass, by part (no KV cache, no gradients)."""
+    b = DTYPE_BYTES[dtype]
+    # One decoder layer's temporaries for batch_tokens tokens: residual + norm + the larger of
+    # the MLP (gate, up, act, product) and attention (q, k, v, rotary copies, repeat_kv'd k/v,
+    # output), attention scores as the math path materialises them, and the hidden states
+    # handed to the head (last hidden state + gathered target rows).
+    per_token = (
+        4 * p.hidden
+        + max(4 * p.intermediate, 6 * p.q_dim + 3 * p.kv_dim)
+        + p.heads * min(max_length, batch_tokens)
+    )
+    return {
+        "weights": p.params * b,
+        "activations": batch_tokens * per_token * b,
+        # the chunk's logits in the teacher dtype, their fp32 copy, and logsumexp's fp32 temp;
+        # kinds other than top-k also sort the chunk (fp32 values + int64 indices)
+        "head_chunk": head_chunk * p.vocab * (b + 8 + (0 if kind == "topk" else 12)),
+        "cuda_context": CUDA_CONTEXT_BYTES,
+    }
+
+
+def l4_usable_bytes() -> int:
+    return int((L4_MEMORY_BYTES - CUDA_CONTEXT_BYTES) * (1 - ALLOCATOR_MARGIN)) + CUDA_CONTEXT_BYTES
+
+
+def check_fits_l4(job: Job, p: TeacherProfile) -> dict[str, int]:
+    """The memory estimate; DistillError when it exceeds what an L4 offers."""
+    t = job.teacher
+    mem = teacher_memory(
+        p, t.dtype, t.batch_tokens, t.head_chunk, job.data.max_length, job.targets.kind
+    )
+    total, usable = sum(mem.values()), l4_usable_bytes()
+    if total > usable:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items())
+        hints = []
+        if job.teacher.dtype == "float32":
+            hints.append('teacher.dtype = "bfloat16"')
+        if mem["activations"] + mem["head_chunk"] > 2 * GIB:
+            hints.append("a smaller teacher.batch_tokens or teacher.head_chunk")
+        hints.append("a smaller teacher (a quantised or multi-GPU teacher is not supported)")
+        raise DistillError(
+            f"teacher {job.teacher.model} ({p.params / 1e9:.2f}B params, {job.teacher.dtype}) "
+            f"does not fit one L4: needs ~{total / GIB:.1f} GiB ({parts} GiB) > "
+            f"{usable / GIB:.1f} GiB usable of 24 GB; try " + "; ".join(hints)
+        )
+    return mem
+
+
+# --- The dataset, as the teacher will batch it -------------------------------------------------
+
+
+@dataclass
+class DataCounts:
+    samples: int = 0
+    shards: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    padded_tokens: int = 0  # what the forward passes process (token-budget batches)
+    attention_token_ctx: int = 0  # sum over padded tokens of their batch's length
+    per_split: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def count_data(job: Job, tokenizer: Any) -> DataCounts:
+    """Tokenise every split and replay the teacher's shard chunks and batches."""
+    from distill.data import TokenizeStats, tokenize_file
+    from distill.teacher import splits, token_budget_batches
+
+    c = DataCounts()
+    for split, path in splits(job).items():
+        st = TokenizeStats()
+        samples = tokenize_file(
+            path, tokenizer, job.data.max_length, job.data.truncation, job.data.max_samples, st
+        )
+        per = job.teacher.samples_per_shard
+        padded = ctx = 0
+        for lo in range(0, len(samples), per):
+            lengths = [len(s.input_ids) for s in samples[lo : lo + per]]
+            for batch in token_budget_batches(lengths, job.teacher.batch_tokens):
+                longest = lengths[batch[0]]
+                padded += len(batch) * longest
+                ctx += len(batch) * longest * longest
+        c.samples += st.samples
+        c.shards += -(-len(samples) // per)
+        c.tokens += st.tokens
+        c.target_tokens += st.target_tokens
+        c.padded_tokens += padded
+        c.attention_token_ctx += ctx
+        c.per_split[split] = {
+            "samples": st.samples,
+            "tokens": st.tokens,
+            "target_tokens": st.target_tokens,
+            "padded_tokens": padded,
+        }
+    return c
+
+
+def total_flops(p: TeacherProfile, c: DataCounts) -> float:
+    """Forward FLOPs of the whole pass (body on padded tokens, head on target rows only)."""
+    body = 2 * p.non_embedding_params * c.padded_tokens
+    attention = 2 * p.layers * p.q_dim * c.attention_token_ctx  # Kaplan et al. 2020, ctx = T_b
+    head = 2 * p.hidden * p.vocab * c.target_tokens
+    return float(body + attention + head)
+
+
+# --- Calibration ------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    path: Path
+    model: str
+    gpu: str
+    tokens_per_s: float
+    mfu: float  # achieved: tokens/s x FLOPs per token / peak
+
+
+def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> Calibration:
+    """MFU achieved by a run measured on an L4 (``tokens_per_s`` of real tokens, ``model``).
+
+    Also reads bench/teacher_pass.py's summary (``ours_tokens_per_s``, ``machine.cuda_device``).
+    Its FLOPs per token are ``flops_per_token`` if given, else computed from the named model's
+    config with the job's padding and attention context and the run's target share (its
+    ``tokens``/``target_tokens`` if given, else the job's).
+    """
+    raw = _read_table(path, "calibration file")
+    tps = raw.get("tokens_per_s", raw.get("ours_tokens_per_s"))
+    if isinstance(tps, bool) or not isinstance(tps, int | float) or not tps > 0:
+        raise DistillError(f"{path}: needs tokens_per_s > 0 (real tokens per second on an L4)")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise DistillError(f"{path}: needs 'model', the teacher the throughput was measured with")
+    machine = raw.get("machine") if isinstance(raw.get("machine"), dict) else {}
+    gpu = raw.get("gpu") or raw.get("cuda_device") or machine.get("cuda_device") or ""
+    if not isinstance(gpu, str) or "L4" not in re.split(r"[^A-Z0-9]+", gpu.upper()):
+        raise DistillError(
+            f"{path}: measured on {gpu or 'an unnamed device'!r}, not an {L4_NAME} "
+            "(set 'gpu' to the device name, e.g. \"NVIDIA L4\")"
+        )
+    dtype = raw.get("dtype", job.teacher.dtype)
+    if dtype not in L4_PEAK_FLOPS:
+        raise DistillError(f"{path}: dtype {dtype!r} is not one of {', '.join(L4_PEAK_FLOPS)}")
+    if "flops_per_token" in raw:
+        fpt = raw["flops_per_token"]
+        if isinstance(fpt, bool) or not isinstance(fpt, int | float) or not fpt > 0:
+            raise DistillError(f"{path}: flops_per_token must be > 0, got {fpt!r}")
+    else:
+        cp = p if model == job.teacher.model else _profile_of(model, path)
+        share = c.target_tokens / c.tokens
+        if isinstance(raw.get("tokens"), int) and isinstance(raw.get("target_tokens"), int):
+            share = raw["target_tokens"] / max(raw["tokens"], 1)
+        pad = c.padded_tokens / c.tokens
+        ctx = c.attention_token_ctx / max(c.padded_tokens, 1)
+        fpt = pad * (2 * cp.non_embedding_params + 2 * cp.layers * cp.q_dim * ctx)
+        fpt += share * 2 * cp.hidden * cp.vocab
+    mfu = float(tps) * float(fpt) / L4_PEAK_FLOPS[dtype]
+    if not 0 < mfu <= 1:
+        raise DistillError(
+            f"{path}: {tps:,.0f} tokens/s of {model} means MFU {mfu:.2f} on an L4, which is "
+            "impossible; check tokens_per_s, model and flops_per_token"
+        )
+    return Calibration(path, model, gpu, float(tps), mfu)
+
+
+def _profile_of(model: str, where: Path) -> TeacherProfile:
+    from transformers import AutoConfig
+
+    from distill import models
+
+    try:
+        return teacher_profile(AutoConfig.from_pretrained(models.resolve_model(model)))
+    except DistillError as e:
+        raise DistillError(
+            f"{where}: cannot size model {model!r} ({e}); add flops_per_token"
+        ) from None
+
+
+# --- Shard bytes ------------------------------------------------------------------------------
+
+
+def _targets_info(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(target description, codec description) as a manifest records them."""
+    t = job.targets
+    spec = t.spec().info() if hasattr(t, "spec") else {"kind": t.kind, "k": t.k}
+    codec = t.codec_spec().info() if hasattr(t, "codec_spec") else {"name": "npz", "version": 0}
+    return spec, codec
+
+
+def _same_targets(m: Any, job: Job) -> bool:
+    spec, codec = _targets_info(job)
+    recorded = getattr(m, "targets", None) or {"kind": m.target_kind, "k": m.k}
+    keys = ("kind", "k", "top_p", "draws")
+    same_kind = all(recorded.get(key) == spec.get(key) for key in keys)
+    recorded_codec = getattr(m, "codec", None) or {"name": "npz", "version": 0}
+    return same_kind and recorded_codec == codec
+
+
+def reference_bytes_per_target(url: str, job: Job) -> tuple[float, str] | None:
+    """Bytes per target token of an existing run with the job's targets and codec: a shard set
+    (``url/manifest.json``) or a job output holding ``train/`` and ``eval/`` shard sets."""
+    from distill.manifest import MANIFEST, Manifest
+    from distill.storage import open_store
+
+    found = []
+    for sub in ("", "train", "eval"):
+        store = open_store(f"{url.rstrip('/')}/{sub}" if sub else url)
+        if store.exists(MANIFEST):
+            found.append(Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST)))
+            if not sub:
+                break
+    found = [m for m in found if _same_targets(m, job)]
+    targets = sum(m.target_tokens for m in found)
+    if not targets:
+        return None
+    where = ", ".join(sorted({m.split for m in found}))
+    return sum(m.nbytes for m in found) / targets, f"measured: {url} ({where})"
+
+
+@functools.cache
+def sample_overhead_bytes() -> float:
+    """Bytes a sample costs beyond its arrays (npz member headers, tar header and padding),
+    measured by writing probe samples with :func:`distill.shards.write_shard` itself."""
+    import tarfile
+    import tempfile
+
+    import numpy as np
+
+    from distill.shards import TargetSample, write_shard
+
+    samples, k = [], 8
+    for i in range(64):  # sizes spread over a tar block, so the padding averages out
+        t = 40 + 4 * i
+        mask = np.zeros(t, np.uint8)
+        mask[t // 2 :] = 1
+        n = int(mask[1:].sum())
+        ids, lps = np.zeros((n, k), np.uint16), np.zeros((n, k), np.float16)
+        samples.append(TargetSample(f"probe-{i:07d}", np.zeros(t, np.uint16), mask, ids, lps))
+    raw = sum(s.input_ids.nbytes + s.loss_mask.nbytes + 2 * s.topk_ids.nbytes for s in samples)
+    with tempfile.TemporaryDirectory(prefix="distill-cost-") as d:
+        path = Path(d) / "probe.tar"
+        write_shard(path, samples)
+        with tarfile.open(path) as tf:
+            stored = sum(m.offset_data - m.offset + m.size + -m.size % 512 for m in tf)
+    return (stored - raw) / len(samples)
+
+
+def estimated_shard_bytes(c: DataCounts, width: int, vocab: int, counts: bool = False) -> int:
+    """npz layout: ids + float16 log-probs (+ uint16 counts for sampled kinds) per entry."""
+    ids = 2 if vocab <= 2**16 else 4
+    entry = ids + LOGPROB_BYTES + (2 if counts else 0)
+    return (
+        c.target_tokens * width * entry
+        + c.tokens * (ids + MASK_BYTES)
+        + int(c.samples * sample_overhead_bytes())
+        + c.shards * SHARD_OVERHEAD_BYTES
+    )
+
+
+# --- The estimate -----------------------------------------------------------------------------
+
+
+@dataclass
+class CostOptions:
+    mfu: float | None = None  # None: DEFAULT_MFU unless calibrated
+    calibration: Path | None = None
+    prices: Path | None = None
+    preemption_overhead: float = DEFAULT_PREEMPTION_OVERHEAD
+    setup_minutes: float = DEFAULT_SETUP_MINUTES
+    storage_months: float = 1.0
+    downloads: int = 1
+    boot_disk_gb: int = BOOT_DISK_GB  # the VM spec's
+    reference_run: str | None = None  # a shard set (path or gs://) to take bytes/target from
+
+    def validate(self) -> None:
+        if self.mfu is not None and not 0 < self.mfu <= 1:
+            raise DistillError(f"--mfu must be in (0, 1], got {self.mfu}")
+        if self.mfu is not None and self.calibration is not None:
+            raise DistillError("give --mfu or --calibration, not both")
+        if not 0 <= self.preemption_overhead <= 10:
+            raise DistillError(
+                f"--preemption-overhead is a fraction (0.15 = 15%), got {self.preemption_overhead}"
+            )
+        for name in ("setup_minutes", "storage_months"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.downloads < 0 or self.boot_disk_gb <= 0:
+            raise DistillError("--downloads must be >= 0 and the boot disk > 0 GB")
+
+
+@dataclass
+class CostEstimate:
+    job: str
+    teacher: str
+    dtype: str
+    data: DataCounts
+    profile: TeacherProfile
+    memory: dict[str, int]
+    flops: float
+    mfu: float
+    calibration: Calibration | None
+    tokens_per_s: float
+    compute_hours: float
+    setup_hours: float
+    on_demand_hours: float
+    spot_hours: float
+    shard_bytes: int
+    bytes_basis: str
+    storage_gb_months: float
+    egress_gb: float
+    prices: Prices
+    opts: CostOptions
+    usd: dict[str, float]
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.flops / max(self.data.tokens, 1)
+
+    def assumptions(self) -> list[tuple[str, str]]:
+        """(assumption, value and source) rows, every one stated."""
+        p, o = self.prices, self.opts
+        peak = L4_PEAK_FLOPS[self.dtype]
+        if self.calibration:
+            cal = self.calibration
+            mfu = (
+                f"{self.mfu:.3f}, calibrated: {cal.model} at {cal.tokens_per_s:,.0f} tokens/s "
+                f"on {cal.gpu} ({cal.path})"
+            )
+        else:
+            mfu = f"{self.mfu:.2f} ({'--mfu' if o.mfu is not None else 'assumed'}; uncalibrated)"
+        return [
+            (
+                "GPU",
+                f"1 x {L4_NAME}, {peak / 1e12:.1f} TFLOP/s dense {self.dtype} peak (datasheet)",
+            ),
+            ("MFU (model FLOPs utilisation)", mfu),
+            (
+                "FLOPs formula",
+                "padded tokens x (2 x non-embedding params + 2 x layers x ctx x d_attn) "
+                "+ target tokens x 2 x hidden x vocab (LM head only at target positions)",
+            ),
+            (
+                "setup",
+                f"{o.setup_minutes:g} min boot/driver/image pull + weights at "
+                f"{WEIGHTS_LOAD_BYTES_PER_S / 1e6:.0f} MB/s",
+            ),
+            (
+                "preemption overhead (spot)",
+                f"{o.preemption_overhead:.0%} of hours (work since the last shard + re-setup)",
+            ),
+            ("prices", f"as of {p.as_of}; {p.source}"),
+            ("machine", f"{p.machine}, {p.region}"),
+            (
+                "VM price",
+                f"spot ${p.vm_spot_per_hour:.3f}/h, on-demand ${p.vm_on_demand_per_hour:.3f}/h",
+            ),
+            (
+                "boot disk",
+                f"{o.boot_disk_gb} GB pd-balanced at ${p.boot_disk_per_gb_month}/GB-month",
+            ),
+            ("shard bytes", self.bytes_basis),
+            (
+                "storage",
+                f"GCS Standard ${p.storage_per_gb_month}/GB-month, kept {o.storage_months:g} "
+                "month(s); operations not counted",
+            ),
+            (
+                "egress",
+                f"internet ${p.egress_per_gb}/GB, {o.downloads} full download(s) by the "
+                "student; free tier not counted",
+            ),
+            ("GB", "2^30 bytes, as Google bills"),
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "teacher": self.teacher,
+            "dtype": self.dtype,
+            "data": {
+                "samples": self.data.samples,
+                "shards": self.data.shards,
+                "tokens": self.data.tokens,
+                "target_tokens": self.data.target_tokens,
+                "padded_tokens": self.data.padded_tokens,
+                "per_split": self.data.per_split,
+            },
+            "teacher_params": self.profile.params,
+            "teacher_non_embedding_params": self.profile.non_embedding_params,
+            "memory_bytes": self.memory,
+            "memory_usable_bytes": l4_usable_bytes(),
+            "flops": self.flops,
+            "flops_per_token": self.flops_per_token,
+            "mfu": self.mfu,
+            "calibrated": self.calibration is not None,
+            "tokens_per_s": self.tokens_per_s,
+            "hours": {
+                "compute": self.compute_hours,
+                "setup": self.setup_hours,
+                "on_demand": self.on_demand_hours,
+                "spot": self.spot_hours,
+            },
+            "shard_bytes": self.shard_bytes,
+            "storage_gb_months": self.storage_gb_months,
+            "egress_gb": self.egress_gb,
+            "usd": self.usd,
+            "prices": dataclasses.asdict(self.prices),
+            "options": {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in dataclasses.asdict(self.opts).items()
+            },
+            "assumptions": dict(self.assumptions()),
+        }
+
+
+def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
+    """Count, size and price one teacher pass of ``job`` on an L4 spot VM."""
+    from transformers import AutoConfig
+
+    from distill import models
+
+    opts = opts or CostOptions()
+    opts.validate()
+    prices = load_prices(opts.prices)
+    teacher_dir = models.resolve_model(job.teacher.model)
+    try:
+        config = AutoConfig.from_pretrained(teacher_dir)
+    except (OSError, ValueError) as e:
+        raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
+    profile = teacher_profile(config)
+    memory = check_fits_l4(job, profile)  # refuse before the (slow) tokenisation
+    data = count_data(job, models.load_tokenizer(teacher_dir))
+    flops = total_flops(profile, data)
+    calibration = (
+        load_calibration(opts.calibration, job, profile, data) if opts.calibration else None
+    )
+    mfu = calibration.mfu if calibration else (opts.mfu or DEFAULT_MFU)
+    sustained = L4_PEAK_FLOPS[job.teacher.dtype] * mfu
+    compute_h = flops / sustained / 3600
+    setup_h = opts.setup_minutes / 60 + memory["weights"] / WEIGHTS_LOAD_BYTES_PER_S / 3600
+    on_demand_h = compute_h + setup_h
+    spot_h = on_demand_h * (1 + opts.preemption_overhead)
+
+    ref = None
+    if opts.reference_run:
+        ref = reference_bytes_per_target(opts.reference_run, job)
+        if ref is None:
+            raise DistillError(
+                f"--reference-run {opts.reference_run}: no manifest with the job's targets "
+                f"({job.targets.kind}, k={job.targets.k}) and codec there (or under train/, eval/)"
+            )
+    elif "://" not in job.job.output and Path(job.job.output).is_dir():
+        ref = reference_bytes_per_target(job.job.output, job)
+    if ref is not None:
+        per_target, basis = ref
+        shard_bytes = int(per_target * data.target_tokens)
+        basis = f"{per_target:,.1f} bytes/target token, {basis}"
+    else:
+        spec, codec = _targets_info(job)
+        width = int(spec.get("width", job.targets.k))
+        sampled = "draws" in spec
+        shard_bytes = estimated_shard_bytes(data, width, profile.vocab, sampled)
+        ids = 2 if profile.vocab <= 2**16 else 4
+        entry = f"{ids}+{LOGPROB_BYTES}" + ("+2" if sampled else "")
+        exact = spec.get("kind") == "topk" and codec.get("name") == "npz"
+        basis = (
+            (
+                "estimated"
+                if exact
+                else f"upper bound (npz at full width; {spec.get('kind')}/"
+                f"{codec.get('name')} store less: measure with --reference-run)"
+            )
+            + f": targets x {width} x ({entry}) + tokens x ({ids}+{MASK_BYTES}) "
+            f"+ samples x {sample_overhead_bytes():,.0f} (npz + tar headers, measured) "
+            f"+ shards x {SHARD_OVERHEAD_BYTES} (tar end and record padding) = "
+            f"{shard_bytes / max(data.target_tokens, 1):,.1f} bytes/target token"
+        )
+    gb = shard_bytes / GIB
+    storage_gb_months = gb * opts.storage_months
+    egress_gb = gb * opts.downloads
+    disk_per_h = opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH
+    usd = {
+        "vm_spot": spot_h * prices.vm_spot_per_hour,
+        "vm_on_demand": on_demand_h * prices.vm_on_demand_per_hour,
+        "disk_spot": spot_h * disk_per_h,
+        "disk_on_demand": on_demand_h * disk_per_h,
+        "storage": storage_gb_months * prices.storage_per_gb_month,
+        "egress": egress_gb * prices.egress_per_gb,
+    }
+    shared = usd["storage"] + usd["egress"]
+    usd["total_spot"] = usd["vm_spot"] + usd["disk_spot"] + shared
+    usd["total_on_demand"] = usd["vm_on_demand"] + usd["disk_on_demand"] + shared
+    return CostEstimate(
+        job=job.job.name,
+        teacher=job.teacher.model,
+        dtype=job.teacher.dtype,
+        data=data,
+        profile=profile,
+        memory=memory,
+        flops=flops,
+        mfu=mfu,
+        calibration=calibration,
+        tokens_per_s=data.tokens / (compute_h * 3600) if compute_h > 0 else 0.0,
+        compute_hours=compute_h,
+        setup_hours=setup_h,
+        on_demand_hours=on_demand_h,
+        spot_hours=spot_h,
+        shard_bytes=shard_bytes,
+        bytes_basis=basis,
+        storage_gb_months=storage_gb_months,
+        egress_gb=egress_gb,
+        prices=prices,
+        opts=opts,
+        usd=usd,
+    )
+
+
+def _usd(x: float) -> str:
+    return f"{x:,.2f}" if x >= 0.995 else f"{x:.4f}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.2f}" if h >= 10 else f"{h:.3f} ({h * 60:,.1f} min)"
+
+
+def render_table(e: CostEstimate) -> Any:
+    """A rich table: the numbers, then every assumption as a row."""
+    from rich.table import Table
+
+    t = Table(title=f"teacher pass cost: job {e.job} on 1 x L4 ({e.prices.region})")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    t.add_column("how")
+    d, pr = e.data, e.profile
+    mem = sum(e.memory.values())
+    rows = [
+        (
+            "samples",
+            f"{d.samples:,}",
+            ", ".join(f"{k} {v['samples']:,}" for k, v in d.per_split.items()),
+        ),
+        ("tokens", f"{d.tokens:,}", "teacher tokenizer, all splits"),
+        ("target tokens", f"{d.target_tokens:,}", "positions whose next token is assistant's"),
+        ("padded tokens", f"{d.padded_tokens:,}", "the teacher's token-budget batches"),
+        (
+            "teacher params",
+            f"{pr.params / 1e6:,.1f} M",
+            f"{pr.non_embedding_params / 1e6:,.1f} M non-embedding (meta device)",
+        ),
+        ("FLOPs per token", f"{e.flops_per_token:.3g}", f"total {e.flops:.3g}"),
+        ("GPU memory", f"{mem / GIB:.2f} GiB", f"of {l4_usable_bytes() / GIB:.1f} GiB usable"),
+        (
+            "throughput",
+            f"{e.tokens_per_s:,.0f} tok/s",
+            f"MFU {e.mfu:.2f}" + ("" if e.calibration else ", uncalibrated"),
+        ),
+        ("compute hours", _hours(e.compute_hours), ""),
+        ("setup hours", _hours(e.setup_hours), ""),
+        ("hours on-demand", _hours(e.on_demand_hours), ""),
+        ("hours spot", _hours(e.spot_hours), f"+{e.opts.preemption_overhead:.0%} preemption"),
+        ("$ VM spot", _usd(e.usd["vm_spot"]), ""),
+        ("$ VM on-demand", _usd(e.usd["vm_on_demand"]), ""),
+        ("$ boot disk", _usd(e.usd["disk_spot"]), "spot hours"),
+        ("shard bytes", f"{e.shard_bytes / GIB:.3f} GB", ""),
+        ("$ storage", _usd(e.usd["storage"]), f"{e.storage_gb_months:.3f} GB-months"),
+        ("$ egress", _usd(e.usd["egress"]), f"{e.egress_gb:.3f} GB"),
+        ("$ total (spot)", _usd(e.usd["total_spot"]), "VM + disk + storage + egress"),
+        ("$ total (on-demand)", _usd(e.usd["total_on_demand"]), ""),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    t.add_section()
+    for name, value in e.assumptions():
+        t.add_row(f"assumption: {name}", "", value)
+    return t

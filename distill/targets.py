@@ -1,0 +1,243 @@
+"""Sparse teacher targets: what the teacher keeps of each next-token distribution.
+
+One extraction function per kind, each taking a chunk of full-vocab logits ``[rows, V]``
+and returning :class:`Extracted` (ids, values, draw counts, entries per row):
+
+``topk``
+    the ``k`` most likely ids with their log-probs normalised over the full vocab; the tail
+    mass ``1 - sum p`` is implied (``tail = True``).
+``topp``
+    the smallest prefix of the sorted distribution whose cumulative mass is ``>= top_p``,
+    capped at ``k`` entries; a variable number of entries per row, tail implied.
+``sample``
+    ``N = draws`` draws with replacement from the full softmax (RS-KD, "Sparse Logit
+    Sampling", arXiv 2503.16870); the unique ids with their counts ``c_i``. The stored value is
+    ``log(c_i / N)``: the target ``p_hat_i = c_i / N`` has ``E[p_hat] = p`` and sums to 1, so
+    there is **no** tail bucket (``tail = False``) and the forward-KL gradient w.r.t. the
+    student's logits, ``q - p_hat``, is an unbiased estimate of the full ``q - p``.
+``topk+sample``
+    an exact head H (the top ``k``, log-probs stored as in ``topk``) plus ``N`` draws from
+    the renormalised tail ``p_j / (1 - P_H)`` over ``j not in H``; a sampled tail id gets
+    ``log(c_j / N) + log(1 - P_H)``. ``E[c_j / N * (1 - P_H)] = p_j``, so the target is exact on
+    H, unbiased on the tail, sums to 1, and has no tail bucket (``tail = False``).
+
+Variable-width rows (all kinds but ``topk``) are padded to the kind's fixed width with a
+sentinel: the row's first id, value ``-inf`` and count 0. Every row has at least one entry,
+and column 0 is always a real entry. The losses treat ``-inf`` entries as absent.
+
+Draws are deterministic: they come from inverse-CDF sampling (float64 cumulative sums) with
+uniforms from :func:`draw_uniforms`, a numpy generator seeded from ``(job.seed, sample key)``,
+so a rerun on the same hardware writes the same shards (resume relies on that), whatever the
+batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.errors import DistillError
+
+KINDS = ("topk", "topp", "sample", "topk+sample")
+MAX_WIDTH = 65535  # k and draws fit the packed codec's 16-bit fields
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to extract per target position (see the module docstring)."""
+
+    kind: str = "topk"
+    k: int = 16
+    top_p: float = 0.95
+    draws: int = 50
+
+    @property
+    def sampled(self) -> bool:
+        return self.kind in ("sample", "topk+sample")
+
+    @property
+    def tail(self) -> bool:
+        """Whether the losses add a tail bucket ``1 - sum p`` (False for sampled kinds)."""
+        return not self.sampled
+
+    @property
+    def head(self) -> int:
+        """Exact (non-sampled) entries per row: k, the cap k, 0, or k."""
+        return 0 if self.kind == "sample" else self.k
+
+    @property
+    def width(self) -> int:
+        """Columns of the in-memory ``[rows, width]`` arrays."""
+        return {"topk": self.k, "topp": self.k, "sample": self.draws}.get(
+            self.kind, self.k + self.draws
+        )
+
+    def check(self, vocab_size: int | None = None, where: str = "targets") -> None:
+        """Raise DistillError naming the field for a bad combination."""
+        if self.kind not in KINDS:
+            raise DistillError(f"{where}.kind = {self.kind!r} is not one of: {', '.join(KINDS)}")
+        if not 1 <= self.k <= MAX_WIDTH:
+            raise DistillError(f"{where}.k must be in [1, {MAX_WIDTH}], got {self.k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DistillError(f"{where}.top_p must be in (0, 1], got {self.top_p!r}")
+        if not 1 <= self.draws <= MAX_WIDTH:
+            raise DistillError(f"{where}.draws must be in [1, {MAX_WIDTH}], got {self.draws!r}")
+        if self.sampled and self.width > MAX_WIDTH:
+            raise DistillError(f"{where}.k + {where}.draws must be <= {MAX_WIDTH}")
+        if vocab_size is not None and self.kind != "sample" and self.k >= vocab_size:
+            raise DistillError(
+                f"{where}.k = {self.k} must be smaller than the teacher vocab ({vocab_size})"
+            )
+
+    def info(self) -> dict[str, object]:
+        """What a reader (the manifest, the losses) needs: the relevant fields, tail, width."""
+        d: dict[str, object] = {"kind": self.kind}
+        if self.kind != "sample":
+            d["k"] = self.k
+        if self.kind == "topp":
+            d["top_p"] = self.top_p
+        if self.sampled:
+            d["draws"] = self.draws
+        return {**d, "tail": self.tail, "width": self.width}
+
+
+@dataclass
+class Extracted:
+    """Sparse targets of ``rows`` positions, padded to a fixed width (see module docstring)."""
+
+    ids: Tensor  # [rows, w] int64
+    values: Tensor  # [rows, w] float32: log-probs (log estimates for sampled entries), -inf pad
+    counts: Tensor  # [rows, w] int32: draws per id (0: exact head entry or pad)
+    n: Tensor  # [rows] int32: real entries per row
+
+
+def _pad(ids: Tensor, values: Tensor, counts: Tensor, n: Tensor) -> Extracted:
+    """Set columns >= n to the sentinel (first id, -inf, 0)."""
+    pad = torch.arange(ids.shape[1], device=ids.device)[None, :] >= n[:, None]
+    ids = torch.where(pad, ids[:, :1], ids)
+    values = values.masked_fill(pad, float("-inf"))
+    return Extracted(ids, values, counts.masked_fill(pad, 0), n.int())
+
+
+def topk_targets(logits: Tensor, k: int) -> Extracted:
+    """The k most likely ids and their full-vocab log-probs, descending."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top = torch.topk(logits, k, dim=-1)
+    n = torch.full((logits.shape[0],), k, dtype=torch.int32, device=logits.device)
+    return Extracted(
+        top.indices, top.values - lse, torch.zeros_like(top.indices, dtype=torch.int32), n
+    )
+
+
+def topp_targets(logits: Tensor, top_p: float, k: int) -> Extracted:
+    """The smallest descending prefix with mass >= top_p, at most k entries; padded to k."""
+    t = topk_targets(logits, k)
+    cum = t.values.double().exp().cumsum(-1)
+    n = ((cum < top_p).sum(-1) + 1).clamp(max=k)
+    return _pad(t.ids, t.values, t.counts, n)
+
+
+def _draw(logits: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse-CDF draws; per row the unique ids sorted by count (desc, then id), counts, n."""
+    rows, draws = uniforms.shape
+    p = torch.softmax(logits.float(), dim=-1).double()
+    cdf = p.cumsum(-1)
+    u = uniforms.to(cdf.device, torch.float64) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[1] - 1)
+    s, _ = idx.sort(dim=-1)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    rank = new.long().cumsum(-1) - 1
+    ids = torch.zeros_like(s).scatter_(1, rank, s)  # duplicates write the same id
+    counts = torch.zeros_like(s).scatter_add_(1, rank, torch.ones_like(s))
+    n = rank[:, -1] + 1
+    # stable sort by count, descending: ties keep ascending id order; pads (count 0) go last
+    order = torch.sort(-counts, dim=-1, stable=True).indices
+    ids, counts = ids.gather(1, order), counts.gather(1, order)
+    return ids, counts, n
+
+
+def sample_targets(logits: Tensor, draws: int, uniforms: Tensor) -> Extracted:
+    """N = draws draws from the full softmax: unique ids, counts, values log(count / N)."""
+    if uniforms.shape != (logits.shape[0], draws):
+        raise DistillError(
+            f"uniforms must be [{logits.shape[0]}, {draws}], got {tuple(uniforms.shape)}"
+        )
+    ids, counts, n = _draw(logits, uniforms)
+    values = (counts.double() / draws).log().float()
+    return _pad(ids, values, counts.int(), n)
+
+
+def topk_sample_targets(logits: Tensor, k: int, draws: int, uniforms: Tensor) -> Extracted:
+    """Exact top-k head plus N draws from the renormalised tail (see the module docstring)."""
+    logits = logits.float()
+    head = topk_targets(logits, k)
+    rest = logits.scatter(1, head.ids, float("-inf"))
+    log_tail = torch.logsumexp(rest, -1, keepdim=True) - torch.logsumexp(logits, -1, keepdim=True)
+    t = sample_targets(rest, draws, uniforms)
+    values = torch.cat([head.values, t.values + log_tail], dim=1)
+    ids = torch.cat([head.ids, t.ids], dim=1)
+    counts = torch.cat([head.counts, t.counts], dim=1)
+    n = t.n + k
+    # tail pads: the row's first (head) id, -inf, 0
+    return _pad(ids, values, counts, n)
+
+
+def extract_chunk(logits: Tensor, spec: TargetSpec, uniforms: Tensor | None = None) -> Extracted:
+    """Dispatch on ``spec.kind`` for one chunk of full-vocab logits."""
+    if spec.sampled and uniforms is None:
+        raise DistillError(f"targets.kind = {spec.kind!r} needs uniforms (see draw_uniforms)")
+    if spec.kind == "topk":
+        return topk_targets(logits, spec.k)
+    if spec.kind == "topp":
+        return topp_targets(logits, spec.top_p, spec.k)
+    if spec.kind == "sample":
+        return sample_targets(logits, spec.draws, uniforms)  # type: ignore[arg-type]
+    if spec.kind == "topk+sample":
+        return topk_sample_targets(logits, spec.k, spec.draws, uniforms)  # type: ignore[arg-type]
+    raise DistillError(f"targets.kind = {spec.kind!r} is not one of: {', '.join(KINDS)}")
+
+
+@torch.no_grad()
+def extract(
+    hidden: Tensor,
+    weight: Tensor,
+    spec: TargetSpec,
+    chunk: int,
+    uniforms: Tensor | np.ndarray | None = None,
+) -> Extracted:
+    """Targets of ``hidden @ weight.T``, ``chunk`` rows at a time (O(chunk x vocab) memory).
+
+    ``uniforms`` [rows, draws] in [0, 1) is needed by the sampled kinds.
+    """
+    if isinstance(uniforms, np.ndarray):
+        uniforms = torch.from_numpy(uniforms)
+    parts = []
+    for lo in range(0, hidden.shape[0], chunk):
+        logits = hidden[lo : lo + chunk] @ weight.T
+        u = None if uniforms is None else uniforms[lo : lo + chunk].to(hidden.device)
+        parts.append(extract_chunk(logits, spec, u))
+    if not parts:
+        w, dev = spec.width, hidden.device
+        return Extracted(
+            torch.zeros(0, w, dtype=torch.long, device=dev),
+            torch.zeros(0, w, device=dev),
+            torch.zeros(0, w, dtype=torch.int32, device=dev),
+            torch.zeros(0, dtype=torch.int32, device=dev),
+        )
+    return Extracted(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "values", "counts", "n"))
+    )
+
+
+def draw_uniforms(seed: int, key: str, rows: int, draws: int) -> np.ndarray:
+    """[rows, draws] float64 uniforms for one sample, a pure function of (seed, key)."""
+    digest = hashlib.sha256(key.encode()).digest()
+    words = np.frombuffer(digest[:16], dtype="<u4").tolist()
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, *words])
+    return rng.random((rows, draws))

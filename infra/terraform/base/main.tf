@@ -1,0 +1,170 @@
+# Long-lived infrastructure for distill's cloud teacher: the shard bucket, the container
+# registry, the network the teacher VMs use, and the job's least-privilege service account.
+#   terraform -chdir=infra/terraform/base init
+#   terraform -chdir=infra/terraform/base apply -var project=P -var bucket_name=B
+
+locals {
+  apis = [
+    "artifactregistry.googleapis.com",
+    "compute.googleapis.com",
+    "iam.googleapis.com",
+    "logging.googleapis.com",
+    "storage.googleapis.com",
+  ]
+}
+
+resource "google_project_service" "apis" {
+  for_each           = toset(local.apis)
+  service            = each.value
+  disable_on_destroy = false
+}
+
+# --- The shard bucket -----------------------------------------------------------------------
+
+resource "google_storage_bucket" "shards" {
+  #checkov:skip=CKV_GCP_62:Access logs would add a second bucket; Cloud Audit Logs record admin access, and objects are public-access-prevented.
+  name                        = var.bucket_name
+  location                    = var.region
+  storage_class               = "STANDARD"
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = false
+
+  versioning {
+    enabled = true
+  }
+
+  lifecycle_rule {
+    condition {
+      age            = var.runs_retention_days
+      matches_prefix = ["runs/"]
+      with_state     = "LIVE"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_retention_days
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+# --- The container registry -----------------------------------------------------------------
+
+resource "google_artifact_registry_repository" "images" {
+  #checkov:skip=CKV_GCP_84:Images hold public code and no data; Google-managed encryption instead of a customer-managed key.
+  location      = var.region
+  repository_id = var.repository_id
+  format        = "DOCKER"
+  description   = "distill teacher and student images"
+
+  docker_config {
+    immutable_tags = true
+  }
+
+  cleanup_policies {
+    id     = "delete-untagged"
+    action = "DELETE"
+    condition {
+      tag_state  = "UNTAGGED"
+      older_than = "1209600s"
+    }
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+# --- The network: no ingress rule at all (a custom VPC denies ingress by default) -------------
+
+resource "google_compute_network" "teacher" {
+  name                    = var.network_name
+  auto_create_subnetworks = false
+
+  depends_on = [google_project_service.apis]
+}
+
+# Stated explicitly: nothing reaches the teacher VMs (no SSH; logs go to Cloud Logging).
+resource "google_compute_firewall" "deny_all_ingress" {
+  name          = "${var.network_name}-deny-all-ingress"
+  network       = google_compute_network.teacher.name
+  direction     = "INGRESS"
+  priority      = 65534
+  source_ranges = ["0.0.0.0/0"]
+
+  deny {
+    protocol = "all"
+  }
+}
+
+resource "google_compute_subnetwork" "teacher" {
+  name                     = "${var.network_name}-${var.region}"
+  region                   = var.region
+  network                  = google_compute_network.teacher.id
+  ip_cidr_range            = var.subnet_cidr
+  private_ip_google_access = true
+
+  log_config {
+    aggregation_interval = "INTERVAL_10_MIN"
+    flow_sampling        = 0.1
+    metadata             = "EXCLUDE_ALL_METADATA"
+  }
+}
+
+# --- The job's service account and its roles -------------------------------------------------
+
+resource "google_service_account" "teacher" {
+  account_id   = var.service_account_id
+  display_name = "distill teacher job"
+  description  = "Runs the teacher container: reads inputs, writes shards under runs/, pulls images, writes logs."
+
+  depends_on = [google_project_service.apis]
+}
+
+# Create-only writes (the teacher never overwrites or deletes), and only under runs/.
+resource "google_storage_bucket_iam_member" "teacher_creates_runs" {
+  bucket = google_storage_bucket.shards.name
+  role   = "roles/storage.objectCreator"
+  member = "serviceAccount:${google_service_account.teacher.email}"
+
+  condition {
+    title      = "runs-prefix-only"
+    expression = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.shards.name}/objects/runs/\")"
+  }
+}
+
+# Read and list: resume needs the shards already written; the VM stages its inputs.
+resource "google_storage_bucket_iam_member" "teacher_reads" {
+  bucket = google_storage_bucket.shards.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.teacher.email}"
+}
+
+resource "google_artifact_registry_repository_iam_member" "teacher_pulls" {
+  location   = google_artifact_registry_repository.images.location
+  repository = google_artifact_registry_repository.images.name
+  role       = "roles/artifactregistry.reader"
+  member     = "serviceAccount:${google_service_account.teacher.email}"
+}
+
+resource "google_project_iam_member" "teacher_logs" {
+  project = var.project
+  role    = "roles/logging.logWriter"
+  member  = "serviceAccount:${google_service_account.teacher.email}"
+}
+
+# Who may start a VM that runs as the job's service account.
+resource "google_service_account_iam_member" "launchers" {
+  for_each           = toset(var.launchers)
+  service_account_id = google_service_account.teacher.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = each.value
+}

@@ -1,0 +1,62 @@
+variable "project" {
+  description = "Project that holds the bucket, the registry, the network and the job's service account."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the bucket, the registry and the subnet; the teacher VM's zones are in it."
+  type        = string
+  default     = "us-central1"
+}
+
+variable "bucket_name" {
+  description = "Globally unique bucket name for shards (gs://<bucket>/runs/<job>/...)."
+  type        = string
+}
+
+variable "runs_retention_days" {
+  description = "Objects under runs/ are deleted this many days after creation."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.runs_retention_days >= 1
+    error_message = "Keep runs at least one day."
+  }
+}
+
+variable "noncurrent_retention_days" {
+  description = "Overwritten or deleted object versions are kept this many days."
+  type        = number
+  default     = 7
+}
+
+variable "repository_id" {
+  description = "Artifact Registry Docker repository for the teacher and student images."
+  type        = string
+  default     = "distill"
+}
+
+variable "service_account_id" {
+  description = "Account id of the teacher job's service account."
+  type        = string
+  default     = "distill-teacher"
+}
+
+variable "launchers" {
+  description = "Principals allowed to start VMs as the job's service account (e.g. user:me@example.com)."
+  type        = list(string)
+  default     = []
+}
+
+variable "network_name" {
+  description = "VPC for the teacher VMs: no ingress, Private Google Access for the APIs."
+  type        = string
+  default     = "distill"
+}
+
+variable "subnet_cidr" {
+  description = "Address range of the teacher subnet."
+  type        = string
+  default     = "10.42.0.0/24"
+}

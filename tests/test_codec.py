@@ -1,0 +1,284 @@
+"""The packed codec: exact round trips, quantisation bounds, old npz-v0 shards, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from distill.codec import (
+    Codec,
+    ShardFormat,
+    bits_for,
+    decode_packed,
+    encode_packed,
+    pack_bits,
+    unpack_bits,
+)
+from distill.errors import DistillError
+from distill.manifest import Manifest
+from distill.shards import TargetSample, read_shard, write_shard
+from distill.targets import TargetSpec, draw_uniforms, extract
+
+KINDS = [
+    TargetSpec("topk", k=8),
+    TargetSpec("topp", k=12, top_p=0.8),
+    TargetSpec("sample", draws=30),
+    TargetSpec("topk+sample", k=4, draws=30),
+]
+
+
+def make_samples(
+    spec: TargetSpec, vocab: int = 500, n: int = 6, seed: int = 0
+) -> list[TargetSample]:
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, 16, generator=g) * 1.5
+    out = []
+    vdt = np.uint16 if vocab <= 2**16 else np.int32
+    for i in range(n):
+        t = int(rng.integers(3, 60))
+        mask = (rng.random(t) < 0.6).astype(np.uint8)
+        mask[-1] = 1
+        rows = int(mask[1:].sum())
+        key = f"d-{i:07d}"
+        u = draw_uniforms(0, key, rows, spec.draws) if spec.sampled else None
+        x = extract(torch.randn(rows, 16, generator=g), weight, spec, 7, u)
+        out.append(
+            TargetSample(
+                key=key,
+                input_ids=rng.integers(0, vocab, t).astype(vdt),
+                loss_mask=mask,
+                topk_ids=x.ids.numpy().astype(vdt),
+                topk_logprobs=x.values.numpy(),
+                topk_counts=x.counts.numpy().astype(np.uint16) if spec.sampled else None,
+            )
+        )
+    return out
+
+
+def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:
+    """Per row {id: (value, count)} over the real entries (order-free)."""
+    c = s.topk_counts if s.topk_counts is not None else np.zeros(s.topk_ids.shape, np.uint16)
+    return [
+        {int(i): (float(v), int(n)) for i, v, n in zip(ri, rv, rc, strict=True) if np.isfinite(v)}
+        for ri, rv, rc in zip(s.topk_ids, s.topk_logprobs, c, strict=True)
+    ]
+
+
+def packed(values: str = "log8", zstd: bool = False) -> Codec:
+    return Codec("packed", 1, values=values, zstd=zstd)
+
+
+@pytest.mark.parametrize("b", [0, 1, 3, 7, 8, 9, 13, 16, 17, 24, 31, 32, 33])
+def test_bit_packing_round_trips(b):
+    rng = np.random.default_rng(b)
+    v = rng.integers(0, 2**b, 101, dtype=np.uint64) if b else np.zeros(101, np.uint64)
+    buf = pack_bits(v, b)
+    assert len(buf) == (101 * b + 7) // 8
+    assert np.array_equal(unpack_bits(buf, 101, b), v.astype(np.int64))
+    assert (
+        bits_for(0) == 0 and bits_for(1) == 1 and bits_for(49151) == 16 and bits_for(128255) == 17
+    )
+
+
+@pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.kind)
+@pytest.mark.parametrize("values", ["log8", "pow8", "f16"])
+@pytest.mark.parametrize("zstd", [False, True])
+def test_round_trip_exact_ids_mask_counts_and_bounded_values(spec, values, zstd):
+    fmt = ShardFormat(packed(values, zstd), spec, 500)
+    for s in make_samples(spec):
+        data = encode_packed(s.arrays(), fmt)
+        back, vocab = decode_packed(data, "x")
+        assert vocab == 500
+        assert (
+            np.array_equal(back["input_ids"], s.input_ids) and back["input_ids"].dtype == np.uint16
+        )
+        assert np.array_equal(back["loss_mask"], s.loss_mask)
+        assert back["topk_ids"].shape == s.topk_ids.shape == (s.loss_mask[1:].sum(), spec.width)
+        for a, b in zip(rows(s), rows(TargetSample(s.key, **back)), strict=True):
+            assert a.keys() == b.keys()  # ids exact
+            for i, (va, ca) in a.items():
+                vb, cb = b[i]
+                assert ca == cb  # counts exact
+                if ca:  # sampled: log(count / N) (+ the float16 tail mass m of topk+sample)
+                    m = va - np.log(ca / spec.draws)
+                    assert abs(vb - va) <= abs(m) * 2**-11 + 1e-5
+                elif values == "f16":
+                    assert vb == float(np.float16(va))
+                elif values == "log8":
+                    assert abs(vb - max(va, -20.0)) <= 20.0 / 510 + 1e-5
+                else:
+                    assert abs(np.exp(vb / 4) - np.exp(va / 4)) <= 1 / 510 + 1e-6
+        # padding: the row's first id, -inf, count 0; re-encoding gives the same bytes
+        n_real = np.isfinite(back["topk_logprobs"]).sum(1)
+        for r, n in enumerate(n_real):
+            assert (back["topk_ids"][r, n:] == back["topk_ids"][r, 0]).all()
+        assert encode_packed(back, fmt) == data
+
+
+def test_log8_clamps_below_minus_l_and_pow8_never_gives_zero():
+    spec = TargetSpec("topk", k=3)
+    s = TargetSample(
+        "k",
+        np.array([1, 2], np.uint16),
+        np.array([0, 1], np.uint8),
+        np.array([[5, 9, 7]], np.uint16),
+        np.array([[-0.01, -3.0, -50.0]], np.float32),
+    )
+    back, _ = decode_packed(encode_packed(s.arrays(), ShardFormat(packed("log8"), spec, 10)), "x")
+    got = dict(zip(back["topk_ids"][0].tolist(), back["topk_logprobs"][0].tolist(), strict=True))
+    assert got[7] == pytest.approx(-20.0) and got[5] == pytest.approx(0.0)  # ids ascending
+    back, _ = decode_packed(encode_packed(s.arrays(), ShardFormat(packed("pow8"), spec, 10)), "x")
+    assert np.isfinite(back["topk_logprobs"]).all()
+
+
+def test_large_and_small_vocabularies():
+    for vocab in (128256, 37):
+        spec = TargetSpec("topk", k=4)
+        fmt = ShardFormat(packed("f16"), spec, vocab)
+        for s in make_samples(spec, vocab=vocab, n=3):
+            back, _ = decode_packed(encode_packed(s.arrays(), fmt), "x")
+            assert back["input_ids"].dtype == (np.int32 if vocab > 2**16 else np.uint16)
+            assert np.array_equal(back["input_ids"], s.input_ids)
+            assert [set(r) for r in rows(s)] == [set(r) for r in rows(TargetSample(s.key, **back))]
+
+
+@pytest.mark.parametrize(
+    "codec", [Codec(), packed(), packed(zstd=True)], ids=["npz", "packed", "zstd"]
+)
+def test_shards_round_trip_through_tar_and_are_deterministic(tmp_path, codec):
+    spec = TargetSpec("sample", draws=30)
+    samples = make_samples(spec, n=8)
+    fmt = ShardFormat(codec, spec, 500)
+    a = write_shard(tmp_path / "a.tar", samples, fmt)
+    assert a.sha256 == write_shard(tmp_path / "b.tar", samples, fmt).sha256
+    back = list(read_shard(tmp_path / "a.tar", 500))
+    assert [s.key for s in back] == [s.key for s in samples]
+    for s, b in zip(samples, back, strict=True):
+        assert [{i: c for i, (_, c) in r.items()} for r in rows(s)] == [
+            {i: c for i, (_, c) in r.items()} for r in rows(b)
+        ]
+    assert a.target_tokens == sum(s.topk_ids.shape[0] for s in samples)
+
+
+def test_old_npz_v0_shard_set_is_readable(tmp_path):
+    """Written as the code before codecs did: four-array npz members, no codec in the manifest."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "shard-000000.tar"
+    with path.open("wb") as f:
+        w = wds.TarWriter(f, mtime=0.0)
+        for i in range(3):
+            buf = io.BytesIO()
+            mask = np.array([0, 0, 1, 1, 1], np.uint8)
+            np.savez(
+                buf,
+                input_ids=rng.integers(0, 49152, 5).astype(np.uint16),
+                loss_mask=mask,
+                topk_ids=rng.integers(0, 49152, (3, 4)).astype(np.uint16),
+                topk_logprobs=-rng.random((3, 4)).astype(np.float16),
+            )
+            w.write({"__key__": f"old-{i}", "targets.npz": buf.getvalue()})
+        w.close()
+    samples = list(read_shard(path))
+    assert [s.key for s in samples] == ["old-0", "old-1", "old-2"]
+    assert samples[0].topk_logprobs.dtype == np.float16 and samples[0].topk_counts is None
+    old_manifest = {
+        "split": "train",
+        "teacher": "t",
+        "teacher_config_sha256": "c",
+        "tokenizer_fingerprint": "f",
+        "vocab_size": 49152,
+        "target_kind": "topk",
+        "k": 4,
+        "dtypes": {"topk_ids": "uint16"},
+        "max_length": 64,
+        "job_fingerprint": "j",
+        "shards": [],
+        "teacher_seconds": 0.0,
+        "created": "",
+        "schema_version": 1,
+        "extra": {},
+    }
+    m = Manifest.from_json(json.dumps(old_manifest).encode(), "m")
+    assert m.codec == {"name": "npz", "version": 0} and m.codec_spec() == Codec()
+    assert m.targets == {"kind": "topk", "k": 4, "tail": True, "width": 4} and m.tail
+
+
+@pytest.mark.parametrize(
+    ("codec", "match"),
+    [
+        ({"name": "packed", "version": 2}, "shard codec 'packed' version 2 is not supported"),
+        ({"name": "brotli", "version": 1}, "shard codec 'brotli' version 1 is not supported"),
+        ({"name": "npz", "version": 1}, "shard codec 'npz' version 1"),
+        ({"name": "packed", "version": 1, "values": "log3"}, "values = 'log3'"),
+        ({"name": "packed", "version": 1, "colour": 1}, "malformed codec"),
+    ],
+)
+def test_unknown_codec_in_manifest_is_refused(codec, match):
+    m = Manifest("train", "t", "c", "f", 49152, "topk", 4, {}, 64, "j", [], codec=codec)
+    with pytest.raises(DistillError, match=match):
+        Manifest.from_json(m.to_json(), "m")
+
+
+def test_unknown_sample_version_and_other_vocab_are_refused(tmp_path):
+    spec = TargetSpec("topk", k=8)
+    samples = make_samples(spec, n=2)
+    data = encode_packed(samples[0].arrays(), ShardFormat(packed(), spec, 500))
+    with pytest.raises(DistillError, match="packed sample version 9 is not supported"):
+        decode_packed(data[:3] + bytes([9]) + data[4:], "s")
+    write_shard(tmp_path / "a.tar", samples, ShardFormat(packed(), spec, 500))
+    with pytest.raises(DistillError, match="packed for vocab size 500, the manifest says 49152"):
+        list(read_shard(tmp_path / "a.tar", 49152))
+
+
+@pytest.mark.parametrize("zstd", [False, True])
+def test_truncated_or_corrupt_sample_is_a_distill_error(tmp_path, zstd):
+    spec = TargetSpec("topk+sample", k=4, draws=30)
+    fmt = ShardFormat(packed(zstd=zstd), spec, 500)
+    s = make_samples(spec, n=1)[0]
+    data = encode_packed(s.arrays(), fmt)
+    bad = [data[:10], data[:-1], data[: len(data) // 2], data + b"x", b""]
+    for i in range(0, len(data), max(1, len(data) // 25)):  # single-byte flips everywhere
+        bad.append(data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :])
+    for d in bad:
+        try:
+            back, _ = decode_packed(d, "s")
+        except DistillError:
+            continue
+        # a flip the header does not see (e.g. in k) may still decode; it must then be sane
+        TargetSample("k", **back).validate("s")
+    # in a shard: a corrupt member, and a cut-off tar
+    write_shard(tmp_path / "a.tar", [s], fmt)
+    raw = bytearray((tmp_path / "a.tar").read_bytes())
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        (info,) = tf.getmembers()
+    assert info.offset_data == 512  # one 512-byte header per sample, no PAX header
+    raw[info.offset_data + 80] ^= 0xFF  # inside the member's payload
+    (tmp_path / "b.tar").write_bytes(bytes(raw))
+    with pytest.raises(DistillError, match="corrupt"):
+        list(read_shard(tmp_path / "b.tar"))
+    (tmp_path / "c.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:700])
+    with pytest.raises(DistillError, match="corrupt"):
+        list(read_shard(tmp_path / "c.tar"))
+
+
+def test_encoder_refuses_inconsistent_targets():
+    spec = TargetSpec("sample", draws=30)
+    s = make_samples(spec, n=1)[0]
+    fmt = ShardFormat(packed(), spec, 500)
+    with pytest.raises(DistillError, match="no draw counts"):
+        encode_packed({**s.arrays(), "topk_counts": None}, fmt)
+    c = s.topk_counts.copy()
+    c[0, 0] += 1
+    with pytest.raises(DistillError, match="must sum to 30"):
+        encode_packed({**s.arrays(), "topk_counts": c}, fmt)
+    with pytest.raises(DistillError, match="width"):
+        encode_packed(s.arrays(), ShardFormat(packed(), TargetSpec("sample", draws=31), 500))
+    with pytest.raises(DistillError, match="outside the vocab"):
+        encode_packed(s.arrays(), ShardFormat(packed(), spec, 10))

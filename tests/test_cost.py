@@ -1,0 +1,255 @@
+"""distill-ctl cost-estimate: the arithmetic on a tiny job, overrides, calibration, refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill import cost
+from distill.config import load_job
+from distill.cost import CostOptions, estimate_cost
+from distill.errors import DistillError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tiny teacher of conftest.py: vocab 49152, hidden 32, MLP 64, 4 layers, 4 heads, 2 KV heads.
+TINY_EMBED = 49152 * 32
+TINY_LAYER = (32 * 32 + 2 * 32 * 16 + 32 * 32) + 3 * 32 * 64 + 2 * 32  # attn + MLP + 2 norms
+TINY_NON_EMBED = 4 * TINY_LAYER + 32  # + final norm
+
+
+def make_job(tmp_path: Path, model: Path, n_train: int = 40, n_eval: int = 10, **teacher) -> Path:
+    for name, n in (("train", n_train), ("eval", n_eval)):
+        lines = (REPO / "data" / "demo" / f"{name}.jsonl").read_text().splitlines()[:n]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    t = {"batch_tokens": 512, "head_chunk": 64, "samples_per_shard": 16, **teacher}
+    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in t.items())
+    path = tmp_path / "job.toml"
+    path.write_text(
+        f'[job]\nname = "tiny"\noutput = "{tmp_path / "out"}"\n\n'
+        f'[teacher]\nmodel = "{model}"\n{body}\n\n'
+        f'[data]\ntrain = "train.jsonl"\neval = "eval.jsonl"\nmax_length = 128\n'
+        'truncation = "right"\n\n[targets]\nk = 8\n'
+    )
+    return path
+
+
+def expected_counts(job, tokenizer) -> dict[str, int]:
+    """Tokens, targets and the teacher's padded batches, counted independently."""
+    from distill.data import tokenize_file
+    from distill.teacher import token_budget_batches
+
+    c = dict(samples=0, shards=0, tokens=0, targets=0, padded=0, ctx=0)
+    for split in ("train", "eval"):
+        samples = tokenize_file(job.resolve(getattr(job.data, split)), tokenizer, 128, "right")
+        c["samples"] += len(samples)
+        c["tokens"] += sum(len(s.input_ids) for s in samples)
+        c["targets"] += sum(int(s.loss_mask[1:].sum()) for s in samples)
+        for lo in range(0, len(samples), 16):
+            c["shards"] += 1
+            lens = [len(s.input_ids) for s in samples[lo : lo + 16]]
+            for b in token_budget_batches(lens, 512):
+                c["padded"] += len(b) * max(lens[i] for i in b)
+                c["ctx"] += len(b) * max(lens[i] for i in b) ** 2
+    return c
+
+
+def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))
+    e = estimate_cost(job)
+    c = expected_counts(job, smol_tokenizer)
+
+    assert e.profile.params == TINY_EMBED + TINY_NON_EMBED  # tied head counted once
+    assert e.profile.non_embedding_params == TINY_NON_EMBED
+    d = e.data
+    assert (d.samples, d.tokens, d.target_tokens) == (50, c["tokens"], c["targets"])
+    assert (d.padded_tokens, d.shards) == (c["padded"], c["shards"]) and d.padded_tokens > d.tokens
+    flops = 2 * TINY_NON_EMBED * c["padded"] + 2 * 4 * 32 * c["ctx"] + 2 * 32 * 49152 * c["targets"]
+    assert e.flops == pytest.approx(flops, rel=1e-12)
+
+    # bfloat16 teacher: 121 TFLOP/s dense peak x the assumed MFU 0.35
+    compute_h = flops / (121e12 * 0.35) / 3600
+    setup_h = 10 / 60 + (TINY_EMBED + TINY_NON_EMBED) * 2 / 200e6 / 3600
+    assert e.compute_hours == pytest.approx(compute_h)
+    assert e.on_demand_hours == pytest.approx(compute_h + setup_h)
+    assert e.spot_hours == pytest.approx((compute_h + setup_h) * 1.15)
+    assert e.usd["vm_spot"] == pytest.approx(e.spot_hours * 0.34)
+    assert e.usd["vm_on_demand"] == pytest.approx(e.on_demand_hours * 0.85)
+    assert e.usd["disk_spot"] == pytest.approx(e.spot_hours * 100 * 0.10 / 730)
+
+    shard_bytes = (
+        c["targets"] * 8 * (2 + 2)
+        + c["tokens"] * (2 + 1)
+        + int(50 * cost.sample_overhead_bytes())
+        + c["shards"] * 6144
+    )
+    assert e.shard_bytes == shard_bytes
+    assert 1000 < cost.sample_overhead_bytes() < 4000  # npz + tar headers, measured
+    gb = shard_bytes / 2**30
+    assert e.usd["storage"] == pytest.approx(gb * 1.0 * 0.020)
+    assert e.usd["egress"] == pytest.approx(gb * 0.12)
+    total = e.usd["vm_spot"] + e.usd["disk_spot"] + e.usd["storage"] + e.usd["egress"]
+    assert e.usd["total_spot"] == pytest.approx(total)
+
+    rows = dict(e.assumptions())
+    assert "uncalibrated" in rows["MFU (model FLOPs utilisation)"]
+    assert "as of 2026-11" in rows["prices"] and "verify before relying" in rows["prices"]
+    assert "LM head only at target positions" in rows["FLOPs formula"]
+    out = json.loads(json.dumps(e.to_dict()))  # JSON-serialisable
+    assert out["hours"]["spot"] == pytest.approx(e.spot_hours) and out["calibrated"] is False
+
+    # Overrides of the stated assumptions move the numbers as stated.
+    e2 = estimate_cost(
+        job, CostOptions(mfu=0.7, preemption_overhead=0.5, setup_minutes=0, downloads=3)
+    )
+    assert e2.compute_hours == pytest.approx(compute_h / 2)
+    assert e2.spot_hours == pytest.approx(e2.on_demand_hours * 1.5)
+    assert e2.usd["egress"] == pytest.approx(3 * e.usd["egress"])
+
+
+def test_shard_bytes_estimate_matches_a_real_teacher_run(tiny_teacher_dir, tmp_path):
+    from distill.teacher import run_teacher
+
+    path = make_job(tmp_path, tiny_teacher_dir, dtype="float32")
+    job = load_job(path)
+    estimated = estimate_cost(job)
+    manifests = run_teacher(job)
+    actual = sum(m.nbytes for m in manifests.values())
+    assert abs(estimated.shard_bytes - actual) / actual < 0.10
+    assert estimated.bytes_basis.startswith("estimated")
+
+    # Now a run exists at job.output: its manifests' bytes per target token are used.
+    measured = estimate_cost(job)
+    assert measured.bytes_basis.startswith(f"{actual / measured.data.target_tokens:,.1f} bytes")
+    assert "measured" in measured.bytes_basis and "(eval, train)" in measured.bytes_basis
+    assert measured.shard_bytes == pytest.approx(actual, abs=1)
+    one = estimate_cost(job, CostOptions(reference_run=str(tmp_path / "out" / "train")))
+    assert "(train)" in one.bytes_basis  # one shard set: tiny sets are mostly tar padding
+    assert abs(one.shard_bytes - actual) / actual < 0.10
+    with pytest.raises(DistillError, match="no manifest"):
+        estimate_cost(load_job(path, ["targets.k=4"]), CostOptions(reference_run=str(tmp_path)))
+
+
+def test_price_override_file(tiny_teacher_dir, tmp_path):
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))
+    base = estimate_cost(job)
+    toml = tmp_path / "prices.toml"
+    toml.write_text('as_of = "2027-01"\nvm_spot_per_hour = 1.0\negress_per_gb = 0\n')
+    e = estimate_cost(job, CostOptions(prices=toml))
+    assert e.prices.vm_spot_per_hour == 1.0 and e.prices.vm_on_demand_per_hour == 0.85
+    assert e.usd["vm_spot"] == pytest.approx(base.spot_hours * 1.0)
+    assert e.usd["egress"] == 0 and e.usd["storage"] == pytest.approx(base.usd["storage"])
+    rows = dict(e.assumptions())
+    assert "as of 2027-01" in rows["prices"] and str(toml) in rows["prices"]
+
+    js = tmp_path / "prices.json"
+    js.write_text(json.dumps({"prices": {"vm_on_demand_per_hour": 2}}))
+    assert cost.load_prices(js).vm_on_demand_per_hour == 2.0
+    js.write_text(json.dumps({"vm_spot_per_hour": 0.3, "gpu_per_hour": 1}))
+    with pytest.raises(DistillError, match="unknown price 'gpu_per_hour'"):
+        cost.load_prices(js)
+    js.write_text(json.dumps({"vm_spot_per_hour": -1}))
+    with pytest.raises(DistillError, match="vm_spot_per_hour must be a number >= 0"):
+        cost.load_prices(js)
+    js.write_text("{not json")
+    with pytest.raises(DistillError, match="not valid JSON"):
+        cost.load_prices(js)
+
+
+def test_calibration_file(tiny_teacher_dir, tmp_path):
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))
+    base = estimate_cost(job)
+    # The same teacher measured at the throughput that means 20% MFU on an L4.
+    tps = 0.2 * 121e12 / base.flops_per_token
+    cal = tmp_path / "l4.json"
+    cal.write_text(
+        json.dumps({"tokens_per_s": tps, "model": str(tiny_teacher_dir), "gpu": "NVIDIA L4"})
+    )
+    e = estimate_cost(job, CostOptions(calibration=cal))
+    assert e.mfu == pytest.approx(0.2)
+    assert e.tokens_per_s == pytest.approx(tps)
+    assert e.compute_hours == pytest.approx(base.compute_hours * 0.35 / 0.2)
+    row = dict(e.assumptions())["MFU (model FLOPs utilisation)"]
+    assert "calibrated" in row and "uncalibrated" not in row and str(cal) in row
+
+    # bench/teacher_pass.py's summary is accepted as it is; explicit FLOPs per token win.
+    bench = {
+        "ours_tokens_per_s": 1000.0,
+        "model": "some-other-teacher",
+        "flops_per_token": 2.42e10,
+        "machine": {"cuda_device": "NVIDIA L4"},
+    }
+    cal.write_text(json.dumps(bench))
+    assert estimate_cost(job, CostOptions(calibration=cal)).mfu == pytest.approx(0.2)
+
+    for bad, match in (
+        ({**bench, "machine": {"cuda_device": "NVIDIA H100 80GB HBM3"}}, "not an NVIDIA L4"),
+        ({k: v for k, v in bench.items() if k != "machine"}, "unnamed device"),
+        ({**bench, "ours_tokens_per_s": 1e9}, "impossible"),
+        ({"gpu": "NVIDIA L4", "model": "x"}, "tokens_per_s"),
+    ):
+        cal.write_text(json.dumps(bad))
+        with pytest.raises(DistillError, match=match):
+            estimate_cost(job, CostOptions(calibration=cal))
+    with pytest.raises(DistillError, match="not both"):
+        estimate_cost(job, CostOptions(calibration=cal, mfu=0.3))
+
+
+def test_teacher_too_big_for_an_l4_is_refused(smol_tokenizer, tmp_path):
+    from transformers import LlamaConfig
+
+    big = tmp_path / "big-teacher"
+    LlamaConfig(  # a 70B-class shape: 140 GB of bf16 weights; only meta tensors are built
+        vocab_size=49152,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ).save_pretrained(big)
+    smol_tokenizer.save_pretrained(big)
+    job = load_job(make_job(tmp_path, big))
+    (tmp_path / "train.jsonl").unlink()  # refused before any tokenisation
+    with pytest.raises(DistillError) as info:
+        estimate_cost(job)
+    msg = str(info.value)
+    assert "does not fit one L4" in msg and "GiB" in msg and "weights 1" in msg  # ~128 GiB
+    assert "\n" not in msg
+
+
+def test_cli_table_json_and_one_line_errors(tiny_teacher_dir, tmp_path):
+    path = make_job(tmp_path, tiny_teacher_dir)
+    cmd = [sys.executable, "-m", "distill.cli", "cost-estimate", "--job", str(path)]
+    r = subprocess.run(
+        [*cmd, "--json", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "$ total (spot)" in r.stdout and "assumption: MFU" in r.stdout
+    assert json.loads((tmp_path / "c.json").read_text())["usd"]["total_spot"] > 0
+
+    (tmp_path / "p.json").write_text("[1, 2]")
+    for extra, needle in (
+        (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
+        (["--preemption-overhead", "-1"], "--preemption-overhead"),
+        (["--prices", "nope.toml"], "price file nope.toml not found"),
+        (["--prices", "p.json"], "p.json: expected a table"),
+    ):
+        r = subprocess.run(
+            [*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+        assert r.returncode == 2, (extra, r.stderr)
+        assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_other_target_kinds_get_an_upper_bound(tiny_teacher_dir, tmp_path):
+    pytest.importorskip("distill.targets", reason="target kinds (issue #4) not in this tree")
+    path = make_job(tmp_path, tiny_teacher_dir)
+    topk = estimate_cost(load_job(path))
+    topp = estimate_cost(load_job(path, ['targets.kind="topp"']))
+    assert topp.bytes_basis.startswith("upper bound") and "topp/npz" in topp.bytes_basis
+    assert topp.shard_bytes == topk.shard_bytes  # same width (k): the npz bound
+    assert topp.memory["head_chunk"] > topk.memory["head_chunk"]  # the chunk is sorted
