@@ -153,6 +153,67 @@ def _teacher_buckets(t_lp: Tensor, tau: float, tail: bool = True) -> tuple[Tenso
     return log_p, log_p.exp()
 
 
+def bucket_terms(
+    a_s: Tensor | None,
+    a_t: Tensor | None,
+    a_l: Tensor | None,
+    x_s: Tensor | None,
+    t_lp: Tensor,
+    names: Collection[str],
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    bild_top: int = 8,
+    tail: bool = True,
+    padded: bool = False,
+) -> dict[str, Tensor]:
+    """Per-row terms [c] from a_S = log q_S [c, k], a_T = log q_tail [c], a_L = log q_L [c]
+    and x_S = the (tempered, shifted) logits at S [c, k]. Shared by ``sparse_distill_terms``
+    (autograd over full logits) and ``distill.kd_kernel`` (the fused path).
+
+    ``a_S`` is ``-inf`` at padded entries (``padded``: some row has one). Each input may be
+    None when no named term uses it.
+    """
+    tau = float(temperature)
+    out: dict[str, Tensor] = {}
+    if "ce" in names:
+        assert a_l is not None
+        out["ce"] = -a_l
+    if _BUCKET_TERMS.intersection(names):
+        assert a_s is not None and a_t is not None
+        log_q = torch.cat([a_s, a_t[:, None]], dim=-1)
+        q = log_q.exp()
+        log_p, p = _teacher_buckets(t_lp, tau, tail)
+        if "forward_kl" in names:
+            out["forward_kl"] = _kl(p, log_p, log_q)
+        if "reverse_kl" in names:
+            floor = math.log(TAIL_EPS)
+            log_p_floor = torch.cat([log_p[:, :-1], log_p[:, -1:].clamp(min=floor)], dim=-1)
+            out["reverse_kl"] = _kl(q, log_q, log_p_floor)
+        if "jsd" in names:
+            b = float(jsd_beta)
+            # clamp -inf (padding, an empty tail) so logaddexp's gradient has no -inf - -inf
+            lo_p, lo_q = log_p.clamp(min=-1e4), log_q.clamp(min=-1e4)
+            log_m = torch.logaddexp(math.log(b) + lo_p, math.log1p(-b) + lo_q)
+            out["jsd"] = b * _kl(p, log_p, log_m) + (1.0 - b) * _kl(q, log_q, log_m)
+        if "tvd" in names:
+            out["tvd"] = 0.5 * (p - q).abs().sum(-1)
+    if "bild" in names:
+        assert x_s is not None
+        if padded:
+            raise DistillError("BiLD needs fixed-width top-k targets (these rows are padded)")
+        k = x_s.shape[1]
+        if not 1 <= bild_top <= k:
+            raise DistillError(f"bild_top={bild_top} must be in [1, {k}] (the stored top-k)")
+        top_lp, pos = t_lp.topk(bild_top, dim=-1)  # descending teacher order
+        i, j = torch.triu_indices(bild_top, bild_top, offset=1, device=t_lp.device)
+        d_t = (top_lp[:, i] - top_lp[:, j]) / tau
+        z_s = x_s.gather(1, pos)
+        d_s = z_s[:, i] - z_s[:, j]
+        log_pt, log_ps = d_t.log_softmax(-1), d_s.log_softmax(-1)
+        out["bild"] = _kl(log_pt.exp(), log_pt, log_ps)
+    return out
+
+
 def sparse_distill_terms(
     logits: Tensor,
     t_ids: Tensor,
@@ -181,53 +242,21 @@ def sparse_distill_terms(
     padded = not bool(present.all())
     if padded:  # padding repeats the row's first id: exclude it like S from q_tail
         t_ids = torch.where(present, t_ids, t_ids[:, :1])
-    out: dict[str, Tensor] = {}
+    a_s = a_t = a_l = x_s = None
     lse = None
     if "ce" in names:
         lse = torch.logsumexp(logits, dim=-1)
-        out["ce"] = lse - logits.gather(1, labels[:, None]).squeeze(1)
+        a_l = logits.gather(1, labels[:, None]).squeeze(1) - lse
+    if _BUCKET_TERMS.intersection(names) or "bild" in names:
+        x_s = z.gather(1, t_ids)
     if _BUCKET_TERMS.intersection(names):
         lse_z = lse if (tau == 1.0 and lse is not None) else torch.logsumexp(z, dim=-1)
-        z_s = z.gather(1, t_ids)
-        if padded:
-            z_s = z_s.masked_fill(~present, float("-inf"))
-        log_q = (
-            torch.cat(
-                [z_s, torch.logsumexp(z.scatter(1, t_ids, float("-inf")), dim=-1)[:, None]],
-                dim=-1,
-            )
-            - lse_z[:, None]
-        )
-        q = log_q.exp()
-        log_p, p = _teacher_buckets(t_lp, tau, tail)
-        if "forward_kl" in names:
-            out["forward_kl"] = _kl(p, log_p, log_q)
-        if "reverse_kl" in names:
-            floor = math.log(TAIL_EPS)
-            log_p_floor = torch.cat([log_p[:, :-1], log_p[:, -1:].clamp(min=floor)], dim=-1)
-            out["reverse_kl"] = _kl(q, log_q, log_p_floor)
-        if "jsd" in names:
-            b = float(jsd_beta)
-            # clamp -inf (padding, an empty tail) so logaddexp's gradient has no -inf - -inf
-            lo_p, lo_q = log_p.clamp(min=-1e4), log_q.clamp(min=-1e4)
-            log_m = torch.logaddexp(math.log(b) + lo_p, math.log1p(-b) + lo_q)
-            out["jsd"] = b * _kl(p, log_p, log_m) + (1.0 - b) * _kl(q, log_q, log_m)
-        if "tvd" in names:
-            out["tvd"] = 0.5 * (p - q).abs().sum(-1)
-    if "bild" in names:
-        if padded:
-            raise DistillError("BiLD needs fixed-width top-k targets (these rows are padded)")
-        k = t_ids.shape[1]
-        if not 1 <= bild_top <= k:
-            raise DistillError(f"bild_top={bild_top} must be in [1, {k}] (the stored top-k)")
-        top_lp, pos = t_lp.topk(bild_top, dim=-1)  # descending teacher order
-        i, j = torch.triu_indices(bild_top, bild_top, offset=1, device=logits.device)
-        d_t = (top_lp[:, i] - top_lp[:, j]) / tau
-        z_s = z.gather(1, t_ids.gather(1, pos))
-        d_s = z_s[:, i] - z_s[:, j]
-        log_pt, log_ps = d_t.log_softmax(-1), d_s.log_softmax(-1)
-        out["bild"] = _kl(log_pt.exp(), log_pt, log_ps)
-    return out
+        s = x_s.masked_fill(~present, float("-inf")) if padded else x_s
+        a_s = s - lse_z[:, None]
+        a_t = torch.logsumexp(z.scatter(1, t_ids, float("-inf")), dim=-1) - lse_z
+    return bucket_terms(
+        a_s, a_t, a_l, x_s, t_lp, names, tau, jsd_beta, bild_top, tail=tail, padded=padded
+    )
 
 
 def sparse_kd_terms(
