@@ -349,3 +349,47 @@ def test_torchrun_ddp_training(tiny_teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+
+
+def test_cli_plan_then_train_auto(tiny_teacher_dir, tmp_path):
+    path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"), n_train=32)
+    run_teacher(load_job(path))
+    cli = [sys.executable, "-m", "distill.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [*cli, "plan", "--job", str(path), "--gpu-mem", "4GiB"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "estimated peak" in r.stdout and "train.batch_size=" in r.stdout
+    r = subprocess.run(
+        [*cli, "plan", "--job", str(path), "--gpu-mem", "1MiB"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 2 and "cannot fit" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [
+            *cli,
+            "train",
+            "--job",
+            str(path),
+            "--auto",
+            "--gpu-mem",
+            "2GiB",
+            "--set",
+            "train.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--auto: micro-batch" in r.stderr
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] >= 4
