@@ -53,7 +53,12 @@ def open_targets(job: Job, split: str) -> tuple[Store, Manifest]:
 
 def make_loader(job: Job, split: str, shuffle: bool, rank: int = 0, world: int = 1) -> ShardLoader:
     store, manifest = open_targets(job, split)
-    cache_dir = Path(job.train.cache_dir).expanduser() / (f"rank{rank}" if world > 1 else "")
+    # One ShardCache owns a directory (it tracks its size in memory and clears stale temp files
+    # when it starts), so each split and each rank gets its own: the held-out loader runs
+    # while the training loader's prefetch threads are still downloading.
+    cache_dir = Path(job.train.cache_dir).expanduser() / split
+    if world > 1:
+        cache_dir = cache_dir / f"rank{rank}"
     cache = ShardCache(store, cache_dir, job.train.cache_max_bytes, prefetch=2)
     return ShardLoader(
         manifest,
