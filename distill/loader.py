@@ -120,13 +120,13 @@ class ShardLoader:
         refs = shard_refs(self.manifest)
         if not self.shuffle:
             for path in self.cache.iter_local(refs):
-                yield from read_shard(path)
+                yield from read_shard(path, self.manifest.vocab_size)
             return
         rng = np.random.default_rng([self.seed, epoch])
         refs = [refs[i] for i in rng.permutation(len(refs))]
         buf: list[TargetSample] = []
         for path in self.cache.iter_local(refs):
-            for s in read_shard(path):
+            for s in read_shard(path, self.manifest.vocab_size):
                 buf.append(s)
                 if len(buf) >= self.shuffle_buffer:
                     yield buf.pop(int(rng.integers(len(buf))))

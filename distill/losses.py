@@ -259,14 +259,6 @@ def sparse_distill_terms(
     )
 
 
-def sparse_kd_terms(
-    logits: Tensor, t_ids: Tensor, t_logprobs: Tensor, labels: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Per-row forward KL (sparse + tail) and cross-entropy from full student logits [n, V]."""
-    t = sparse_distill_terms(logits, t_ids, t_logprobs, labels, ("forward_kl", "ce"))
-    return t["forward_kl"], t["ce"]
-
-
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     """Loss and its gradients w.r.t. hidden rows and the LM-head weight, chunk by chunk.
 

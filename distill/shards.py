@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
@@ -96,6 +97,18 @@ class ShardStats:
     last_key: str
 
 
+class _HashingWriter:
+    """A write-only file wrapper that keeps a running sha256 and byte count."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha256, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha256.update(b)
+        self.nbytes += len(b)
+        return self.f.write(b)
+
+
 def write_shard(
     path: Path, samples: Iterable[TargetSample], fmt: ShardFormat | None = None
 ) -> ShardStats:
@@ -107,19 +120,19 @@ def write_shard(
         raise ValueError("a shard needs at least one sample")
     member = fmt.codec.member if fmt is not None else MEMBER
     with path.open("wb") as f:
-        writer = wds.TarWriter(f, mtime=0)  # an int: no 1 KiB PAX header per member
+        out = _HashingWriter(f)  # checksum the bytes as they are written: no second read
+        writer = wds.TarWriter(out, mtime=0)  # an int: no 1 KiB PAX header per member
         for s in samples:
             data = codecs.encode(s.arrays(), fmt, f"{path}: sample {s.key}")
             writer.write({"__key__": s.key, member: data})
         writer.close()
-    data = path.read_bytes()
     return ShardStats(
         name=path.name,
         samples=len(samples),
         tokens=sum(len(s.input_ids) for s in samples),
         target_tokens=sum(s.topk_ids.shape[0] for s in samples),
-        nbytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        nbytes=out.nbytes,
+        sha256=out.sha256.hexdigest(),
         first_key=samples[0].key,
         last_key=samples[-1].key,
     )

@@ -40,6 +40,7 @@ from rich.progress import (
 )
 
 from distill import models
+from distill.cache import sha256_file
 from distill.config import Job
 from distill.data import Sample, TokenizeStats, tokenize_file
 from distill.errors import DistillError
@@ -60,18 +61,6 @@ console = Console(stderr=True)
 
 
 @torch.no_grad()
-def sparse_topk(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids and full-vocab-normalised log-probs of ``hidden @ weight.T``, chunk by chunk.
-
-    Peak extra memory is O(chunk x vocab) instead of O(rows x vocab). (The ``topk`` case of
-    :func:`distill.targets.extract`, which handles every target kind.)
-    """
-    t = extract(hidden, weight, TargetSpec(kind="topk", k=k), chunk)
-    return t.ids, t.values
-
-
 def token_budget_batches(
     lengths: Sequence[int], batch_tokens: int, min_fill: float = 0.9
 ) -> list[list[int]]:
@@ -163,21 +152,13 @@ def compute_targets(
     return out  # type: ignore[return-value]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_fp: str) -> str:
     """Everything that decides a shard set's bytes; a rerun must match it to resume."""
     keys = {
         "split": split,
-        "dataset_sha256": _sha256_file(dataset),
+        "dataset_sha256": sha256_file(dataset),
         "teacher": job.teacher.model,
-        "teacher_config_sha256": _sha256_file(teacher_dir / "config.json"),
+        "teacher_config_sha256": sha256_file(teacher_dir / "config.json"),
         "tokenizer": tok_fp,
         "dtype": job.teacher.dtype,
         "targets": job.targets.fingerprint(),
@@ -197,7 +178,7 @@ def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) 
     check = tmpdir / f"check-{name}"
     stats = write_shard(check, samples, fmt)  # the same samples always encode to the same bytes
     check.unlink()
-    if stats.sha256 != _sha256_file(local):
+    if stats.sha256 != sha256_file(local):
         raise DistillError(f"{store.join(name)}: shard bytes differ from their re-encoding")
     local.unlink()
     return dataclasses.replace(stats, name=name)
@@ -313,7 +294,7 @@ def run_split(
     manifest = Manifest(
         split=split,
         teacher=job.teacher.model,
-        teacher_config_sha256=_sha256_file(teacher_dir / "config.json"),
+        teacher_config_sha256=sha256_file(teacher_dir / "config.json"),
         tokenizer_fingerprint=tok_fp,
         vocab_size=int(weight.shape[0]),
         target_kind=spec.kind,

@@ -13,7 +13,7 @@ from distill.losses import (
     chunked_kd_loss,
     eval_metrics,
 )
-from distill.teacher import sparse_topk
+from distill.targets import TargetSpec, extract
 
 
 def dense_reference(h, w, t_logits, k, labels, kd_weight):
@@ -102,7 +102,8 @@ def test_eval_metrics_sums_and_agreement():
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_sparse_topk_equals_dense_topk_of_log_softmax(chunk):
     h, w, _, _ = make()
-    ids, lps = sparse_topk(h.detach(), w.detach(), 5, chunk)
+    t = extract(h.detach(), w.detach(), TargetSpec(kind="topk", k=5), chunk)
+    ids, lps = t.ids, t.values
     dense = (h @ w.T).detach().log_softmax(-1).topk(5, dim=-1)
     assert torch.equal(ids, dense.indices)
     torch.testing.assert_close(lps, dense.values.float())
