@@ -260,9 +260,139 @@ def vm_render(
         out.print_json(compute_v1.InsertInstanceRequest.to_json(req))
 
 
+BackendOpt = Annotated[
+    str, typer.Option(help="gce (Compute Engine) or local (the VM is a process on this machine).")
+]
+ProjectOpt = Annotated[
+    str | None, typer.Option(help="Google Cloud project (default: cloud.project, gcloud's).")
+]
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compute-endpoint",
+        envvar="DISTILL_COMPUTE_ENDPOINT",
+        help="Compute API base URL, e.g. a local stub (anonymous credentials).",
+        hidden=True,
+    ),
+]
+StateOpt = Annotated[Path, typer.Option(help="Local VMs' state and copies of the run records.")]
+
+
+@app.command("teacher-cloud")
+def teacher_cloud(
+    job: JobOpt,
+    set_: SetOpt = None,
+    output: OutputOpt = None,
+    backend: BackendOpt = "gce",
+    project: ProjectOpt = None,
+    image: Annotated[
+        str | None, typer.Option(help="Teacher image (default: cloud.image, then the registry's).")
+    ] = None,
+    service_account: Annotated[
+        str | None, typer.Option(help="The VM's service account (default: distill-teacher@...).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking.")] = False,
+    mfu: Annotated[float | None, typer.Option(help="L4 MFU for the estimate.")] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="L4 benchmark JSON for the estimate.")
+    ] = None,
+    prices: Annotated[Path | None, typer.Option(help="Price overrides (TOML/JSON).")] = None,
+    state_dir: StateOpt = Path("runs/cloud"),
+    endpoint: EndpointOpt = None,
+    poll_seconds: Annotated[
+        float | None, typer.Option(help="Seconds between polls (default: cloud.poll_seconds).")
+    ] = None,
+) -> None:
+    """Run the teacher on an L4 spot VM: estimate, confirm, provision, watch, tear down."""
+    from distill.cloud.controller import CloudOptions
+    from distill.cloud.controller import teacher_cloud as run_cloud
+    from distill.cost import CostOptions
+
+    opts = CloudOptions(
+        backend=backend,
+        endpoint=endpoint,
+        project=project,
+        image=image,
+        service_account=service_account,
+        yes=yes,
+        state_dir=state_dir,
+        cost=CostOptions(mfu=mfu, calibration=calibration, prices=prices),
+        poll_seconds=poll_seconds,
+    )
+    opts.cost.validate()
+    run_cloud(_load(job, set_, output), opts, err, lambda q: typer.confirm(q, err=True))
+
+
+@app.command()
+def gc(
+    backend: BackendOpt = "gce",
+    project: ProjectOpt = None,
+    job: Annotated[Path | None, typer.Option("--job", "-j", help="Only this job's VMs.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+    state_dir: StateOpt = Path("runs/cloud"),
+    endpoint: EndpointOpt = None,
+) -> None:
+    """List teacher VMs left behind (label managed-by=distill) and delete them."""
+    from rich.table import Table
+
+    from distill.cloud.controller import CloudOptions, make_backend, resolve_project
+    from distill.cloud.spec import label_value
+    from distill.config import Job
+
+    j = _load(job, None) if job else Job()
+    opts = CloudOptions(backend=backend, endpoint=endpoint, project=project, state_dir=state_dir)
+    b = make_backend(opts, resolve_project(j, opts))
+    labels = {"managed-by": "distill"}
+    if job:
+        labels["distill-job"] = label_value(j.job.name)
+    found = b.list(labels)
+    if not found:
+        out.print("no distill VMs left")
+        return
+    t = Table(title=f"distill VMs ({b.name})")
+    for col in ("name", "zone", "status", "job", "created"):
+        t.add_column(col)
+    for s in found:
+        t.add_row(s.name, s.zone, s.status, s.labels.get("distill-job", ""), s.created)
+    out.print(t)
+    if not yes and not (sys.stdin.isatty() and typer.confirm(f"Delete {len(found)} VM(s)?")):
+        err.print("nothing deleted (pass --yes to delete)")
+        return
+    for s in found:
+        err.print(f"deleting {s.name} in {s.zone}")
+        b.delete(s.name, s.zone)
+    left = [s for s in found if b.get(s.name, s.zone) is not None]
+    if left:
+        raise DistillError(f"still there after deletion: {', '.join(s.name for s in left)}")
+    out.print(f"deleted {len(found)} VM(s)")
+
+
+@app.command("cost-report")
+def cost_report(
+    job: JobOpt,
+    set_: SetOpt = None,
+    output: OutputOpt = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the rows to this file.")
+    ] = None,
+) -> None:
+    """Each teacher-cloud run of the job: VM time and cost, beside the estimate."""
+    from distill.cloud.report import cost_report as report
+
+    rows = report(_load(job, set_, output), out)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def main() -> None:
+    from distill.cloud.preemption import EXIT_PREEMPTED, Preempted
+
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt
+    except Preempted as e:
+        err.print(f"[yellow]preempted:[/yellow] {e}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_PREEMPTED)
     except DistillError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -278,6 +408,10 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+    if rc == 130:
+        err.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,44 @@ class TrainSection:
 
 
 @dataclass
+class CloudSection:
+    """Where and how ``distill-ctl teacher-cloud`` runs the teacher (see docs/CLOUD.md)."""
+
+    project: str = ""  # "" = GOOGLE_CLOUD_PROJECT, CLOUDSDK_CORE_PROJECT or gcloud's config
+    zones: list[str] = field(
+        default_factory=lambda: ["us-central1-a", "us-central1-b", "us-central1-c"]
+    )  # one region, in failover order
+    image: str = ""  # "" = REGION-docker.pkg.dev/PROJECT/distill/teacher:VERSION
+    service_account: str = ""  # "" = distill-teacher@PROJECT.iam.gserviceaccount.com
+    spot: bool = True  # false: on-demand (STANDARD provisioning, no preemptions)
+    max_run_hours: float = 0.0  # dead-man switch per VM; 0 = 2 x the estimate + 1 h
+    max_preemptions: int = 10  # relaunches before giving up
+    provision_timeout_minutes: float = 30.0  # keep trying stocked-out zones this long
+    poll_seconds: float = 20.0
+    budget_usd: float = 0.0  # refuse to start when the estimate is above it (0 = no limit)
+
+    def check(self, src: str) -> None:
+        from distill.cloud.spec import region_of
+
+        if not self.zones or not all(isinstance(z, str) for z in self.zones):
+            raise DistillError(f"{src}: cloud.zones must be a non-empty list of zone names")
+        regions = {region_of(z) for z in self.zones}
+        if len(regions) != 1:
+            raise DistillError(
+                f"{src}: cloud.zones span regions {', '.join(sorted(regions))}: give zones of "
+                "one region (the bucket, the subnet and the registry are regional)"
+            )
+        for name in ("max_run_hours", "poll_seconds", "provision_timeout_minutes", "budget_usd"):
+            v = getattr(self, name)
+            if v < 0 or (name == "poll_seconds" and v == 0):
+                raise DistillError(f"{src}: cloud.{name} must be >= 0, got {v!r}")
+        if self.max_run_hours and not 30 / 3600 <= self.max_run_hours <= 120 * 24:
+            raise DistillError(f"{src}: cloud.max_run_hours must be in [30 s, 120 days]")
+        if self.max_preemptions < 0:
+            raise DistillError(f"{src}: cloud.max_preemptions must be >= 0")
+
+
+@dataclass
 class Job:
     job: JobSection = field(default_factory=JobSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
@@ -142,6 +180,7 @@ class Job:
     student: StudentSection = field(default_factory=StudentSection)
     train: TrainSection = field(default_factory=TrainSection)
     loss: LossWeights = field(default_factory=LossWeights)  # validated on construction
+    cloud: CloudSection = field(default_factory=CloudSection)
     path: Path | None = None  # the file it came from; relative paths resolve against its dir
 
     def resolve(self, p: str) -> Path:
@@ -251,6 +290,7 @@ def job_from_dict(raw: dict[str, Any], src: str = "<job>", path: Path | None = N
             raise DistillError(str(e).replace("LossWeights.", f"{src}: loss.")) from None
     job = Job(**built, path=path)
     job.targets.check(src, job.loss)
+    job.cloud.check(src)
     if job.loss.bild > 0 and job.loss.bild_top > job.targets.k:
         raise DistillError(
             f"{src}: loss.bild_top = {job.loss.bild_top} > targets.k = {job.targets.k}"

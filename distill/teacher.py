@@ -41,6 +41,7 @@ from rich.progress import (
 
 from distill import models
 from distill.cache import sha256_file
+from distill.cloud.preemption import StopWatch
 from distill.config import Job
 from distill.data import Sample, TokenizeStats, tokenize_file
 from distill.errors import DistillError
@@ -193,8 +194,13 @@ def run_split(
     fingerprint: str,
     tok_fp: str,
     teacher_dir: Path,
+    stop: StopWatch | None = None,
 ) -> Manifest:
-    """Produce (or resume) one split's shard set; returns its manifest."""
+    """Produce (or resume) one split's shard set; returns its manifest.
+
+    ``stop`` (preemption, SIGTERM) is checked after every forward batch: the shard in flight
+    is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
+    """
     if store.exists(MANIFEST):
         m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
         if m.job_fingerprint != fingerprint:
@@ -270,6 +276,8 @@ def run_split(
             seen += ntok
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=ntok, rate=f"{rate:,.0f}")
+            if stop is not None:
+                stop.check(f"teacher {split}")  # the pool's exit lets pending uploads finish
 
         for idx, chunk in enumerate(chunks):
             if stats[idx] is not None:
@@ -340,6 +348,11 @@ def splits(job: Job) -> dict[str, Path]:
 
 def run_teacher(job: Job) -> dict[str, Manifest]:
     """The whole teacher pass for every split of a job."""
+    with StopWatch() as stop:  # SIGTERM, or GCE preemption where DISTILL_WATCH_PREEMPTION=1
+        return _run_teacher(job, stop)
+
+
+def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
     teacher_dir = models.resolve_model(job.teacher.model)
     tokenizer = models.load_tokenizer(teacher_dir)
     tok_fp = models.tokenizer_fingerprint(tokenizer)
@@ -360,7 +373,8 @@ def run_teacher(job: Job) -> dict[str, Manifest]:
     device = models.pick_device(job.teacher.device)
     model = models.load_model(teacher_dir, job.teacher.dtype, device).eval()
     job.targets.spec().check(models.vocab_size(model))
+    stop.check("teacher")
     return {
-        split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir)
+        split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir, stop)
         for split, (samples, store, fp) in prepared.items()
     }

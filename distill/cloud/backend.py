@@ -1,0 +1,454 @@
+"""Where teacher VMs come from: Compute Engine (or its stub), or local processes.
+
+Both backends give the controller the same small surface: check a zone, create a VM from a
+:class:`~distill.cloud.spec.VmSpec`, read its state, delete it, list VMs by label, tell a
+preemption from other ends, and read its console. Errors a user can act on become
+:class:`CloudError` subclasses with the fix in the message; a stockout is :class:`Stockout`
+(the controller tries the next zone).
+
+- :class:`GceBackend`: google-cloud-compute's REST clients; ``endpoint`` points them at the
+  stub (:mod:`distill.cloud.fake_compute`) with anonymous credentials, as tests do.
+- :class:`LocalBackend`: the "VM" is ``python -m distill.cloud.vm_agent --local DIR``, a
+  process group on this machine running the same teacher entrypoint against the same bucket
+  (GCS, or fake-gcs-server through ``STORAGE_EMULATOR_HOST``). Its state lives under
+  ``state_dir`` so that ``distill-ctl gc`` finds leftovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from distill.cloud.spec import ACCELERATOR_TYPE, VmSpec
+from distill.errors import DistillError
+
+LIVE = ("PROVISIONING", "STAGING", "RUNNING", "STOPPING", "SUSPENDING", "REPAIRING")
+STOCKOUT_CODES = ("ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS")
+
+
+class CloudError(DistillError):
+    """A cloud call failed in a way the user can fix (the message says how)."""
+
+
+class Stockout(CloudError):
+    """The zone has no capacity for the VM right now: try another zone or later."""
+
+
+class QuotaExceeded(CloudError):
+    """A quota (e.g. GPUS_ALL_REGIONS) is too small for one more L4 VM."""
+
+
+class NoAccelerator(CloudError):
+    """The zone does not offer the accelerator."""
+
+
+class AlreadyExists(CloudError):
+    """An instance with this name already exists in the zone."""
+
+
+@dataclass
+class VmState:
+    name: str
+    zone: str
+    status: str  # PROVISIONING | STAGING | RUNNING | STOPPING | TERMINATED
+    id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    guest: dict[str, str] = field(default_factory=dict)  # guest attributes "distill/status" ...
+    created: str = ""
+    last_start: str = ""
+    last_stop: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE
+
+
+class Backend(Protocol):
+    name: str
+
+    def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None: ...
+    def create(self, spec: VmSpec, zone: str) -> None: ...
+    def get(self, name: str, zone: str) -> VmState | None: ...
+    def delete(self, name: str, zone: str) -> None: ...
+    def list(self, labels: dict[str, str]) -> list[VmState]: ...
+    def was_preempted(self, name: str, zone: str, vm_id: str) -> bool: ...
+    def console(self, name: str, zone: str) -> str: ...
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def quota_message(project: str, text: str) -> str:
+    pattern = r"Quota '([A-Z0-9_]+)' exceeded\.\s+Limit: ([\d.]+)(?: in region ([\w-]+))?"
+    m = re.search(pattern, text)
+    metric, limit, region = (m.group(1), m.group(2), m.group(3)) if m else ("?", "?", None)
+    where = f"in region {region}" if region else "globally"
+    return (
+        f"GPU quota: {metric} is {limit} {where}, so no L4 VM can start ({text.strip()}). "
+        f"Request an increase at https://console.cloud.google.com/iam-admin/quotas?project="
+        f"{project} (metric {metric}; a Spot L4 also needs PREEMPTIBLE_NVIDIA_L4_GPUS or "
+        "NVIDIA_L4_GPUS in the region), then rerun; nothing was spent"
+    )
+
+
+def classify(project: str, code: str, message: str, http_status: int = 0) -> CloudError:
+    """A Compute API error (an operation's or an HTTP call's) as the CloudError to raise."""
+    text = f"{code}: {message}" if code else message
+    if code in STOCKOUT_CODES or "does not have enough resources available" in message:
+        return Stockout(text)
+    if code == "QUOTA_EXCEEDED" or re.search(r"Quota '[A-Z0-9_]+' exceeded", message):
+        return QuotaExceeded(quota_message(project, message))
+    if "acceleratorType" in message and "does not exist" in message:
+        return NoAccelerator(message)
+    if "already exists" in message:
+        return AlreadyExists(message)
+    if "has not been used in project" in message or "is disabled" in message:
+        return CloudError(
+            f"the Compute Engine API is not enabled in project {project}: run `gcloud services "
+            f"enable compute.googleapis.com --project {project}` ({message})"
+        )
+    if http_status == 403 or "permission" in message.lower():
+        return CloudError(
+            f"permission denied in project {project}: your account needs "
+            "roles/compute.instanceAdmin.v1 on the project and roles/iam.serviceAccountUser on "
+            f"the teacher's service account ({message})"
+        )
+    if http_status == 404 and f"projects/{project}'" in message:
+        return CloudError(
+            f"project {project} not found or not visible to your account: check cloud.project "
+            f"(or --project) and `gcloud projects describe {project}` ({message})"
+        )
+    return CloudError(f"Compute Engine error in project {project}: {text}")
+
+
+# --- Compute Engine ----------------------------------------------------------------------------
+
+
+class GceBackend:
+    """Compute Engine through google-cloud-compute (REST)."""
+
+    name = "gce"
+
+    def __init__(self, project: str, endpoint: str | None = None) -> None:
+        from google.cloud import compute_v1
+
+        self.project = project
+        if endpoint:  # the stub: no credentials
+            from google.auth.credentials import AnonymousCredentials
+
+            creds: Any = AnonymousCredentials()
+            opts: dict[str, str] | None = {"api_endpoint": endpoint}
+        else:
+            import google.auth
+            import google.auth.exceptions
+
+            try:
+                creds, _ = google.auth.default(
+                    scopes=["https://www.googleapis.com/auth/cloud-platform"]
+                )
+            except google.auth.exceptions.DefaultCredentialsError as e:
+                raise CloudError(
+                    "no Google Cloud credentials: run `gcloud auth application-default login` "
+                    "(or set GOOGLE_APPLICATION_CREDENTIALS to a key file); nothing was spent"
+                ) from e
+            opts = None
+        kw = {"credentials": creds, "client_options": opts}
+        self.instances = compute_v1.InstancesClient(**kw)
+        self.operations = compute_v1.ZoneOperationsClient(**kw)
+        self.accelerators = compute_v1.AcceleratorTypesClient(**kw)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Any:
+        from google.api_core import exceptions as gex
+        from google.auth import exceptions as auth_ex
+
+        try:
+            yield
+        except gex.GoogleAPICallError as e:
+            raise classify(self.project, "", e.message or str(e), e.code or 0) from e
+        except auth_ex.RefreshError as e:
+            raise CloudError(
+                "Google Cloud credentials expired or invalid: run `gcloud auth "
+                "application-default login`"
+            ) from e
+
+    def _wait(self, name: str, zone: str, timeout: float = 900.0) -> None:
+        """Wait for a zone operation; raise its error classified."""
+        from google.cloud import compute_v1
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._errors():
+                op = self.operations.wait(project=self.project, zone=zone, operation=name)
+            if op.status == compute_v1.Operation.Status.DONE:
+                break
+            if time.monotonic() > deadline:
+                raise CloudError(f"operation {name} in {zone} not done after {timeout:.0f} s")
+        if op.error and op.error.errors:
+            e = op.error.errors[0]
+            raise classify(self.project, e.code, e.message, op.http_error_status_code)
+
+    def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None:
+        from google.api_core import exceptions as gex
+
+        try:
+            self.accelerators.get(project=self.project, zone=zone, accelerator_type=accelerator)
+            return
+        except gex.NotFound as e:
+            if f"acceleratorTypes/{accelerator}' was not found" not in (e.message or ""):
+                # the project or the zone is missing, not the accelerator
+                raise classify(self.project, "", e.message or str(e), 404) from None
+        except gex.GoogleAPICallError as e:
+            raise classify(self.project, "", e.message or str(e), e.code or 0) from None
+        raise NoAccelerator(
+            f"zone {zone} does not offer {accelerator} (see `gcloud compute accelerator-types "
+            f"list --filter=name={accelerator}`): remove it from cloud.zones; nothing was spent"
+        )
+
+    def create(self, spec: VmSpec, zone: str) -> None:
+        with self._errors():
+            op = self.instances.insert(spec.insert_request(zone))
+        self._wait(op.name, zone)
+
+    def _state(self, inst: Any, zone: str) -> VmState:
+        return VmState(
+            name=inst.name,
+            zone=zone,
+            status=inst.status,
+            id=str(inst.id),
+            labels=dict(inst.labels),
+            created=inst.creation_timestamp,
+            last_start=inst.last_start_timestamp,
+            last_stop=inst.last_stop_timestamp,
+        )
+
+    def get(self, name: str, zone: str) -> VmState | None:
+        from google.api_core import exceptions as gex
+
+        try:
+            with self._errors():
+                inst = self.instances.get(project=self.project, zone=zone, instance=name)
+        except CloudError as e:
+            if isinstance(e.__cause__, gex.NotFound) or "was not found" in str(e):
+                return None
+            raise
+        state = self._state(inst, zone)
+        from google.cloud import compute_v1
+
+        req = compute_v1.GetGuestAttributesInstanceRequest(
+            project=self.project, zone=zone, instance=name, query_path="distill/"
+        )
+        try:
+            ga = self.instances.get_guest_attributes(request=req)
+            state.guest = {f"{i.namespace}/{i.key}": i.value for i in ga.query_value.items}
+        except gex.GoogleAPICallError:
+            pass  # none reported yet
+        return state
+
+    def delete(self, name: str, zone: str) -> None:
+        try:
+            with self._errors():
+                op = self.instances.delete(project=self.project, zone=zone, instance=name)
+            self._wait(op.name, zone)
+        except CloudError as e:
+            if "was not found" not in str(e):
+                raise
+
+    def list(self, labels: dict[str, str]) -> list[VmState]:
+        from google.cloud import compute_v1
+
+        out = []
+        with self._errors():
+            pages = self.instances.aggregated_list(
+                request=compute_v1.AggregatedListInstancesRequest(project=self.project)
+            )
+            for scope, scoped in pages:
+                zone = scope.rsplit("/", 1)[-1]
+                for inst in scoped.instances:
+                    if all(inst.labels.get(k) == v for k, v in labels.items()):
+                        out.append(self._state(inst, zone))
+        return out
+
+    def was_preempted(self, name: str, zone: str, vm_id: str) -> bool:
+        """Whether GCE preempted the instance ``vm_id`` (its ``compute.instances.preempted``
+        operation; names repeat across relaunches, ids do not)."""
+        from google.cloud import compute_v1
+
+        req = compute_v1.ListZoneOperationsRequest(
+            project=self.project,
+            zone=zone,
+            filter='operationType = "compute.instances.preempted"',
+        )
+        with self._errors():
+            return any(
+                op.target_link.rsplit("/", 1)[-1] == name and str(op.target_id) == vm_id
+                for op in self.operations.list(req)
+            )
+
+    def console(self, name: str, zone: str) -> str:
+        from google.api_core import exceptions as gex
+
+        try:
+            out = self.instances.get_serial_port_output(
+                project=self.project, zone=zone, instance=name
+            )
+        except gex.GoogleAPICallError:
+            return ""
+        return out.contents
+
+
+# --- local processes -------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
+class LocalBackend:
+    """VMs as local process groups (see the module docstring)."""
+
+    name = "local"
+
+    def __init__(self, state_dir: Path, preempt_grace_s: float = 30.0) -> None:
+        self.state_dir = Path(state_dir).expanduser()
+        self.preempt_grace_s = preempt_grace_s
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def _dir(self, name: str) -> Path:
+        return self.state_dir / name
+
+    def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None:
+        return None  # every "zone" is this machine
+
+    def create(self, spec: VmSpec, zone: str) -> None:
+        d = self._dir(spec.name)
+        if (d / "vm.json").exists():
+            raise AlreadyExists(f"local VM {spec.name} already exists ({d})")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metadata.json").write_text(json.dumps(spec.metadata()))
+        log = (d / "serial.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distill.cloud.vm_agent", "--local", str(d)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        self._procs[spec.name] = proc
+        info = {
+            "name": spec.name,
+            "zone": zone,
+            "pid": proc.pid,
+            "id": str(proc.pid),
+            "labels": spec.labels(),
+            "created": _now(),
+        }
+        (d / "vm.json").write_text(json.dumps(info))
+
+    def _info(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self._dir(name) / "vm.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _running(self, info: dict[str, Any]) -> bool:
+        proc = self._procs.get(info["name"])
+        if proc is not None:
+            return proc.poll() is None
+        return _alive(int(info["pid"]))
+
+    def get(self, name: str, zone: str) -> VmState | None:
+        info = self._info(name)
+        if info is None:
+            return None
+        running = self._running(info)
+        ga = self._dir(name) / "guest-attributes.json"
+        guest = json.loads(ga.read_text()) if ga.exists() else {}
+        return VmState(
+            name=name,
+            zone=info["zone"],
+            status="RUNNING" if running else "TERMINATED",
+            id=info["id"],
+            labels=info["labels"],
+            guest=guest,
+            created=info["created"],
+            last_start=info["created"],
+        )
+
+    def _signal(self, info: dict[str, Any], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(info["pid"]), sig)
+
+    def _stop(self, info: dict[str, Any], grace: float) -> None:
+        if self._running(info):
+            self._signal(info, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and self._running(info):
+                time.sleep(0.05)
+        self._signal(info, signal.SIGKILL)
+        proc = self._procs.pop(info["name"], None)
+        if proc is not None:
+            proc.wait()
+
+    def delete(self, name: str, zone: str) -> None:
+        info = self._info(name)
+        if info is None:
+            return
+        self._stop(info, grace=5.0)
+        shutil.rmtree(self._dir(name), ignore_errors=True)
+
+    def preempt(self, name: str) -> None:
+        """Simulate a Spot preemption: SIGTERM, the grace period, SIGKILL, deletion."""
+        info = self._info(name)
+        if info is None:
+            raise KeyError(name)
+        self._stop(info, grace=self.preempt_grace_s)
+        marker = self.state_dir / ".preempted"
+        with marker.open("a") as f:
+            f.write(f"{name} {info['id']}\n")
+        shutil.rmtree(self._dir(name), ignore_errors=True)
+
+    def list(self, labels: dict[str, str]) -> list[VmState]:
+        if not self.state_dir.is_dir():
+            return []
+        out = []
+        for d in sorted(self.state_dir.iterdir()):
+            info = self._info(d.name)
+            if info and all(info["labels"].get(k) == v for k, v in labels.items()):
+                st = self.get(d.name, info["zone"])
+                if st is not None:
+                    out.append(st)
+        return out
+
+    def was_preempted(self, name: str, zone: str, vm_id: str) -> bool:
+        marker = self.state_dir / ".preempted"
+        return marker.exists() and f"{name} {vm_id}" in marker.read_text().splitlines()
+
+    def console(self, name: str, zone: str) -> str:
+        p = self._dir(name) / "serial.log"
+        return p.read_text(errors="replace") if p.exists() else ""

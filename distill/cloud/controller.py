@@ -1,0 +1,729 @@
+"""``distill-ctl teacher-cloud``: price it, provision it, watch it, always tear it down.
+
+The flow, SkyPilot-style (show the cost before spending, clean up after):
+
+1. **Check, spending nothing**: credentials, project, bucket access (a list of
+   ``job.output``), every zone offers an L4, the teacher fits the L4 (the cost estimate
+   refuses otherwise), and whether the shard set is already complete.
+2. **Price**: the ``cost-estimate`` table; ``cloud.budget_usd`` refuses a job over budget;
+   the user confirms (``--yes`` skips the question).
+3. **Stage**: the dataset (and a local teacher directory) go to ``<output>/inputs/`` under
+   content-addressed names (create-only); the VM's job file points at the staged copies.
+4. **Provision** the :class:`~distill.cloud.spec.VmSpec` in the first zone; a stockout
+   (``ZONE_RESOURCE_POOL_EXHAUSTED``) moves to the next zone, round after round, until
+   ``cloud.provision_timeout_minutes``; a quota error stops with how to fix it.
+5. **Watch** the bucket (shards done of total, tokens/s, ETA) and the VM (status, spend so
+   far). A preempted or vanished VM is relaunched, same zone first, up to
+   ``cloud.max_preemptions`` times; the new VM resumes from the bucket.
+6. **Tear down** in a ``finally``: on success, failure, Ctrl-C and SIGTERM the VM is deleted
+   and the deletion confirmed (signals are held off meanwhile). If this process is killed
+   outright, the VM deletes itself when the teacher ends, and its ``maxRunDuration``
+   (``cloud.max_run_hours``) deletes it if the teacher hangs.
+7. **Record** the attempts, VM seconds and actual cost beside the estimate in
+   ``<output>/cloud/run-*.json`` (create-only; ``distill-ctl cost-report`` shows them).
+
+An instance of this job that is already running (a controller that died) is adopted, not
+duplicated: the VM name is a function of ``job.name``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from distill.cloud.backend import (
+    AlreadyExists,
+    Backend,
+    CloudError,
+    GceBackend,
+    LocalBackend,
+    Stockout,
+    VmState,
+)
+from distill.cloud.progress import BucketProgress, Rate, Snapshot
+from distill.cloud.spec import DEFAULT_MAX_RUN_S, VmSpec, instance_name, label_value, region_of
+from distill.config import Job
+from distill.cost import HOURS_PER_MONTH, CostEstimate, CostOptions, estimate_cost, render_table
+from distill.errors import DistillError
+from distill.manifest import MANIFEST
+from distill.storage import ObjectExists, open_store
+
+RECORD_PREFIX = "cloud"  # <output>/cloud/run-*.json and <output>/cloud/status/*.json
+
+
+class TeacherFailed(DistillError):
+    """The teacher exited with an error on the VM (not a preemption)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the controller: tear down, then exit."""
+
+
+@dataclass
+class CloudOptions:
+    backend: str = "gce"  # gce | local
+    endpoint: str | None = None  # the Compute API's base URL (the stub's in tests)
+    project: str | None = None
+    image: str | None = None
+    service_account: str | None = None
+    yes: bool = False
+    state_dir: Path = Path("runs/cloud")  # local VMs, and a copy of each run record
+    cost: CostOptions = field(default_factory=CostOptions)
+    poll_seconds: float | None = None  # default: cloud.poll_seconds
+    local_preempt_grace_s: float = 30.0
+
+
+@dataclass
+class Attempt:
+    n: int
+    zone: str
+    requested: str = ""  # UTC times, ISO
+    running: str = ""
+    ended: str = ""
+    vm_id: str = ""
+    outcome: str = ""  # done | preempted | vanished | failed | interrupted | adopted-done ...
+    seconds: float = 0.0  # VM time billed (RUNNING until gone), as the controller saw it
+    _t_running: float | None = None  # monotonic
+    _t_ended: float | None = None
+
+    def mark_running(self) -> None:
+        if self._t_running is None:
+            self._t_running, self.running = time.monotonic(), _now()
+
+    def mark_ended(self) -> None:
+        if self._t_ended is None:
+            self._t_ended, self.ended = time.monotonic(), _now()
+        if self._t_running is not None:
+            self.seconds = self._t_ended - self._t_running
+
+    def live_seconds(self) -> float:
+        if self._t_running is None:
+            return 0.0
+        return (self._t_ended or time.monotonic()) - self._t_running
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+
+
+@dataclass
+class CloudRun:
+    """The run's metadata: written to ``<output>/cloud/run-<time>-<id>.json`` at the end."""
+
+    job: str
+    backend: str
+    project: str
+    zones: list[str]
+    instance: str
+    spot: bool
+    started: str
+    estimate: dict[str, Any]
+    price_per_hour: float
+    disk_per_hour: float
+    attempts: list[Attempt] = field(default_factory=list)
+    ended: str = ""
+    outcome: str = ""
+    message: str = ""
+    preemptions: int = 0
+    stockouts: list[str] = field(default_factory=list)
+
+    @property
+    def vm_seconds(self) -> float:
+        return sum(a.live_seconds() for a in self.attempts)
+
+    @property
+    def estimated_usd(self) -> float:
+        return float(self.estimate["usd"]["total_spot" if self.spot else "total_on_demand"])
+
+    @property
+    def usd(self) -> float:
+        return self.vm_seconds / 3600 * (self.price_per_hour + self.disk_per_hour)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("attempts", "estimate")}
+        return {
+            **d,
+            "attempts": [a.to_dict() for a in self.attempts],
+            "vm_seconds": self.vm_seconds,
+            "actual_usd": self.usd,
+            "estimate": self.estimate,
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def resolve_project(job: Job, opts: CloudOptions) -> str:
+    """--project, cloud.project, GOOGLE_CLOUD_PROJECT, CLOUDSDK_CORE_PROJECT, gcloud's config."""
+    if opts.backend == "local":
+        return opts.project or job.cloud.project or "local"
+    for candidate in (
+        opts.project,
+        job.cloud.project,
+        os.environ.get("GOOGLE_CLOUD_PROJECT"),
+        os.environ.get("CLOUDSDK_CORE_PROJECT"),
+    ):
+        if candidate:
+            return candidate
+    if shutil.which("gcloud") and not os.environ.get("DISTILL_NO_GCLOUD_CONFIG"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            r = subprocess.run(
+                ["gcloud", "config", "get-value", "project"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if r.returncode == 0 and r.stdout.strip():
+                return r.stdout.strip()
+    raise CloudError(
+        "no Google Cloud project: set cloud.project in the job file, pass --project, or run "
+        "`gcloud config set project PROJECT`; nothing was spent"
+    )
+
+
+def default_image(project: str, zones: list[str]) -> str:
+    from distill import __version__
+
+    return f"{region_of(zones[0])}-docker.pkg.dev/{project}/distill/teacher:{__version__}"
+
+
+def make_backend(opts: CloudOptions, project: str) -> Backend:
+    if opts.backend == "local":
+        return LocalBackend(opts.state_dir / "vms", preempt_grace_s=opts.local_preempt_grace_s)
+    if opts.backend == "gce":
+        return GceBackend(project, endpoint=opts.endpoint)
+    raise DistillError(f"--backend {opts.backend!r}: one of gce, local")
+
+
+# --- staging --------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    from distill.cache import sha256_file
+
+    return sha256_file(path)
+
+
+def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+    """Upload the dataset (and a local teacher directory) under ``<output>/inputs/``.
+
+    Returns the VM's job table (paths pointing at the staged copies) and the
+    ``(gs://src, dest)`` pairs for the VM spec. Names are content-addressed and writes are
+    create-only, so a rerun uploads nothing twice."""
+    from distill.teacher import splits
+
+    out = job.job.output.rstrip("/")
+    store = open_store(out)
+    raw = job.to_dict()
+    inputs: list[tuple[str, str]] = []
+    for split, path in splits(job).items():
+        name = f"inputs/{_sha256(path)[:16]}-{path.name}"
+        if not store.exists(name):
+            console.print(f"staging {path} -> {store.join(name)}")
+            with contextlib.suppress(ObjectExists):
+                store.put_file(name, path)
+        dest = f"data/{split}/{path.name}"  # the same file name: sample keys use its stem
+        raw["data"][split] = dest
+        inputs.append((store.join(name), dest))
+    model = job.teacher.model
+    if not model.startswith("builtin:") and not model.startswith("gs://"):
+        src = Path(model).expanduser()
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.relative_to(src)}\0{p.stat().st_size}\0".encode())
+        h.update((src / "config.json").read_bytes())
+        prefix = f"inputs/model-{h.hexdigest()[:16]}"
+        for p in files:
+            name = f"{prefix}/{p.relative_to(src).as_posix()}"
+            if not store.exists(name):
+                console.print(f"staging {p} -> {store.join(name)}")
+                with contextlib.suppress(ObjectExists):
+                    store.put_file(name, p)
+        raw["teacher"]["model"] = "model"
+        inputs.append((store.join(prefix) + "/", "model"))
+    raw.pop("cloud", None)  # the VM needs none of it
+    return raw, tuple(inputs)
+
+
+def vm_job_toml(raw: dict[str, Any]) -> str:
+    import tomli_w
+
+    header = "# Written by distill-ctl teacher-cloud: the job as the teacher VM runs it.\n"
+    return header + tomli_w.dumps(raw)
+
+
+# --- the controller --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM -> :class:`Terminated` in the main thread (so ``finally`` tears down)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if threading_main():
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def signals_held(console: Console) -> Iterator[None]:
+    """Ctrl-C and SIGTERM are held off (with a message) while the VM is deleted."""
+    if not threading_main():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        console.print("[yellow]tearing down the VM first; it will be gone in a moment[/yellow]")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Controller:
+    """One ``teacher-cloud`` run (see the module docstring)."""
+
+    def __init__(
+        self,
+        job: Job,
+        opts: CloudOptions,
+        console: Console | None = None,
+        confirm: Callable[[str], bool] | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self.job, self.opts = job, opts
+        self.console = console or Console(stderr=True)
+        self.confirm = confirm
+        self.cloud = job.cloud
+        self.output = job.job.output.rstrip("/")
+        if not self.output.startswith("gs://"):
+            raise DistillError(
+                f"{job.path}: job.output = {job.job.output!r} must be a gs:// URL for "
+                "teacher-cloud (the VM and its disk go away); e.g. --output gs://BUCKET/runs/JOB"
+            )
+        self.project = resolve_project(job, opts)
+        self.zones = list(self.cloud.zones)
+        self.backend = backend or make_backend(opts, self.project)
+        self.name = instance_name(job.job.name)
+        self.poll = opts.poll_seconds or self.cloud.poll_seconds
+        self.estimate: CostEstimate | None = None
+        self.run: CloudRun | None = None
+        self.spec: VmSpec | None = None
+        self.zone: str | None = None  # where the current VM is
+        self.current: Attempt | None = None
+        self.progress: BucketProgress | None = None
+
+    # --- 1. checks ------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Everything that can be refused before spending anything."""
+        store = open_store(self.output)
+        store.list("inputs/")  # credentials, bucket existence and access
+        for z in self.zones:
+            self.backend.check_zone(z)
+        self.estimate = estimate_cost(self.job, self.opts.cost)  # refuses a teacher > L4
+
+    def complete(self) -> bool:
+        return all(
+            open_store(f"{self.output}/{split}").exists(MANIFEST) for split in self._splits()
+        )
+
+    def _splits(self) -> list[str]:
+        from distill.teacher import splits
+
+        return list(splits(self.job))
+
+    # --- 2. price ---------------------------------------------------------------------------
+
+    def price_and_confirm(self) -> None:
+        est = self.estimate
+        assert est is not None
+        self.console.print(render_table(est))
+        usd = est.usd["total_spot" if self.cloud.spot else "total_on_demand"]
+        if self.cloud.budget_usd and usd > self.cloud.budget_usd:
+            raise CloudError(
+                f"the estimate (${usd:,.2f}) is above cloud.budget_usd "
+                f"(${self.cloud.budget_usd:,.2f}): raise the budget or shrink the job; nothing "
+                "was spent"
+            )
+        if self.opts.yes:
+            return
+        if self.confirm is None or not sys.stdin.isatty():
+            raise DistillError("teacher-cloud spends money: confirm with --yes (no terminal here)")
+        if not self.confirm(f"Start the teacher on {self.project} for about ${usd:,.2f}?"):
+            raise DistillError("cancelled; nothing was spent")
+
+    # --- 3. stage and spec ------------------------------------------------------------------
+
+    def make_spec(self) -> VmSpec:
+        est = self.estimate
+        assert est is not None
+        raw, inputs = stage_inputs(self.job, self.console)
+        hours = self.cloud.max_run_hours or (2 * est.spot_hours + 1)
+        max_run_s = int(min(max(hours * 3600, 30), 120 * 86400)) if hours else DEFAULT_MAX_RUN_S
+        image = self.opts.image or self.cloud.image or default_image(self.project, self.zones)
+        sa = (
+            self.opts.service_account
+            or self.cloud.service_account
+            or f"distill-teacher@{self.project}.iam.gserviceaccount.com"
+        )
+        return VmSpec(
+            project=self.project,
+            name=self.name,
+            job_name=self.job.job.name,
+            job_toml=vm_job_toml(raw),
+            image=image,
+            service_account_email=sa,
+            zones=tuple(self.zones),
+            provisioning_model="SPOT" if self.cloud.spot else "STANDARD",
+            max_run_duration_s=max_run_s,
+            inputs=inputs,
+            status_url=f"{self.output}/{RECORD_PREFIX}/status",
+        )
+
+    # --- 4. provision ------------------------------------------------------------------------
+
+    def provision(self, first: int) -> str:
+        """Create the VM, trying zones from ``first`` on; returns the zone."""
+        assert self.spec is not None and self.run is not None
+        deadline = time.monotonic() + self.cloud.provision_timeout_minutes * 60
+        order = self.zones[first:] + self.zones[:first]
+        backoff = 5.0
+        while True:
+            for z in order:
+                self.console.print(f"creating {self.name} in {z} ({self.spec.provisioning_model})")
+                try:
+                    self.backend.create(self.spec, z)
+                    return z
+                except Stockout as e:
+                    self.run.stockouts.append(z)
+                    self.console.print(f"[yellow]{z}: no L4 capacity now[/yellow] ({e})")
+                except AlreadyExists:
+                    st = self.backend.get(self.name, z)
+                    if st is not None and st.live:
+                        self.console.print(f"{self.name} already runs in {z}: adopting it")
+                        return z
+                    self.backend.delete(self.name, z)
+                    self.backend.create(self.spec, z)
+                    return z
+            if time.monotonic() + backoff > deadline:
+                raise Stockout(
+                    f"no L4 capacity in {', '.join(self.zones)} for "
+                    f"{self.cloud.provision_timeout_minutes:g} min: try later, other zones of "
+                    "the region or another region (cloud.zones), or raise "
+                    "cloud.provision_timeout_minutes; no VM was created"
+                )
+            self.console.print(f"all zones stocked out; retrying in {backoff:.0f} s")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 120.0)
+
+    # --- 5. watch ----------------------------------------------------------------------------
+
+    def _status_object(self, attempt: Attempt) -> dict[str, Any] | None:
+        if not attempt.vm_id:
+            return None
+        store = open_store(f"{self.output}/{RECORD_PREFIX}/status")
+        name = f"{self.name}-{attempt.vm_id}.json"
+        try:
+            return json.loads(store.read_bytes(name))
+        except DistillError:
+            return None
+
+    def _ended(self, attempt: Attempt, last_guest: str) -> str:
+        """Why the VM is gone or stopped: done | preempted | vanished (or raise on failure)."""
+        assert self.progress is not None
+        if self.progress.poll().complete:
+            return "done"
+        status = self._status_object(attempt)
+        outcome = (status or {}).get("status") or last_guest
+        # A preemption can kill the teacher before it handles SIGTERM (an error exit): the
+        # preemption, not the exit code, is why the VM ended.
+        if outcome == "preempted" or self.backend.was_preempted(
+            self.name, attempt.zone, attempt.vm_id
+        ):
+            return "preempted"
+        if outcome == "failed":
+            tail = (status or {}).get("log_tail") or self.backend.console(self.name, attempt.zone)
+            raise TeacherFailed(
+                f"the teacher failed on {self.name} (exit code "
+                f"{(status or {}).get('exit_code', '?')}); its last output:\n"
+                + "\n".join(tail.strip().splitlines()[-25:])
+            )
+        if outcome == "done":
+            raise CloudError(
+                f"{self.name} reported done but {self.output} has no manifest for every split"
+            )
+        max_run = self.spec.max_run_duration_s if self.spec else DEFAULT_MAX_RUN_S
+        if attempt.live_seconds() >= max_run - 2 * self.poll:
+            raise CloudError(
+                f"{self.name} reached its max run duration ({max_run / 3600:.2f} h) and was "
+                "deleted before the teacher finished: raise cloud.max_run_hours and rerun "
+                "(the teacher resumes from the shards already in the bucket)"
+            )
+        return "vanished"
+
+    def watch(self, attempt: Attempt) -> str:
+        """Poll until the shard set is complete or this VM ends; returns the outcome."""
+        assert self.progress is not None
+        rate = Rate()
+        last_guest = ""
+        last_status = ""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        cols = (
+            TextColumn("teacher-cloud"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        with Progress(*cols, console=self.console, transient=False) as bar:
+            snap = self.progress.poll()
+            task = bar.add_task("", total=snap.shards_total, completed=snap.shards_done, info="")
+            while True:
+                st: VmState | None = self.backend.get(self.name, attempt.zone)
+                snap = self.progress.poll()
+                if st is not None:
+                    attempt.vm_id = attempt.vm_id or st.id
+                    if st.status in ("STAGING", "RUNNING"):
+                        attempt.mark_running()
+                    last_guest = st.guest.get("distill/status", last_guest)
+                    shown = f"{st.status}" + (f"/{last_guest}" if last_guest else "")
+                    if shown != last_status:
+                        bar.console.print(f"{self.name} in {attempt.zone}: {shown}")
+                        last_status = shown
+                if attempt._t_running is not None:
+                    tps, eta = rate.update(snap)
+                else:
+                    tps, eta = 0.0, None
+                bar.update(task, completed=snap.shards_done, info=self._info(snap, tps, eta, st))
+                if snap.complete:
+                    return "done"
+                if st is None or st.status == "TERMINATED":
+                    attempt.mark_ended()
+                    return self._ended(attempt, last_guest)
+                time.sleep(self.poll)
+
+    def _info(self, snap: Snapshot, tps: float, eta: float | None, st: VmState | None) -> str:
+        assert self.run is not None
+        parts = [
+            f"shards {snap.shards_done}/{snap.shards_total}",
+            f"{tps:,.0f} tok/s" if tps else "- tok/s",
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta is not None else "ETA -",
+            f"${self.run.usd:,.4f} spent",
+        ]
+        if st is not None:
+            parts.append(f"{st.status} in {st.zone}")
+        return " · ".join(parts)
+
+    # --- 6. teardown -------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Delete every VM of this job that still exists, and confirm that it is gone."""
+        labels = {"distill-job": label_value(self.job.job.name), "managed-by": "distill"}
+        with signals_held(self.console):
+            for attempt in range(3):
+                try:
+                    where = {(s.name, s.zone) for s in self.backend.list(labels)}
+                    where = {w for w in where if w[0] == self.name}
+                    if self.zone:
+                        where.add((self.name, self.zone))
+                    for name, zone in sorted(where):
+                        if self.backend.get(name, zone) is not None:
+                            self.console.print(f"deleting {name} in {zone}")
+                            self.backend.delete(name, zone)
+                    if all(self.backend.get(n, z) is None for n, z in where):
+                        if self.current is not None:
+                            self.current.mark_ended()
+                        return
+                except DistillError as e:
+                    self.console.print(f"[red]teardown attempt {attempt + 1} failed: {e}")
+                time.sleep(2.0)
+            self.console.print(
+                f"[red bold]could not confirm that {self.name} is deleted: run "
+                f"`distill-ctl gc --yes` or `gcloud compute instances delete {self.name} "
+                f"--zone {self.zone} --project {self.project}` now"
+            )
+
+    # --- 7. record ---------------------------------------------------------------------------
+
+    def record(self) -> None:
+        run = self.run
+        if run is None:
+            return
+        run.ended = _now()
+        data = json.dumps(run.to_dict(), indent=1).encode()
+        stamp = run.started.replace(":", "").replace("-", "")
+        name = f"run-{stamp}-{uuid.uuid4().hex[:8]}.json"
+        local = self.opts.state_dir / "records" / label_value(self.job.job.name) / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data)
+        try:
+            open_store(f"{self.output}/{RECORD_PREFIX}").put_bytes(name, data)
+            where = f"{self.output}/{RECORD_PREFIX}/{name}"
+        except DistillError as e:
+            where = f"{local} (the bucket refused it: {e})"
+        self.console.print(
+            f"run record: {where}: {run.outcome}, {len(run.attempts)} VM(s), "
+            f"{run.vm_seconds / 60:,.1f} VM-minutes, ${run.usd:,.4f} "
+            f"(estimated ${run.estimated_usd:,.4f})"
+        )
+
+    # --- all together --------------------------------------------------------------------------
+
+    def _adopt(self) -> Attempt | None:
+        """A live VM of this job from an earlier controller: watch it instead of a new one."""
+        labels = {"distill-job": label_value(self.job.job.name), "managed-by": "distill"}
+        for st in self.backend.list(labels):
+            if st.name != self.name:
+                continue
+            if st.live:
+                self.console.print(
+                    f"{st.name} is already running in {st.zone} (an earlier teacher-cloud ended "
+                    "without tearing down): watching it"
+                )
+                self.zone = st.zone
+                return Attempt(n=1, zone=st.zone, requested=st.created, vm_id=st.id)
+            self.console.print(f"deleting stopped leftover {st.name} in {st.zone}")
+            self.backend.delete(st.name, st.zone)
+        return None
+
+    def execute(self) -> CloudRun | None:
+        """The whole run; returns its record (None when there was nothing to do)."""
+        self.console.print(
+            f"teacher-cloud: job {self.job.job.name}, project {self.project}, "
+            f"zones {', '.join(self.zones)}, backend {self.backend.name}"
+        )
+        self.preflight()
+        if self.complete():
+            self.console.print(f"[green]{self.output}: every split is complete; nothing to do")
+            return None
+        adopted = self._adopt()
+        if adopted is None:
+            self.price_and_confirm()
+        est = self.estimate
+        assert est is not None
+        from distill.cost import load_prices
+
+        prices = load_prices(self.opts.cost.prices)
+        self.run = CloudRun(
+            job=self.job.job.name,
+            backend=self.backend.name,
+            project=self.project,
+            zones=self.zones,
+            instance=self.name,
+            spot=self.cloud.spot,
+            started=_now(),
+            estimate=est.to_dict(),
+            price_per_hour=prices.vm_spot_per_hour
+            if self.cloud.spot
+            else prices.vm_on_demand_per_hour,
+            disk_per_hour=self.opts.cost.boot_disk_gb
+            * prices.boot_disk_per_gb_month
+            / HOURS_PER_MONTH,
+        )
+        per = self.job.teacher.samples_per_shard
+        totals = {s: (-(-c["samples"] // per), c["tokens"]) for s, c in est.data.per_split.items()}
+        self.progress = BucketProgress(self.output, totals)
+        try:
+            with sigterm_raises():
+                self.spec = self.make_spec()
+                self._loop(adopted)
+            self.run.outcome = "done"
+            self.console.print(f"[green]teacher-cloud: shard sets complete in {self.output}")
+        except KeyboardInterrupt:
+            self.run.outcome = "interrupted"
+            self.run.message = "Ctrl-C or SIGTERM"
+            if self.current is not None:
+                self.current.outcome = self.current.outcome or "interrupted"
+            raise
+        except DistillError as e:
+            self.run.outcome = "failed"
+            self.run.message = str(e)
+            if self.current is not None:
+                self.current.outcome = self.current.outcome or "failed"
+            raise
+        finally:
+            self.teardown()
+            self.record()
+        return self.run
+
+    def _loop(self, adopted: Attempt | None) -> None:
+        assert self.run is not None
+        zone_index = 0
+        attempt = adopted
+        while True:
+            if attempt is None:
+                n = len(self.run.attempts) + 1
+                attempt = Attempt(n=n, zone="", requested=_now())
+                self.current = attempt
+                self.run.attempts.append(attempt)
+                self.zone = attempt.zone = self.provision(zone_index)
+            else:
+                self.current = attempt
+                self.run.attempts.append(attempt)
+            outcome = self.watch(attempt)
+            attempt.outcome = outcome
+            if outcome == "done":
+                return
+            self.run.preemptions += 1
+            self.console.print(
+                f"[yellow]{self.name} was {outcome} in {attempt.zone} "
+                f"(after {attempt.live_seconds() / 60:.1f} min); "
+                f"relaunching ({self.run.preemptions}/{self.cloud.max_preemptions})"
+            )
+            if self.run.preemptions > self.cloud.max_preemptions:
+                raise CloudError(
+                    f"{self.name} was preempted {self.run.preemptions} times: giving up (raise "
+                    "cloud.max_preemptions, or set cloud.spot = false for an on-demand VM); "
+                    "rerun to resume from the shards in the bucket"
+                )
+            # the VM is gone (DELETE on preemption) or stopped: make sure before relaunching
+            if self.backend.get(self.name, attempt.zone) is not None:
+                self.backend.delete(self.name, attempt.zone)
+            zone_index = self.zones.index(attempt.zone) if attempt.zone in self.zones else 0
+            attempt = None
+
+
+def teacher_cloud(
+    job: Job,
+    opts: CloudOptions,
+    console: Console | None = None,
+    confirm: Callable[[str], bool] | None = None,
+) -> CloudRun | None:
+    return Controller(job, opts, console, confirm).execute()

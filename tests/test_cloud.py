@@ -1,0 +1,645 @@
+"""teacher-cloud end to end without a cloud: the real google-cloud-compute client against the
+Compute stub (distill/cloud/fake_compute.py), whose "VMs" run the real startup logic
+(distill/cloud/vm_agent.py) and the real teacher entrypoint against fake-gcs-server.
+
+Every fault test ends with the two promises of issue #5: no VM is left, and the stored
+sample set is exactly the dataset, each sample once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from test_pipeline import dataset_keys, make_job, stored_keys
+
+from distill.cloud.backend import CloudError, NoAccelerator, QuotaExceeded, Stockout
+from distill.cloud.controller import CloudOptions, Controller, TeacherFailed
+from distill.cloud.fake_compute import FakeCompute
+from distill.config import load_job
+from distill.errors import DistillError
+from distill.manifest import MANIFEST
+from distill.storage import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = "distill-test"
+NAME = "distill-teacher-job"
+SLOW = f"{sys.executable} {REPO / 'tests' / 'slow_teacher.py'} teacher"
+
+
+def guest_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PATH", "HOME", "STORAGE_EMULATOR_HOST", "DISTILL_CACHE", "TMPDIR")
+    }
+    return {
+        **env,
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
+
+
+class Guests:
+    """What the stub's VMs run: the vm_agent, with a per-test entrypoint and environment."""
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {"DISTILL_ENTRYPOINT": SLOW, "SLOW_TEACHER_S": "0"}
+
+    def __call__(self, inst) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, "-m", "distill.cloud.vm_agent"], guest_env(**self.env)
+
+
+@pytest.fixture
+def guests() -> Guests:
+    return Guests()
+
+
+@pytest.fixture
+def compute(guests, gcs_bucket):
+    stub = FakeCompute(project=PROJECT, guest=guests, step_s=0.05, preempt_grace_s=10.0)
+    stub.start()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+@pytest.fixture
+def cloud_job(tiny_teacher_dir, gcs_bucket, tmp_path) -> Path:
+    return make_job(
+        tmp_path,
+        tiny_teacher_dir,
+        f"{gcs_bucket}/run",
+        n_train=48,
+        teacher__samples_per_shard="4",
+    )
+
+
+def controller(job: Path, compute: FakeCompute, tmp_path: Path, *sets: str) -> Controller:
+    j = load_job(job, list(sets))
+    opts = CloudOptions(
+        backend="gce",
+        endpoint=compute.url,
+        project=PROJECT,
+        yes=True,
+        poll_seconds=0.1,
+        state_dir=tmp_path / "cloud",
+    )
+    return Controller(j, opts, Console(stderr=True, width=200))
+
+
+def assert_exact(job: Path, tmp_path: Path) -> None:
+    """Every split's manifest lists exactly the dataset's samples, each once."""
+    j = load_job(job)
+    for split in ("train", "eval"):
+        keys = stored_keys(f"{j.job.output}/{split}", tmp_path)
+        assert keys == dataset_keys(tmp_path / f"{split}.jsonl"), split
+
+
+def no_vm_left(compute: FakeCompute, timeout: float = 30.0) -> bool:
+    return compute.wait_for(lambda: not compute.live(), timeout)
+
+
+def run_in_thread(ctl: Controller) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["run"] = ctl.execute()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, result
+
+
+def shards_in(url: str) -> int:
+    return sum(1 for n in open_store(url).list() if n.endswith(".tar"))
+
+
+def run_records(job: Path) -> list[dict]:
+    store = open_store(f"{load_job(job).job.output}/cloud")
+    return [json.loads(store.read_bytes(n)) for n in store.list() if n.startswith("run-")]
+
+
+# --- the happy path and preemptions -----------------------------------------------------------
+
+
+def test_teacher_cloud_runs_and_tears_down(compute, cloud_job, tmp_path):
+    run = controller(cloud_job, compute, tmp_path).execute()
+    assert run is not None and run.outcome == "done" and len(run.attempts) == 1
+    assert no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+    body = compute.inserted[0]
+    assert body["scheduling"]["provisioningModel"] == "SPOT"
+    assert body["scheduling"]["instanceTerminationAction"] == "DELETE"
+    assert int(body["scheduling"]["maxRunDuration"]["seconds"]) >= 3600
+    md = {i["key"]: i["value"] for i in body["metadata"]["items"]}
+    assert "data/train/train.jsonl" in md["distill-job"] and "gs://" in md["distill-inputs"]
+    rec = run_records(cloud_job)
+    assert len(rec) == 1 and rec[0]["outcome"] == "done" and rec[0]["vm_seconds"] > 0
+    assert rec[0]["actual_usd"] > 0 and rec[0]["estimate"]["usd"]["total_spot"] > 0
+    # the VM deleted itself (the guest's DELETE) or was deleted by the controller: gone
+    events = [e for _, n, e in compute.events if n == NAME]
+    assert "deleted" in events
+    # A rerun finds the complete shard set and creates nothing.
+    assert controller(cloud_job, compute, tmp_path).execute() is None
+    assert len(compute.inserted) == 1
+
+
+@pytest.mark.parametrize("when", ["booting", "mid-run", "twice"])
+def test_preemption_relaunches_and_loses_nothing(compute, guests, cloud_job, tmp_path, when):
+    guests.env["SLOW_TEACHER_S"] = "0.4"
+    ctl = controller(cloud_job, compute, tmp_path)
+    t, result = run_in_thread(ctl)
+    train = f"{load_job(cloud_job).job.output}/train"
+    for n in range(2 if when == "twice" else 1):
+        if when == "booting":
+            assert compute.wait_for(
+                lambda: any(i.status in ("PROVISIONING", "STAGING") for i in compute.live()),
+                60,
+            )
+        else:
+            need = 2 + 3 * n
+            assert compute.wait_for(lambda need=need: shards_in(train) >= need, 120)
+        done_before = shards_in(train)
+        compute.preempt(NAME)
+        # the next VM comes up (or the run finishes)
+        assert compute.wait_for(
+            lambda k=n: (
+                sum(1 for i in compute.history if i.name == NAME) >= k + 2 or "run" in result
+            ),
+            120,
+        )
+    t.join(300)
+    assert "error" not in result, result.get("error")
+    run = result["run"]
+    assert run.outcome == "done" and run.preemptions == (2 if when == "twice" else 1)
+    assert [a.outcome for a in run.attempts][-1] == "done"
+    assert no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+    # the preempted teacher stopped cleanly (exit 75), the new one resumed from the bucket
+    first = compute.history[0]
+    if when != "booting":
+        assert any("preempted" in line or "stopped on" in line for line in first.serial), "".join(
+            first.serial[-20:]
+        )
+        # everything in the bucket at the preemption was kept: only the shard in flight redone
+        last = "".join(compute.history[-1].serial)
+        m = re.search(r"train: resuming, (\d+)/(\d+) shards", last)
+        assert m and int(m.group(1)) >= done_before, last[-3000:]
+    assert compute.history[-1].zone == first.zone  # same zone first
+
+
+def test_stockout_fails_over_to_the_next_zone(compute, cloud_job, tmp_path):
+    compute.stockout("us-central1-a")
+    run = controller(cloud_job, compute, tmp_path).execute()
+    zones = [re.search(r"zones/([^/]+)/", b["machineType"]).group(1) for b in compute.inserted]
+    assert zones == ["us-central1-a", "us-central1-b"]
+    assert run.stockouts == ["us-central1-a"] and run.attempts[0].zone == "us-central1-b"
+    assert no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+
+
+def test_every_zone_stocked_out_gives_up_with_nothing_left(compute, cloud_job, tmp_path):
+    for z in ("us-central1-a", "us-central1-b", "us-central1-c"):
+        compute.stockout(z)
+    ctl = controller(cloud_job, compute, tmp_path, "cloud.provision_timeout_minutes=0.01")
+    with pytest.raises(Stockout, match="no L4 capacity in us-central1-a, us-central1-b"):
+        ctl.execute()
+    assert len(compute.inserted) == 3 and not compute.live()
+    assert run_records(cloud_job)[0]["outcome"] == "failed"
+
+
+# --- errors that spend nothing ---------------------------------------------------------------
+
+
+def test_quota_error_says_how_to_fix_it(compute, cloud_job, tmp_path):
+    compute.gpu_quota = 0
+    with pytest.raises(QuotaExceeded) as e:
+        controller(cloud_job, compute, tmp_path).execute()
+    msg = str(e.value)
+    assert "GPUS_ALL_REGIONS" in msg and "0.0 globally" in msg
+    assert f"iam-admin/quotas?project={PROJECT}" in msg and "nothing was spent" in msg
+    assert not compute.live() and not compute.running()
+
+
+def test_refused_before_anything_is_created(compute, cloud_job, tmp_path, monkeypatch):
+    # a zone without an L4
+    with pytest.raises(NoAccelerator, match="us-central1-f does not offer nvidia-l4"):
+        controller(
+            cloud_job, compute, tmp_path, 'cloud.zones=["us-central1-a","us-central1-f"]'
+        ).execute()
+    # a project that is not there
+    j = load_job(cloud_job)
+    opts = CloudOptions(backend="gce", endpoint=compute.url, project="nope", yes=True)
+    with pytest.raises(CloudError, match="project nope not found"):
+        Controller(j, opts, Console(stderr=True)).execute()
+    # no project at all
+    for var in ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DISTILL_NO_GCLOUD_CONFIG", "1")
+    with pytest.raises(CloudError, match="no Google Cloud project"):
+        Controller(j, CloudOptions(backend="gce", endpoint=compute.url), Console()).execute()
+    # no credentials (the real client, no endpoint override)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    with pytest.raises(CloudError, match="no Google Cloud credentials"):
+        Controller(j, CloudOptions(backend="gce", project=PROJECT), Console()).execute()
+    # the teacher cannot fit the L4: refused with the estimate, before any VM
+    with pytest.raises(DistillError, match="does not fit"):
+        controller(cloud_job, compute, tmp_path, "teacher.batch_tokens=400000000").execute()
+    # job.output must be in a bucket
+    with pytest.raises(DistillError, match="must be a gs:// URL"):
+        controller(cloud_job, compute, tmp_path, f'job.output="{tmp_path / "out"}"')
+    assert compute.inserted == []
+
+
+def test_bucket_without_access_is_refused(compute, cloud_job, tmp_path, monkeypatch):
+    """A bucket of another project: GCS answers 403; the controller stops before any VM."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Deny(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = json.dumps(
+                {
+                    "error": {
+                        "code": 403,
+                        "message": "robot@x.iam.gserviceaccount.com does not have "
+                        "storage.objects.list access to the Google Cloud Storage bucket.",
+                        "errors": [{"reason": "forbidden"}],
+                    }
+                }
+            ).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(DistillError, match="permission denied .* storage.objects.list"):
+            controller(cloud_job, compute, tmp_path).execute()
+    finally:
+        server.shutdown()
+    assert compute.inserted == []
+
+
+def test_budget_and_confirmation(compute, cloud_job, tmp_path):
+    with pytest.raises(CloudError, match="above cloud.budget_usd"):
+        controller(cloud_job, compute, tmp_path, "cloud.budget_usd=0.0001").execute()
+    ctl = controller(cloud_job, compute, tmp_path)
+    ctl.opts.yes = False
+    with pytest.raises(DistillError, match="confirm with --yes"):
+        ctl.execute()  # no terminal in tests: never starts without --yes
+    assert compute.inserted == []
+
+
+# --- the teacher fails on the VM ---------------------------------------------------------
+
+
+def test_teacher_failure_is_reported_and_the_vm_deleted(compute, guests, cloud_job, tmp_path):
+    guests.env["DISTILL_ENTRYPOINT"] = (
+        f"{sys.executable} -c \"import sys; print('CUDA error: out of memory'); sys.exit(3)\""
+    )
+    with pytest.raises(TeacherFailed, match="exit code 3(.|\n)*CUDA error: out of memory"):
+        controller(cloud_job, compute, tmp_path).execute()
+    assert no_vm_left(compute)
+    assert run_records(cloud_job)[0]["outcome"] == "failed"
+
+
+# --- the controller itself: signals, SIGKILL, adoption, the dead-man switch, gc --------------
+
+
+def cli_controller(job: Path, compute: FakeCompute, tmp_path: Path, *extra: str):
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "DISTILL_COMPUTE_ENDPOINT": compute.url,
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "teacher-cloud",
+            "--job",
+            str(job),
+            "--project",
+            PROJECT,
+            "--yes",
+            "--poll-seconds",
+            "0.1",
+            "--state-dir",
+            str(tmp_path / "cloud"),
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_guest_running(compute: FakeCompute, timeout: float = 120) -> None:
+    assert compute.wait_for(
+        lambda: any(i.guest_attributes.get("distill/status") == "running" for i in compute.live()),
+        timeout,
+    ), "no VM reached the teacher"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_tear_down(compute, guests, cloud_job, tmp_path, sig):
+    guests.env["SLOW_TEACHER_S"] = "1.0"
+    proc = cli_controller(cloud_job, compute, tmp_path)
+    try:
+        wait_guest_running(compute)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "deleting distill-teacher-job" in err and "rerun the same command" in err
+    assert not compute.live()  # deleted and confirmed before the controller exited
+    assert run_records(cloud_job)[0]["outcome"] == "interrupted"
+    assert not open_store(f"{load_job(cloud_job).job.output}/train").exists(MANIFEST)
+
+
+def test_controller_sigkill_vm_finishes_and_deletes_itself(compute, guests, cloud_job, tmp_path):
+    guests.env["SLOW_TEACHER_S"] = "0.2"
+    proc = cli_controller(cloud_job, compute, tmp_path)
+    try:
+        wait_guest_running(compute)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    # Nobody deletes it but itself: the guest's own DELETE once the teacher is done.
+    assert no_vm_left(compute, timeout=180)
+    assert any(e == "delete-requested by guest" for _, n, e in compute.events if n == NAME)
+    assert_exact(cloud_job, tmp_path)
+
+
+def test_rerun_adopts_a_running_vm(compute, guests, cloud_job, tmp_path):
+    guests.env["SLOW_TEACHER_S"] = "0.5"
+    proc = cli_controller(cloud_job, compute, tmp_path)
+    try:
+        wait_guest_running(compute)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    run = controller(cloud_job, compute, tmp_path).execute()
+    assert len(compute.inserted) == 1  # watched the orphan, created nothing
+    assert run.outcome == "done"
+    assert no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+
+
+def test_dead_man_switch_then_resume(compute, guests, cloud_job, tmp_path):
+    """Controller SIGKILLed and the teacher hung: maxRunDuration deletes the VM; the shard set
+    stays consistent (no manifest), and a rerun completes it exactly."""
+    guests.env["SLOW_TEACHER_S"] = "30"  # effectively hung after its first shard
+    compute.max_run_scale = 8 / 3600  # the 1 h max run duration passes in 8 s
+    proc = cli_controller(cloud_job, compute, tmp_path, "--set", "cloud.max_run_hours=1")
+    try:
+        wait_guest_running(compute)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert no_vm_left(compute, timeout=60)
+    assert any(e == "max-run-duration" for _, n, e in compute.events if n == NAME)
+    out = load_job(cloud_job).job.output
+    assert not open_store(f"{out}/train").exists(MANIFEST)
+    compute.max_run_scale = 1.0
+    guests.env["SLOW_TEACHER_S"] = "0"
+    run = controller(cloud_job, compute, tmp_path).execute()
+    assert run.outcome == "done" and no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+
+
+def test_gc_deletes_a_stopped_leftover(compute, guests, cloud_job, tmp_path):
+    """Where the VM may not delete itself it powers off (TERMINATED); gc removes it."""
+    compute.allow_self_delete = False
+    proc = cli_controller(cloud_job, compute, tmp_path)
+    try:
+        wait_guest_running(compute)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert compute.wait_for(
+        lambda: [i.status for i in compute.live()] == ["TERMINATED"], timeout=180
+    )
+    base = [sys.executable, "-m", "distill.cli", "gc", "--project", PROJECT]
+    env = {**os.environ, "DISTILL_COMPUTE_ENDPOINT": compute.url}
+    r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and NAME in r.stdout and "nothing deleted" in r.stderr
+    assert len(compute.live()) == 1  # listing alone deletes nothing
+    r = subprocess.run([*base, "--yes"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "deleted 1 VM" in r.stdout, r.stderr
+    assert not compute.live()
+    assert_exact(cloud_job, tmp_path)  # the teacher had finished before powering off
+
+
+def test_cost_report_shows_actual_beside_estimate(compute, cloud_job, tmp_path):
+    controller(cloud_job, compute, tmp_path).execute()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "cost-report",
+            "--job",
+            str(cloud_job),
+            "--json",
+            str(tmp_path / "report.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert len(rows) == 1 and rows[0]["outcome"] == "done" and rows[0]["vms"] == 1
+    assert 0 < rows[0]["vm_hours"] < 1 and rows[0]["actual_usd"] > 0
+    assert rows[0]["estimated_usd"] > 0 and rows[0]["ratio"] == pytest.approx(
+        rows[0]["actual_usd"] / rows[0]["estimated_usd"]
+    )
+    assert "$ actual" in r.stdout and "$ estimate" in r.stdout
+
+
+# --- gcloud against the stub: the third rendering, over the wire ------------------------------
+
+
+def _wire(body: dict) -> dict:
+    """An insert body as the API sees it, with URLs relative and the API's defaults explicit."""
+
+    def rel(x):
+        if isinstance(x, dict):
+            return {k: rel(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rel(v) for v in x]
+        if isinstance(x, str):
+            x = re.sub(r"^https?://[^/]+/compute/v1/", "", x)
+            # zonal types: the client sends zones/Z/..., gcloud projects/P/zones/Z/...
+            zonal = "/machineTypes/" in x or "/diskTypes/" in x
+            return re.sub(r"^projects/[^/]+/(zones/)", r"\1", x) if zonal else x
+        return x
+
+    b = rel(body)
+    b.pop("canIpForward", None) in (None, False) or pytest.fail("canIpForward set")
+    b.pop("deletionProtection", None) in (None, False) or pytest.fail("deletionProtection set")
+    for d in b["disks"]:
+        assert d.pop("mode", "READ_WRITE") == "READ_WRITE" and d.pop("type", "PERSISTENT")
+    b["shieldedInstanceConfig"].setdefault("enableSecureBoot", False)
+    b["metadata"] = {i["key"]: i["value"] for i in b["metadata"]["items"]}
+    b.pop("name")
+    return b
+
+
+@pytest.mark.skipif(not shutil.which("gcloud"), reason="the gcloud CLI is not installed")
+def test_gcloud_creates_the_same_vm_as_the_api_client(tmp_path):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import compute_v1
+
+    from distill.cloud.spec import VmSpec
+
+    job = tmp_path / "job.toml"
+    job.write_text('[job]\nname = "j"\noutput = "gs://b/runs/j"\n')
+    kw = dict(
+        inputs=(("gs://b/runs/j/inputs/x-train.jsonl", "data/train/train.jsonl"),),
+        status_url="gs://b/runs/j/cloud/status",
+    )
+    sa = f"distill-teacher@{PROJECT}.iam.gserviceaccount.com"
+    with FakeCompute(project=PROJECT, step_s=0.05) as stub:
+        spec = VmSpec.for_job(job, PROJECT, "img:1", sa, **kw)
+        cmd = spec.gcloud(tmp_path / "md", "us-central1-b")
+        cmd.write_files()
+        env = {
+            **os.environ,
+            "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": f"{stub.url}/compute/v1/",
+            "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+            "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+            "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+        }
+        r = subprocess.run(cmd.argv, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        client = compute_v1.InstancesClient(
+            credentials=AnonymousCredentials(), client_options={"api_endpoint": stub.url}
+        )
+        other = VmSpec.for_job(job, PROJECT, "img:1", sa, name="via-api", **kw)
+        client.insert(other.insert_request("us-central1-b"))
+        via_gcloud, via_api = stub.inserted
+        assert _wire(via_gcloud) == _wire(via_api)
+        # the CLI sees and deletes what the client made, through the same lifecycle
+        assert stub.wait_for(lambda: len(stub.running()) == 2, 30)
+        listed = subprocess.run(
+            ["gcloud", "compute", "instances", "list", f"--project={PROJECT}", "--format=json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert {i["name"] for i in json.loads(listed.stdout)} == {spec.name, "via-api"}
+        for name in (spec.name, "via-api"):
+            r = subprocess.run(
+                [
+                    "gcloud",
+                    "compute",
+                    "instances",
+                    "delete",
+                    name,
+                    "--zone=us-central1-b",
+                    f"--project={PROJECT}",
+                    "--quiet",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert r.returncode == 0, r.stderr
+        assert not stub.live()
+
+
+# --- the local backend: the "VM" is a process group on this machine ---------------------------
+
+
+def test_local_backend_cli_end_to_end(cloud_job, tmp_path):
+    """`distill-ctl teacher-cloud --backend local`: the whole controller, no Compute API."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "teacher-cloud",
+            "--job",
+            str(cloud_job),
+            "--backend",
+            "local",
+            "--yes",
+            "--poll-seconds",
+            "0.2",
+            "--state-dir",
+            str(tmp_path / "cloud"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher pass cost" in r.stderr and "shard sets complete" in r.stderr
+    assert_exact(cloud_job, tmp_path)
+    assert not any((tmp_path / "cloud" / "vms").iterdir())  # torn down
+    (rec,) = run_records(cloud_job)
+    assert rec["backend"] == "local" and rec["outcome"] == "done"
+
+
+def test_local_backend_preemption(cloud_job, tmp_path, monkeypatch):
+    from distill.cloud.backend import LocalBackend
+
+    monkeypatch.setenv("DISTILL_ENTRYPOINT", SLOW)
+    monkeypatch.setenv("SLOW_TEACHER_S", "0.4")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    backend = LocalBackend(tmp_path / "vms", preempt_grace_s=10)
+    j = load_job(cloud_job)
+    opts = CloudOptions(backend="local", yes=True, poll_seconds=0.1, state_dir=tmp_path)
+    ctl = Controller(j, opts, Console(stderr=True, width=200), backend=backend)
+    t, result = run_in_thread(ctl)
+    train = f"{j.job.output}/train"
+    deadline = time.monotonic() + 120
+    while shards_in(train) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    backend.preempt(NAME)
+    t.join(300)
+    assert "error" not in result, result.get("error")
+    assert result["run"].preemptions == 1 and result["run"].outcome == "done"
+    assert [a.outcome for a in result["run"].attempts] == ["preempted", "done"]
+    assert backend.list({}) == []
+    assert_exact(cloud_job, tmp_path)
