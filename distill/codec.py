@@ -1,16 +1,16 @@
-"""Shard member codecs: how one sample's arrays become the bytes of its tar member.
+"""Shard member codecs: how samples' arrays become the bytes of tar members.
 
-``npz`` v0 (member ``KEY.targets.npz``, the original format and the default): an
-uncompressed NumPy archive of ``input_ids``, ``loss_mask``, ``topk_ids``, ``topk_logprobs``
-(float16) and, for sampled kinds, ``topk_counts``. Variable-width rows are padded with the
-sentinel of :mod:`distill.targets` (first id, ``-inf``, count 0). Shard sets written before
-codecs existed have no ``codec`` in their manifest and read as ``npz`` v0.
+``npz`` v0 (member ``KEY.targets.npz``, one per sample): an uncompressed NumPy archive of
+``input_ids``, ``loss_mask``, ``topk_ids``, ``topk_logprobs`` (float16) and, for sampled kinds,
+``topk_counts``. Variable-width rows are padded with the sentinel of :mod:`distill.targets`
+(first id, ``-inf``, count 0). Shard sets written before codecs existed have no ``codec`` in
+their manifest and read as ``npz`` v0.
 
-``packed`` v1 (member ``KEY.targets.dpk``): a 40-byte little-endian header (magic ``DPK``,
-version, kind, value map, flags, Rice parameter, vocab, T, rows, entries, mask runs, k, draws,
-L, CRC32 of all the other bytes of the member), a table of the eight section lengths
-(8 x uint32), then the payload: the eight sections concatenated (one zstd frame when the zstd
-flag is set); no padding is stored:
+``packed`` v1 (member ``KEY.targets.dpk``, one per sample): a 40-byte little-endian header
+(magic ``DPK``, version, kind, value map, flags, Rice parameter, vocab, T, rows, entries, mask
+runs, k, draws, L, CRC32 of all the other bytes of the member), a table of the eight section
+lengths (8 x uint32), then the payload: the eight sections concatenated (one zstd frame when
+the zstd flag is set); no padding is stored:
 
 ====  ===========  ==============================================================
  #    section      contents
@@ -34,6 +34,11 @@ flag is set); no padding is stored:
                    probabilities are off by at most 2^-11 |m| relative: <= 1.8e-4 in all)
 ====  ===========  ==============================================================
 
+``packed`` v2 (member ``FIRSTKEY.targets.dpb``, one per *block* of consecutive samples, see
+:mod:`distill.blockcodec`): the same sections over the block's samples concatenated, with
+mask runs and counts Rice-coded too, the keys and lengths in a table, and one zstd frame over
+the whole block; it saves the per-sample tar header and padding (~1 KB per sample).
+
 Decoded (vectorised numpy, no per-token loops) to the same padded in-memory arrays as npz
 (ids, float32 log-probs with ``-inf`` pads, uint16 counts). A sampled entry's value is
 ``log(count / draws)`` (+ the row's tail mass for ``topk+sample``), counts are exact.
@@ -45,7 +50,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -53,23 +57,30 @@ from typing import Any
 
 import numpy as np
 
+from distill.bitpack import (
+    bits_for,
+    pack_bits,
+    rice_param,
+    un_unary,
+    unary,
+    unpack_bits,
+    zstd,
+)
 from distill.errors import DistillError
 from distill.targets import KINDS, TargetSpec
 
-KNOWN = {"npz": (0,), "packed": (1,)}
+__all__ = ["Codec", "ShardFormat", "bits_for", "id_dtype", "pack_bits", "unpack_bits"]
+
+KNOWN = {"npz": (0,), "packed": (1, 2)}
+LATEST = {"npz": 0, "packed": 2}
 VALUE_MAPS = ("log8", "pow8", "f16")
 NPZ_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
-MEMBERS = {"npz": "targets.npz", "packed": "targets.dpk"}
+MEMBERS = {("npz", 0): "targets.npz", ("packed", 1): "targets.dpk", ("packed", 2): "targets.dpb"}
 
 _MAGIC = b"DPK"
 _HEAD = struct.Struct("<3sBBBBBIIIIIHHfI")  # magic ver kind values flags b V T n E R k N L crc
 _SECTIONS = struct.Struct("<8I")
 _ZSTD = 1
-
-
-def bits_for(x: int) -> int:
-    """Bits to store integers 0..x (0 bits when x == 0)."""
-    return int(max(int(x), 0)).bit_length()
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -84,12 +95,18 @@ class Codec:
     version: int = 0
     values: str = "log8"  # packed: log8 | pow8 | f16
     log_range: float = 20.0  # packed log8: L
-    zstd: bool = False  # packed: one zstd frame per sample
+    zstd: bool = False  # packed v1: one zstd frame per sample; v2: per block
     zstd_level: int = 3
+    block_tokens: int = 16384  # packed v2: a block closes once it holds this many tokens
 
     @property
     def member(self) -> str:
-        return MEMBERS[self.name]
+        return MEMBERS[(self.name, self.version)]
+
+    @property
+    def blocks(self) -> bool:
+        """Whether a tar member holds a block of samples (packed v2) rather than one."""
+        return self.name == "packed" and self.version >= 2
 
     def info(self) -> dict[str, Any]:
         if self.name == "npz":
@@ -97,7 +114,8 @@ class Codec:
         d: dict[str, Any] = {"name": self.name, "version": self.version, "values": self.values}
         if self.values == "log8":
             d["log_range"] = self.log_range
-        return {**d, "zstd": self.zstd, **({"zstd_level": self.zstd_level} if self.zstd else {})}
+        d = {**d, "zstd": self.zstd, **({"zstd_level": self.zstd_level} if self.zstd else {})}
+        return {**d, "block_tokens": self.block_tokens} if self.blocks else d
 
     @classmethod
     def from_info(cls, info: dict[str, Any] | None, where: str) -> Codec:
@@ -119,6 +137,9 @@ class Codec:
         return c
 
     def check(self, where: str = "targets") -> None:
+        if self.name not in KNOWN or self.version not in KNOWN[self.name]:
+            known = ", ".join(f"{n} v{v}" for n, vs in KNOWN.items() for v in vs)
+            raise DistillError(f"{where}: codec {self.name!r} v{self.version} (knows {known})")
         if self.name == "packed" and self.values not in VALUE_MAPS:
             raise DistillError(
                 f"{where}.values = {self.values!r} is not one of: {', '.join(VALUE_MAPS)}"
@@ -129,6 +150,10 @@ class Codec:
             raise DistillError(f'{where}.zstd needs {where}.codec = "packed"')
         if self.zstd and not 1 <= self.zstd_level <= 22:
             raise DistillError(f"{where}.zstd_level must be in [1, 22], got {self.zstd_level!r}")
+        if not 1 <= self.block_tokens <= 2**24:
+            raise DistillError(
+                f"{where}.block_tokens must be in [1, {2**24}], got {self.block_tokens!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -141,74 +166,6 @@ class ShardFormat:
 
 
 NPZ_V0 = Codec()
-
-
-# --- bit packing (big-endian bit order, as np.packbits) -------------------------------------
-
-
-def pack_bits(v: np.ndarray, b: int) -> bytes:
-    """Non-negative integers < 2**b, b bits each, concatenated and zero-padded to a byte."""
-    if b == 0 or v.size == 0:
-        return b""
-    if b in (8, 16, 32):
-        return np.asarray(v).astype(f">u{b // 8}").tobytes()
-    v = np.asarray(v, dtype=np.uint64)
-    shifts = np.arange(b - 1, -1, -1, dtype=np.uint64)
-    return np.packbits(((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)).tobytes()
-
-
-def unpack_bits(buf: bytes, count: int, b: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` int64 values of ``b`` (<= 57) bits."""
-    if b == 0 or count == 0:
-        return np.zeros(count, dtype=np.int64)
-    if len(buf) * 8 < count * b:
-        raise ValueError(f"bit section too short ({len(buf)} bytes for {count} x {b} bits)")
-    if b in (8, 16, 32):
-        return np.frombuffer(buf, dtype=f">u{b // 8}", count=count).astype(np.int64)
-    arr = np.frombuffer(buf + bytes(8), dtype=np.uint8)
-    off = np.arange(count, dtype=np.int64) * b
-    win = arr[(off >> 3)[:, None] + np.arange(8)]  # 8-byte big-endian windows
-    w = np.ascontiguousarray(win).view(">u8").ravel().astype(np.uint64)
-    w = (w << (off & 7).astype(np.uint64)) >> np.uint64(64 - b)
-    return w.astype(np.int64)
-
-
-def _rice_param(d: np.ndarray, max_b: int) -> int:
-    """The Rice parameter minimising sum(d >> b) + len(d) * (b + 1)."""
-    if d.size == 0:
-        return 0
-    costs = [int((d >> b).sum()) + d.size * (b + 1) for b in range(max_b + 1)]
-    return int(np.argmin(costs))
-
-
-def _unary(q: np.ndarray) -> bytes:
-    bits = np.ones(int(q.sum()) + q.size, dtype=np.uint8)
-    bits[np.cumsum(q + 1) - 1] = 0
-    return np.packbits(bits).tobytes()
-
-
-def _un_unary(buf: bytes, count: int) -> np.ndarray:
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    zeros = np.flatnonzero(np.unpackbits(np.frombuffer(buf, dtype=np.uint8)) == 0)
-    if zeros.size < count:
-        raise ValueError("id section too short")
-    return np.diff(zeros[:count], prepend=-1) - 1
-
-
-_local = threading.local()
-
-
-def _zstd(level: int | None) -> Any:
-    """A per-thread zstd compressor (level) or decompressor (None)."""
-    import zstandard
-
-    cache = _local.__dict__.setdefault("zstd", {})
-    if level not in cache:
-        cache[level] = (
-            zstandard.ZstdDecompressor() if level is None else zstandard.ZstdCompressor(level)
-        )
-    return cache[level]
 
 
 # --- npz v0 --------------------------------------------------------------------------------
@@ -237,10 +194,10 @@ def decode_npz(data: bytes, where: str) -> dict[str, np.ndarray | None]:
         raise DistillError(f"{where}: corrupt sample ({e})") from None
 
 
-# --- packed v1 -----------------------------------------------------------------------------
+# --- values and masks ------------------------------------------------------------------
 
 
-def _quantise(v: np.ndarray, codec: Codec) -> bytes:
+def quantise(v: np.ndarray, codec: Codec) -> bytes:
     if codec.values == "f16":
         return v.astype("<f2").tobytes()
     if codec.values == "log8":
@@ -250,7 +207,7 @@ def _quantise(v: np.ndarray, codec: Codec) -> bytes:
     return np.clip(c, 1, 255).astype(np.uint8).tobytes()
 
 
-def _dequantise(buf: bytes, count: int, values: int, log_range: float) -> np.ndarray:
+def dequantise(buf: bytes, count: int, values: int, log_range: float) -> np.ndarray:
     if values == 2:  # f16
         return np.frombuffer(buf, dtype="<f2", count=count).astype(np.float32)
     c = np.frombuffer(buf, dtype=np.uint8, count=count)
@@ -261,7 +218,7 @@ def _dequantise(buf: bytes, count: int, values: int, log_range: float) -> np.nda
     return 4.0 * np.log(c.astype(np.float32) / np.float32(255.0))
 
 
-def _mask_runs(mask: np.ndarray) -> np.ndarray:
+def mask_runs(mask: np.ndarray) -> np.ndarray:
     m = mask.astype(bool)
     if m.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -270,28 +227,47 @@ def _mask_runs(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], runs]) if m[0] else runs
 
 
-def encode_packed(
-    arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str = "sample"
-) -> bytes:
-    """One sample's arrays -> packed v1 bytes (see the module docstring)."""
-    spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
+# --- the packed codecs' shared maths --------------------------------------------------------
+
+
+@dataclass
+class Flat:
+    """Targets flattened for the packed codecs: per row the exact entries then the drawn ones,
+    each segment sorted by id and delta-coded (``d = id - previous - 1``, first ``d = id``)."""
+
+    input_ids: np.ndarray  # [T] int64
+    mask: np.ndarray  # [T] 0/1
+    n: int  # rows (target positions)
+    d: np.ndarray  # [E] id deltas
+    exact_per_row: np.ndarray  # [n]
+    drawn_per_row: np.ndarray  # [n]
+    values: np.ndarray  # exact entries' log-probs (float32), in flat order
+    counts: np.ndarray | None  # sampled kinds: drawn entries' counts, in flat order
+    tail: np.ndarray | None  # topk+sample: per row log(1 - P_H) (float32)
+
+
+def flatten(arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str) -> Flat:
+    """Check padded in-memory targets against ``fmt`` and flatten them (see :class:`Flat`)."""
+    spec, vocab = fmt.spec, fmt.vocab_size
     ids = np.asarray(arrays["topk_ids"]).astype(np.int64)
     vals = np.asarray(arrays["topk_logprobs"]).astype(np.float32)
     counts = arrays.get("topk_counts")
     input_ids = np.asarray(arrays["input_ids"]).astype(np.int64)
     mask = np.asarray(arrays["loss_mask"])
     n, w = ids.shape
-    k, draws, kind = spec.k, spec.draws, spec.kind
+    draws, kind = spec.draws, spec.kind
 
     def bad(msg: str) -> DistillError:
         return DistillError(f"{where}: cannot encode as packed {kind}: {msg}")
 
     if w != spec.width:
         raise bad(f"width {w} != {spec.width}")
+    if vals.shape != ids.shape:
+        raise bad(f"topk_logprobs {vals.shape} != topk_ids {ids.shape}")
     if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
         raise bad("input id outside the vocab")
-    if mask.size and not np.isin(mask, (0, 1)).all():
-        raise bad("loss_mask is not 0/1")
+    if mask.shape != input_ids.shape or (mask.size and not np.isin(mask, (0, 1)).all()):
+        raise bad("loss_mask is not 0/1 per token")
     valid = np.isfinite(vals)
     if spec.sampled:
         if counts is None:
@@ -318,65 +294,162 @@ def encode_packed(
     if n and (ids[keep].min() < 0 or ids[keep].max() >= vocab):
         raise bad("target id outside the vocab")
 
-    # segments: per row the exact entries, then the drawn ones; ids ascending in each
     part = drawn.astype(np.int64)
     seg = (np.arange(n)[:, None] * 2 + part)[keep]
     fid = ids[keep]
     order = np.lexsort((fid, seg))
     seg, fid = seg[order], fid[order]
-    fval, fcnt = vals[keep][order], (counts[keep][order] if spec.sampled else None)
     first = np.ones(seg.size, dtype=bool)
     first[1:] = seg[1:] != seg[:-1]
     d = fid - np.where(first, 0, np.concatenate([[0], fid[:-1]]) + 1)
     if (d < 0).any():
         raise bad("duplicate target ids in a row")
-    id_bits = bits_for(vocab - 1)
-    b = _rice_param(d, id_bits)
     is_exact = part[keep][order] == 0
-
-    runs = _mask_runs(mask)
-    sections = [
-        pack_bits(input_ids, id_bits),
-        pack_bits(runs, bits_for(len(mask))),
-        b"",
-        _unary(d >> b),
-        pack_bits(d & ((1 << b) - 1), b),
-        b"",
-        b"",
-        b"",
-    ]
-    if kind == "topp":
-        sections[2] = pack_bits(exact.sum(1) - 1, bits_for(k - 1))
-    if spec.sampled:
-        sections[2] = pack_bits(drawn.sum(1) - 1, bits_for(draws - 1))
-        sections[6] = pack_bits(fcnt[~is_exact] - 1, bits_for(draws - 1))  # type: ignore[index]
-    if kind != "sample":
-        sections[5] = _quantise(fval[is_exact], codec)
+    tail = None
     if kind == "topk+sample":
         # the row's tail mass, from its first drawn entry: value - log(count / draws)
         r_first = np.argmax(drawn, axis=1)
         rows = np.arange(n)
-        lt = vals[rows, r_first] - np.log(counts[rows, r_first] / draws).astype(np.float32)
-        sections[7] = lt.astype("<f2").tobytes()
+        tail = vals[rows, r_first] - np.log(counts[rows, r_first] / draws).astype(np.float32)
+    return Flat(
+        input_ids=input_ids,
+        mask=mask,
+        n=n,
+        d=d,
+        exact_per_row=exact.sum(1),
+        drawn_per_row=drawn.sum(1),
+        values=vals[keep][order][is_exact],
+        counts=counts[keep][order][~is_exact] if spec.sampled else None,
+        tail=tail,
+    )
+
+
+def row_entries(flat: Flat, spec: TargetSpec) -> bytes:
+    """The row-entries section: exact (topp) or drawn (sampled kinds) entries per row - 1."""
+    if spec.kind == "topp":
+        return pack_bits(flat.exact_per_row - 1, bits_for(spec.k - 1))
+    if spec.sampled:
+        return pack_bits(flat.drawn_per_row - 1, bits_for(spec.draws - 1))
+    return b""
+
+
+def read_row_entries(buf: bytes, spec: TargetSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`row_entries`: (exact, drawn) entries per row."""
+    m_exact = np.full(n, spec.head, dtype=np.int64)
+    m_drawn = np.zeros(n, dtype=np.int64)
+    if spec.kind == "topp":
+        m_exact = unpack_bits(buf, n, bits_for(spec.k - 1)) + 1
+        if (m_exact > spec.k).any():
+            raise ValueError("row entries > k")
+    elif spec.sampled:
+        m_drawn = unpack_bits(buf, n, bits_for(spec.draws - 1)) + 1
+        if (m_drawn > spec.draws).any():
+            raise ValueError("row entries > draws")
+    return m_exact, m_drawn
+
+
+def unflatten(
+    spec: TargetSpec,
+    vocab: int,
+    d: np.ndarray,
+    m_exact: np.ndarray,
+    m_drawn: np.ndarray,
+    exact_values: np.ndarray,
+    counts: np.ndarray | None,
+    tail: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Flat entries -> padded ``[n, width]`` ids, float32 log-probs (-inf pads), uint16 counts."""
+    n, e = m_exact.size, d.size
+    m = m_exact + m_drawn
+    if int(m.sum()) != e:
+        raise ValueError(f"rows hold {int(m.sum())} entries, the id section {e}")
+    seg_len = np.stack([m_exact, m_drawn], 1).ravel()
+    seg_start = np.cumsum(seg_len) - seg_len
+    nonempty = seg_start[seg_len > 0]
+    first = np.zeros(e, dtype=bool)
+    first[nonempty] = True
+    g = d + ~first
+    cs = np.cumsum(g)
+    fid = cs - np.repeat(cs[nonempty] - g[nonempty], seg_len[seg_len > 0])
+    if e and (fid.max() >= vocab or fid.min() < 0):
+        raise ValueError("target id outside the vocab")
+
+    w, draws = spec.width, spec.draws
+    row = np.repeat(np.arange(n), m)
+    starts = np.cumsum(m) - m
+    col = np.arange(e) - np.repeat(starts, m)
+    is_exact = col < np.repeat(m_exact, m)
+    fval = np.empty(e, dtype=np.float32)
+    fval[is_exact] = exact_values
+    counts_out = None
+    if spec.sampled:
+        assert counts is not None
+        rsum = np.bincount(row[~is_exact], weights=counts, minlength=n)
+        if (rsum != draws).any() or (counts < 1).any():
+            raise ValueError(f"draw counts do not sum to {draws}")
+        lv = np.log(counts / draws)
+        if tail is not None:
+            lv = lv + np.repeat(tail.astype(np.float64), m_drawn)
+        fval[~is_exact] = lv
+        counts_out = np.zeros((n, w), dtype=np.uint16)
+        counts_out[row[~is_exact], col[~is_exact]] = counts
+    vdt = id_dtype(vocab)
+    ids_out = np.empty((n, w), dtype=vdt)
+    if n:
+        ids_out[:] = fid[starts][:, None].astype(vdt)
+    ids_out[row, col] = fid
+    vals_out = np.full((n, w), -np.inf, dtype=np.float32)
+    vals_out[row, col] = fval
+    return ids_out, vals_out, counts_out
+
+
+def mask_from_runs(runs: np.ndarray, t: int) -> np.ndarray:
+    if runs.sum() != t:
+        raise ValueError("loss_mask runs do not add up to the tokens")
+    return np.repeat((np.arange(runs.size) % 2).astype(np.uint8), runs)
+
+
+# --- packed v1 -----------------------------------------------------------------------------
+
+
+def encode_packed(
+    arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str = "sample"
+) -> bytes:
+    """One sample's arrays -> packed v1 bytes (see the module docstring)."""
+    spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
+    f = flatten(arrays, fmt, where)
+    id_bits = bits_for(vocab - 1)
+    b = rice_param(f.d, id_bits)
+    runs = mask_runs(f.mask)
+    sections = [
+        pack_bits(f.input_ids, id_bits),
+        pack_bits(runs, bits_for(len(f.mask))),
+        row_entries(f, spec),
+        unary(f.d >> b),
+        pack_bits(f.d & ((1 << b) - 1), b),
+        quantise(f.values, codec) if spec.kind != "sample" else b"",
+        pack_bits(f.counts - 1, bits_for(spec.draws - 1)) if f.counts is not None else b"",
+        f.tail.astype("<f2").tobytes() if f.tail is not None else b"",
+    ]
     payload = b"".join(sections)
     flags = 0
     if codec.zstd:
-        payload = _zstd(codec.zstd_level).compress(payload)
+        payload = zstd(codec.zstd_level).compress(payload)
         flags |= _ZSTD
     head_bytes = _HEAD.pack(
         _MAGIC,
         1,
-        KINDS.index(kind),
+        KINDS.index(spec.kind),
         VALUE_MAPS.index(codec.values),
         flags,
         b,
         vocab,
-        len(input_ids),
-        n,
-        int(fid.size),
+        len(f.input_ids),
+        f.n,
+        int(f.d.size),
         int(runs.size),
-        k,
-        draws,
+        spec.k,
+        spec.draws,
         codec.log_range,
         0,
     )[:-4]
@@ -412,99 +485,51 @@ def _decode_packed(data: bytes) -> tuple[dict[str, np.ndarray | None], int]:
     lens = _SECTIONS.unpack_from(data, _HEAD.size)
     payload = data[_HEAD.size + _SECTIONS.size :]
     if flags & _ZSTD:
-        payload = _zstd(None).decompress(payload, max_output_size=sum(lens))
+        payload = zstd(None).decompress(payload, max_output_size=sum(lens))
     if len(payload) != sum(lens):
         raise ValueError(f"payload is {len(payload)} bytes, sections say {sum(lens)}")
     offs = np.concatenate([[0], np.cumsum(lens)]).tolist()
     sec = [payload[offs[i] : offs[i + 1]] for i in range(8)]
-    kind = KINDS[kind_i]
-    spec = TargetSpec(kind=kind, k=k, draws=draws)
+    spec = TargetSpec(kind=KINDS[kind_i], k=k, draws=draws)
     id_bits = bits_for(vocab - 1)
-    vdt = id_dtype(vocab)
 
     input_ids = unpack_bits(sec[0], t, id_bits)
-    runs = unpack_bits(sec[1], r, bits_for(t))
-    if runs.sum() != t or (input_ids >= vocab).any():
-        raise ValueError("input_ids / loss_mask do not add up")
-    mask = np.repeat((np.arange(r) % 2).astype(np.uint8), runs)
+    if (input_ids >= vocab).any():
+        raise ValueError("input id outside the vocab")
+    mask = mask_from_runs(unpack_bits(sec[1], r, bits_for(t)), t)
     if int(mask[1:].sum()) != n:
         raise ValueError(f"loss_mask has {int(mask[1:].sum())} targets, header says {n}")
-
-    nh = spec.head if kind != "topp" else 0  # fixed exact entries per row
-    if kind == "topp":
-        m_exact = unpack_bits(sec[2], n, bits_for(k - 1)) + 1
-        if (m_exact > k).any():
-            raise ValueError("row entries > k")
-    else:
-        m_exact = np.full(n, nh, dtype=np.int64)
-    m_drawn = np.zeros(n, dtype=np.int64)
-    if spec.sampled:
-        m_drawn = unpack_bits(sec[2], n, bits_for(draws - 1)) + 1
-        if (m_drawn > draws).any():
-            raise ValueError("row entries > draws")
-    m = m_exact + m_drawn
-    if int(m.sum()) != e:
-        raise ValueError(f"rows hold {int(m.sum())} entries, header says {e}")
-
-    # ids: Rice-coded deltas, reset at each segment (exact part, then drawn part, per row)
-    d = (_un_unary(sec[3], e) << b) | unpack_bits(sec[4], e, b)
-    seg_len = np.stack([m_exact, m_drawn], 1).ravel()
-    seg_start = np.cumsum(seg_len) - seg_len
-    nonempty = seg_start[seg_len > 0]
-    first = np.zeros(e, dtype=bool)
-    first[nonempty] = True
-    g = d + ~first
-    cs = np.cumsum(g)
-    fid = cs - np.repeat(cs[nonempty] - g[nonempty], seg_len[seg_len > 0])
-    if e and (fid.max() >= vocab or fid.min() < 0):
-        raise ValueError("target id outside the vocab")
-
-    # flat (row-major) -> padded [n, width]
-    w = spec.width
-    row = np.repeat(np.arange(n), m)
-    starts = np.cumsum(m) - m
-    col = np.arange(e) - np.repeat(starts, m)
-    is_exact = col < np.repeat(m_exact, m)
-    fval = np.empty(e, dtype=np.float32)
-    ne = int(m_exact.sum())
-    if kind != "sample":
-        fval[is_exact] = _dequantise(sec[5], ne, val_i, lrange)
-    counts_out = None
-    if spec.sampled:
-        c = unpack_bits(sec[6], e - ne, bits_for(draws - 1)) + 1
-        rsum = np.bincount(row[~is_exact], weights=c, minlength=n)
-        if (rsum != draws).any():
-            raise ValueError(f"draw counts do not sum to {draws}")
-        lv = np.log(c / draws)
-        if kind == "topk+sample":
-            lt = np.frombuffer(sec[7], dtype="<f2", count=n).astype(np.float64)
-            lv = lv + np.repeat(lt, m_drawn)
-        fval[~is_exact] = lv
-        counts_out = np.zeros((n, w), dtype=np.uint16)
-        counts_out[row[~is_exact], col[~is_exact]] = c
-    ids_out = np.empty((n, w), dtype=vdt)
-    if n:
-        ids_out[:] = fid[starts][:, None].astype(vdt)
-    ids_out[row, col] = fid
-    vals_out = np.full((n, w), -np.inf, dtype=np.float32)
-    vals_out[row, col] = fval
+    m_exact, m_drawn = read_row_entries(sec[2], spec, n)
+    ne, nd = int(m_exact.sum()), int(m_drawn.sum())
+    if ne + nd != e:
+        raise ValueError(f"rows hold {ne + nd} entries, header says {e}")
+    d = (un_unary(sec[3], e) << b) | unpack_bits(sec[4], e, b)
+    values = dequantise(sec[5], ne, val_i, lrange) if spec.kind != "sample" else np.zeros(0)
+    counts = unpack_bits(sec[6], nd, bits_for(draws - 1)) + 1 if spec.sampled else None
+    tail = None
+    if spec.kind == "topk+sample":
+        tail = np.frombuffer(sec[7], dtype="<f2", count=n)
+    ids, vals, cnt = unflatten(spec, vocab, d, m_exact, m_drawn, values, counts, tail)
+    vdt = id_dtype(vocab)
     arrays = {
         "input_ids": input_ids.astype(vdt),
         "loss_mask": mask,
-        "topk_ids": ids_out,
-        "topk_logprobs": vals_out,
-        "topk_counts": counts_out,
+        "topk_ids": ids,
+        "topk_logprobs": vals,
+        "topk_counts": cnt,
     }
     return arrays, int(vocab)
 
 
 def encode(arrays: dict[str, np.ndarray | None], fmt: ShardFormat | None, where: str) -> bytes:
-    """Encode with ``fmt.codec`` (npz v0 when ``fmt`` is None)."""
+    """Encode one sample with ``fmt.codec`` (npz v0 when ``fmt`` is None; not packed v2)."""
     if fmt is None or fmt.codec.name == "npz":
         return encode_npz(arrays)
+    if fmt.codec.blocks:
+        raise DistillError(f"{where}: packed v{fmt.codec.version} encodes blocks of samples")
     return encode_packed(arrays, fmt, where)
 
 
-def member_codec(suffix: str) -> str | None:
-    """The codec name of a tar member suffix, or None."""
-    return next((name for name, m in MEMBERS.items() if m == suffix), None)
+def member_codec(suffix: str) -> tuple[str, int] | None:
+    """The (codec name, version) of a tar member suffix, or None."""
+    return next((nv for nv, m in MEMBERS.items() if m == suffix), None)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.codec import Codec
+from distill.codec import KNOWN, LATEST, Codec
 from distill.errors import DistillError
 from distill.losses import LossWeights
-from distill.targets import KINDS, TargetSpec
+from distill.targets import KINDS, SAMPLING, TargetSpec
 
 
 @dataclass
@@ -53,25 +53,31 @@ class TargetsSection:
     k: int = 16  # topk: entries; topp: the cap; topk+sample: the exact head
     top_p: float = 0.95  # topp: keep the smallest prefix with at least this mass
     draws: int = 50  # sample, topk+sample: N draws with replacement
-    codec: str = "npz"  # npz (v0: float16 log-probs) | packed (v1: bit-packed, see codec.py)
+    sampling: str = "iid"  # sample, topk+sample: iid | systematic (see targets.py)
+    codec: str = "npz"  # npz (v0: float16 log-probs) | packed (bit-packed, see codec.py)
+    codec_version: int = 0  # 0: the codec's newest (packed: 2, blocks; 1: one member/sample)
     values: str = "log8"  # packed: log8 | pow8 | f16 (exact entries' log-probs)
     log_range: float = 20.0  # packed log8: codes span log-probs [-log_range, 0]
-    zstd: bool = False  # packed: one zstd frame per sample
+    zstd: bool = False  # packed: one zstd frame per block (v2) or per sample (v1)
     zstd_level: int = 3
+    block_tokens: int = 16384  # packed v2: tokens per block (a tar member of samples)
 
     def spec(self) -> TargetSpec:
-        return TargetSpec(kind=self.kind, k=self.k, top_p=self.top_p, draws=self.draws)
+        return TargetSpec(
+            kind=self.kind, k=self.k, top_p=self.top_p, draws=self.draws, sampling=self.sampling
+        )
 
     def codec_spec(self) -> Codec:
         if self.codec == "npz":
             return Codec()
         return Codec(
             name=self.codec,
-            version=1,
+            version=self.codec_version or LATEST[self.codec],
             values=self.values,
             log_range=self.log_range,
             zstd=self.zstd,
             zstd_level=self.zstd_level,
+            block_tokens=self.block_tokens,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -82,6 +88,12 @@ class TargetsSection:
     def check(self, src: str, loss: LossWeights) -> None:
         """Field ranges, and loss terms that this target kind cannot support."""
         self.spec().check(where=f"{src}: targets")
+        known = KNOWN.get(self.codec, ())
+        if self.codec_version and self.codec_version not in known:
+            raise DistillError(
+                f"{src}: targets.codec_version = {self.codec_version} is not one of "
+                f"{', '.join(map(str, known))} for codec {self.codec!r} (0 = the newest)"
+            )
         self.codec_spec().check(f"{src}: targets")
         if self.zstd and self.codec != "packed":
             raise DistillError(f'{src}: targets.zstd needs targets.codec = "packed"')
@@ -201,6 +213,7 @@ _CHOICES = {
     ("teacher", "device"): ("auto", "cpu", "cuda"),
     ("data", "truncation"): ("error", "right"),
     ("targets", "kind"): KINDS,
+    ("targets", "sampling"): SAMPLING,
     ("targets", "codec"): ("npz", "packed"),
     ("targets", "values"): ("log8", "pow8", "f16"),
     ("student", "init"): ("teacher-layers", "pretrained"),
@@ -215,6 +228,7 @@ _POSITIVE = {
     ("teacher", "samples_per_shard"),
     ("data", "max_length"),
     ("targets", "k"),
+    ("targets", "block_tokens"),
     ("student", "layers"),
     ("train", "epochs"),
     ("train", "batch_size"),

@@ -1,10 +1,11 @@
 """The manifest: written last, it marks a shard set complete and describes how to read it.
 
-``codec`` names the member codec and its settings (``{"name": "packed", "version": 1, ...}``,
+``codec`` names the member codec and its settings (``{"name": "packed", "version": 2, ...}``,
 see :mod:`distill.codec`); manifests written before codecs existed have none and read as
 ``npz`` v0. ``targets`` holds what the losses need about the target kind (``kind``, its
-parameters, ``tail``: whether a tail bucket ``1 - sum p`` applies, ``width``; see
-:mod:`distill.targets`); older manifests get ``topk`` with ``k``. A codec name or version this
+parameters, ``sampling`` for sampled kinds (absent before it existed: ``iid``), ``tail``:
+whether a tail bucket ``1 - sum p`` applies, ``width``; see :mod:`distill.targets`); older
+manifests get ``topk`` with ``k``. A codec name or version this
 distill does not know is refused on load.
 """
 

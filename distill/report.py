@@ -60,6 +60,8 @@ def inspect_shards(url: str, console: Console) -> None:
         t.add_row(key, str(getattr(m, key)))
     t.add_row("tokenizer", m.tokenizer_fingerprint[:16])
     t.add_row("dtypes", json.dumps(m.dtypes))
+    t.add_row("targets", json.dumps(m.targets))
+    t.add_row("codec", json.dumps(m.codec))
     t.add_row("shards", str(len(m.shards)))
     t.add_row("teacher seconds", f"{m.teacher_seconds:.1f}")
     for key, v in stats.items():

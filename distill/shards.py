@@ -1,8 +1,11 @@
 """Shards: WebDataset tar files of per-sample sparse teacher targets.
 
-Each sample ``KEY`` is one tar member (one tar header per sample), ``KEY.targets.npz`` for the
-``npz`` v0 codec (an uncompressed NumPy archive, the default) or ``KEY.targets.dpk`` for the
-``packed`` v1 codec (see :mod:`distill.codec`). Either decodes to a :class:`TargetSample`:
+With the ``npz`` v0 and ``packed`` v1 codecs each sample ``KEY`` is one tar member (one tar
+header per sample): ``KEY.targets.npz`` (an uncompressed NumPy archive) or ``KEY.targets.dpk``
+(see :mod:`distill.codec`). With ``packed`` v2 one member ``FIRSTKEY.targets.dpb`` holds a
+block of consecutive samples (see :mod:`distill.blockcodec`), and the archive ends after its
+end-of-archive blocks (no padding to a 10 KiB tar record). Each sample decodes to a
+:class:`TargetSample`:
 
 - ``input_ids``     [T]    token ids (uint16 when the vocab fits, else int32)
 - ``loss_mask``     [T]    uint8, 1 = assistant token (a label)
@@ -15,7 +18,8 @@ Each sample ``KEY`` is one tar member (one tar header per sample), ``KEY.targets
 Target positions are the t with ``loss_mask[t + 1] == 1`` (position t predicts token t+1), in
 order, so positions need not be stored. For ``topk``/``topp`` the tail mass is
 ``1 - sum(exp(topk_logprobs))``. Tar members carry a fixed mtime, so the same samples always
-give the same bytes. The member suffix names the codec, so a shard reads without its manifest.
+give the same bytes. The member suffix names the codec, so a shard reads without its manifest;
+samples come out in the order they were written.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import webdataset as wds
 
 from distill import codec as codecs
+from distill.blockcodec import decode_block, encode_block, split_blocks
 from distill.codec import ShardFormat, id_dtype
 from distill.errors import DistillError
 
@@ -118,14 +123,17 @@ def write_shard(
     samples = list(samples)
     if not samples:
         raise ValueError("a shard needs at least one sample")
-    member = fmt.codec.member if fmt is not None else MEMBER
     with path.open("wb") as f:
         out = _HashingWriter(f)  # checksum the bytes as they are written: no second read
-        writer = wds.TarWriter(out, mtime=0)  # an int: no 1 KiB PAX header per member
-        for s in samples:
-            data = codecs.encode(s.arrays(), fmt, f"{path}: sample {s.key}")
-            writer.write({"__key__": s.key, member: data})
-        writer.close()
+        if fmt is not None and fmt.codec.blocks:
+            _write_blocks(out, samples, fmt, str(path))
+        else:
+            member = fmt.codec.member if fmt is not None else MEMBER
+            writer = wds.TarWriter(out, mtime=0)  # an int: no 1 KiB PAX header per member
+            for s in samples:
+                data = codecs.encode(s.arrays(), fmt, f"{path}: sample {s.key}")
+                writer.write({"__key__": s.key, member: data})
+            writer.close()
     return ShardStats(
         name=path.name,
         samples=len(samples),
@@ -138,6 +146,24 @@ def write_shard(
     )
 
 
+def _write_blocks(
+    out: _HashingWriter, samples: list[TargetSample], fmt: ShardFormat, where: str
+) -> None:
+    """Packed v2: one member per block, ustar headers as webdataset's, no record padding."""
+    for lo, hi in split_blocks([len(s.input_ids) for s in samples], fmt.codec.block_tokens):
+        block = samples[lo:hi]
+        try:
+            data = encode_block([s.key for s in block], [s.arrays() for s in block], fmt)
+        except DistillError as e:
+            raise DistillError(f"{where}: {e}") from None
+        info = tarfile.TarInfo(f"{block[0].key}.{fmt.codec.member}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "bigdata"
+        out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        out.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
+    out.write(bytes(2 * tarfile.BLOCKSIZE))  # end of archive
+
+
 def read_shard(path: Path, vocab_size: int | None = None) -> Iterator[TargetSample]:
     """Yield the samples of a local tar shard (any known codec), validating each one.
 
@@ -147,28 +173,42 @@ def read_shard(path: Path, vocab_size: int | None = None) -> Iterator[TargetSamp
         with tarfile.open(path, "r|") as tf:  # streaming: members in write order
             for info in tf:
                 key, _, suffix = info.name.partition(".")
-                name = codecs.member_codec(suffix)
-                if name is None or not info.isfile():
+                codec = codecs.member_codec(suffix)
+                if codec is None or not info.isfile():
                     raise DistillError(f"{path}: unexpected member {info.name!r}")
                 data = tf.extractfile(info).read()  # type: ignore[union-attr]
-                where = f"{path}: sample {key}"
-                if name == "npz":
-                    arrays = codecs.decode_npz(data, where)
-                else:
-                    arrays, vocab = codecs.decode_packed(data, where)
-                    if vocab_size is not None and vocab != vocab_size:
-                        raise DistillError(
-                            f"{where} was packed for vocab size {vocab}, the manifest says "
-                            f"{vocab_size}"
-                        )
-                s = TargetSample(key=key, **arrays)  # type: ignore[arg-type]
-                s.validate(str(path))
-                yield s
+                yield from _member_samples(path, key, codec, data, vocab_size)
             # a file cut at a member boundary reads as a short archive: demand the end marker
             if path.stat().st_size < tf.offset + 2 * tarfile.BLOCKSIZE:
                 raise DistillError(f"{path}: corrupt shard (truncated: no end-of-archive marker)")
     except (tarfile.TarError, zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
         raise DistillError(f"{path}: corrupt shard ({e})") from None
+
+
+def _member_samples(
+    path: Path, key: str, codec: tuple[str, int], data: bytes, vocab_size: int | None
+) -> Iterator[TargetSample]:
+    """The validated samples of one tar member."""
+    where = f"{path}: sample {key}"
+    vocab = None
+    if codec == ("npz", 0):
+        decoded = [(key, codecs.decode_npz(data, where))]
+    elif codec == ("packed", 1):
+        arrays, vocab = codecs.decode_packed(data, where)
+        decoded = [(key, arrays)]
+    else:
+        where = f"{path}: block {key}"
+        decoded, vocab = decode_block(data, where)
+        if decoded[0][0] != key:
+            raise DistillError(f"{where}: corrupt block (first sample is {decoded[0][0]!r})")
+    if vocab is not None and vocab_size is not None and vocab != vocab_size:
+        raise DistillError(
+            f"{where} was packed for vocab size {vocab}, the manifest says {vocab_size}"
+        )
+    for k, arrays in decoded:
+        s = TargetSample(key=k, **arrays)  # type: ignore[arg-type]
+        s.validate(str(path))
+        yield s
 
 
 def shard_name(index: int) -> str:

@@ -21,6 +21,14 @@ and returning :class:`Extracted` (ids, values, draw counts, entries per row):
     ``log(c_j / N) + log(1 - P_H)``. ``E[c_j / N * (1 - P_H)] = p_j``, so the target is exact on
     H, unbiased on the tail, sums to 1, and has no tail bucket (``tail = False``).
 
+``sampling`` (sampled kinds) picks the N uniforms of a row. ``iid``: N independent
+uniforms (RS-KD's estimator). ``systematic``: one uniform U per row and ``u_j = (j + U) / N``
+for j = 0..N-1, i.e. N evenly spaced points of the CDF (in vocab order) with a random offset.
+Each ``u_j`` is still uniform on [0, 1), so ``E[c_i] = N p_i`` exactly (unbiased), but the
+count of id i is always ``floor(N p_i)`` or ``ceil(N p_i)``: likely ids get their mass
+almost exactly, and the variance of ``p_hat_i`` drops from ``p_i (1 - p_i) / N`` to
+``f (1 - f) / N^2`` with ``f = frac(N p_i)``.
+
 Variable-width rows (all kinds but ``topk``) are padded to the kind's fixed width with a
 sentinel: the row's first id, value ``-inf`` and count 0. Every row has at least one entry,
 and column 0 is always a real entry. The losses treat ``-inf`` entries as absent.
@@ -43,6 +51,7 @@ from torch import Tensor
 from distill.errors import DistillError
 
 KINDS = ("topk", "topp", "sample", "topk+sample")
+SAMPLING = ("iid", "systematic")
 MAX_WIDTH = 65535  # k and draws fit the packed codec's 16-bit fields
 
 
@@ -54,6 +63,7 @@ class TargetSpec:
     k: int = 16
     top_p: float = 0.95
     draws: int = 50
+    sampling: str = "iid"  # sampled kinds: iid | systematic
 
     @property
     def sampled(self) -> bool:
@@ -86,6 +96,10 @@ class TargetSpec:
             raise DistillError(f"{where}.top_p must be in (0, 1], got {self.top_p!r}")
         if not 1 <= self.draws <= MAX_WIDTH:
             raise DistillError(f"{where}.draws must be in [1, {MAX_WIDTH}], got {self.draws!r}")
+        if self.sampling not in SAMPLING:
+            raise DistillError(
+                f"{where}.sampling = {self.sampling!r} is not one of: {', '.join(SAMPLING)}"
+            )
         if self.sampled and self.width > MAX_WIDTH:
             raise DistillError(f"{where}.k + {where}.draws must be <= {MAX_WIDTH}")
         if vocab_size is not None and self.kind != "sample" and self.k >= vocab_size:
@@ -102,6 +116,7 @@ class TargetSpec:
             d["top_p"] = self.top_p
         if self.sampled:
             d["draws"] = self.draws
+            d["sampling"] = self.sampling
         return {**d, "tail": self.tail, "width": self.width}
 
 
@@ -162,24 +177,42 @@ def _draw(logits: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ids, counts, n
 
 
-def sample_targets(logits: Tensor, draws: int, uniforms: Tensor) -> Extracted:
-    """N = draws draws from the full softmax: unique ids, counts, values log(count / N)."""
+def systematic_uniforms(uniforms: Tensor) -> Tensor:
+    """``u_j = (j + U) / N`` per row from the row's first uniform U (``[rows, N]`` in and out)."""
+    draws = uniforms.shape[1]
+    j = torch.arange(draws, device=uniforms.device, dtype=torch.float64)
+    return (j[None, :] + uniforms[:, :1].to(torch.float64)) / draws
+
+
+def sample_targets(
+    logits: Tensor, draws: int, uniforms: Tensor, sampling: str = "iid"
+) -> Extracted:
+    """N = draws draws from the full softmax: unique ids, counts, values log(count / N).
+
+    ``uniforms`` [rows, N] in [0, 1); ``sampling = "systematic"`` uses only their first
+    column (see the module docstring)."""
     if uniforms.shape != (logits.shape[0], draws):
         raise DistillError(
             f"uniforms must be [{logits.shape[0]}, {draws}], got {tuple(uniforms.shape)}"
         )
+    if sampling == "systematic":
+        uniforms = systematic_uniforms(uniforms)
+    elif sampling != "iid":
+        raise DistillError(f"sampling = {sampling!r} is not one of: {', '.join(SAMPLING)}")
     ids, counts, n = _draw(logits, uniforms)
     values = (counts.double() / draws).log().float()
     return _pad(ids, values, counts.int(), n)
 
 
-def topk_sample_targets(logits: Tensor, k: int, draws: int, uniforms: Tensor) -> Extracted:
+def topk_sample_targets(
+    logits: Tensor, k: int, draws: int, uniforms: Tensor, sampling: str = "iid"
+) -> Extracted:
     """Exact top-k head plus N draws from the renormalised tail (see the module docstring)."""
     logits = logits.float()
     head = topk_targets(logits, k)
     rest = logits.scatter(1, head.ids, float("-inf"))
     log_tail = torch.logsumexp(rest, -1, keepdim=True) - torch.logsumexp(logits, -1, keepdim=True)
-    t = sample_targets(rest, draws, uniforms)
+    t = sample_targets(rest, draws, uniforms, sampling)
     values = torch.cat([head.values, t.values + log_tail], dim=1)
     ids = torch.cat([head.ids, t.ids], dim=1)
     counts = torch.cat([head.counts, t.counts], dim=1)
@@ -190,17 +223,17 @@ def topk_sample_targets(logits: Tensor, k: int, draws: int, uniforms: Tensor) ->
 
 def extract_chunk(logits: Tensor, spec: TargetSpec, uniforms: Tensor | None = None) -> Extracted:
     """Dispatch on ``spec.kind`` for one chunk of full-vocab logits."""
-    if spec.sampled and uniforms is None:
-        raise DistillError(f"targets.kind = {spec.kind!r} needs uniforms (see draw_uniforms)")
     if spec.kind == "topk":
         return topk_targets(logits, spec.k)
     if spec.kind == "topp":
         return topp_targets(logits, spec.top_p, spec.k)
+    if spec.kind not in KINDS:
+        raise DistillError(f"targets.kind = {spec.kind!r} is not one of: {', '.join(KINDS)}")
+    if uniforms is None:
+        raise DistillError(f"targets.kind = {spec.kind!r} needs uniforms (see draw_uniforms)")
     if spec.kind == "sample":
-        return sample_targets(logits, spec.draws, uniforms)  # type: ignore[arg-type]
-    if spec.kind == "topk+sample":
-        return topk_sample_targets(logits, spec.k, spec.draws, uniforms)  # type: ignore[arg-type]
-    raise DistillError(f"targets.kind = {spec.kind!r} is not one of: {', '.join(KINDS)}")
+        return sample_targets(logits, spec.draws, uniforms, spec.sampling)
+    return topk_sample_targets(logits, spec.k, spec.draws, uniforms, spec.sampling)
 
 
 @torch.no_grad()
@@ -236,7 +269,8 @@ def extract(
 
 
 def draw_uniforms(seed: int, key: str, rows: int, draws: int) -> np.ndarray:
-    """[rows, draws] float64 uniforms for one sample, a pure function of (seed, key)."""
+    """[rows, draws] float64 uniforms for one sample, a pure function of (seed, key) (the
+    systematic scheme uses each row's first one)."""
     digest = hashlib.sha256(key.encode()).digest()
     words = np.frombuffer(digest[:16], dtype="<u4").tolist()
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, *words])

@@ -1,10 +1,13 @@
-"""The packed codec: exact round trips, quantisation bounds, old npz-v0 shards, refusals."""
+"""The packed codecs: exact round trips, quantisation bounds, blocks (v2), real shards written by
+older distill versions (npz v0, packed v1), refusals."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,7 +216,7 @@ def test_old_npz_v0_shard_set_is_readable(tmp_path):
 @pytest.mark.parametrize(
     ("codec", "match"),
     [
-        ({"name": "packed", "version": 2}, "shard codec 'packed' version 2 is not supported"),
+        ({"name": "packed", "version": 3}, "shard codec 'packed' version 3 is not supported"),
         ({"name": "brotli", "version": 1}, "shard codec 'brotli' version 1 is not supported"),
         ({"name": "npz", "version": 1}, "shard codec 'npz' version 1"),
         ({"name": "packed", "version": 1, "values": "log3"}, "values = 'log3'"),
@@ -282,3 +285,189 @@ def test_encoder_refuses_inconsistent_targets():
         encode_packed(s.arrays(), ShardFormat(packed(), TargetSpec("sample", draws=31), 500))
     with pytest.raises(DistillError, match="outside the vocab"):
         encode_packed(s.arrays(), ShardFormat(packed(), spec, 10))
+
+
+# --- packed v2: blocks of samples per tar member -------------------------------------------
+
+
+def packed2(values: str = "log8", zstd: bool = True, block_tokens: int = 16384) -> Codec:
+    return Codec("packed", 2, values=values, zstd=zstd, block_tokens=block_tokens)
+
+
+def edge_samples(spec: TargetSpec) -> list[TargetSample]:
+    """A sample whose first token is masked and has no target rows, and a one-token sample."""
+    out = []
+    for key, mask in (("e-first", [1, 0, 0]), ("e-one", [0])):
+        m = np.array(mask, np.uint8)
+        out.append(
+            TargetSample(
+                key,
+                np.arange(len(m), dtype=np.uint16),
+                m,
+                np.zeros((0, spec.width), np.uint16),
+                np.zeros((0, spec.width), np.float32),
+                np.zeros((0, spec.width), np.uint16) if spec.sampled else None,
+            )
+        )
+    return out
+
+
+def assert_same(a: TargetSample, b: TargetSample) -> None:
+    assert a.key == b.key
+    for f in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        if x is not None:
+            assert x.dtype == y.dtype and np.array_equal(x, y), f
+
+
+@pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.kind)
+@pytest.mark.parametrize("values", ["log8", "f16"])
+@pytest.mark.parametrize("zstd", [False, True])
+def test_blocks_decode_exactly_as_packed_v1_in_order(tmp_path, spec, values, zstd):
+    """v2 stores what v1 stores: the decoded arrays are identical, bit for bit, keys in order,
+    across several blocks per shard (block_tokens small) and samples without target rows."""
+    samples = make_samples(spec, n=9, seed=5)
+    samples = samples[:4] + edge_samples(spec) + samples[4:]
+    write_shard(tmp_path / "v1.tar", samples, ShardFormat(packed(values, zstd), spec, 500))
+    fmt = ShardFormat(packed2(values, zstd, block_tokens=80), spec, 500)
+    st = write_shard(tmp_path / "v2.tar", samples, fmt)
+    v1 = list(read_shard(tmp_path / "v1.tar", 500))
+    v2 = list(read_shard(tmp_path / "v2.tar", 500))
+    assert [s.key for s in v2] == [s.key for s in samples]
+    for a, b in zip(v1, v2, strict=True):
+        assert_same(a, b)
+    assert (st.samples, st.first_key, st.last_key) == (11, samples[0].key, samples[-1].key)
+    assert st.tokens == sum(len(s.input_ids) for s in samples)
+    assert st.target_tokens == sum(s.topk_ids.shape[0] for s in samples)
+    # several members, each named after its block's first sample; no 10 KiB record padding
+    with tarfile.open(tmp_path / "v2.tar") as tf:
+        members = tf.getmembers()
+    assert len(members) > 2 and all(m.name.endswith(".targets.dpb") for m in members)
+    assert members[0].name == f"{samples[0].key}.targets.dpb"
+    framed = sum(512 + m.size + -m.size % 512 for m in members)
+    assert st.nbytes == (tmp_path / "v2.tar").stat().st_size == framed + 1024
+    # the same samples, and their decoded copies, encode to the same bytes (resume relies on it)
+    assert write_shard(tmp_path / "again.tar", samples, fmt).sha256 == st.sha256
+    assert write_shard(tmp_path / "re.tar", v2, fmt).sha256 == st.sha256
+
+
+def test_blocks_beat_one_member_per_sample_and_zstd_shares_the_template(tmp_path):
+    spec = TargetSpec("sample", draws=30)
+    samples = make_samples(spec, n=40, seed=6)
+    template = np.arange(30, dtype=np.uint16)  # every sample starts with the same 30 tokens
+    for s in samples:
+        s.input_ids = np.concatenate([template, s.input_ids])
+        s.loss_mask[0] = 0  # now a target position iff it is one in the sample (it is not)
+        s.loss_mask = np.concatenate([np.zeros(30, np.uint8), s.loss_mask])
+    size = {}
+    for name, codec in (("v1", packed()), ("v2", packed2(zstd=False)), ("v2z", packed2())):
+        size[name] = write_shard(tmp_path / f"{name}.tar", samples, ShardFormat(codec, spec, 500))
+    assert size["v2"].nbytes < size["v1"].nbytes / 3
+    assert size["v2z"].nbytes < size["v2"].nbytes - 30 * 40  # the template is stored ~once
+    for name in size:
+        assert [s.key for s in read_shard(tmp_path / f"{name}.tar")] == [s.key for s in samples]
+
+
+def test_block_split_is_by_tokens():
+    from distill.blockcodec import split_blocks
+
+    assert split_blocks([5, 5, 5, 5, 5], 10) == [(0, 2), (2, 4), (4, 5)]
+    assert split_blocks([30, 1, 1], 10) == [(0, 1), (1, 3)]
+    assert split_blocks([3], 100) == [(0, 1)]
+
+
+@pytest.mark.parametrize("zstd", [False, True])
+def test_corrupt_or_truncated_block_is_a_distill_error(tmp_path, zstd):
+    from distill.blockcodec import decode_block, encode_block
+
+    spec = TargetSpec("topk+sample", k=4, draws=30)
+    fmt = ShardFormat(packed2(zstd=zstd), spec, 500)
+    samples = make_samples(spec, n=4, seed=7)
+    data = encode_block([s.key for s in samples], [s.arrays() for s in samples], fmt)
+    out, vocab = decode_block(data, "b")
+    assert vocab == 500 and [k for k, _ in out] == [s.key for s in samples]
+    bad = [data[:10], data[:-1], data[: len(data) // 2], data + b"x", b""]
+    for i in range(0, len(data), max(1, len(data) // 40)):  # single-byte flips everywhere
+        bad.append(data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :])
+    for d in bad:
+        with pytest.raises(DistillError, match="^b: "):
+            decode_block(d, "b")
+    with pytest.raises(DistillError, match="packed block version 7 is not supported"):
+        decode_block(data[:3] + bytes([7]) + data[4:], "b")
+    # in a shard: a flipped payload byte, a cut-off file, a renamed member, another vocab
+    write_shard(tmp_path / "a.tar", samples, fmt)
+    raw = bytearray((tmp_path / "a.tar").read_bytes())
+    raw[512 + 100] ^= 0xFF
+    (tmp_path / "b.tar").write_bytes(bytes(raw))
+    with pytest.raises(DistillError, match="corrupt"):
+        list(read_shard(tmp_path / "b.tar"))
+    for cut in (700, len(raw) - 1024, len(raw) - 1):
+        (tmp_path / "c.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:cut])
+        with pytest.raises(DistillError, match="corrupt"):
+            list(read_shard(tmp_path / "c.tar"))
+    with tarfile.open(tmp_path / "a.tar") as tf, tarfile.open(tmp_path / "d.tar", "w") as out:
+        for m in tf.getmembers():
+            data_m = tf.extractfile(m).read()
+            m.name = "other-key.targets.dpb"
+            out.addfile(m, io.BytesIO(data_m))
+    with pytest.raises(DistillError, match="first sample is"):
+        list(read_shard(tmp_path / "d.tar"))
+    with pytest.raises(DistillError, match="packed for vocab size 500, the manifest says 49152"):
+        list(read_shard(tmp_path / "a.tar", 49152))
+
+
+def test_block_encoder_refuses_rows_that_do_not_match_the_mask():
+    from distill.blockcodec import encode_block
+
+    spec = TargetSpec("topk", k=8)
+    s = make_samples(spec, n=1)[0]
+    a = {**s.arrays(), "topk_ids": s.topk_ids[:-1], "topk_logprobs": s.topk_logprobs[:-1]}
+    with pytest.raises(DistillError, match="target rows"):
+        encode_block([s.key], [a], ShardFormat(packed2(), spec, 500))
+
+
+# --- shard sets written by older distill versions ------------------------------------------
+
+OLD = Path(__file__).resolve().parent / "data" / "old_shards"
+
+
+def _digest(s: TargetSample) -> str:
+    h = hashlib.sha256()
+    for f in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts"):
+        a = getattr(s, f)
+        h.update(f.encode())
+        if a is not None:
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(json.loads((OLD / "expected.json").read_text())["sets"]))
+def test_real_old_shard_sets_read_and_re_encode_identically(tmp_path, name):
+    """Real SmolLM2 targets written and decoded at commit 5494d02 (npz v0, packed v1): this
+    distill decodes the same arrays, reads them through the loader, and re-encodes the same
+    bytes (a resumed old run re-verifies its shards that way)."""
+    from distill.cache import ShardCache
+    from distill.loader import ShardLoader
+    from distill.storage import open_store
+
+    want = json.loads((OLD / "expected.json").read_text())["sets"][name]
+    m = Manifest.from_json((OLD / name / "manifest.json").read_bytes(), name)
+    shard = OLD / name / m.shards[0].name
+    samples = list(read_shard(shard, m.vocab_size))
+    assert {s.key: _digest(s) for s in samples} == want["samples"]
+    assert list(want["samples"]) == [s.key for s in samples]  # order kept
+    assert m.codec_spec().version in (0, 1) and m.targets.get("sampling", "iid") == "iid"
+    spec = TargetSpec(**{k: v for k, v in m.targets.items() if k not in ("tail", "width")})
+    fmt = None if m.codec_spec().name == "npz" else ShardFormat(m.codec_spec(), spec, m.vocab_size)
+    assert (
+        write_shard(tmp_path / "re.tar", samples, fmt).sha256
+        == want["sha256"]
+        == m.shards[0].sha256
+    )
+    cache = ShardCache(open_store(str(OLD / name)), tmp_path / "cache", 1 << 20)
+    loader = ShardLoader(m, cache, batch_size=4, shuffle=False)
+    batches = list(loader.batches())
+    assert sum(len(b.keys) for b in batches) == m.samples == 6
+    assert batches[0].t_ids.shape[1] == m.k

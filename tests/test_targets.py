@@ -15,6 +15,7 @@ from distill.targets import (
     draw_uniforms,
     extract,
     sample_targets,
+    systematic_uniforms,
     topk_sample_targets,
     topk_targets,
     topp_targets,
@@ -122,9 +123,13 @@ def test_topk_plus_sample_is_exact_head_plus_scaled_tail_draws():
         assert abs(float(t.values[r, :n].double().exp().sum()) - 1.0) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["topk", "topp", "sample", "topk+sample"])
-def test_extraction_is_deterministic_and_chunking_does_not_matter(kind):
-    spec = TargetSpec(kind=kind, k=5, top_p=0.9, draws=25)
+@pytest.mark.parametrize(
+    ("kind", "sampling"),
+    [("topk", "iid"), ("topp", "iid"), ("sample", "iid"), ("topk+sample", "iid")]
+    + [("sample", "systematic"), ("topk+sample", "systematic")],
+)
+def test_extraction_is_deterministic_and_chunking_does_not_matter(kind, sampling):
+    spec = TargetSpec(kind=kind, k=5, top_p=0.9, draws=25, sampling=sampling)
     g = torch.Generator().manual_seed(4)
     hidden, weight = torch.randn(23, 8, generator=g), torch.randn(V, 8, generator=g) * 2
     u = np.concatenate(
@@ -144,6 +149,71 @@ def test_draw_uniforms_depend_only_on_seed_and_key():
     assert not np.array_equal(a, draw_uniforms(4, "train-0000005", 4, 10))
     assert not np.array_equal(a, draw_uniforms(3, "train-0000006", 4, 10))
     assert a.min() >= 0 and a.max() < 1
+
+
+# --- systematic sampling ------------------------------------------------------------------
+
+
+def test_systematic_draws_equal_a_dense_reference_and_give_floor_or_ceil_counts():
+    """u_j = (j + U) / N: the counts equal numpy's inverse-CDF draws at those points, and id
+    i gets floor(N p_i) or ceil(N p_i) draws (so every id with p_i >= 1/N is kept)."""
+    z = logits(9, seed=20)
+    n_draws = 40
+    u = uniforms(9, n_draws)
+    t = sample_targets(z, n_draws, u, "systematic")
+    points = (torch.arange(n_draws, dtype=torch.float64)[None] + u[:, :1]) / n_draws
+    torch.testing.assert_close(systematic_uniforms(u), points, rtol=0, atol=0)
+    ref = _dense_draw(z, points)
+    p = torch.softmax(z.float(), -1).double()
+    for r in range(9):
+        n = int(t.n[r])
+        got = dict(zip(t.ids[r, :n].tolist(), t.counts[r, :n].tolist(), strict=True))
+        assert got == ref[r] and sum(got.values()) == n_draws
+        c = torch.zeros(V, dtype=torch.float64)
+        c[list(got)] = torch.tensor(list(got.values()), dtype=torch.float64)
+        np_i = n_draws * p[r]
+        assert bool(((c >= np_i.floor() - 1e-9) & (c <= np_i.ceil() + 1e-9)).all())
+        want = (t.counts[r, :n].double() / n_draws).log()
+        torch.testing.assert_close(t.values[r, :n].double(), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["sample", "topk+sample"])
+def test_systematic_targets_are_unbiased_with_less_variance_than_iid(kind):
+    """E_U[p_hat] = p exactly: averaged over an even grid of M offsets U, each id's mean
+    estimate is within 2 / (N M) of its full-softmax probability (count_i(U) is a step
+    function with at most two steps). iid draws at the same budget vary several times more."""
+    z = logits(3, seed=21, scale=2.0)
+    n_draws, grid = 20, 4000
+    p = torch.softmax(z.double(), -1)
+    spec = TargetSpec(kind, k=3, draws=n_draws, sampling="systematic")
+    rows = z.repeat_interleave(grid, 0)
+    u_grid = ((torch.arange(grid, dtype=torch.float64) + 0.5) / grid).repeat(3)
+    t = extract(rows, torch.eye(V), spec, 4096, u_grid[:, None].expand(-1, n_draws).contiguous())
+    p_hat = _dense_p(t.ids, t.values).view(3, grid, V)
+    assert float((p_hat.mean(1) - p).abs().max()) <= 2 / (n_draws * grid) + 1e-6
+    rng = np.random.default_rng(0)
+    iid = extract(
+        rows,
+        torch.eye(V),
+        TargetSpec(kind, k=3, draws=n_draws),
+        4096,
+        rng.random((3 * grid, n_draws)),
+    )
+    var_sys = p_hat.var(1).sum()
+    var_iid = _dense_p(iid.ids, iid.values).view(3, grid, V).var(1).sum()
+    assert float(var_sys) < float(var_iid) / 3
+
+
+def test_sampling_is_part_of_the_targets_info_and_fingerprint():
+    sys_job = job_from_dict({"targets": {"kind": "sample", "sampling": "systematic"}})
+    iid_job = job_from_dict({"targets": {"kind": "sample"}})
+    assert sys_job.targets.spec().info()["sampling"] == "systematic"
+    assert iid_job.targets.spec().info()["sampling"] == "iid"
+    assert sys_job.targets.fingerprint() != iid_job.targets.fingerprint()
+    topk = job_from_dict({"targets": {"kind": "topk", "sampling": "systematic"}})
+    assert "sampling" not in topk.targets.spec().info()  # no draws: nothing to sample
+    with pytest.raises(DistillError, match="targets.sampling = 'sobol' is not one of"):
+        job_from_dict({"targets": {"kind": "sample", "sampling": "sobol"}}, "job.toml")
 
 
 # --- the tail-free loss --------------------------------------------------------------------
@@ -171,11 +241,12 @@ def _dense_terms(z: torch.Tensor, p: torch.Tensor, beta: float = 0.5) -> dict[st
     }
 
 
+@pytest.mark.parametrize("sampling", ["iid", "systematic"])
 @pytest.mark.parametrize("kind", ["sample", "topk+sample"])
-def test_tail_free_terms_equal_full_vocab_divergences_to_p_hat(kind):
+def test_tail_free_terms_equal_full_vocab_divergences_to_p_hat(kind, sampling):
     """tail=False: the bucket terms are the full-vocab divergences between p_hat and q, in
     value and in gradient (forward KL = CE against p_hat minus its entropy)."""
-    spec = TargetSpec(kind=kind, k=3, draws=20)
+    spec = TargetSpec(kind=kind, k=3, draws=20, sampling=sampling)
     t = extract(logits(11, seed=5), torch.eye(V), spec, 64, uniforms(11, 20))  # rows = logits
     z = logits(11, seed=6).double().requires_grad_()
     labels = torch.zeros(11, dtype=torch.long)
@@ -241,7 +312,8 @@ def test_padding_is_absent_from_every_term():
     assert torch.isfinite(grad).all()
 
 
-def test_sampled_gradient_is_unbiased_for_the_full_forward_kl_gradient():
+@pytest.mark.parametrize("sampling", ["iid", "systematic"])
+def test_sampled_gradient_is_unbiased_for_the_full_forward_kl_gradient(sampling):
     """Averaged over many independent draws, the gradient of the tail-free sampled forward
     KL w.r.t. the student's logits converges to the full-distribution gradient q - p; the
     top-k + tail-bucket target with the same budget does not."""
@@ -254,7 +326,10 @@ def test_sampled_gradient_is_unbiased_for_the_full_forward_kl_gradient():
     rows = z_t.expand(seeds, V)
     u = torch.from_numpy(np.random.default_rng(0).random((seeds, n_draws)))
     labels = torch.zeros(seeds, dtype=torch.long)
-    for t in (sample_targets(rows, n_draws, u), topk_sample_targets(rows, 5, n_draws, u)):
+    for t in (
+        sample_targets(rows, n_draws, u, sampling),
+        topk_sample_targets(rows, 5, n_draws, u, sampling),
+    ):
         zz = z_s.expand(seeds, V).clone().requires_grad_()
         fkl = sparse_distill_terms(zz, t.ids, t.values, labels, ("forward_kl",), tail=False)
         (g,) = torch.autograd.grad(fkl["forward_kl"].sum(), zz)
@@ -307,6 +382,7 @@ def test_k_must_be_below_the_vocab_and_good_settings_load():
         "kind": "topk+sample",
         "k": 8,
         "draws": 64,
+        "sampling": "iid",
         "tail": False,
         "width": 72,
     }

@@ -1,0 +1,245 @@
+"""Packed v2: one tar member (``FIRSTKEY.targets.dpb``) holds a block of consecutive samples.
+
+A per-sample tar member costs a 512-byte header plus padding to 512 bytes (~35 bytes per
+target position on short chat answers), and per-sample headers and zstd frames cannot share
+anything. A block concatenates its samples (their tokens, masks and target rows, in order) and
+codes them as one, with the packed v1 sections (:mod:`distill.codec`) plus Rice-coded mask runs
+and draw counts; the chat template that starts every sample then compresses away under zstd.
+
+Member layout (little-endian): a 32-byte header, then the body (one zstd frame when the zstd
+flag is set):
+
+- header: magic ``DPB``, version (2), kind, value map, flags (1 = zstd), 0, vocab (u32),
+  k (u16), draws (u16), L (f32), samples S (u32), raw body bytes (u32), CRC32 of all the
+  other bytes of the member (u32);
+- body: ``rice_ids, rice_runs, rice_counts, t_bits`` (4 x u8), mask runs R (u32), entries E
+  (u32), the ten section lengths (10 x u32); S key lengths (u16) and the keys (UTF-8); S
+  token counts at ``t_bits`` bits; then the sections:
+
+====  ==============================================================================
+ #    contents
+====  ==============================================================================
+ 0    input ids of all samples, ``bit_length(V - 1)`` bits each
+ 1-2  the concatenated loss mask as runs (0-run, 1-run, ...), Rice: unary quotients, low bits
+ 3    entries per row - 1 (``topp``: exact; sampled kinds: drawn), as packed v1
+ 4-5  id deltas, Rice (as packed v1, one parameter per block)
+ 6    exact entries' values (log8 / pow8 / f16, as packed v1)
+ 7-8  draw counts - 1, Rice
+ 9    ``topk+sample``: per row log(1 - P_H), float16
+====  ==============================================================================
+
+The rows of sample i are its positions t with ``loss_mask_i[t + 1] == 1``, so the row split
+follows from the token counts and the mask. A block decodes in one vectorised pass and is then
+cut into samples (views into the block's arrays). Bytes are a pure function of the samples
+and the codec settings (zstd at a fixed level, no timestamps), so re-encoding reproduces them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from distill.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
+from distill.codec import (
+    VALUE_MAPS,
+    ShardFormat,
+    dequantise,
+    flatten,
+    id_dtype,
+    mask_from_runs,
+    mask_runs,
+    quantise,
+    read_row_entries,
+    row_entries,
+    unflatten,
+)
+from distill.errors import DistillError
+from distill.targets import KINDS, TargetSpec
+
+Arrays = dict[str, np.ndarray | None]
+
+VERSION = 2
+_MAGIC = b"DPB"
+_HEAD = struct.Struct("<3sBBBBBIHHfIII")  # magic ver kind values flags 0 V k N L S raw crc
+_META = struct.Struct("<4BII10I")  # rice ids/runs/counts, t_bits, R, E, section lengths
+_ZSTD = 1
+_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
+
+
+def split_blocks(lengths: Sequence[int], block_tokens: int) -> list[tuple[int, int]]:
+    """[lo, hi) sample ranges: a block closes once it holds ``block_tokens`` tokens."""
+    out, lo, tokens = [], 0, 0
+    for i, t in enumerate(lengths):
+        tokens += int(t)
+        if tokens >= block_tokens:
+            out.append((lo, i + 1))
+            lo, tokens = i + 1, 0
+    if lo < len(lengths):
+        out.append((lo, len(lengths)))
+    return out
+
+
+def encode_block(keys: Sequence[str], samples: Sequence[Arrays], fmt: ShardFormat) -> bytes:
+    """Consecutive samples (their keys and padded arrays) -> one packed v2 member."""
+    spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
+    where = f"block {keys[0]}..{keys[-1]}" if keys else "empty block"
+    if not samples or len(keys) != len(samples):
+        raise DistillError(f"{where}: a block needs samples, one key each")
+    for key, a in zip(keys, samples, strict=True):
+        rows, n = np.asarray(a["topk_ids"]).shape[0], int(np.asarray(a["loss_mask"])[1:].sum())
+        if rows != n:
+            raise DistillError(
+                f"{where}: sample {key} has {rows} target rows, its loss mask {n} target positions"
+            )
+    cat: Arrays = {f: np.concatenate([np.asarray(a[f]) for a in samples]) for f in _FIELDS}
+    cat["topk_counts"] = None
+    if spec.sampled:
+        if any(a.get("topk_counts") is None for a in samples):
+            raise DistillError(f"{where}: cannot encode as packed {spec.kind}: no draw counts")
+        cat["topk_counts"] = np.concatenate([np.asarray(a["topk_counts"]) for a in samples])
+    f = flatten(cat, fmt, where)
+    lengths = np.array([len(a["input_ids"]) for a in samples], dtype=np.int64)  # type: ignore[arg-type]
+    id_bits, t_bits = bits_for(vocab - 1), bits_for(int(lengths.max()))
+    runs = mask_runs(f.mask)
+    b_ids, ids_q, ids_low = rice_encode(f.d, id_bits)
+    b_runs, runs_q, runs_low = rice_encode(runs, bits_for(len(f.mask)))
+    b_cnt, cnt_q, cnt_low = 0, b"", b""
+    if f.counts is not None:
+        b_cnt, cnt_q, cnt_low = rice_encode(f.counts - 1, bits_for(spec.draws - 1))
+    sections = [
+        pack_bits(f.input_ids, id_bits),
+        runs_q,
+        runs_low,
+        row_entries(f, spec),
+        ids_q,
+        ids_low,
+        quantise(f.values, codec) if spec.kind != "sample" else b"",
+        cnt_q,
+        cnt_low,
+        f.tail.astype("<f2").tobytes() if f.tail is not None else b"",
+    ]
+    key_bytes = [k.encode() for k in keys]
+    if max(len(k) for k in key_bytes) > 0xFFFF:
+        raise DistillError(f"{where}: a sample key is longer than 65535 bytes")
+    body = b"".join(
+        [
+            _META.pack(b_ids, b_runs, b_cnt, t_bits, runs.size, f.d.size, *map(len, sections)),
+            np.array([len(k) for k in key_bytes], dtype="<u2").tobytes(),
+            *key_bytes,
+            pack_bits(lengths, t_bits),
+            *sections,
+        ]
+    )
+    raw_len, flags = len(body), 0
+    if codec.zstd:
+        body = zstd(codec.zstd_level).compress(body)
+        flags |= _ZSTD
+    head = _HEAD.pack(
+        _MAGIC,
+        VERSION,
+        KINDS.index(spec.kind),
+        VALUE_MAPS.index(codec.values),
+        flags,
+        0,
+        vocab,
+        spec.k,
+        spec.draws,
+        codec.log_range,
+        len(samples),
+        raw_len,
+        0,
+    )[:-4]
+    crc = zlib.crc32(body, zlib.crc32(head))  # everything but the CRC field itself
+    return head + struct.pack("<I", crc) + body
+
+
+def decode_block(data: bytes, where: str) -> tuple[list[tuple[str, Arrays]], int]:
+    """One packed v2 member -> ([(key, arrays)] in order, vocab); corrupt input: DistillError."""
+    try:
+        return _decode_block(data)
+    except DistillError as e:
+        raise DistillError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt block
+        raise DistillError(f"{where}: corrupt block ({type(e).__name__}: {e})") from None
+
+
+def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
+    if len(data) < _HEAD.size:
+        raise ValueError(f"truncated header ({len(data)} bytes)")
+    (magic, ver, kind_i, val_i, flags, _, vocab, k, draws, lrange, n_samples, raw_len, crc) = (
+        _HEAD.unpack_from(data)
+    )
+    if magic != _MAGIC:
+        raise ValueError(f"bad magic {magic!r}")
+    if ver != VERSION:
+        raise DistillError(f"packed block version {ver} is not supported (knows {VERSION})")
+    if kind_i >= len(KINDS) or val_i >= len(VALUE_MAPS) or vocab < 1 or n_samples < 1:
+        raise ValueError("bad header")
+    if zlib.crc32(data[_HEAD.size :], zlib.crc32(data[: _HEAD.size - 4])) != crc:
+        raise ValueError("checksum mismatch (truncated or corrupt)")
+    body = data[_HEAD.size :]
+    if flags & _ZSTD:
+        body = zstd(None).decompress(body, max_output_size=raw_len)
+    if len(body) != raw_len:
+        raise ValueError(f"body is {len(body)} bytes, the header says {raw_len}")
+    b_ids, b_runs, b_cnt, t_bits, r, e, *lens = _META.unpack_from(body)
+    pos = _META.size
+    key_lens = np.frombuffer(body, dtype="<u2", count=n_samples, offset=pos).astype(np.int64)
+    pos += 2 * n_samples
+    ends = pos + np.cumsum(key_lens)
+    keys = [body[a - n : a].decode() for a, n in zip(ends.tolist(), key_lens.tolist(), strict=True)]
+    pos = int(ends[-1])
+    t_len = (n_samples * t_bits + 7) // 8
+    lengths = unpack_bits(body[pos : pos + t_len], n_samples, t_bits)
+    pos += t_len
+    if pos + sum(lens) != raw_len:
+        raise ValueError("section lengths do not add up to the body")
+    offs = np.concatenate([[pos], pos + np.cumsum(lens)]).tolist()
+    sec = [body[offs[i] : offs[i + 1]] for i in range(10)]
+
+    spec = TargetSpec(kind=KINDS[kind_i], k=k, draws=draws)
+    t = int(lengths.sum())
+    input_ids = unpack_bits(sec[0], t, bits_for(vocab - 1))
+    if (input_ids >= vocab).any():
+        raise ValueError("input id outside the vocab")
+    mask = mask_from_runs(rice_decode(sec[1], sec[2], r, b_runs), t)
+    tok_end = np.cumsum(lengths)
+    tok_cut = tok_end[:-1]
+    masks = np.split(mask, tok_cut)
+    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    starts = tok_end - lengths
+    first = np.zeros(n_samples, dtype=np.int64)
+    first[lengths > 0] = mask[starts[lengths > 0]]
+    rows = cs[tok_end] - cs[starts] - first  # per sample: sum(mask_i[1:])
+    n = int(rows.sum())
+    m_exact, m_drawn = read_row_entries(sec[3], spec, n)
+    ne, nd = int(m_exact.sum()), int(m_drawn.sum())
+    if ne + nd != e:
+        raise ValueError(f"rows hold {ne + nd} entries, the block says {e}")
+    d = rice_decode(sec[4], sec[5], e, b_ids)
+    values = dequantise(sec[6], ne, val_i, lrange) if spec.kind != "sample" else np.zeros(0)
+    counts = rice_decode(sec[7], sec[8], nd, b_cnt) + 1 if spec.sampled else None
+    tail = np.frombuffer(sec[9], dtype="<f2", count=n) if spec.kind == "topk+sample" else None
+    ids, vals, cnt = unflatten(spec, vocab, d, m_exact, m_drawn, values, counts, tail)
+
+    row_cut = np.cumsum(rows)[:-1]
+    x = np.split(input_ids.astype(id_dtype(vocab)), tok_cut)
+    parts = [np.split(ids, row_cut), np.split(vals, row_cut)]
+    parts.append(np.split(cnt, row_cut) if cnt is not None else [None] * n_samples)
+    out = [
+        (
+            keys[i],
+            {
+                "input_ids": x[i],
+                "loss_mask": masks[i],
+                "topk_ids": parts[0][i],
+                "topk_logprobs": parts[1][i],
+                "topk_counts": parts[2][i],
+            },
+        )
+        for i in range(n_samples)
+    ]
+    return out, int(vocab)
