@@ -6,14 +6,26 @@ JOB    ?= jobs/demo.toml
 # Converted models and caches stay inside the checkout unless the user says otherwise.
 export DISTILL_CACHE ?= $(CURDIR)/.cache/distill
 
-.PHONY: help install demo test lint teacher train-local eval bench clean
+.PHONY: help install demo test lint teacher teacher-cloud train-local eval bench clean
+
+# make teacher-cloud: where the teacher image goes (Artifact Registry, infra/terraform/base).
+# PROJECT defaults to gcloud's; the tag is a hash of what goes into the image, so a changed
+# tree gets a new image and an unchanged one is not rebuilt (the registry's tags are immutable).
+PROJECT ?= $(shell gcloud config get-value project 2>/dev/null)
+REGION  ?= us-central1
+TAG     ?= $(shell cat constraints.txt pyproject.toml docker/teacher.Dockerfile $$(find distill -name '*.py' | LC_ALL=C sort) | sha256sum | cut -c1-12)
+IMAGE   ?= $(REGION)-docker.pkg.dev/$(PROJECT)/distill/teacher:$(TAG)
+BACKEND ?= gce
+SKIP_BUILD ?= 0
 
 help:
 	@echo "make demo         teacher -> shards in a local GCS emulator -> student -> eval (CPU, ~10 min)"
 	@echo "make test         the test suite (CPU, no cloud)"
 	@echo "make lint         ruff"
-	@echo "make teacher      distill-ctl teacher --job \$$JOB"
-	@echo "make train-local  distill-ctl train --job \$$JOB, then eval"
+	@echo "make teacher      distill-ctl teacher --job \$$JOB (on this machine)"
+	@echo "make teacher-cloud  build + push the teacher image, then distill-ctl teacher-cloud --job \$$JOB"
+	@echo "                  (OUTPUT=gs://..., PROJECT=, IMAGE=, SKIP_BUILD=1, BACKEND=local, CLOUD_ARGS=...)"
+	@echo "make train-local  train + eval the student: in its container with the GPU, else natively"
 	@echo "make bench        bench/teacher_pass.py"
 
 $(BIN)/python:
@@ -43,9 +55,21 @@ lint: install
 teacher: install
 	$(BIN)/distill-ctl teacher --job $(JOB)
 
+# Prices the run and asks before spending (CLOUD_ARGS=--yes to skip the question).
+teacher-cloud: install
+ifeq ($(BACKEND),gce)
+ifneq ($(SKIP_BUILD),1)
+	@test -n "$(PROJECT)" || { echo "set PROJECT=... (or gcloud config set project ...)"; exit 2; }
+	docker/build-push.sh docker/teacher.Dockerfile $(IMAGE)
+endif
+endif
+	$(BIN)/distill-ctl teacher-cloud --job $(JOB) --backend $(BACKEND) \
+	  $(if $(filter gce,$(BACKEND)),--image $(IMAGE)) $(if $(PROJECT),--project $(PROJECT)) \
+	  $(if $(OUTPUT),--output $(OUTPUT)) $(CLOUD_ARGS)
+
+# In the student container with the GPU where Docker + the NVIDIA toolkit exist, else natively.
 train-local: install
-	$(BIN)/distill-ctl train --job $(JOB)
-	$(BIN)/distill-ctl eval --job $(JOB)
+	docker/train-local.sh $(JOB) $(BIN)
 
 bench: install
 	$(BIN)/python bench/teacher_pass.py --json bench/results/teacher_pass.json

@@ -561,11 +561,27 @@ def test_base_infra_is_least_privilege():
     )
     assert roles == [
         ("google_artifact_registry_repository_iam_member", "roles/artifactregistry.reader"),
+        (
+            "google_project_iam_member",
+            "${google_project_iam_custom_role.teacher_self_delete.id}",
+        ),
         ("google_project_iam_member", "roles/logging.logWriter"),
         ("google_service_account_iam_member", "roles/iam.serviceAccountUser"),
         ("google_storage_bucket_iam_member", "roles/storage.objectCreator"),
         ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
     ]
+    # The VM's self-deletion: one custom role with two permissions, on distill-teacher-* only.
+    custom = resources[("google_project_iam_custom_role", "teacher_self_delete")]
+    assert [_unquote(p) for p in custom["permissions"]] == [
+        "compute.instances.delete",
+        "compute.disks.delete",
+    ]
+    binding = resources[("google_project_iam_member", "teacher_self_delete")]
+    cond = _unquote(binding["condition"][0]["expression"]).replace('\\"', '"')
+    assert cond.count('.startsWith("distill-teacher-")') == 2, cond
+    assert 'extract("/instances/{name}")' in cond and 'extract("/disks/{name}")' in cond
+    # the instance name the condition allows is the one VmSpec gives every job
+    assert instance_name("anything").startswith("distill-teacher-")
 
 
 def test_dockerfiles_pass_hadolint():

@@ -161,6 +161,29 @@ resource "google_project_iam_member" "teacher_logs" {
   member  = "serviceAccount:${google_service_account.teacher.email}"
 }
 
+# The VM deletes itself when its teacher ends (distill/cloud/startup.py), so it never outlives
+# the job even if the controller died (a stopped VM would keep its disk billed, and
+# maxRunDuration does not act on a stopped VM). Just that permission, and only on
+# instances and boot disks named distill-teacher-*.
+resource "google_project_iam_custom_role" "teacher_self_delete" {
+  project     = var.project
+  role_id     = "distillTeacherSelfDelete"
+  title       = "distill teacher VM deletes itself"
+  description = "Lets a distill teacher VM delete its own instance and boot disk when its job ends."
+  permissions = ["compute.instances.delete", "compute.disks.delete"]
+}
+
+resource "google_project_iam_member" "teacher_self_delete" {
+  project = var.project
+  role    = google_project_iam_custom_role.teacher_self_delete.id
+  member  = "serviceAccount:${google_service_account.teacher.email}"
+
+  condition {
+    title      = "distill-teacher-vms-only"
+    expression = "(resource.type == \"compute.googleapis.com/Instance\" && resource.name.extract(\"/instances/{name}\").startsWith(\"distill-teacher-\")) || (resource.type == \"compute.googleapis.com/Disk\" && resource.name.extract(\"/disks/{name}\").startsWith(\"distill-teacher-\"))"
+  }
+}
+
 # Who may start a VM that runs as the job's service account.
 resource "google_service_account_iam_member" "launchers" {
   for_each           = toset(var.launchers)
