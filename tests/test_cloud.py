@@ -206,6 +206,34 @@ def test_preemption_relaunches_and_loses_nothing(compute, guests, cloud_job, tmp
     assert compute.history[-1].zone == first.zone  # same zone first
 
 
+def test_an_api_outage_while_watching_is_ridden_out(compute, guests, cloud_job, tmp_path):
+    guests.env["SLOW_TEACHER_S"] = "0.3"
+    ctl = controller(cloud_job, compute, tmp_path)
+    t, result = run_in_thread(ctl)
+    wait_guest_running(compute)
+    compute.failures = 6  # 6 requests answered 503: retried by the client, then by the watcher
+    t.join(300)
+    assert "error" not in result, result.get("error")
+    assert result["run"].outcome == "done" and len(compute.inserted) == 1
+    assert compute.failures == 0 and no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+    # an outage longer than the grace: torn down with an error that says so
+    ctl = controller(
+        cloud_job, compute, tmp_path, 'job.output="' + load_job(cloud_job).job.output + '2"'
+    )
+    ctl.opts.watch_grace_s = 0.5
+    ctl.backend._read["retry"] = ctl.backend._read["retry"].with_timeout(2.0)
+    t, result = run_in_thread(ctl)
+    wait_guest_running(compute)
+    compute.failures = 10**6
+    assert compute.wait_for(lambda: ctl.run.outcome == "failed", 60)  # the watcher gave up
+    time.sleep(1.0)  # the teardown meets the outage too, and keeps trying
+    compute.failures = 0  # the outage ends
+    t.join(120)
+    assert "lost contact with the Compute API" in str(result.get("error"))
+    assert no_vm_left(compute)  # deleted once the API answered again
+
+
 def test_stockout_fails_over_to_the_next_zone(compute, cloud_job, tmp_path):
     compute.stockout("us-central1-a")
     run = controller(cloud_job, compute, tmp_path).execute()
@@ -369,6 +397,16 @@ def wait_guest_running(compute: FakeCompute, timeout: float = 120) -> None:
     ), "no VM reached the teacher"
 
 
+def sigkill_when_running(proc: subprocess.Popen, compute: FakeCompute) -> None:
+    """SIGKILL the controller once its VM runs the teacher: no teardown of its own."""
+    try:
+        wait_guest_running(compute)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_tear_down(compute, guests, cloud_job, tmp_path, sig):
     guests.env["SLOW_TEACHER_S"] = "1.0"
@@ -388,13 +426,7 @@ def test_ctrl_c_and_sigterm_tear_down(compute, guests, cloud_job, tmp_path, sig)
 
 def test_controller_sigkill_vm_finishes_and_deletes_itself(compute, guests, cloud_job, tmp_path):
     guests.env["SLOW_TEACHER_S"] = "0.2"
-    proc = cli_controller(cloud_job, compute, tmp_path)
-    try:
-        wait_guest_running(compute)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    sigkill_when_running(cli_controller(cloud_job, compute, tmp_path), compute)
     # Nobody deletes it but itself: the guest's own DELETE once the teacher is done.
     assert no_vm_left(compute, timeout=180)
     assert any(e == "delete-requested by guest" for _, n, e in compute.events if n == NAME)
@@ -403,13 +435,7 @@ def test_controller_sigkill_vm_finishes_and_deletes_itself(compute, guests, clou
 
 def test_rerun_adopts_a_running_vm(compute, guests, cloud_job, tmp_path):
     guests.env["SLOW_TEACHER_S"] = "0.5"
-    proc = cli_controller(cloud_job, compute, tmp_path)
-    try:
-        wait_guest_running(compute)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    sigkill_when_running(cli_controller(cloud_job, compute, tmp_path), compute)
     run = controller(cloud_job, compute, tmp_path).execute()
     assert len(compute.inserted) == 1  # watched the orphan, created nothing
     assert run.outcome == "done"
@@ -423,12 +449,7 @@ def test_dead_man_switch_then_resume(compute, guests, cloud_job, tmp_path):
     guests.env["SLOW_TEACHER_S"] = "30"  # effectively hung after its first shard
     compute.max_run_scale = 8 / 3600  # the 1 h max run duration passes in 8 s
     proc = cli_controller(cloud_job, compute, tmp_path, "--set", "cloud.max_run_hours=1")
-    try:
-        wait_guest_running(compute)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    sigkill_when_running(proc, compute)
     assert no_vm_left(compute, timeout=60)
     assert any(e == "max-run-duration" for _, n, e in compute.events if n == NAME)
     out = load_job(cloud_job).job.output
@@ -443,13 +464,7 @@ def test_dead_man_switch_then_resume(compute, guests, cloud_job, tmp_path):
 def test_gc_deletes_a_stopped_leftover(compute, guests, cloud_job, tmp_path):
     """Where the VM may not delete itself it powers off (TERMINATED); gc removes it."""
     compute.allow_self_delete = False
-    proc = cli_controller(cloud_job, compute, tmp_path)
-    try:
-        wait_guest_running(compute)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    sigkill_when_running(cli_controller(cloud_job, compute, tmp_path), compute)
     assert compute.wait_for(
         lambda: [i.status for i in compute.live()] == ["TERMINATED"], timeout=180
     )

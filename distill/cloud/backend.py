@@ -140,10 +140,24 @@ class GceBackend:
 
     name = "gce"
 
-    def __init__(self, project: str, endpoint: str | None = None) -> None:
+    def __init__(
+        self, project: str, endpoint: str | None = None, read_retry_s: float = 60.0
+    ) -> None:
+        from google.api_core import retry as api_retry
         from google.cloud import compute_v1
 
         self.project = project
+        # Reads retry transient errors (429, 5xx) for at most read_retry_s, so the watcher
+        # sees a long outage (and decides) instead of blocking in one call.
+        self._read = {
+            "retry": api_retry.Retry(
+                predicate=api_retry.if_transient_error,
+                initial=1.0,
+                maximum=10.0,
+                timeout=read_retry_s,
+            ),
+            "timeout": 30.0,
+        }
         if endpoint:  # the stub: no credentials
             from google.auth.credentials import AnonymousCredentials
 
@@ -177,6 +191,8 @@ class GceBackend:
             yield
         except gex.GoogleAPICallError as e:
             raise classify(self.project, "", e.message or str(e), e.code or 0) from e
+        except gex.RetryError as e:  # transient errors until the retry's deadline
+            raise CloudError(f"the Compute API kept failing ({e.cause or e})") from e
         except auth_ex.RefreshError as e:
             raise CloudError(
                 "Google Cloud credentials expired or invalid: run `gcloud auth "
@@ -238,7 +254,9 @@ class GceBackend:
 
         try:
             with self._errors():
-                inst = self.instances.get(project=self.project, zone=zone, instance=name)
+                inst = self.instances.get(
+                    project=self.project, zone=zone, instance=name, **self._read
+                )
         except CloudError as e:
             if isinstance(e.__cause__, gex.NotFound) or "was not found" in str(e):
                 return None
@@ -250,10 +268,10 @@ class GceBackend:
             project=self.project, zone=zone, instance=name, query_path="distill/"
         )
         try:
-            ga = self.instances.get_guest_attributes(request=req)
+            ga = self.instances.get_guest_attributes(request=req, **self._read)
             state.guest = {f"{i.namespace}/{i.key}": i.value for i in ga.query_value.items}
-        except gex.GoogleAPICallError:
-            pass  # none reported yet
+        except (gex.GoogleAPICallError, gex.RetryError):
+            pass  # none reported yet (or unreadable for now: the next poll reads them)
         return state
 
     def delete(self, name: str, zone: str) -> None:
@@ -271,7 +289,8 @@ class GceBackend:
         out = []
         with self._errors():
             pages = self.instances.aggregated_list(
-                request=compute_v1.AggregatedListInstancesRequest(project=self.project)
+                request=compute_v1.AggregatedListInstancesRequest(project=self.project),
+                **self._read,
             )
             for scope, scoped in pages:
                 zone = scope.rsplit("/", 1)[-1]
@@ -293,7 +312,7 @@ class GceBackend:
         with self._errors():
             return any(
                 op.target_link.rsplit("/", 1)[-1] == name and str(op.target_id) == vm_id
-                for op in self.operations.list(req)
+                for op in self.operations.list(req, **self._read)
             )
 
     def console(self, name: str, zone: str) -> str:
@@ -301,7 +320,7 @@ class GceBackend:
 
         try:
             out = self.instances.get_serial_port_output(
-                project=self.project, zone=zone, instance=name
+                project=self.project, zone=zone, instance=name, **self._read
             )
         except gex.GoogleAPICallError:
             return ""

@@ -87,6 +87,9 @@ class CloudOptions:
     cost: CostOptions = field(default_factory=CostOptions)
     poll_seconds: float | None = None  # default: cloud.poll_seconds
     local_preempt_grace_s: float = 30.0
+    watch_grace_s: float = 300.0  # API or bucket errors while watching are retried this long
+    api_retry_s: float = 60.0  # one Compute API read retries transient errors this long
+    teardown_timeout_s: float = 900.0  # deleting the VM is retried this long
 
 
 @dataclass
@@ -210,7 +213,7 @@ def make_backend(opts: CloudOptions, project: str) -> Backend:
     if opts.backend == "local":
         return LocalBackend(opts.state_dir / "vms", preempt_grace_s=opts.local_preempt_grace_s)
     if opts.backend == "gce":
-        return GceBackend(project, endpoint=opts.endpoint)
+        return GceBackend(project, endpoint=opts.endpoint, read_retry_s=opts.api_retry_s)
     raise DistillError(f"--backend {opts.backend!r}: one of gce, local")
 
 
@@ -515,9 +518,23 @@ class Controller:
         with Progress(*cols, console=self.console, transient=False) as bar:
             snap = self.progress.poll()
             task = bar.add_task("", total=snap.shards_total, completed=snap.shards_done, info="")
+            lost_since: float | None = None
             while True:
-                st: VmState | None = self.backend.get(self.name, attempt.zone)
-                snap = self.progress.poll()
+                try:
+                    st: VmState | None = self.backend.get(self.name, attempt.zone)
+                    snap = self.progress.poll()
+                    lost_since = None
+                except (DistillError, OSError) as e:  # a blip of the API or the network
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > self.opts.watch_grace_s:
+                        raise CloudError(
+                            f"lost contact with the Compute API or the bucket for "
+                            f"{self.opts.watch_grace_s / 60:.0f} min ({e}); the VM is being "
+                            "deleted; rerun to resume from the shards in the bucket"
+                        ) from e
+                    bar.console.print(f"[yellow]watch: {e}; retrying[/yellow]")
+                    time.sleep(self.poll)
+                    continue
                 if st is not None:
                     attempt.vm_id = attempt.vm_id or st.id
                     if st.status in ("STAGING", "RUNNING"):
@@ -554,10 +571,15 @@ class Controller:
     # --- 6. teardown -------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        """Delete every VM of this job that still exists, and confirm that it is gone."""
+        """Delete every VM of this job that still exists, and confirm that it is gone.
+
+        Errors (an API outage) are retried with backoff for ``opts.teardown_timeout_s``: a VM
+        left running costs more than a controller that waits."""
         labels = {"distill-job": label_value(self.job.job.name), "managed-by": "distill"}
+        deadline = time.monotonic() + self.opts.teardown_timeout_s
+        pause = 1.0
         with signals_held(self.console):
-            for attempt in range(3):
+            while True:
                 try:
                     where = {(s.name, s.zone) for s in self.backend.list(labels)}
                     where = {w for w in where if w[0] == self.name}
@@ -571,9 +593,12 @@ class Controller:
                         if self.current is not None:
                             self.current.mark_ended()
                         return
-                except DistillError as e:
-                    self.console.print(f"[red]teardown attempt {attempt + 1} failed: {e}")
-                time.sleep(2.0)
+                except (DistillError, OSError) as e:
+                    self.console.print(f"[red]teardown: {e}; retrying[/red]")
+                if time.monotonic() + pause > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 30.0)
             self.console.print(
                 f"[red bold]could not confirm that {self.name} is deleted: run "
                 f"`distill-ctl gc --yes` or `gcloud compute instances delete {self.name} "

@@ -188,6 +188,7 @@ class FakeCompute:
         self.instances: dict[tuple[str, str], FakeInstance] = {}
         self.history: list[FakeInstance] = []  # every instance ever inserted, deleted ones too
         self.max_run_scale = 1.0  # < 1 shortens maxRunDuration (tests of the dead-man switch)
+        self.failures = 0  # the next N API requests answer 503 (an outage)
         self.operations: dict[str, FakeOperation] = {}
         self.stockouts: dict[str, int] = {}  # zone -> inserts still to refuse
         self.events: list[tuple[float, str, str]] = []  # (time, instance, event)
@@ -627,6 +628,10 @@ class _ApiHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         self.stub.requests.append((method, url.path))
+        if self.stub.failures > 0:  # an outage: the API answers 503 for a while
+            self.stub.failures -= 1
+            self._send(503, ApiError(503, "Backend Error", "backendError").body())
+            return
         for m, pattern, handler in _ROUTES:
             match = pattern.match(url.path)
             if m == method and match:
