@@ -340,6 +340,13 @@ class Controller:
                 f"{job.path}: job.output = {job.job.output!r} must be a gs:// URL for "
                 "teacher-cloud (the VM and its disk go away); e.g. --output gs://BUCKET/runs/JOB"
             )
+        bucket_path = self.output[len("gs://") :].partition("/")[2]
+        if opts.backend == "gce" and not bucket_path.startswith("runs/"):
+            self.console.print(
+                f"[yellow]warning:[/yellow] {self.output} is not under gs://BUCKET/runs/: the "
+                "teacher's service account of infra/terraform/base may create objects only "
+                "there"
+            )
         self.project = resolve_project(job, opts)
         self.zones = list(self.cloud.zones)
         self.backend = backend or make_backend(opts, self.project)
