@@ -6,20 +6,26 @@ built once so every arm starts from the same weights). Every arm trains that stu
 same samples, in the same order (``job.seed``), for the same steps, batch size and learning
 rate, through ``distill.train.train`` on a job built with ``distill.config.job_from_dict``:
 
-    ce-only      loss.forward_kl = 0, loss.ce = 1 (no teacher; the shards supply only tokens)
-    topk-K       top-K log-probs + tail bucket (``--topk``, default 8 and 64)
-    sample-N     N = ``--draws`` draws with replacement, ids + counts, no tail bucket
-    full-online  the teacher stays in memory and its full next-token distribution is computed
-                 on the fly for each batch; loss = forward KL over the whole vocabulary
+    ce-only        loss.forward_kl = 0, loss.ce = 1 (no teacher; the shards supply only tokens)
+    topk-K         top-K log-probs + tail bucket
+    sample-N       N iid draws with replacement (RS-KD), ids + counts, no tail bucket
+    sample-N-sys   N systematic draws (``targets.sampling = "systematic"``), ids + counts
+    topkK+sample-N[-sys]  exact top-K head + N draws from the renormalised tail
+    full-online    the teacher stays in memory and its full next-token distribution is
+                   computed on the fly for each batch; loss = forward KL over the whole vocab
+
+``--arms`` picks them, in order (default: ce-only, topk-8, topk-64, sample-50, sample-50-sys,
+full-online); ``gap_closed`` needs ce-only and full-online among them.
 
 Every KD arm (the sparse kinds and full-online) uses the same loss weights: ``forward_kl =
 1 - ce_mix``, ``ce = ce_mix`` (``--ce-mix``, default 0: pure forward KL), so full-online is
 exactly the quantity the sparse kinds estimate. The sparse kinds' targets come from
 ``distill.teacher.run_teacher`` (one teacher pass per kind into a local shard set, codec
-``--codec``, default ``packed``). The full-online arm also goes through ``distill.train.train``:
-:func:`online_kd` swaps the loop's ``StudentBody`` for one that also runs the teacher on the
-batch, and its ``chunked_distill_loss`` for :func:`full_kl_loss`; the loop itself (loader,
-data order, AdamW, warmup + cosine, clipping) is the one the other arms run.
+``--codec``, default ``packed``: v2 blocks with zstd). The full-online arm also goes through
+``distill.train.train``: :func:`online_kd` swaps the loop's ``StudentBody`` for one that also
+runs the teacher on the batch, and its ``chunked_distill_loss`` for :func:`full_kl_loss`; the
+loop itself (loader, data order, AdamW, warmup + cosine, clipping) is the one the other arms
+run.
 
 Held-out metrics over the response-token positions of ``data/demo/eval.jsonl`` (position t
 with token t+1 written by the assistant; p the teacher's full softmax, q the student's):
@@ -63,6 +69,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tarfile
@@ -92,7 +99,7 @@ ECE_BINS = 15
 DEFAULTS = {
     "train_samples": 0,
     "eval_samples": 0,
-    "steps": 300,
+    "steps": 200,
     "batch_size": 8,
     "warmup": 10,
 }
@@ -408,14 +415,37 @@ class Arm:
     online: bool = False
 
 
-def make_arms(topk: Sequence[int], draws: int, ce_mix: float) -> list[Arm]:
-    """ce-only, topk-K for each K, sample-N, full-online; the same KD weights for all KD arms."""
+ARM_FORMS = (
+    "ce-only",
+    "full-online",
+    "topk-K",
+    "sample-N (iid draws)",
+    "sample-N-sys (systematic draws)",
+    "topkK+sample-N[-sys] (exact top-K head + N tail draws)",
+)
+DEFAULT_ARMS = "ce-only,topk-8,topk-64,sample-50,sample-50-sys,full-online"
+
+
+def parse_arm(name: str, ce_mix: float) -> Arm:
+    """An arm from its name (one of ``ARM_FORMS``); every KD arm gets the same loss weights."""
     kd = {"forward_kl": 1.0 - ce_mix, "ce": ce_mix}
-    arms = [Arm("ce-only", None, {"forward_kl": 0.0, "ce": 1.0})]
-    arms += [Arm(f"topk-{k}", {"kind": "topk", "k": k}, kd) for k in topk]
-    arms.append(Arm(f"sample-{draws}", {"kind": "sample", "draws": draws}, kd))
-    arms.append(Arm("full-online", None, kd, online=True))
-    return arms
+    if name == "ce-only":
+        return Arm(name, None, {"forward_kl": 0.0, "ce": 1.0})
+    if name == "full-online":
+        return Arm(name, None, kd, online=True)
+    if m := re.fullmatch(r"topk-(\d+)", name):
+        return Arm(name, {"kind": "topk", "k": int(m[1])}, kd)
+    if m := re.fullmatch(r"(?:topk(\d+)\+)?sample-(\d+)(-sys)?", name):
+        t: dict[str, Any] = {"kind": "sample", "draws": int(m[2])}
+        if m[1]:
+            t = {**t, "kind": "topk+sample", "k": int(m[1])}
+        return Arm(name, {**t, "sampling": "systematic" if m[3] else "iid"}, kd)
+    raise ValueError(f"unknown arm {name!r} (forms: {', '.join(ARM_FORMS)})")
+
+
+def make_arms(names: Sequence[str], ce_mix: float) -> list[Arm]:
+    """The arms, in the given order (names as in ``ARM_FORMS``)."""
+    return [parse_arm(n.strip(), ce_mix) for n in names if n.strip()]
 
 
 def base_job(args: argparse.Namespace, init_dir: Path) -> dict[str, Any]:
@@ -435,7 +465,7 @@ def base_job(args: argparse.Namespace, init_dir: Path) -> dict[str, Any]:
             "truncation": "right",
             "max_samples": args.train_samples,
         },
-        "targets": {"codec": args.codec},
+        "targets": {"codec": args.codec, **({"zstd": True} if args.codec == "packed" else {})},
         "student": {"init": "pretrained", "model": str(init_dir)},
         "train": {
             "max_steps": args.steps,
@@ -460,7 +490,8 @@ def arm_job(base: dict[str, Any], arm: Arm, targets: dict[str, Any], workdir: Pa
         ).encode()
     ).hexdigest()[:10]
     t = raw["targets"]
-    label = f"{t['kind']}-{t.get('k', t.get('draws'))}"
+    label = "-".join(str(t[k]) for k in ("kind", "k", "draws", "sampling") if k in t)
+    label = label.replace("+", "_")
     raw["job"]["output"] = str(workdir / "targets" / f"{label}-{tag}")
     raw["train"]["run_dir"] = str(workdir / "runs" / arm.name)
     raw["loss"] = dict(arm.loss)
@@ -506,7 +537,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         log(f"student: {args.layers} teacher layers ({args.layer_selection}) -> {init_dir}")
         init_from_teacher_layers(teacher_dir, args.layers, init_dir, args.layer_selection)
-    arms = make_arms(args.topk, args.draws, args.ce_mix)
+    arms = make_arms(args.arms, args.ce_mix)
     base = base_job(args, init_dir)
 
     # 1. one teacher pass per sparse kind (the first one also feeds ce-only and full-online)
@@ -597,7 +628,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"({summary['seconds']:.0f}s)"
         )
     by = {r["target"]: r for r in rows}
-    kl_ce, kl_full = by["ce-only"]["heldout_kl"], by["full-online"]["heldout_kl"]
+    nan = float("nan")
+    kl_ce = by["ce-only"]["heldout_kl"] if "ce-only" in by else nan
+    kl_full = by["full-online"]["heldout_kl"] if "full-online" in by else nan
     settings = {
         "model": args.model,
         "teacher_dtype": args.teacher_dtype,
@@ -751,7 +784,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-data", type=Path, default=ROOT / "data/demo/eval.jsonl")
     p.add_argument("--train-samples", type=int, help="first N train samples (0 = all) [0]")
     p.add_argument("--eval-samples", type=int, help="first N held-out samples (0 = all) [0]")
-    p.add_argument("--steps", type=int, help="optimizer steps per arm [300]")
+    p.add_argument("--steps", type=int, help="optimizer steps per arm [200]")
     p.add_argument("--batch-size", type=int, help="samples per step [8]")
     p.add_argument("--warmup", type=int, help="warmup steps [10]")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -759,11 +792,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="student layers taken from the teacher")
     p.add_argument("--layer-selection", default="ends", choices=("ends", "spaced"))
     p.add_argument("--max-length", type=int, default=384, help="tokens per sample (truncation)")
-    p.add_argument("--topk", default="8,64", help="comma-separated k of the top-k arms")
-    p.add_argument("--draws", type=int, default=50, help="N of the sample arm")
+    p.add_argument(
+        "--arms",
+        default=DEFAULT_ARMS,
+        help=f"comma-separated arms, in order; forms: {'; '.join(ARM_FORMS)} [{DEFAULT_ARMS}]",
+    )
     p.add_argument("--ce-mix", type=float, default=0.0, help="CE weight of every KD arm")
     p.add_argument("--codec", default="packed", choices=("packed", "npz"))
-    p.add_argument("--teacher-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--teacher-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="float32: CPUs without native bf16 run a bf16 teacher ~10x slower [float32]",
+    )
     p.add_argument("--batch-tokens", type=int, default=4096, help="teacher padded tokens/batch")
     p.add_argument("--eval-chunk", type=int, default=512, help="held-out rows per LM-head chunk")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -779,7 +820,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.topk = [int(k) for k in args.topk.split(",") if k.strip()]
+    try:
+        make_arms(args.arms.split(","), 0.0)
+    except ValueError as e:
+        p.error(str(e))
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not any(parse_arm(a, 0.0).targets for a in args.arms):
+        p.error("--arms needs at least one sparse arm (its shard set feeds ce-only/full-online)")
     if not 0.0 <= args.ce_mix < 1.0:
         p.error("--ce-mix must be in [0, 1)")
     if args.steps < 1 or args.batch_size < 1:

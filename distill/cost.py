@@ -429,6 +429,29 @@ def estimated_shard_bytes(c: DataCounts, width: int, vocab: int, counts: bool = 
     )
 
 
+def probed_shard_bytes(job: Job, c: DataCounts, vocab: int) -> tuple[int, str]:
+    """Packed codecs: samples x the bytes of probe samples of the job's average shape, written
+    with the job's targets and codec by the real shard writer (:mod:`distill.probe`)."""
+    from distill.probe import ZIPF_S, probe_sample_bytes
+
+    spec, codec = job.targets.spec(), job.targets.codec_spec()
+    n = max(c.samples, 1)
+    tokens, targets = round(c.tokens / n), round(c.target_tokens / n)
+    per_sample = probe_sample_bytes(
+        spec, codec, vocab, tokens, targets, job.teacher.samples_per_shard
+    )
+    end = 2 * 512 if codec.blocks else SHARD_OVERHEAD_BYTES
+    total = int(c.samples * per_sample + c.shards * end)
+    return total, (
+        f"estimated: samples x {per_sample:,.0f} (probe samples of {tokens} tokens / {targets} "
+        f"targets written as packed v{codec.version} by write_shard: random input ids, "
+        f"Zipf-like teacher rows p ~ rank^-{ZIPF_S}) + shards x {end} (tar end"
+        f"{'' if codec.blocks else ' and record padding'}) = "
+        f"{total / max(c.target_tokens, 1):,.1f} bytes/target token; a chat template shared "
+        "by all samples compresses further under zstd (measure with --reference-run)"
+    )
+
+
 # --- The estimate -----------------------------------------------------------------------------
 
 
@@ -628,6 +651,8 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         per_target, basis = ref
         shard_bytes = int(per_target * data.target_tokens)
         basis = f"{per_target:,.1f} bytes/target token, {basis}"
+    elif _targets_info(job)[1].get("name") == "packed":
+        shard_bytes, basis = probed_shard_bytes(job, data, profile.vocab)
     else:
         spec, codec = _targets_info(job)
         width = int(spec.get("width", job.targets.k))

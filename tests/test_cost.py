@@ -33,7 +33,7 @@ def make_job(tmp_path: Path, model: Path, n_train: int = 40, n_eval: int = 10, *
         f'[job]\nname = "tiny"\noutput = "{tmp_path / "out"}"\n\n'
         f'[teacher]\nmodel = "{model}"\n{body}\n\n'
         f'[data]\ntrain = "train.jsonl"\neval = "eval.jsonl"\nmax_length = 128\n'
-        'truncation = "right"\n\n[targets]\nk = 8\n'
+        'truncation = "right"\n\n[targets]\nkind = "topk"\nk = 8\ncodec = "npz"\n'
     )
     return path
 
@@ -253,3 +253,49 @@ def test_other_target_kinds_get_an_upper_bound(tiny_teacher_dir, tmp_path):
     assert topp.bytes_basis.startswith("upper bound") and "topp/npz" in topp.bytes_basis
     assert topp.shard_bytes == topk.shard_bytes  # same width (k): the npz bound
     assert topp.memory["head_chunk"] > topk.memory["head_chunk"]  # the chunk is sorted
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"kind": "sample", "sampling": "systematic", "codec": "packed", "zstd": True},
+        {"kind": "topk", "k": 8, "codec": "packed", "codec_version": 1},
+    ],
+    ids=["sample-sys-v2-zstd", "topk-v1"],
+)
+def test_packed_shard_bytes_are_measured_on_probe_samples(tiny_teacher_dir, tmp_path, targets):
+    """Packed codecs: probe samples of the job's average shape go through the real writer.
+    The tiny random teacher is far peakier than a real LM (fewer distinct ids per row) and its
+    shards share a chat template under zstd, so the estimate is high here (2.5x for sampled
+    targets); the probe's rows are calibrated on real SmolLM2 targets (next test)."""
+    from distill.teacher import run_teacher
+
+    path = make_job(tmp_path, tiny_teacher_dir, dtype="float32")
+    sets = [f"targets.{k}={json.dumps(v)}" for k, v in targets.items()]
+    job = load_job(path, sets)
+    estimated = estimate_cost(job)
+    assert estimated.bytes_basis.startswith("estimated: samples x")
+    assert f"packed v{job.targets.codec_spec().version}" in estimated.bytes_basis
+    actual = sum(m.nbytes for m in run_teacher(job).values())
+    assert 0.9 < estimated.shard_bytes / actual < 3.0
+
+
+def test_probe_rows_hit_as_many_distinct_ids_as_real_smollm2_targets():
+    """The probe's Zipf-like rows against real SmolLM2-135M targets (tests/data/old_shards):
+    distinct ids per row under the same draws, within 35%."""
+    import numpy as np
+
+    from distill.probe import probe_samples
+    from distill.shards import read_shard
+    from distill.targets import TargetSpec
+
+    old = REPO / "tests" / "data" / "old_shards"
+    for name, spec in (
+        ("packed-v1-sample20-log8-zstd", TargetSpec("sample", draws=20)),
+        ("packed-v1-topk4+sample16-f16", TargetSpec("topk+sample", 4, draws=16)),
+    ):
+        real = list(read_shard(old / name / "shard-000000.tar"))
+        per_row = np.concatenate([np.isfinite(s.topk_logprobs).sum(1) for s in real]).mean()
+        probe = probe_samples(spec, 49152, 40, 20, 8)
+        got = np.concatenate([np.isfinite(s.topk_logprobs).sum(1) for s in probe]).mean()
+        assert 0.65 < got / per_row < 1.35, (name, got, per_row)

@@ -95,9 +95,26 @@ def test_gap_closed(quality) -> None:
     assert math.isnan(quality.gap_closed(1.0, 1.0, 1.0))
 
 
+def test_arm_names(quality) -> None:
+    a = quality.parse_arm("topk8+sample-42-sys", 0.0)
+    assert a.targets == {"kind": "topk+sample", "k": 8, "draws": 42, "sampling": "systematic"}
+    assert quality.parse_arm("sample-50", 0.0).targets == {
+        "kind": "sample",
+        "draws": 50,
+        "sampling": "iid",
+    }
+    assert quality.parse_arm("sample-32-sys", 0.0).targets["sampling"] == "systematic"
+    assert quality.parse_arm("full-online", 0.0).online
+    with pytest.raises(ValueError, match="unknown arm 'topk'"):
+        quality.parse_arm("topk", 0.0)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--arms", "ce-only,full-online"])  # no shard set to train from
+
+
 def test_arms_and_jobs(quality, tmp_path: Path) -> None:
-    arms = quality.make_arms([8, 64], 50, 0.1)
-    assert [a.name for a in arms] == ["ce-only", "topk-8", "topk-64", "sample-50", "full-online"]
+    names = ["ce-only", "topk-8", "topk-64", "sample-50", "full-online"]
+    arms = quality.make_arms(names, 0.1)
+    assert [a.name for a in arms] == names
     assert arms[0].loss == {"forward_kl": 0.0, "ce": 1.0}
     assert all(a.loss == {"forward_kl": 0.9, "ce": 0.1} for a in arms[1:])
     args = quality.parse_args(["--quick", "--workdir", str(tmp_path)])
