@@ -18,7 +18,10 @@ back with :func:`distill.shards.read_shard` (tar framing included, as the studen
   extraction (0 for exact counts; quantisation error of the stored probabilities).
 
 The naive baseline stores float32 log-probs and int64 ids of the top 64 (and int64 input ids)
-in an npz member. ``default`` marks the shipped setting (topk k=16, npz v0).
+in an npz member per sample. ``default`` marks the shipped setting (the job defaults of
+``distill.config``: 50 systematic draws, packed v2 + zstd). ``decode_x_student`` is the decode
+rate over what the student consumes (``student_tokens_s``, target positions/s: measured by
+``bench/quality.py``, read from ``bench/results/quality.json``, or ``--student-rate``).
 
     python bench/codec.py --json /tmp/codec.json
 """

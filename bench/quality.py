@@ -49,14 +49,15 @@ excluded; for full-online the teacher compute during training), ``train_seconds`
 ``gap_closed`` = (KL_ce-only - KL_arm) / (KL_ce-only - KL_full-online). Issue #4's target: a
 sparse kind closing >= 95% of that gap at <= 40 bytes per token (checked on both byte counts).
 
-Time: measured with one thread of a 2-core Xeon at batch 8, the teacher pass runs at ~1,500
-tokens/s (bfloat16), the 8-layer student trains at ~310 tokens/s, the full-online arm at ~205
-(a teacher forward per step). The defaults (all 879 demo samples, 300 steps of 8, ~2.7
-epochs, ~150k tokens per arm) take about 30-40 minutes on 2 cores (about 50 on one);
-``--steps 200`` about 20-25; ``--quick`` about a minute.
+Time, measured on a 2-core Xeon without native bf16 (AVX-512, no BF16/AMX): a teacher pass
+takes ~60 s per kind in float32 (a bfloat16 teacher runs ~10x slower on such a CPU, hence the
+float32 default), the 8-layer student trains at ~450 tokens/s, the full-online arm at ~220 (a
+teacher forward per step). The defaults (all 879 demo samples, 200 steps of 8, ~1.8 epochs,
+~100k tokens per arm, six arms) took 41 minutes there with the test suite sharing the cores for
+~10 of them; ``--steps 300`` adds about 15 minutes; ``--quick`` takes about a minute.
 
     python bench/quality.py --quick
-    python bench/quality.py --steps 200 --json bench/results/quality.json
+    python bench/quality.py --json bench/results/quality.json
 """
 
 from __future__ import annotations
@@ -638,6 +639,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         "layer_selection": args.layer_selection,
         "train_samples": int(next(iter(passes.values()))["train_samples"]),
         "train_positions": int(next(iter(passes.values()))["train_positions"]),
+        "train_tokens": int(next(iter(passes.values()))["train_tokens"]),
         "eval_samples": len(eval_samples),
         "eval_positions": held.positions,
         "steps": args.steps,
@@ -748,7 +750,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         if r["target"] == "full-online":
             label = f"online\n(dense fp16 {fmt_bytes(b)} B/tok)"
         elif not math.isnan(r["gap_closed"]) and r["target"] != "ce-only":
-            label += f"\n{r['gap_closed']:.0%} of gap"
+            label += f"\n{r['gap_closed']:.1%} of gap"
         ax.annotate(
             label,
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),

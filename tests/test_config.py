@@ -84,7 +84,11 @@ def test_student_layer_selection():
         ("[loss]\ntemperature = 0\n", "loss.temperature must be > 0"),
         ("[loss]\nforward_kl = 0\nce = 0\n", "at least one of"),
         ("[loss]\njsd_beta = 1.5\njsd = 1\n", "loss.jsd_beta must be in (0, 1)"),
-        ("[loss]\nbild = 1\nbild_top = 32\n", "loss.bild_top = 32 > targets.k = 16"),
+        (
+            '[targets]\nkind = "topk"\n[loss]\nbild = 1\nbild_top = 32\n',
+            "loss.bild_top = 32 > targets.k = 16",
+        ),
+        ("[loss]\nbild = 1\n", 'loss.bild needs targets.kind = "topk"'),
     ],
 )
 def test_bad_loss_section(tmp_path, text, needle):

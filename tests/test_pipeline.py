@@ -83,8 +83,17 @@ def test_teacher_train_eval_through_gcs(tiny_teacher_dir, tiny_student_dir, gcs_
         tmp_path / "train.jsonl"
     )
     m = manifests["train"]
-    assert (m.samples, m.k, m.vocab_size, len(m.shards)) == (96, 8, 49152, 6)
+    assert (m.samples, m.k, m.vocab_size, len(m.shards)) == (96, 50, 49152, 6)  # 50 draws
     assert m.dtypes["topk_ids"] == "uint16" and m.schema_version == 1
+    # the default targets: 50 systematic draws in packed v2 blocks with zstd
+    assert m.targets == {
+        "kind": "sample",
+        "draws": 50,
+        "sampling": "systematic",
+        "tail": False,
+        "width": 50,
+    }
+    assert (m.codec["name"], m.codec["version"], m.codec["zstd"]) == ("packed", 2, True)
     # The objects really are in the emulated bucket, seen through the plain GCS client.
     client = storage.Client(
         project="t",
@@ -211,7 +220,10 @@ def test_unknown_model_and_k_too_large(tiny_teacher_dir, tmp_path):
     job = load_job(make_job(tmp_path, tmp_path / "nowhere", str(tmp_path / "o")))
     with pytest.raises(DistillError, match="not found: expected a Hugging Face directory"):
         run_teacher(job)
-    job = load_job(make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o")), ["targets.k=49152"])
+    job = load_job(
+        make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o")),
+        ['targets.kind="topk"', "targets.k=49152"],
+    )
     with pytest.raises(DistillError, match="must be smaller than the teacher vocab"):
         run_teacher(job)
     assert not (tmp_path / "o" / "train" / MANIFEST).exists()
@@ -274,7 +286,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
 
 
 def test_memory_levers_and_observability(tiny_teacher_dir, tmp_path):
-    path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"))
+    # reverse KL and BiLD need top-k targets (a tail bucket, an exact top-k)
+    path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"), targets__kind='"topk"')
     run_teacher(load_job(path))
     job = load_job(
         path,

@@ -206,7 +206,7 @@ def test_systematic_targets_are_unbiased_with_less_variance_than_iid(kind):
 
 def test_sampling_is_part_of_the_targets_info_and_fingerprint():
     sys_job = job_from_dict({"targets": {"kind": "sample", "sampling": "systematic"}})
-    iid_job = job_from_dict({"targets": {"kind": "sample"}})
+    iid_job = job_from_dict({"targets": {"kind": "sample", "sampling": "iid"}})
     assert sys_job.targets.spec().info()["sampling"] == "systematic"
     assert iid_job.targets.spec().info()["sampling"] == "iid"
     assert sys_job.targets.fingerprint() != iid_job.targets.fingerprint()
@@ -357,7 +357,9 @@ def test_sampled_gradient_is_unbiased_for_the_full_forward_kl_gradient(sampling)
         ({"targets": {"k": 70000}}, r"targets.k must be in \[1, 65535\]"),
         ({"targets": {"codec": "gzip"}}, "targets.codec = 'gzip' is not one of"),
         ({"targets": {"codec": "packed", "values": "log4"}}, "targets.values = 'log4'"),
-        ({"targets": {"zstd": True}}, 'targets.zstd needs targets.codec = "packed"'),
+        ({"targets": {"codec": "npz", "codec_version": 1}}, "codec_version = 1 is not one of 0"),
+        ({"targets": {"codec_version": 3}}, "codec_version = 3 is not one of 1, 2"),
+        ({"targets": {"block_tokens": 0}}, "targets.block_tokens must be > 0"),
         ({"targets": {"kind": "sample"}, "loss": {"bild": 0.1}}, "loss.bild needs targets.kind"),
         ({"targets": {"kind": "topp"}, "loss": {"bild": 0.1}}, "loss.bild needs targets.kind"),
         ({"targets": {"kind": "topk+sample"}, "loss": {"reverse_kl": 0.1}}, "loss.reverse_kl"),
@@ -382,13 +384,18 @@ def test_k_must_be_below_the_vocab_and_good_settings_load():
         "kind": "topk+sample",
         "k": 8,
         "draws": 64,
-        "sampling": "iid",
+        "sampling": "systematic",
         "tail": False,
         "width": 72,
     }
     assert job.targets.codec_spec().info()["zstd"] is True
-    # the default job's fingerprint keys are unchanged from before target kinds existed
-    assert job_from_dict({}).targets.fingerprint() == {"kind": "topk", "k": 16}
+    # a topk/npz job's fingerprint keys are unchanged from before target kinds existed
+    old = job_from_dict({"targets": {"kind": "topk", "codec": "npz"}})
+    assert old.targets.fingerprint() == {"kind": "topk", "k": 16}
+    # the default: 50 systematic draws, packed v2 blocks with zstd
+    d = job_from_dict({}).targets
+    assert d.spec() == TargetSpec("sample", draws=50, sampling="systematic")
+    assert d.codec_spec().info()["version"] == 2 and d.codec_spec().zstd
 
 
 # --- end to end: a sampled, packed shard set is reproducible and trains --------------------
