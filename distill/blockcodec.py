@@ -48,6 +48,7 @@ from distill.codec import (
     ShardFormat,
     dequantise,
     flatten,
+    guarded_decode,
     id_dtype,
     mask_from_runs,
     mask_runs,
@@ -82,10 +83,14 @@ def split_blocks(lengths: Sequence[int], block_tokens: int) -> list[tuple[int, i
     return out
 
 
-def encode_block(keys: Sequence[str], samples: Sequence[Arrays], fmt: ShardFormat) -> bytes:
+def encode_block(
+    keys: Sequence[str], samples: Sequence[Arrays], fmt: ShardFormat, where: str = ""
+) -> bytes:
     """Consecutive samples (their keys and padded arrays) -> one packed v2 member."""
     spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
-    where = f"block {keys[0]}..{keys[-1]}" if keys else "empty block"
+    where = (f"{where}: " if where else "") + (
+        f"block {keys[0]}..{keys[-1]}" if keys else "empty block"
+    )
     if not samples or len(keys) != len(samples):
         raise DistillError(f"{where}: a block needs samples, one key each")
     for key, a in zip(keys, samples, strict=True):
@@ -158,12 +163,7 @@ def encode_block(keys: Sequence[str], samples: Sequence[Arrays], fmt: ShardForma
 
 def decode_block(data: bytes, where: str) -> tuple[list[tuple[str, Arrays]], int]:
     """One packed v2 member -> ([(key, arrays)] in order, vocab); corrupt input: DistillError."""
-    try:
-        return _decode_block(data)
-    except DistillError as e:
-        raise DistillError(f"{where}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt block
-        raise DistillError(f"{where}: corrupt block ({type(e).__name__}: {e})") from None
+    return guarded_decode(_decode_block, data, where, "block")
 
 
 def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:

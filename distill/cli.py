@@ -336,15 +336,13 @@ def gc(
     from rich.table import Table
 
     from distill.cloud.controller import CloudOptions, make_backend, resolve_project
-    from distill.cloud.spec import label_value
+    from distill.cloud.spec import job_labels
     from distill.config import Job
 
     j = _load(job, None) if job else Job()
     opts = CloudOptions(backend=backend, endpoint=endpoint, project=project, state_dir=state_dir)
     b = make_backend(opts, resolve_project(j, opts))
-    labels = {"managed-by": "distill"}
-    if job:
-        labels["distill-job"] = label_value(j.job.name)
+    labels = job_labels(j.job.name) if job else {"managed-by": "distill"}
     found = b.list(labels)
     if not found:
         out.print("no distill VMs left")

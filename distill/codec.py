@@ -52,17 +52,17 @@ import io
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from distill.bitpack import (
     bits_for,
     pack_bits,
-    rice_param,
-    un_unary,
-    unary,
+    rice_decode,
+    rice_encode,
     unpack_bits,
     zstd,
 )
@@ -71,12 +71,18 @@ from distill.targets import KINDS, TargetSpec
 
 __all__ = ["Codec", "ShardFormat", "bits_for", "id_dtype", "pack_bits", "unpack_bits"]
 
-KNOWN = {"npz": (0,), "packed": (1, 2)}
-LATEST = {"npz": 0, "packed": 2}
+KNOWN = {"npz": (0,), "packed": (1, 2)}  # the newest version of each is what jobs write
 VALUE_MAPS = ("log8", "pow8", "f16")
 NPZ_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
+
+
+def _known() -> str:
+    return ", ".join(f"{n} v{v}" for n, vs in KNOWN.items() for v in vs)
+
+
 MEMBERS = {("npz", 0): "targets.npz", ("packed", 1): "targets.dpk", ("packed", 2): "targets.dpb"}
 
+T = TypeVar("T")
 _MAGIC = b"DPK"
 _HEAD = struct.Struct("<3sBBBBBIIIIIHHfI")  # magic ver kind values flags b V T n E R k N L crc
 _SECTIONS = struct.Struct("<8I")
@@ -124,10 +130,9 @@ class Codec:
             return cls()
         name, version = info.get("name"), info.get("version")
         if name not in KNOWN or version not in KNOWN[name]:
-            known = ", ".join(f"{n} v{v}" for n, vs in KNOWN.items() for v in vs)
             raise DistillError(
                 f"{where}: shard codec {name!r} version {version!r} is not supported by this "
-                f"distill (knows {known}); upgrade distill"
+                f"distill (knows {_known()}); upgrade distill"
             )
         try:
             c = cls(**info)
@@ -138,8 +143,7 @@ class Codec:
 
     def check(self, where: str = "targets") -> None:
         if self.name not in KNOWN or self.version not in KNOWN[self.name]:
-            known = ", ".join(f"{n} v{v}" for n, vs in KNOWN.items() for v in vs)
-            raise DistillError(f"{where}: codec {self.name!r} v{self.version} (knows {known})")
+            raise DistillError(f"{where}: codec {self.name!r} v{self.version} (knows {_known()})")
         if self.name == "packed" and self.values not in VALUE_MAPS:
             raise DistillError(
                 f"{where}.values = {self.values!r} is not one of: {', '.join(VALUE_MAPS)}"
@@ -419,14 +423,14 @@ def encode_packed(
     spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
     f = flatten(arrays, fmt, where)
     id_bits = bits_for(vocab - 1)
-    b = rice_param(f.d, id_bits)
+    b, ids_q, ids_low = rice_encode(f.d, id_bits)
     runs = mask_runs(f.mask)
     sections = [
         pack_bits(f.input_ids, id_bits),
         pack_bits(runs, bits_for(len(f.mask))),
         row_entries(f, spec),
-        unary(f.d >> b),
-        pack_bits(f.d & ((1 << b) - 1), b),
+        ids_q,
+        ids_low,
         quantise(f.values, codec) if spec.kind != "sample" else b"",
         pack_bits(f.counts - 1, bits_for(spec.draws - 1)) if f.counts is not None else b"",
         f.tail.astype("<f2").tobytes() if f.tail is not None else b"",
@@ -460,12 +464,17 @@ def encode_packed(
 
 def decode_packed(data: bytes, where: str) -> tuple[dict[str, np.ndarray | None], int]:
     """Packed v1 bytes -> (arrays, vocab size); any inconsistency is a DistillError."""
+    return guarded_decode(_decode_packed, data, where, "sample")
+
+
+def guarded_decode(decode: Callable[[bytes], T], data: bytes, where: str, what: str) -> T:
+    """``decode(data)``, with any failure a DistillError naming ``where`` (a corrupt ``what``)."""
     try:
-        return _decode_packed(data)
+        return decode(data)
     except DistillError as e:
         raise DistillError(f"{where}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure means a corrupt sample
-        raise DistillError(f"{where}: corrupt sample ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure means corrupt bytes
+        raise DistillError(f"{where}: corrupt {what} ({type(e).__name__}: {e})") from None
 
 
 def _decode_packed(data: bytes) -> tuple[dict[str, np.ndarray | None], int]:
@@ -503,7 +512,7 @@ def _decode_packed(data: bytes) -> tuple[dict[str, np.ndarray | None], int]:
     ne, nd = int(m_exact.sum()), int(m_drawn.sum())
     if ne + nd != e:
         raise ValueError(f"rows hold {ne + nd} entries, header says {e}")
-    d = (un_unary(sec[3], e) << b) | unpack_bits(sec[4], e, b)
+    d = rice_decode(sec[3], sec[4], e, b)
     values = dequantise(sec[5], ne, val_i, lrange) if spec.kind != "sample" else np.zeros(0)
     counts = unpack_bits(sec[6], nd, bits_for(draws - 1)) + 1 if spec.sampled else None
     tail = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.codec import KNOWN, LATEST, Codec
+from distill.codec import KNOWN, Codec
 from distill.errors import DistillError
 from distill.losses import LossWeights
 from distill.targets import KINDS, SAMPLING, TargetSpec
@@ -74,7 +74,7 @@ class TargetsSection:
             return Codec()
         return Codec(
             name=self.codec,
-            version=self.codec_version or LATEST[self.codec],
+            version=self.codec_version or max(KNOWN[self.codec]),
             values=self.values,
             log_range=self.log_range,
             zstd=self.zstd,

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import re
+import tarfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +365,8 @@ def _same_targets(m: Any, job: Job) -> bool:
     recorded = getattr(m, "targets", None) or {"kind": m.target_kind, "k": m.k}
     keys = ("kind", "k", "top_p", "draws")
     same_kind = all(recorded.get(key) == spec.get(key) for key in keys)
+    # iid and systematic draws hit different numbers of distinct ids: other bytes per row
+    same_kind &= recorded.get("sampling", "iid") == spec.get("sampling", "iid")
     recorded_codec = getattr(m, "codec", None) or {"name": "npz", "version": 0}
     return same_kind and recorded_codec == codec
 
@@ -393,11 +396,11 @@ def reference_bytes_per_target(url: str, job: Job) -> tuple[float, str] | None:
 def sample_overhead_bytes() -> float:
     """Bytes a sample costs beyond its arrays (npz member headers, tar header and padding),
     measured by writing probe samples with :func:`distill.shards.write_shard` itself."""
-    import tarfile
     import tempfile
 
     import numpy as np
 
+    from distill.probe import member_bytes
     from distill.shards import TargetSample, write_shard
 
     samples, k = [], 8
@@ -412,9 +415,7 @@ def sample_overhead_bytes() -> float:
     with tempfile.TemporaryDirectory(prefix="distill-cost-") as d:
         path = Path(d) / "probe.tar"
         write_shard(path, samples)
-        with tarfile.open(path) as tf:
-            stored = sum(m.offset_data - m.offset + m.size + -m.size % 512 for m in tf)
-    return (stored - raw) / len(samples)
+        return (member_bytes(path) - raw) / len(samples)
 
 
 def estimated_shard_bytes(c: DataCounts, width: int, vocab: int, counts: bool = False) -> int:
@@ -440,7 +441,7 @@ def probed_shard_bytes(job: Job, c: DataCounts, vocab: int) -> tuple[int, str]:
     per_sample = probe_sample_bytes(
         spec, codec, vocab, tokens, targets, job.teacher.samples_per_shard
     )
-    end = 2 * 512 if codec.blocks else SHARD_OVERHEAD_BYTES
+    end = 2 * tarfile.BLOCKSIZE if codec.blocks else SHARD_OVERHEAD_BYTES
     total = int(c.samples * per_sample + c.shards * end)
     return total, (
         f"estimated: samples x {per_sample:,.0f} (probe samples of {tokens} tokens / {targets} "
@@ -651,10 +652,10 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         per_target, basis = ref
         shard_bytes = int(per_target * data.target_tokens)
         basis = f"{per_target:,.1f} bytes/target token, {basis}"
-    elif _targets_info(job)[1].get("name") == "packed":
+    elif (targets := _targets_info(job))[1].get("name") == "packed":
         shard_bytes, basis = probed_shard_bytes(job, data, profile.vocab)
     else:
-        spec, codec = _targets_info(job)
+        spec, codec = targets
         width = int(spec.get("width", job.targets.k))
         sampled = "draws" in spec
         shard_bytes = estimated_shard_bytes(data, width, profile.vocab, sampled)

@@ -65,6 +65,13 @@ def probe_samples(
     return out
 
 
+def member_bytes(path: Path) -> int:
+    """Bytes of a tar file's members, headers and block padding included (the archive's end
+    and record padding excluded)."""
+    with tarfile.open(path) as tf:
+        return sum(m.offset_data - m.offset + m.size + -m.size % tarfile.BLOCKSIZE for m in tf)
+
+
 @functools.cache
 def probe_sample_bytes(
     spec: TargetSpec, codec: Codec, vocab: int, tokens: int, targets: int, samples: int
@@ -80,6 +87,4 @@ def probe_sample_bytes(
     with tempfile.TemporaryDirectory(prefix="distill-probe-") as d:
         path = Path(d) / "probe.tar"
         write_shard(path, probe_samples(spec, vocab, tokens, targets, n), fmt)
-        with tarfile.open(path) as tf:
-            stored = sum(m.offset_data - m.offset + m.size + -m.size % 512 for m in tf)
-    return stored / n
+        return member_bytes(path) / n

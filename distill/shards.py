@@ -152,10 +152,7 @@ def _write_blocks(
     """Packed v2: one member per block, ustar headers as webdataset's, no record padding."""
     for lo, hi in split_blocks([len(s.input_ids) for s in samples], fmt.codec.block_tokens):
         block = samples[lo:hi]
-        try:
-            data = encode_block([s.key for s in block], [s.arrays() for s in block], fmt)
-        except DistillError as e:
-            raise DistillError(f"{where}: {e}") from None
+        data = encode_block([s.key for s in block], [s.arrays() for s in block], fmt, where)
         info = tarfile.TarInfo(f"{block[0].key}.{fmt.codec.member}")
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         info.uname = info.gname = "bigdata"

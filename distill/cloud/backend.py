@@ -66,8 +66,6 @@ class VmState:
     labels: dict[str, str] = field(default_factory=dict)
     guest: dict[str, str] = field(default_factory=dict)  # guest attributes "distill/status" ...
     created: str = ""
-    last_start: str = ""
-    last_stop: str = ""
 
     @property
     def live(self) -> bool:
@@ -133,6 +131,13 @@ def classify(project: str, code: str, message: str, http_status: int = 0) -> Clo
 
 
 # --- Compute Engine ----------------------------------------------------------------------------
+
+
+def _not_found(e: CloudError) -> bool:
+    """Whether a classified error was the API's 404 (the instance or operation is gone)."""
+    from google.api_core import exceptions as gex
+
+    return isinstance(e.__cause__, gex.NotFound)
 
 
 class GceBackend:
@@ -216,17 +221,14 @@ class GceBackend:
             raise classify(self.project, e.code, e.message, op.http_error_status_code)
 
     def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None:
-        from google.api_core import exceptions as gex
-
         try:
-            self.accelerators.get(project=self.project, zone=zone, accelerator_type=accelerator)
+            with self._errors():
+                self.accelerators.get(project=self.project, zone=zone, accelerator_type=accelerator)
             return
-        except gex.NotFound as e:
-            if f"acceleratorTypes/{accelerator}' was not found" not in (e.message or ""):
-                # the project or the zone is missing, not the accelerator
-                raise classify(self.project, "", e.message or str(e), 404) from None
-        except gex.GoogleAPICallError as e:
-            raise classify(self.project, "", e.message or str(e), e.code or 0) from None
+        except CloudError as e:
+            # a missing project or zone is its own error; only a missing accelerator is ours
+            if f"acceleratorTypes/{accelerator}' was not found" not in str(e):
+                raise
         raise NoAccelerator(
             f"zone {zone} does not offer {accelerator} (see `gcloud compute accelerator-types "
             f"list --filter=name={accelerator}`): remove it from cloud.zones; nothing was spent"
@@ -245,8 +247,6 @@ class GceBackend:
             id=str(inst.id),
             labels=dict(inst.labels),
             created=inst.creation_timestamp,
-            last_start=inst.last_start_timestamp,
-            last_stop=inst.last_stop_timestamp,
         )
 
     def get(self, name: str, zone: str) -> VmState | None:
@@ -258,7 +258,7 @@ class GceBackend:
                     project=self.project, zone=zone, instance=name, **self._read
                 )
         except CloudError as e:
-            if isinstance(e.__cause__, gex.NotFound) or "was not found" in str(e):
+            if _not_found(e):
                 return None
             raise
         state = self._state(inst, zone)
@@ -280,7 +280,7 @@ class GceBackend:
                 op = self.instances.delete(project=self.project, zone=zone, instance=name)
             self._wait(op.name, zone)
         except CloudError as e:
-            if "was not found" not in str(e):
+            if not _not_found(e):
                 raise
 
     def list(self, labels: dict[str, str]) -> list[VmState]:
@@ -416,7 +416,6 @@ class LocalBackend:
             labels=info["labels"],
             guest=guest,
             created=info["created"],
-            last_start=info["created"],
         )
 
     def _signal(self, info: dict[str, Any], sig: int) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 from rich.console import Console
 
+from distill.cache import sha256_file
 from distill.cloud.backend import (
     AlreadyExists,
     Backend,
@@ -56,8 +57,16 @@ from distill.cloud.backend import (
     Stockout,
     VmState,
 )
+from distill.cloud.preemption import in_main_thread
 from distill.cloud.progress import BucketProgress, Rate, Snapshot
-from distill.cloud.spec import DEFAULT_MAX_RUN_S, VmSpec, instance_name, label_value, region_of
+from distill.cloud.spec import (
+    DEFAULT_MAX_RUN_S,
+    VmSpec,
+    instance_name,
+    job_labels,
+    label_value,
+    region_of,
+)
 from distill.config import Job
 from distill.cost import HOURS_PER_MONTH, CostEstimate, CostOptions, estimate_cost, render_table
 from distill.errors import DistillError
@@ -100,8 +109,7 @@ class Attempt:
     running: str = ""
     ended: str = ""
     vm_id: str = ""
-    outcome: str = ""  # done | preempted | vanished | failed | interrupted | adopted-done ...
-    seconds: float = 0.0  # VM time billed (RUNNING until gone), as the controller saw it
+    outcome: str = ""  # done | preempted | vanished | failed | interrupted
     _t_running: float | None = None  # monotonic
     _t_ended: float | None = None
 
@@ -112,16 +120,16 @@ class Attempt:
     def mark_ended(self) -> None:
         if self._t_ended is None:
             self._t_ended, self.ended = time.monotonic(), _now()
-        if self._t_running is not None:
-            self.seconds = self._t_ended - self._t_running
 
     def live_seconds(self) -> float:
+        """VM time billed (RUNNING until gone), as the controller saw it."""
         if self._t_running is None:
             return 0.0
         return (self._t_ended or time.monotonic()) - self._t_running
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+        return {**d, "seconds": self.live_seconds()}
 
 
 @dataclass
@@ -220,12 +228,6 @@ def make_backend(opts: CloudOptions, project: str) -> Backend:
 # --- staging --------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    from distill.cache import sha256_file
-
-    return sha256_file(path)
-
-
 def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
     """Upload the dataset (and a local teacher directory) under ``<output>/inputs/``.
 
@@ -234,16 +236,20 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
     create-only, so a rerun uploads nothing twice."""
     from distill.teacher import splits
 
-    out = job.job.output.rstrip("/")
-    store = open_store(out)
+    store = open_store(job.job.output.rstrip("/"))
+    present = set(store.list("inputs/"))  # one listing, not one lookup per file
+
+    def upload(name: str, path: Path) -> None:
+        if name not in present:
+            console.print(f"staging {path} -> {store.join(name)}")
+            with contextlib.suppress(ObjectExists):  # a concurrent run staged it first
+                store.put_file(name, path)
+
     raw = job.to_dict()
     inputs: list[tuple[str, str]] = []
     for split, path in splits(job).items():
-        name = f"inputs/{_sha256(path)[:16]}-{path.name}"
-        if not store.exists(name):
-            console.print(f"staging {path} -> {store.join(name)}")
-            with contextlib.suppress(ObjectExists):
-                store.put_file(name, path)
+        name = f"inputs/{sha256_file(path)[:16]}-{path.name}"
+        upload(name, path)
         dest = f"data/{split}/{path.name}"  # the same file name: sample keys use its stem
         raw["data"][split] = dest
         inputs.append((store.join(name), dest))
@@ -257,11 +263,7 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
         h.update((src / "config.json").read_bytes())
         prefix = f"inputs/model-{h.hexdigest()[:16]}"
         for p in files:
-            name = f"{prefix}/{p.relative_to(src).as_posix()}"
-            if not store.exists(name):
-                console.print(f"staging {p} -> {store.join(name)}")
-                with contextlib.suppress(ObjectExists):
-                    store.put_file(name, p)
+            upload(f"{prefix}/{p.relative_to(src).as_posix()}", p)
         raw["teacher"]["model"] = "model"
         inputs.append((store.join(prefix) + "/", "model"))
     raw.pop("cloud", None)  # the VM needs none of it
@@ -285,7 +287,7 @@ def sigterm_raises() -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         raise Terminated()
 
-    if threading_main():
+    if in_main_thread():
         previous = signal.signal(signal.SIGTERM, handler)
         try:
             yield
@@ -298,7 +300,7 @@ def sigterm_raises() -> Iterator[None]:
 @contextlib.contextmanager
 def signals_held(console: Console) -> Iterator[None]:
     """Ctrl-C and SIGTERM are held off (with a message) while the VM is deleted."""
-    if not threading_main():
+    if not in_main_thread():
         yield
         return
 
@@ -311,12 +313,6 @@ def signals_held(console: Console) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class Controller:
@@ -351,6 +347,7 @@ class Controller:
         self.zones = list(self.cloud.zones)
         self.backend = backend or make_backend(opts, self.project)
         self.name = instance_name(job.job.name)
+        self.labels = job_labels(job.job.name)
         self.poll = opts.poll_seconds or self.cloud.poll_seconds
         self.estimate: CostEstimate | None = None
         self.run: CloudRun | None = None
@@ -406,7 +403,7 @@ class Controller:
         assert est is not None
         raw, inputs = stage_inputs(self.job, self.console)
         hours = self.cloud.max_run_hours or (2 * est.spot_hours + 1)
-        max_run_s = int(min(max(hours * 3600, 30), 120 * 86400)) if hours else DEFAULT_MAX_RUN_S
+        max_run_s = int(min(max(hours * 3600, 30), 120 * 86400))
         image = self.opts.image or self.cloud.image or default_image(self.project, self.zones)
         sa = (
             self.opts.service_account
@@ -477,11 +474,9 @@ class Controller:
 
     def _ended(self, attempt: Attempt, last_guest: str) -> str:
         """Why the VM is gone or stopped: done | preempted | vanished (or raise on failure)."""
-        assert self.progress is not None
-        if self.progress.poll().complete:
-            return "done"
-        status = self._status_object(attempt)
-        outcome = (status or {}).get("status") or last_guest
+        # (the watch listed the bucket after it saw the VM gone: a complete set was seen there)
+        status = self._status_object(attempt) or {}
+        outcome = status.get("status") or last_guest
         # A preemption can kill the teacher before it handles SIGTERM (an error exit): the
         # preemption, not the exit code, is why the VM ended.
         if outcome == "preempted" or self.backend.was_preempted(
@@ -489,10 +484,10 @@ class Controller:
         ):
             return "preempted"
         if outcome == "failed":
-            tail = (status or {}).get("log_tail") or self.backend.console(self.name, attempt.zone)
+            tail = status.get("log_tail") or self.backend.console(self.name, attempt.zone)
             raise TeacherFailed(
                 f"the teacher failed on {self.name} (exit code "
-                f"{(status or {}).get('exit_code', '?')}); its last output:\n"
+                f"{status.get('exit_code', '?')}); its last output:\n"
                 + "\n".join(tail.strip().splitlines()[-25:])
             )
         if outcome == "done":
@@ -582,13 +577,12 @@ class Controller:
 
         Errors (an API outage) are retried with backoff for ``opts.teardown_timeout_s``: a VM
         left running costs more than a controller that waits."""
-        labels = {"distill-job": label_value(self.job.job.name), "managed-by": "distill"}
         deadline = time.monotonic() + self.opts.teardown_timeout_s
         pause = 1.0
         with signals_held(self.console):
             while True:
                 try:
-                    where = {(s.name, s.zone) for s in self.backend.list(labels)}
+                    where = {(s.name, s.zone) for s in self.backend.list(self.labels)}
                     where = {w for w in where if w[0] == self.name}
                     if self.zone:
                         where.add((self.name, self.zone))
@@ -640,8 +634,7 @@ class Controller:
 
     def _adopt(self) -> Attempt | None:
         """A live VM of this job from an earlier controller: watch it instead of a new one."""
-        labels = {"distill-job": label_value(self.job.job.name), "managed-by": "distill"}
-        for st in self.backend.list(labels):
+        for st in self.backend.list(self.labels):
             if st.name != self.name:
                 continue
             if st.live:
@@ -721,14 +714,11 @@ class Controller:
         attempt = adopted
         while True:
             if attempt is None:
-                n = len(self.run.attempts) + 1
-                attempt = Attempt(n=n, zone="", requested=_now())
-                self.current = attempt
-                self.run.attempts.append(attempt)
+                attempt = Attempt(n=len(self.run.attempts) + 1, zone="", requested=_now())
+            self.current = attempt
+            self.run.attempts.append(attempt)
+            if not attempt.zone:
                 self.zone = attempt.zone = self.provision(zone_index)
-            else:
-                self.current = attempt
-                self.run.attempts.append(attempt)
             outcome = self.watch(attempt)
             attempt.outcome = outcome
             if outcome == "done":

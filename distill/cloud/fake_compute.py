@@ -81,7 +81,6 @@ class FakeOperation:
     zone: str
     op_type: str
     target: str  # the instance's selfLink
-    target_name: str
     target_id: str
     status: str = "PENDING"
     error: dict[str, Any] | None = None  # {"code": ..., "message": ...}
@@ -303,7 +302,6 @@ class FakeCompute:
             zone=inst.zone,
             op_type=op_type,
             target=self._self_link(inst.zone, inst.name),
-            target_name=inst.name,
             target_id=inst.id,
         )
         with self._lock:

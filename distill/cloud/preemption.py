@@ -30,6 +30,11 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (on a new VM); the startup script 
 WATCH_ENV = "DISTILL_WATCH_PREEMPTION"
 
 
+def in_main_thread() -> bool:
+    """Signal handlers can only be installed (and run) in the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
 class Preempted(DistillError):
     """The teacher stopped early on request (preemption or SIGTERM); a rerun resumes."""
 
@@ -97,7 +102,7 @@ class StopWatch:
             )
 
     def __enter__(self) -> StopWatch:
-        if threading.current_thread() is threading.main_thread():
+        if in_main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
         if self.watch_metadata:

@@ -67,9 +67,6 @@ class Rate:
     def __init__(self) -> None:
         self.first: Snapshot | None = None
 
-    def reset(self) -> None:
-        self.first = None
-
     def update(self, snap: Snapshot) -> tuple[float, float | None]:
         """(tokens/s, seconds left or None while unknown)."""
         if self.first is None:

@@ -60,6 +60,11 @@ def label_value(text: str) -> str:
     return re.sub(r"[^-_a-z0-9]", "-", text.lower())[:63]
 
 
+def job_labels(job_name: str) -> dict[str, str]:
+    """The labels every VM of a job carries (``gc`` and the controller find VMs by them)."""
+    return {"distill-job": label_value(job_name), "managed-by": "distill"}
+
+
 def instance_name(job_name: str) -> str:
     """A valid instance name for a job: ``distill-teacher-<job>``."""
     stem = re.sub(r"-+", "-", re.sub(r"[^-a-z0-9]", "-", job_name.lower())).strip("-")
@@ -168,11 +173,7 @@ class VmSpec:
         return self.provisioning_model == "SPOT"
 
     def labels(self) -> dict[str, str]:
-        return {
-            "distill-job": label_value(self.job_name),
-            "managed-by": "distill",
-            **self.extra_labels,
-        }
+        return {**job_labels(self.job_name), **self.extra_labels}
 
     def metadata(self) -> dict[str, str]:
         md = {
