@@ -643,6 +643,18 @@ def test_local_backend_preemption(cloud_job, tmp_path, monkeypatch):
     monkeypatch.setenv("SLOW_TEACHER_S", "0.4")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     backend = LocalBackend(tmp_path / "vms", preempt_grace_s=10)
+    # The preemption's clean-up is slow (here: on the test's thread only), so the controller
+    # sees the VM stopped and relaunches while it runs: the relaunch must wait for it, not
+    # have its new VM's directory removed under it (a CI failure once).
+    rmtree = shutil.rmtree
+    main = threading.current_thread()
+
+    def slow_rmtree(path, *a, **k):
+        if threading.current_thread() is main:
+            time.sleep(1.0)
+        rmtree(path, *a, **k)
+
+    monkeypatch.setattr("distill.cloud.backend.shutil.rmtree", slow_rmtree)
     j = load_job(cloud_job)
     opts = CloudOptions(backend="local", yes=True, poll_seconds=0.1, state_dir=tmp_path)
     ctl = Controller(j, opts, Console(stderr=True, width=200), backend=backend)

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -356,6 +357,9 @@ class LocalBackend:
         self.state_dir = Path(state_dir).expanduser()
         self.preempt_grace_s = preempt_grace_s
         self._procs: dict[str, subprocess.Popen] = {}
+        # create / delete / preempt change a VM's directory: one at a time, as the Compute API
+        # serialises operations on an instance (a relaunch waits for the preemption's delete)
+        self._ops = threading.RLock()
 
     def _dir(self, name: str) -> Path:
         return self.state_dir / name
@@ -364,6 +368,10 @@ class LocalBackend:
         return None  # every "zone" is this machine
 
     def create(self, spec: VmSpec, zone: str) -> None:
+        with self._ops:
+            self._create(spec, zone)
+
+    def _create(self, spec: VmSpec, zone: str) -> None:
         d = self._dir(spec.name)
         if (d / "vm.json").exists():
             raise AlreadyExists(f"local VM {spec.name} already exists ({d})")
@@ -434,22 +442,24 @@ class LocalBackend:
             proc.wait()
 
     def delete(self, name: str, zone: str) -> None:
-        info = self._info(name)
-        if info is None:
-            return
-        self._stop(info, grace=5.0)
-        shutil.rmtree(self._dir(name), ignore_errors=True)
+        with self._ops:
+            info = self._info(name)
+            if info is None:
+                return
+            self._stop(info, grace=5.0)
+            shutil.rmtree(self._dir(name), ignore_errors=True)
 
     def preempt(self, name: str) -> None:
         """Simulate a Spot preemption: SIGTERM, the grace period, SIGKILL, deletion."""
-        info = self._info(name)
-        if info is None:
-            raise KeyError(name)
-        self._stop(info, grace=self.preempt_grace_s)
-        marker = self.state_dir / ".preempted"
-        with marker.open("a") as f:
-            f.write(f"{name} {info['id']}\n")
-        shutil.rmtree(self._dir(name), ignore_errors=True)
+        with self._ops:
+            info = self._info(name)
+            if info is None:
+                raise KeyError(name)
+            # recorded first, as GCE lists the preemption operation when it starts
+            with (self.state_dir / ".preempted").open("a") as f:
+                f.write(f"{name} {info['id']}\n")
+            self._stop(info, grace=self.preempt_grace_s)
+            shutil.rmtree(self._dir(name), ignore_errors=True)
 
     def list(self, labels: dict[str, str]) -> list[VmState]:
         if not self.state_dir.is_dir():
