@@ -84,7 +84,7 @@ def test_float16_stored_logprobs_and_float32_student_stay_close_to_reference():
     ref, *_, ids, logp = dense_reference(h, w, t_logits, 16, labels, 0.9)
     lps16 = logp.gather(1, ids).half()  # what the shards store
     loss, _, _ = chunked_kd_loss(h, w, ids, lps16, labels, 0.9, 8)
-    assert abs(float(loss) - float(ref)) < 5e-3 * float(ref)
+    assert abs(loss.item() - ref.item()) < 5e-3 * ref.item()
 
 
 def test_eval_metrics_sums_and_agreement():
@@ -93,8 +93,8 @@ def test_eval_metrics_sums_and_agreement():
     m = eval_metrics(h.detach(), w.detach(), ids, logp.gather(1, ids), labels, chunk=6)
     n = h.shape[0]
     assert m["rows"] == n
-    assert abs(m["kd"] / n - float(ref_kd)) < 1e-9
-    assert abs(m["ce"] / n - float(ref_ce)) < 1e-9
+    assert abs(m["kd"] / n - ref_kd.item()) < 1e-9
+    assert abs(m["ce"] / n - ref_ce.item()) < 1e-9
     expect = float(((h @ w.T).argmax(-1) == t_logits.argmax(-1)).sum())
     assert m["agree"] == expect
 
@@ -287,7 +287,7 @@ def test_float16_stored_logprobs_with_all_terms_stay_close_to_reference():
     ref_terms, ids, lps = dense_terms(h, w, t_logits, 16, labels, 2.0, 0.8, 6, TAIL_EPS)
     ref = dense_total(ref_terms, lw)
     loss, _ = chunked_distill_loss(h, w, ids, lps.half(), labels, lw, 8)
-    assert abs(float(loss.detach()) - float(ref)) < 5e-3 * float(ref)
+    assert abs(float(loss.detach()) - ref.item()) < 5e-3 * ref.item()
 
 
 def test_distill_loss_frozen_head_gets_no_gradient():
@@ -308,10 +308,10 @@ def test_eval_metrics_with_weights_reports_every_term():
         ref_terms, ids, lps = dense_terms(h, w, t_logits, 8, labels, tau, 0.8, 6, TAIL_EPS)
         kd1 = dense_terms(h, w, t_logits, 8, labels)[0]["forward_kl"]
         m = eval_metrics(h.detach(), w.detach(), ids, lps, labels, chunk=6, weights=lw)
-        assert abs(m["kd"] / n - float(kd1.mean())) < 1e-9
+        assert abs(m["kd"] / n - kd1.mean().item()) < 1e-9
         for name in TERM_NAMES:
-            assert abs(m[name] / n - float(ref_terms[name].mean())) < 1e-9, name
-        assert abs(m["loss"] / n - float(dense_total(ref_terms, lw))) < 1e-9
+            assert abs(m[name] / n - ref_terms[name].mean().item()) < 1e-9, name
+        assert abs(m["loss"] / n - dense_total(ref_terms, lw).item()) < 1e-9
 
 
 @pytest.mark.parametrize(
