@@ -466,7 +466,7 @@ def base_job(args: argparse.Namespace, init_dir: Path) -> dict[str, Any]:
             "truncation": "right",
             "max_samples": args.train_samples,
         },
-        "targets": {"codec": args.codec, **({"zstd": True} if args.codec == "packed" else {})},
+        "targets": {"codec": args.codec},  # packed: the defaults' v2 blocks with zstd
         "student": {"init": "pretrained", "model": str(init_dir)},
         "train": {
             "max_steps": args.steps,

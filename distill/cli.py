@@ -28,6 +28,16 @@ SetOpt = Annotated[
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Override job.output (path or gs://...).")
 ]
+# the cost estimate's inputs (cost-estimate, and teacher-cloud's price before it starts)
+MfuOpt = Annotated[
+    float | None, typer.Option(help="Model FLOPs utilisation on the L4 (default 0.35).")
+]
+CalibrationOpt = Annotated[
+    Path | None, typer.Option(help="JSON with tokens_per_s, model and gpu measured on an L4.")
+]
+PricesOpt = Annotated[
+    Path | None, typer.Option(help="TOML/JSON overriding fields of the price table.")
+]
 
 
 def _load(job: Path, sets: list[str] | None, output: str | None = None):  # noqa: ANN202
@@ -143,16 +153,9 @@ def demo(
 def cost_estimate(
     job: JobOpt,
     set_: SetOpt = None,
-    mfu: Annotated[
-        float | None, typer.Option(help="Model FLOPs utilisation on the L4 (default 0.35).")
-    ] = None,
-    calibration: Annotated[
-        Path | None,
-        typer.Option(help="JSON with tokens_per_s, model and gpu measured on an L4."),
-    ] = None,
-    prices: Annotated[
-        Path | None, typer.Option(help="TOML/JSON overriding fields of the price table.")
-    ] = None,
+    mfu: MfuOpt = None,
+    calibration: CalibrationOpt = None,
+    prices: PricesOpt = None,
     preemption_overhead: Annotated[
         float, typer.Option(help="Extra spot hours as a fraction (0.15 = 15%).")
     ] = 0.15,
@@ -292,11 +295,9 @@ def teacher_cloud(
         str | None, typer.Option(help="The VM's service account (default: distill-teacher@...).")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking.")] = False,
-    mfu: Annotated[float | None, typer.Option(help="L4 MFU for the estimate.")] = None,
-    calibration: Annotated[
-        Path | None, typer.Option(help="L4 benchmark JSON for the estimate.")
-    ] = None,
-    prices: Annotated[Path | None, typer.Option(help="Price overrides (TOML/JSON).")] = None,
+    mfu: MfuOpt = None,
+    calibration: CalibrationOpt = None,
+    prices: PricesOpt = None,
     state_dir: StateOpt = Path("runs/cloud"),
     endpoint: EndpointOpt = None,
     poll_seconds: Annotated[

@@ -58,18 +58,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from distill.bitpack import (
-    bits_for,
-    pack_bits,
-    rice_decode,
-    rice_encode,
-    unpack_bits,
-    zstd,
-)
+from distill.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
 from distill.errors import DistillError
 from distill.targets import KINDS, TargetSpec
-
-__all__ = ["Codec", "ShardFormat", "bits_for", "id_dtype", "pack_bits", "unpack_bits"]
 
 KNOWN = {"npz": (0,), "packed": (1, 2)}  # the newest version of each is what jobs write
 VALUE_MAPS = ("log8", "pow8", "f16")

@@ -14,15 +14,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from distill.codec import (
-    Codec,
-    ShardFormat,
-    bits_for,
-    decode_packed,
-    encode_packed,
-    pack_bits,
-    unpack_bits,
-)
+from distill.bitpack import bits_for, pack_bits, unpack_bits
+from distill.codec import Codec, ShardFormat, decode_packed, encode_packed
 from distill.errors import DistillError
 from distill.manifest import Manifest
 from distill.shards import TargetSample, read_shard, write_shard

@@ -411,8 +411,10 @@ class LocalBackend:
 
     def get(self, name: str, zone: str) -> VmState | None:
         info = self._info(name)
-        if info is None:
-            return None
+        return self._state(info) if info is not None else None
+
+    def _state(self, info: dict[str, Any]) -> VmState:
+        name = info["name"]
         running = self._running(info)
         ga = self._dir(name) / "guest-attributes.json"
         guest = json.loads(ga.read_text()) if ga.exists() else {}
@@ -464,14 +466,12 @@ class LocalBackend:
     def list(self, labels: dict[str, str]) -> list[VmState]:
         if not self.state_dir.is_dir():
             return []
-        out = []
-        for d in sorted(self.state_dir.iterdir()):
-            info = self._info(d.name)
-            if info and all(info["labels"].get(k) == v for k, v in labels.items()):
-                st = self.get(d.name, info["zone"])
-                if st is not None:
-                    out.append(st)
-        return out
+        infos = (self._info(d.name) for d in sorted(self.state_dir.iterdir()))
+        return [
+            self._state(info)
+            for info in infos
+            if info and all(info["labels"].get(k) == v for k, v in labels.items())
+        ]
 
     def was_preempted(self, name: str, zone: str, vm_id: str) -> bool:
         marker = self.state_dir / ".preempted"

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill.cache import sha256_file
 from distill.cloud.backend import (
@@ -59,6 +60,7 @@ from distill.cloud.backend import (
 )
 from distill.cloud.preemption import in_main_thread
 from distill.cloud.progress import BucketProgress, Rate, Snapshot
+from distill.cloud.report import estimated_vm_usd
 from distill.cloud.spec import (
     DEFAULT_MAX_RUN_S,
     VmSpec,
@@ -159,7 +161,8 @@ class CloudRun:
 
     @property
     def estimated_usd(self) -> float:
-        return float(self.estimate["usd"]["total_spot" if self.spot else "total_on_demand"])
+        """The estimate's VM + disk dollars (as :attr:`usd` counts them; cost-report too)."""
+        return estimated_vm_usd(self.estimate, self.spot)
 
     @property
     def usd(self) -> float:
@@ -509,8 +512,6 @@ class Controller:
         rate = Rate()
         last_guest = ""
         last_status = ""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
         cols = (
             TextColumn("teacher-cloud"),
             BarColumn(),
@@ -627,7 +628,7 @@ class Controller:
         self.console.print(
             f"run record: {where}: {run.outcome}, {len(run.attempts)} VM(s), "
             f"{run.vm_seconds / 60:,.1f} VM-minutes, ${run.usd:,.4f} "
-            f"(estimated ${run.estimated_usd:,.4f})"
+            f"(VM + disk estimated ${run.estimated_usd:,.4f})"
         )
 
     # --- all together --------------------------------------------------------------------------
@@ -663,9 +664,7 @@ class Controller:
             self.price_and_confirm()
         est = self.estimate
         assert est is not None
-        from distill.cost import load_prices
-
-        prices = load_prices(self.opts.cost.prices)
+        prices = est.prices
         self.run = CloudRun(
             job=self.job.job.name,
             backend=self.backend.name,
@@ -678,9 +677,7 @@ class Controller:
             price_per_hour=prices.vm_spot_per_hour
             if self.cloud.spot
             else prices.vm_on_demand_per_hour,
-            disk_per_hour=self.opts.cost.boot_disk_gb
-            * prices.boot_disk_per_gb_month
-            / HOURS_PER_MONTH,
+            disk_per_hour=est.opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH,
         )
         per = self.job.teacher.samples_per_shard
         totals = {s: (-(-c["samples"] // per), c["tokens"]) for s, c in est.data.per_split.items()}

@@ -263,9 +263,7 @@ class FakeCompute:
             inst.changed.notify_all()
 
         def run() -> None:
-            self._set_status(inst, "STOPPING")
-            self._kill_guest(inst, grace=self.preempt_grace_s)
-            self._set_status(inst, "TERMINATED")
+            self._power_down(inst, grace=self.preempt_grace_s)
             op.finish()
             if inst.termination_action == "DELETE":
                 time.sleep(self.step_s)
@@ -412,15 +410,19 @@ class FakeCompute:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    def _power_down(self, inst: FakeInstance, grace: float) -> None:
+        """STOPPING, the guest's SIGTERM (SIGKILL after ``grace``), TERMINATED; an instance
+        already TERMINATED stays as it is."""
+        with self._lock:
+            if inst.status == "TERMINATED":
+                return
+            self._set_status(inst, "STOPPING")
+        self._kill_guest(inst, grace=grace)
+        self._set_status(inst, "TERMINATED")
+
     def _delete(self, inst: FakeInstance, op: FakeOperation) -> None:
         op.status = "RUNNING"
-        with self._lock:
-            stopping = inst.status != "TERMINATED"
-            if stopping:
-                self._set_status(inst, "STOPPING")
-        if stopping:
-            self._kill_guest(inst, grace=min(self.preempt_grace_s, 2.0))
-            self._set_status(inst, "TERMINATED")
+        self._power_down(inst, grace=min(self.preempt_grace_s, 2.0))
         time.sleep(self.step_s / 2)
         self._remove(inst)
         op.finish()
@@ -438,9 +440,7 @@ class FakeCompute:
                 op = self._new_op(inst, "compute.instances.stop")
 
                 def expire(inst: FakeInstance = inst, op: FakeOperation = op) -> None:
-                    self._set_status(inst, "STOPPING")
-                    self._kill_guest(inst, grace=min(self.preempt_grace_s, 2.0))
-                    self._set_status(inst, "TERMINATED")
+                    self._power_down(inst, grace=min(self.preempt_grace_s, 2.0))
                     op.finish()
                     if inst.termination_action == "DELETE":
                         self._remove(inst)
@@ -604,6 +604,24 @@ def _filtered(items: list[dict[str, Any]], text: str | None) -> list[dict[str, A
     return [i for i in items if all(str(value(i, f)) == v for f, v in terms)]
 
 
+def _reply(
+    h: BaseHTTPRequestHandler,
+    status: int,
+    data: bytes,
+    ctype: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """One HTTP response; a client that went away (a killed guest) is not an error."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+
 class _ApiHandler(BaseHTTPRequestHandler):
     stub: FakeCompute
     protocol_version = "HTTP/1.1"
@@ -612,13 +630,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        _reply(self, status, json.dumps(body).encode(), "application/json; charset=UTF-8")
 
     def _dispatch(self, method: str) -> None:
         url = urlparse(self.path)
@@ -802,14 +814,7 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, text: str, ctype: str = "application/text") -> None:
-        data = text.encode()
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a killed guest
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Metadata-Flavor", "Google")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        _reply(self, status, text.encode(), ctype, {"Metadata-Flavor": "Google"})
 
     def _route(self, method: str) -> None:
         url = urlparse(self.path)

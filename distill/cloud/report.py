@@ -18,6 +18,12 @@ from distill.errors import DistillError
 from distill.storage import open_store
 
 
+def estimated_vm_usd(estimate: dict[str, Any], spot: bool) -> float:
+    """The estimate's VM and boot-disk dollars: what a run's actual cost compares with."""
+    kind = "spot" if spot else "on_demand"
+    return float(estimate["usd"][f"vm_{kind}"] + estimate["usd"][f"disk_{kind}"])
+
+
 def load_runs(output: str) -> list[dict[str, Any]]:
     store = open_store(f"{output.rstrip('/')}/cloud")
     runs = []
@@ -56,10 +62,7 @@ def cost_report(job: Job, console: Console) -> list[dict[str, Any]]:
         est = r["estimate"]
         spot = r.get("spot", True)
         est_hours = est["hours"]["spot" if spot else "on_demand"]
-        est_usd = (
-            est["usd"]["vm_spot" if spot else "vm_on_demand"]
-            + est["usd"]["disk_spot" if spot else "disk_on_demand"]
-        )
+        est_usd = estimated_vm_usd(est, spot)
         hours = r["vm_seconds"] / 3600
         row = {
             "record": r["record"],
