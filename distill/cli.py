@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -385,6 +386,9 @@ def cost_report(
 
 
 def main() -> None:
+    # One progress display: ours. transformers' and the hub's tqdm bars ("Loading weights",
+    # "Writing model shards") read this before transformers is imported (a user's value wins).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from distill.cloud.preemption import EXIT_PREEMPTED, Preempted
 
     try:

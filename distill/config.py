@@ -43,6 +43,7 @@ class DataSection:
     max_length: int = 512
     truncation: str = "error"  # error | right (keep the first max_length tokens)
     max_samples: int = 0  # 0 = all
+    on_invalid: str = "error"  # error (list every bad line, stop) | skip (leave them out)
 
 
 @dataclass
@@ -212,6 +213,7 @@ _CHOICES = {
     ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
     ("teacher", "device"): ("auto", "cpu", "cuda"),
     ("data", "truncation"): ("error", "right"),
+    ("data", "on_invalid"): ("error", "skip"),
     ("targets", "kind"): KINDS,
     ("targets", "sampling"): SAMPLING,
     ("targets", "codec"): ("npz", "packed"),

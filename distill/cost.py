@@ -244,7 +244,13 @@ def count_data(job: Job, tokenizer: Any) -> DataCounts:
     for split, path in splits(job).items():
         st = TokenizeStats()
         samples = tokenize_file(
-            path, tokenizer, job.data.max_length, job.data.truncation, job.data.max_samples, st
+            path,
+            tokenizer,
+            job.data.max_length,
+            job.data.truncation,
+            job.data.max_samples,
+            st,
+            job.data.on_invalid,
         )
         per = job.teacher.samples_per_shard
         padded = ctx = 0

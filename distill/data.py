@@ -9,6 +9,11 @@ Each line is rendered with the teacher's chat template. ``loss_mask[t] == 1`` ma
 written by the assistant (its content and end-of-turn token): those are the tokens the student
 learns to predict. Truncation is explicit: ``error`` refuses an over-long sample, ``right``
 keeps its first ``max_length`` tokens.
+
+Invalid lines (not UTF-8, malformed JSON, a wrong shape, nothing to learn) are all found in one
+read, before any model is loaded: ``on_invalid = "error"`` refuses the file and lists every bad
+line (the first :data:`MAX_REPORTED`, then a count); ``"skip"`` leaves them out and counts them.
+Sample keys stay line-based either way, so skipping a line never renames another sample.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,8 @@ import numpy as np
 from distill.errors import DistillError
 
 ROLES = ("system", "user", "assistant")
+ON_INVALID = ("error", "skip")
+MAX_REPORTED = 20  # bad lines listed in an error or a manifest; the rest are counted
 
 
 @dataclass
@@ -45,24 +52,64 @@ class TokenizeStats:
     tokens: int = 0
     target_tokens: int = 0
     truncated: int = 0
+    invalid: int = 0  # lines left out (on_invalid = "skip")
+    invalid_lines: list[int] = field(default_factory=list)  # the first MAX_REPORTED of them
+
+    def invalid_info(self) -> dict[str, Any]:
+        """What the manifest records of skipped lines (empty when none were skipped)."""
+        return {"count": self.invalid, "first_lines": self.invalid_lines} if self.invalid else {}
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object); blank lines are skipped, bad JSON names file and line."""
+class LineError(DistillError):
+    """One dataset line is invalid; the message starts with ``file:line:``."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def list_bad_lines(path: Path, errors: list[LineError]) -> str:
+    """One message for every bad line of a file: the first MAX_REPORTED, then a count.
+
+    A single bad line stays a one-line message."""
+    hint = 'data.on_invalid = "skip" leaves invalid lines out'
+    if len(errors) == 1:
+        return f"{errors[0]} ({hint})"
+    shown = "\n".join(f"  {e}" for e in errors[:MAX_REPORTED])
+    more = len(errors) - MAX_REPORTED
+    return (
+        f"{path}: {len(errors)} invalid lines:\n{shown}"
+        + (f"\n  ... and {more} more" if more > 0 else "")
+        + f"\n(fix them; {hint})"
+    )
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+    """Yield (line number, object or the line's error); blank lines are skipped.
+
+    Lines are decoded one by one, so a non-UTF-8 line names its own line and byte.
+    """
     if not path.is_file():
         raise DistillError(f"dataset file {path} not found")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte, col = raw[e.start], e.start + 1
+                msg = f"{path}:{n}: not UTF-8 (byte 0x{byte:02x} at column {col}); "
+                yield n, LineError(msg + "re-save the file as UTF-8", n)
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DistillError(
-                    f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})"
-                ) from None
+                yield n, LineError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})", n)
+                continue
             if not isinstance(obj, dict):
-                raise DistillError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+                where, kind = f"{path}:{n}", type(obj).__name__
+                obj = LineError(f"{where}: expected a JSON object, got {kind}", n)
             yield n, obj
 
 
@@ -138,33 +185,65 @@ def tokenize_file(
     truncation: str = "error",
     max_samples: int = 0,
     stats: TokenizeStats | None = None,
+    on_invalid: str = "error",
 ) -> list[Sample]:
     """Read, validate and tokenize a whole JSONL file (all errors surface before any work)."""
+    if on_invalid not in ON_INVALID:
+        raise DistillError(f"data.on_invalid = {on_invalid!r}: one of {', '.join(ON_INVALID)}")
     stats = stats if stats is not None else TokenizeStats()
     samples: list[Sample] = []
+    errors: list[LineError] = []
     for n, obj in read_jsonl(path):
-        where = f"{path}:{n}"
-        s = render(tokenizer, to_messages(obj, where), where)
-        s.key = sample_key(path, n)
-        if len(s.input_ids) > max_length:
-            if truncation == "error":
-                raise DistillError(
-                    f"{where}: {len(s.input_ids)} tokens > data.max_length={max_length} "
-                    '(raise data.max_length, or set data.truncation = "right")'
-                )
-            s.input_ids, s.loss_mask = s.input_ids[:max_length], s.loss_mask[:max_length]
-            stats.truncated += 1
-        if s.n_targets == 0:
-            raise DistillError(
-                f"{where}: no assistant tokens left after truncation to {max_length} tokens "
-                "(raise data.max_length or shorten the prompt)"
-            )
+        try:
+            if isinstance(obj, LineError):
+                raise obj
+            s, truncated = _tokenize_line(path, n, obj, tokenizer, max_length, truncation)
+        except LineError as e:
+            errors.append(e)
+            continue
+        stats.truncated += int(truncated)
         stats.samples += 1
         stats.tokens += len(s.input_ids)
         stats.target_tokens += s.n_targets
         samples.append(s)
         if max_samples and len(samples) >= max_samples:
             break
+    if errors and on_invalid == "error":
+        raise DistillError(list_bad_lines(path, errors))
+    stats.invalid += len(errors)
+    stats.invalid_lines += [e.line for e in errors][: MAX_REPORTED - len(stats.invalid_lines)]
     if not samples:
-        raise DistillError(f"{path}: no samples")
+        raise DistillError(
+            f"{path}: no samples" + (f" ({len(errors)} invalid lines skipped)" if errors else "")
+        )
     return samples
+
+
+def _tokenize_line(
+    path: Path, n: int, obj: dict[str, Any], tokenizer: Any, max_length: int, truncation: str
+) -> tuple[Sample, bool]:
+    """One parsed line -> (sample, truncated), or a :class:`LineError` saying what is wrong."""
+    where = f"{path}:{n}"
+    try:
+        s = render(tokenizer, to_messages(obj, where), where)
+    except DistillError as e:
+        if str(e).startswith(where):
+            raise LineError(str(e), n) from None
+        raise  # not about this line (e.g. no chat template): stop at once
+    s.key = sample_key(path, n)
+    truncated = len(s.input_ids) > max_length
+    if truncated:
+        if truncation == "error":
+            raise LineError(
+                f"{where}: {len(s.input_ids)} tokens > data.max_length={max_length} "
+                '(raise data.max_length, or set data.truncation = "right")',
+                n,
+            )
+        s.input_ids, s.loss_mask = s.input_ids[:max_length], s.loss_mask[:max_length]
+    if s.n_targets == 0:
+        raise LineError(
+            f"{where}: no assistant tokens left after truncation to {max_length} tokens "
+            "(raise data.max_length or shorten the prompt)",
+            n,
+        )
+    return s, truncated

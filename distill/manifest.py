@@ -43,6 +43,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     codec: dict[str, Any] = field(default_factory=lambda: {"name": "npz", "version": 0})
     targets: dict[str, Any] = field(default_factory=dict)
+    # dataset lines left out as invalid (data.on_invalid = "skip"): {"count", "first_lines"}
+    skipped_lines: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.targets:  # a manifest from before target kinds: top-k with a tail

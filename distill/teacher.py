@@ -164,7 +164,11 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
         "dtype": job.teacher.dtype,
         "targets": job.targets.fingerprint(),
         "data": {
-            k: v for k, v in dataclasses.asdict(job.data).items() if k not in ("train", "eval")
+            # on_invalid is left out: it decides whether a run may go on, not what a valid
+            # line's bytes are (the dataset's sha256 already covers its lines)
+            k: v
+            for k, v in dataclasses.asdict(job.data).items()
+            if k not in ("train", "eval", "on_invalid")
         },
         "samples_per_shard": job.teacher.samples_per_shard,
     }
@@ -195,11 +199,13 @@ def run_split(
     tok_fp: str,
     teacher_dir: Path,
     stop: StopWatch | None = None,
+    skipped: dict[str, Any] | None = None,
 ) -> Manifest:
     """Produce (or resume) one split's shard set; returns its manifest.
 
     ``stop`` (preemption, SIGTERM) is checked after every forward batch: the shard in flight
     is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
+    ``skipped``: the dataset lines left out as invalid, recorded in the manifest.
     """
     if store.exists(MANIFEST):
         m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
@@ -321,6 +327,7 @@ def run_split(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         codec=codec.info(),
         targets=spec.info(),
+        skipped_lines=skipped or {},
     )
     # A concurrent run may have finished first; its manifest describes the same shards.
     with contextlib.suppress(ObjectExists):
@@ -356,25 +363,40 @@ def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
     teacher_dir = models.resolve_model(job.teacher.model)
     tokenizer = models.load_tokenizer(teacher_dir)
     tok_fp = models.tokenizer_fingerprint(tokenizer)
-    prepared = {}
-    for split, path in splits(job).items():  # validate all input before any work
+    tokenized = {}
+    for split, path in splits(job).items():  # validate all input before anything is written
         st = TokenizeStats()
         samples = tokenize_file(
-            path, tokenizer, job.data.max_length, job.data.truncation, job.data.max_samples, st
+            path,
+            tokenizer,
+            job.data.max_length,
+            job.data.truncation,
+            job.data.max_samples,
+            st,
+            job.data.on_invalid,
         )
+        tokenized[split] = (path, samples, st)
+    prepared = {}
+    for split, (path, samples, st) in tokenized.items():
         store = open_store(f"{job.job.output.rstrip('/')}/{split}")
         store.list()  # fails early on a missing bucket or missing credentials
         fp = job_fingerprint(job, split, path, teacher_dir, tok_fp)
-        prepared[split] = (samples, store, fp)
+        prepared[split] = (samples, store, fp, st.invalid_info())
         console.print(
             f"{split}: {st.samples} samples, {st.tokens} tokens ({st.target_tokens} targets)"
             + (f", {st.truncated} truncated" if st.truncated else "")
         )
+        if st.invalid:
+            console.print(
+                f"[yellow]{split}: skipped {st.invalid} invalid line(s) of {path} "
+                f'(data.on_invalid = "skip"): lines {", ".join(map(str, st.invalid_lines))}'
+                + (" ..." if st.invalid > len(st.invalid_lines) else "")
+            )
     device = models.pick_device(job.teacher.device)
     model = models.load_model(teacher_dir, job.teacher.dtype, device).eval()
     job.targets.spec().check(models.vocab_size(model))
     stop.check("teacher")
     return {
-        split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir, stop)
-        for split, (samples, store, fp) in prepared.items()
+        split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir, stop, skipped)
+        for split, (samples, store, fp, skipped) in prepared.items()
     }

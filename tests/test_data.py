@@ -1,12 +1,13 @@
 """Chat rendering with the real SmolLM2 chat template, assistant-only loss masks, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distill.data import read_jsonl, render, to_messages, tokenize_file
+from distill.data import TokenizeStats, read_jsonl, render, to_messages, tokenize_file
 from distill.errors import DistillError
 
 
@@ -85,3 +86,55 @@ def test_sample_empty_after_truncation(smol_tokenizer, tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DistillError, match="not found"):
         list(read_jsonl(tmp_path / "nope.jsonl"))
+
+
+# --- every bad line at once; on_invalid ------------------------------------------------------
+
+
+def test_non_utf8_line_names_file_line_and_byte(smol_tokenizer, tmp_path):
+    p = write_jsonl(tmp_path, [{"prompt": "ok", "response": "fine"}])
+    with p.open("ab") as f:
+        f.write('{"prompt": "caf\u00e9", "response": "x"}\n'.encode("latin-1"))
+    with pytest.raises(DistillError) as e:
+        tokenize_file(p, smol_tokenizer, 128)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:2: not UTF-8 (byte 0xe9 at column 16); re-save the file as UTF-8")
+    assert "\n" not in msg  # one line
+
+
+def bad_file(tmp_path: Path, n_bad: int) -> tuple[Path, list[int]]:
+    """Good lines with ``n_bad`` bad ones of several kinds between them; their line numbers."""
+    bad = ['{"prompt": "a", ', "[1]", '{"text": "t"}', '{"prompt": "q", "response": " "}']
+    lines, bad_at = [], []
+    for i in range(n_bad):
+        lines.append({"prompt": f"q{i}", "response": f"answer {i}"})
+        lines.append(bad[i % len(bad)])
+        bad_at.append(len(lines))
+    lines.append({"prompt": "last", "response": "one"})
+    return write_jsonl(tmp_path, lines), bad_at
+
+
+def test_every_bad_line_is_reported_up_to_a_cap(smol_tokenizer, tmp_path):
+    p, bad_at = bad_file(tmp_path, 25)
+    with pytest.raises(DistillError) as e:
+        tokenize_file(p, smol_tokenizer, 128)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 25 invalid lines:")
+    listed = [int(x) for x in re.findall(r"d\.jsonl:(\d+): ", msg)]
+    assert listed == bad_at[:20]  # in file order, each once
+    assert "... and 5 more" in msg and 'data.on_invalid = "skip"' in msg
+
+
+def test_on_invalid_skip_leaves_bad_lines_out_and_counts_them(smol_tokenizer, tmp_path):
+    p, bad_at = bad_file(tmp_path, 25)
+    st = TokenizeStats()
+    samples = tokenize_file(p, smol_tokenizer, 128, stats=st, on_invalid="skip")
+    assert st.invalid == 25 and st.invalid_lines == bad_at[:20]
+    assert st.invalid_info() == {"count": 25, "first_lines": bad_at[:20]}
+    n_lines = 2 * 25 + 1
+    # keys stay line-based: a skipped line renames no other sample
+    assert [s.key for s in samples] == [
+        f"d-{n:07d}" for n in range(1, n_lines + 1) if n not in bad_at
+    ]
+    with pytest.raises(DistillError, match="on_invalid = 'bogus': one of error, skip"):
+        tokenize_file(p, smol_tokenizer, 128, on_invalid="bogus")

@@ -137,8 +137,11 @@ def test_extraction_is_deterministic_and_chunking_does_not_matter(kind, sampling
     )
     a = extract(hidden, weight, spec, 64, u if spec.sampled else None)
     b = extract(hidden, weight, spec, 3, u.copy() if spec.sampled else None)
-    for f in ("ids", "values", "counts", "n"):
+    # The selection is exact; the log-probs come from matmuls of other shapes, which another
+    # BLAS kernel may round differently (seen on AMD EPYC vs Intel Xeon): a float32 tolerance.
+    for f in ("ids", "counts", "n"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
+    torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
     assert a.ids.shape == (23, spec.width)
 
 
