@@ -59,7 +59,10 @@ class Prices:
     """A dated price table (USD). Override with ``--prices FILE`` (TOML or JSON, any subset)."""
 
     as_of: str = "2026-11"
-    source: str = "Google Cloud pricing page, us-central1; verify before relying"
+    source: str = (
+        "Google Cloud's GPU and Spot VM pricing pages, g2-standard-8 in us-central1, the high end "
+        "of the 2026 figures; verify before relying"
+    )
     region: str = "us-central1"
     machine: str = "g2-standard-8 (8 vCPU, 32 GB, 1 x NVIDIA L4)"
     vm_on_demand_per_hour: float = 0.85
@@ -763,7 +766,12 @@ def render_table(e: CostEstimate) -> Any:
         ("setup hours", _hours(e.setup_hours), ""),
         ("hours on-demand", _hours(e.on_demand_hours), ""),
         ("hours spot", _hours(e.spot_hours), f"+{e.opts.preemption_overhead:.0%} preemption"),
-        ("$ VM spot", _usd(e.usd["vm_spot"]), ""),
+        (
+            "$ VM spot",
+            _usd(e.usd["vm_spot"]),
+            f"${e.prices.vm_spot_per_hour:.3f}/h as of {e.prices.as_of}: spot prices change "
+            "(up to once a day); --prices FILE to use today's",
+        ),
         ("$ VM on-demand", _usd(e.usd["vm_on_demand"]), ""),
         ("$ boot disk", _usd(e.usd["disk_spot"]), "spot hours"),
         ("shard bytes", f"{e.shard_bytes / GIB:.3f} GB", ""),

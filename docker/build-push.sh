@@ -36,14 +36,17 @@ case $image in
      exit 2 ;;
 esac
 
+# Registry auth first: without it `manifest inspect` fails as "not found" and every run rebuilds.
+registry=${image%%/*}
+if [[ $registry == *-docker.pkg.dev ]] && command -v gcloud >/dev/null 2>&1; then
+  run gcloud auth configure-docker "$registry" --quiet
+fi
+
 if [[ ${DRY_RUN:-0} != 1 ]] && "$engine" manifest inspect "$image" >/dev/null 2>&1; then
   echo "build-push: $image is already in the registry; not rebuilding"
   exit 0
 fi
 
-registry=${image%%/*}
-if [[ $registry == *-docker.pkg.dev ]] && command -v gcloud >/dev/null 2>&1; then
-  run gcloud auth configure-docker "$registry" --quiet
-fi
-run "$engine" build -f "$dockerfile" -t "$image" .
+# The L4 VMs are x86-64: an Apple-silicon laptop would otherwise build (and push) arm64.
+run "$engine" build --platform linux/amd64 -f "$dockerfile" -t "$image" .
 run "$engine" push "$image"

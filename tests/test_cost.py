@@ -99,6 +99,10 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
     assert "uncalibrated" in rows["MFU (model FLOPs utilisation)"]
     assert "as of 2026-11" in rows["prices"] and "verify before relying" in rows["prices"]
     assert "LM head only at target positions" in rows["FLOPs formula"]
+    table = {
+        r[0]: r[2] for r in zip(*(c._cells for c in cost.render_table(e).columns), strict=True)
+    }
+    assert "spot prices change" in table["$ VM spot"] and "--prices FILE" in table["$ VM spot"]
     out = json.loads(json.dumps(e.to_dict()))  # JSON-serialisable
     assert out["hours"]["spot"] == pytest.approx(e.spot_hours) and out["calibrated"] is False
 

@@ -68,7 +68,7 @@ def test_build_push_script(tmp_path):
     r = sh(["docker/build-push.sh", "docker/teacher.Dockerfile", image], DRY_RUN="1", PATH=path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        f"+ docker build -f docker/teacher.Dockerfile -t {image} .",
+        f"+ docker build --platform linux/amd64 -f docker/teacher.Dockerfile -t {image} .",
         f"+ docker push {image}",
     ]
     # already in the registry (immutable tags): nothing rebuilt
@@ -83,6 +83,26 @@ def test_build_push_script(tmp_path):
     assert r.returncode == 2 and "has no tag" in r.stderr
     r = sh(["docker/build-push.sh", "docker/teacher.Dockerfile", "teacher:1"], PATH=path)
     assert r.returncode == 2 and "names no registry" in r.stderr
+
+
+def test_build_push_configures_registry_auth_before_asking_the_registry(tmp_path):
+    """Without auth, `manifest inspect` answers "not found" for a pushed tag: every run would
+    rebuild. gcloud's credential helper is set first; the build targets the VMs' amd64."""
+    image = "us-central1-docker.pkg.dev/p1/distill/teacher:abc"
+    log = tmp_path / "calls.log"
+    fake_bin(tmp_path, "gcloud", f'echo "gcloud $*" >> {log}\n')
+    bindir = fake_bin(tmp_path, "docker", f'echo "docker $*" >> {log}\nexit 1\n')
+    r = sh(
+        ["docker/build-push.sh", "docker/teacher.Dockerfile", image],
+        PATH=base_path(tmp_path, bindir),
+    )
+    calls = log.read_text().splitlines()
+    assert r.returncode == 1  # the fake build fails; what matters is the order of the calls
+    assert calls[:3] == [
+        "gcloud auth configure-docker us-central1-docker.pkg.dev --quiet",
+        f"docker manifest inspect {image}",
+        f"docker build --platform linux/amd64 -f docker/teacher.Dockerfile -t {image} .",
+    ]
 
 
 def test_train_local_uses_the_gpu_container_where_docker_has_nvidia(tmp_path):

@@ -570,6 +570,18 @@ def test_base_infra_is_least_privilege():
         ("google_storage_bucket_iam_member", "roles/storage.objectCreator"),
         ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
     ]
+    # Content-hashed tags pile up: the newest var.keep_images stay, older ones are deleted.
+    policies = {
+        _unquote(c["id"]): c
+        for c in resources[("google_artifact_registry_repository", "images")]["cleanup_policies"]
+    }
+    assert {k: _unquote(v["action"]) for k, v in policies.items()} == {
+        "delete-untagged": "DELETE",
+        "delete-old": "DELETE",
+        "keep-recent": "KEEP",
+    }
+    assert policies["keep-recent"]["most_recent_versions"][0]["keep_count"] == "${var.keep_images}"
+    assert _unquote(policies["delete-old"]["condition"][0]["tag_state"]) == "ANY"
     # The VM's self-deletion: one custom role with two permissions, on distill-teacher-* only.
     custom = resources[("google_project_iam_custom_role", "teacher_self_delete")]
     assert [_unquote(p) for p in custom["permissions"]] == [

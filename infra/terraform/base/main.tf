@@ -80,6 +80,25 @@ resource "google_artifact_registry_repository" "images" {
     }
   }
 
+  # Every tree change is a new content-hashed tag: keep the newest var.keep_images versions and
+  # delete older ones after 30 days (a KEEP policy wins over a DELETE policy).
+  cleanup_policies {
+    id     = "delete-old"
+    action = "DELETE"
+    condition {
+      tag_state  = "ANY"
+      older_than = "2592000s"
+    }
+  }
+
+  cleanup_policies {
+    id     = "keep-recent"
+    action = "KEEP"
+    most_recent_versions {
+      keep_count = var.keep_images
+    }
+  }
+
   depends_on = [google_project_service.apis]
 }
 

@@ -37,6 +37,12 @@ variable "repository_id" {
   default     = "distill"
 }
 
+variable "keep_images" {
+  description = "Artifact Registry keeps this many most recent image versions per image; older ones are deleted after 30 days."
+  type        = number
+  default     = 5
+}
+
 variable "service_account_id" {
   description = "Account id of the teacher job's service account."
   type        = string
