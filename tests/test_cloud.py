@@ -25,7 +25,7 @@ from test_pipeline import dataset_keys, make_job, stored_keys
 
 from distill.cloud.backend import CloudError, NoAccelerator, QuotaExceeded, Stockout
 from distill.cloud.controller import CloudOptions, Controller, TeacherFailed
-from distill.cloud.fake_compute import FakeCompute
+from distill.cloud.fake_compute import FakeCompute, InsertError
 from distill.config import load_job
 from distill.errors import DistillError
 from distill.manifest import MANIFEST
@@ -252,6 +252,62 @@ def test_every_zone_stocked_out_gives_up_with_nothing_left(compute, cloud_job, t
         ctl.execute()
     assert len(compute.inserted) == 3 and not compute.live()
     assert run_records(cloud_job)[0]["outcome"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InsertError("UNSUPPORTED_OPERATION", "Spot G2 cannot be placed in this zone now"),
+        InsertError("RESOURCE_NOT_READY", "The resource 'x' is not ready"),
+        InsertError("insufficientCapacity", "not enough capacity for g2-standard-8", 503, True),
+        InsertError("resourceNotReady", "The resource 'x' is not ready", 400, True),
+        InsertError(
+            "resourceOperationRateExceeded", "Operation rate exceeded for resource", 403, True
+        ),
+    ],
+    ids=lambda e: ("http-" if e.sync else "op-") + e.reason,
+)
+def test_other_stockout_shapes_fail_over_too(compute, cloud_job, tmp_path, error):
+    """Operation errors by code and synchronous HTTP errors by their reason, not message."""
+    compute.fail_inserts("us-central1-a", error)
+    run = controller(cloud_job, compute, tmp_path).execute()
+    assert run.stockouts == ["us-central1-a"] and run.attempts[0].zone == "us-central1-b"
+    assert no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+
+
+def test_already_exists_then_a_stockout_fails_over(compute, cloud_job, tmp_path):
+    """The AlreadyExists path (an old VM of this name, not running) deletes and creates again;
+    a stockout on that create must fail over like any other, not end the run."""
+    compute.fail_inserts(
+        "us-central1-a",
+        InsertError("alreadyExists", f"The resource '{NAME}' already exists", 409, True),
+    )
+    compute.stockout("us-central1-a", times=1)  # the re-create finds no capacity
+    run = controller(cloud_job, compute, tmp_path).execute()
+    assert run.stockouts == ["us-central1-a"] and run.attempts[0].zone == "us-central1-b"
+    assert no_vm_left(compute)
+    assert_exact(cloud_job, tmp_path)
+
+
+def test_billing_disabled_is_a_billing_error(compute, cloud_job, tmp_path):
+    compute.fail_inserts(
+        "us-central1-a",
+        InsertError(
+            "accessNotConfigured",
+            "This API method requires billing to be enabled. Please enable billing on project "
+            f"#{PROJECT} ... The billing account for the owning project is disabled in state "
+            "closed",
+            403,
+            True,
+        ),
+    )
+    with pytest.raises(CloudError) as e:
+        controller(cloud_job, compute, tmp_path).execute()
+    msg = str(e.value)
+    assert msg.startswith(f"billing is not enabled for project {PROJECT}")
+    assert "billing/linkedaccount" in msg and "API is not enabled" not in msg
+    assert not compute.live()
 
 
 # --- errors that spend nothing ---------------------------------------------------------------

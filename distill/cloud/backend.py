@@ -35,7 +35,24 @@ from distill.cloud.spec import ACCELERATOR_TYPE, VmSpec
 from distill.errors import DistillError
 
 LIVE = ("PROVISIONING", "STAGING", "RUNNING", "STOPPING", "SUSPENDING", "REPAIRING")
-STOCKOUT_CODES = ("ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS")
+STOCKOUT_CODES = (
+    "ZONE_RESOURCE_POOL_EXHAUSTED",
+    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+    "INSUFFICIENT_CAPACITY",
+)
+# During an insert these mean "not here, not now" too: a Spot G2 in a zone that cannot place it
+# right now (UNSUPPORTED_OPERATION), a zone still busy with the last VM of that name
+# (RESOURCE_NOT_READY), too many operations at once (RESOURCE_OPERATION_RATE_EXCEEDED).
+CREATE_RETRY_CODES = (
+    "UNSUPPORTED_OPERATION",
+    "RESOURCE_NOT_READY",
+    "RESOURCE_OPERATION_RATE_EXCEEDED",
+)
+
+
+def error_code(reason: str) -> str:
+    """An HTTP error's camelCase reason (``resourceNotReady``) as an operation error code."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", reason).upper() if reason else ""
 
 
 class CloudError(DistillError):
@@ -56,6 +73,10 @@ class NoAccelerator(CloudError):
 
 class AlreadyExists(CloudError):
     """An instance with this name already exists in the zone."""
+
+
+class NotReady(CloudError):
+    """Another operation on the instance is in flight (e.g. GCE deleting a preempted VM)."""
 
 
 @dataclass
@@ -101,17 +122,30 @@ def quota_message(project: str, text: str) -> str:
     )
 
 
-def classify(project: str, code: str, message: str, http_status: int = 0) -> CloudError:
-    """A Compute API error (an operation's or an HTTP call's) as the CloudError to raise."""
+def classify(
+    project: str, code: str, message: str, http_status: int = 0, creating: bool = False
+) -> CloudError:
+    """A Compute API error (an operation's, or an HTTP call's by its reason) as the CloudError
+    to raise; ``creating``: the error answered an insert."""
     text = f"{code}: {message}" if code else message
     if code in STOCKOUT_CODES or "does not have enough resources available" in message:
         return Stockout(text)
     if code == "QUOTA_EXCEEDED" or re.search(r"Quota '[A-Z0-9_]+' exceeded", message):
         return QuotaExceeded(quota_message(project, message))
+    if creating and code in CREATE_RETRY_CODES:
+        return Stockout(text)
+    if code == "RESOURCE_NOT_READY" or re.search(r"The resource '[^']+' is not ready", message):
+        return NotReady(text)
     if "acceleratorType" in message and "does not exist" in message:
         return NoAccelerator(message)
-    if "already exists" in message:
+    if code == "ALREADY_EXISTS" or "already exists" in message:
         return AlreadyExists(message)
+    if "billing" in message.lower():
+        return CloudError(
+            f"billing is not enabled for project {project}: link an active billing account at "
+            f"https://console.cloud.google.com/billing/linkedaccount?project={project}, then "
+            f"rerun; nothing was spent ({message})"
+        )
     if "has not been used in project" in message or "is disabled" in message:
         return CloudError(
             f"the Compute Engine API is not enabled in project {project}: run `gcloud services "
@@ -132,6 +166,14 @@ def classify(project: str, code: str, message: str, http_status: int = 0) -> Clo
 
 
 # --- Compute Engine ----------------------------------------------------------------------------
+
+
+def _reason(e: Any) -> str:
+    """The error code of a synchronous HTTP error, from its JSON ``errors[0].reason``."""
+    errors = getattr(e, "errors", None) or []
+    first = errors[0] if errors else {}
+    reason = first.get("reason", "") if isinstance(first, dict) else getattr(first, "reason", "")
+    return error_code(str(reason or getattr(e, "reason", "") or ""))
 
 
 def _not_found(e: CloudError) -> bool:
@@ -189,14 +231,15 @@ class GceBackend:
         self.accelerators = compute_v1.AcceleratorTypesClient(**kw)
 
     @contextlib.contextmanager
-    def _errors(self) -> Any:
+    def _errors(self, creating: bool = False) -> Any:
         from google.api_core import exceptions as gex
         from google.auth import exceptions as auth_ex
 
         try:
             yield
         except gex.GoogleAPICallError as e:
-            raise classify(self.project, "", e.message or str(e), e.code or 0) from e
+            code, message = _reason(e), e.message or str(e)
+            raise classify(self.project, code, message, e.code or 0, creating) from e
         except gex.RetryError as e:  # transient errors until the retry's deadline
             raise CloudError(f"the Compute API kept failing ({e.cause or e})") from e
         except auth_ex.RefreshError as e:
@@ -205,7 +248,7 @@ class GceBackend:
                 "application-default login`"
             ) from e
 
-    def _wait(self, name: str, zone: str, timeout: float = 900.0) -> None:
+    def _wait(self, name: str, zone: str, timeout: float = 900.0, creating: bool = False) -> None:
         """Wait for a zone operation; raise its error classified."""
         from google.cloud import compute_v1
 
@@ -219,7 +262,7 @@ class GceBackend:
                 raise CloudError(f"operation {name} in {zone} not done after {timeout:.0f} s")
         if op.error and op.error.errors:
             e = op.error.errors[0]
-            raise classify(self.project, e.code, e.message, op.http_error_status_code)
+            raise classify(self.project, e.code, e.message, op.http_error_status_code, creating)
 
     def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None:
         try:
@@ -236,9 +279,9 @@ class GceBackend:
         )
 
     def create(self, spec: VmSpec, zone: str) -> None:
-        with self._errors():
+        with self._errors(creating=True):
             op = self.instances.insert(spec.insert_request(zone))
-        self._wait(op.name, zone)
+        self._wait(op.name, zone, creating=True)
 
     def _state(self, inst: Any, zone: str) -> VmState:
         return VmState(
@@ -275,14 +318,27 @@ class GceBackend:
             pass  # none reported yet (or unreadable for now: the next poll reads them)
         return state
 
-    def delete(self, name: str, zone: str) -> None:
-        try:
-            with self._errors():
-                op = self.instances.delete(project=self.project, zone=zone, instance=name)
-            self._wait(op.name, zone)
-        except CloudError as e:
-            if not _not_found(e):
+    def delete(self, name: str, zone: str, timeout: float = 900.0) -> None:
+        """Delete and wait; gone already (404) is done. While another operation runs on the
+        instance (GCE deleting a preempted Spot VM) the API refuses: wait and check again."""
+        deadline, pause = time.monotonic() + timeout, 2.0
+        while True:
+            try:
+                with self._errors():
+                    op = self.instances.delete(project=self.project, zone=zone, instance=name)
+                self._wait(op.name, zone)
+                return
+            except NotReady:
+                if time.monotonic() + pause > deadline:
+                    raise
+            except CloudError as e:
+                if _not_found(e):
+                    return
                 raise
+            time.sleep(pause)
+            pause = min(pause * 2, 30.0)
+            if self.get(name, zone) is None:
+                return
 
     def list(self, labels: dict[str, str]) -> list[VmState]:
         from google.cloud import compute_v1

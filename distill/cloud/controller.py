@@ -439,19 +439,11 @@ class Controller:
             for z in order:
                 self.console.print(f"creating {self.name} in {z} ({self.spec.provisioning_model})")
                 try:
-                    self.backend.create(self.spec, z)
+                    self._create_or_adopt(z)
                     return z
                 except Stockout as e:
                     self.run.stockouts.append(z)
                     self.console.print(f"[yellow]{z}: no L4 capacity now[/yellow] ({e})")
-                except AlreadyExists:
-                    st = self.backend.get(self.name, z)
-                    if st is not None and st.live:
-                        self.console.print(f"{self.name} already runs in {z}: adopting it")
-                        return z
-                    self.backend.delete(self.name, z)
-                    self.backend.create(self.spec, z)
-                    return z
             if time.monotonic() + backoff > deadline:
                 raise Stockout(
                     f"no L4 capacity in {', '.join(self.zones)} for "
@@ -462,6 +454,20 @@ class Controller:
             self.console.print(f"all zones stocked out; retrying in {backoff:.0f} s")
             time.sleep(backoff)
             backoff = min(backoff * 2, 120.0)
+
+    def _create_or_adopt(self, zone: str) -> None:
+        """Create the VM in ``zone``; one of this name there already is adopted if it runs, else
+        deleted and created anew (a stockout then fails over like any other)."""
+        assert self.spec is not None
+        try:
+            self.backend.create(self.spec, zone)
+        except AlreadyExists:
+            st = self.backend.get(self.name, zone)
+            if st is not None and st.live:
+                self.console.print(f"{self.name} already runs in {zone}: adopting it")
+                return
+            self.backend.delete(self.name, zone)
+            self.backend.create(self.spec, zone)
 
     # --- 5. watch ----------------------------------------------------------------------------
 

@@ -20,7 +20,10 @@ client (``client_options={"api_endpoint": url}``) and the real gcloud CLI
 - errors, with the real codes and messages: stockouts (the insert operation ends with
   ``ZONE_RESOURCE_POOL_EXHAUSTED``), GPU quota (``QUOTA_EXCEEDED``, ``Quota
   'GPUS_ALL_REGIONS' exceeded``), an accelerator the zone does not offer (400), a name that
-  exists (409), an unknown project or zone (404).
+  exists (409), an unknown project or zone (404); a delete while another operation on the
+  instance is in flight (its insert, a preemption's DELETE) is refused, 400
+  ``resourceNotReady``, as on GCE; any insert error can be injected (:meth:`fail_inserts`),
+  as the HTTP reply (with its ``errors[].reason``) or as the operation's error.
 
 Each RUNNING instance can run a real guest: ``guest`` returns the argv and environment of a
 process (normally ``python -m distill.cloud.vm_agent``, the startup script's local twin).
@@ -73,6 +76,17 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         err = {"message": self.message, "domain": self.domain, "reason": self.reason}
         return {"error": {"code": self.status, "message": self.message, "errors": [err]}}
+
+
+@dataclass(frozen=True)
+class InsertError:
+    """An error GCE gives an insert: ``sync`` as the HTTP reply (reason = a camelCase reason),
+    else as the insert operation's error (reason = its UPPER_CASE code)."""
+
+    reason: str
+    message: str
+    status: int = 400
+    sync: bool = False
 
 
 @dataclass
@@ -190,6 +204,7 @@ class FakeCompute:
         self.failures = 0  # the next N API requests answer 503 (an outage)
         self.operations: dict[str, FakeOperation] = {}
         self.stockouts: dict[str, int] = {}  # zone -> inserts still to refuse
+        self.insert_errors: dict[str, list[InsertError]] = {}  # zone -> the next inserts' errors
         self.events: list[tuple[float, str, str]] = []  # (time, instance, event)
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.inserted: list[dict[str, Any]] = []  # every insert body, in order
@@ -236,6 +251,10 @@ class FakeCompute:
     def stockout(self, zone: str, times: int = 1_000_000) -> None:
         """The next ``times`` inserts in ``zone`` end with ZONE_RESOURCE_POOL_EXHAUSTED."""
         self.stockouts[zone] = times
+
+    def fail_inserts(self, zone: str, *errors: InsertError) -> None:
+        """The next inserts in ``zone`` fail with these errors, in order (then succeed)."""
+        self.insert_errors.setdefault(zone, []).extend(errors)
 
     def live(self) -> list[FakeInstance]:
         """Instances that exist (any status but deleted)."""
@@ -506,6 +525,11 @@ class FakeCompute:
                     f"in zone {zone}.",
                 )
         with self._lock:
+            injected = self.insert_errors.get(zone) or []
+            failure = injected.pop(0) if injected else None
+        if failure is not None and failure.sync:
+            raise ApiError(failure.status, failure.message, failure.reason)
+        with self._lock:
             if (zone, name) in self.instances:
                 raise ApiError(
                     409,
@@ -521,6 +545,10 @@ class FakeCompute:
             self.instances[(zone, name)] = inst
         self._event(inst, "inserted")
         op = self._new_op(inst, "insert")
+        if failure is not None:
+            self._remove(inst)
+            op.finish({"code": failure.reason, "message": failure.message}, failure.status)
+            return op
         if over_quota:
             self._remove(inst)
             op.finish(
@@ -539,6 +567,13 @@ class FakeCompute:
 
     def delete(self, project: str, zone: str, name: str, token: str | None) -> FakeOperation:
         inst = self._find(project, zone, name)
+        link = self._self_link(zone, name)
+        with self._lock:
+            busy = [o for o in self.operations.values() if o.target == link and o.status != "DONE"]
+        if busy:  # as GCE: one operation at a time on an instance (e.g. a preemption's DELETE)
+            self._event(inst, f"delete-refused ({busy[0].op_type} in flight)")
+            what = f"projects/{project}/zones/{zone}/instances/{name}"
+            raise ApiError(400, f"The resource '{what}' is not ready", "resourceNotReady")
         if token is not None and token.startswith("fake-token-"):
             owner = next((i for i in self.live() if i.token == token), None)
             if owner is None or owner is not inst or not self.allow_self_delete:
