@@ -7,6 +7,7 @@ the student and its training. CLI flags override fields with ``--set section.fie
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,8 @@ class CloudSection:
     )  # one region, in failover order
     image: str = ""  # "" = REGION-docker.pkg.dev/PROJECT/distill/teacher:VERSION
     service_account: str = ""  # "" = distill-teacher@PROJECT.iam.gserviceaccount.com
+    network: str = "distill"  # the VPC (infra/terraform/base makes "distill"; or "default")
+    subnetwork: str = ""  # "" = <network>-<region> ("default" in the default VPC)
     spot: bool = True  # false: on-demand (STANDARD provisioning, no preemptions)
     max_run_hours: float = 0.0  # dead-man switch per VM; 0 = 2 x the estimate + 1 h
     max_preemptions: int = 10  # relaunches before giving up
@@ -174,6 +177,13 @@ class CloudSection:
                 f"{src}: cloud.zones span regions {', '.join(sorted(regions))}: give zones of "
                 "one region (the bucket, the subnet and the registry are regional)"
             )
+        for name in ("network", "subnetwork"):
+            v = getattr(self, name)
+            if (v or name == "network") and not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", v):
+                raise DistillError(
+                    f"{src}: cloud.{name} = {v!r}: a VPC resource name is 1-63 of [a-z0-9-], "
+                    "starting with a letter"
+                )
         for name in ("max_run_hours", "poll_seconds", "provision_timeout_minutes", "budget_usd"):
             v = getattr(self, name)
             if v < 0 or (name == "poll_seconds" and v == 0):

@@ -84,7 +84,7 @@ def expected(spec: VmSpec, zone: str) -> dict[str, Any]:
         "boot_disk_type": spec.boot_disk_type,
         "boot_disk_auto_delete": True,
         "network": spec.network,
-        "subnetwork": spec.subnetwork,
+        "subnetwork": spec.subnet,
         "external_ip": spec.external_ip,
         "service_account_email": spec.service_account_email,
         "scopes": list(spec.scopes),
@@ -391,6 +391,46 @@ def test_defaults_are_the_l4_spot_vm_of_the_issue(tmp_path):
     r1, r2 = spec.insert_request(), spec.insert_request()
     assert r1.zone == "us-central1-a" and r1.request_id != r2.request_id  # one per attempt
     assert spec.insert_request("us-central1-c", request_id="x").request_id == "x"
+
+
+@pytest.mark.parametrize(
+    "zones, network, subnetwork, want",
+    [
+        (("us-central1-a",), "distill", "", "distill-us-central1"),
+        (("europe-west4-b", "europe-west4-c"), "distill", "", "distill-europe-west4"),
+        (("asia-southeast1-b",), "default", "", "default"),
+        (("europe-west4-b",), "shared-vpc", "ml-subnet", "ml-subnet"),
+    ],
+)
+def test_the_subnet_follows_the_region(tmp_path, zones, network, subnetwork, want):
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    spec = VmSpec.for_job(
+        job, "proj-1", IMAGE, SA, zones=zones, network=network, subnetwork=subnetwork
+    )
+    region = zones[0].rsplit("-", 1)[0]
+    for zone in zones:
+        nic = spec.insert_request(zone).instance_resource.network_interfaces[0]
+        assert nic.network == f"projects/proj-1/global/networks/{network}"
+        assert nic.subnetwork == f"projects/proj-1/regions/{region}/subnetworks/{want}"
+        assert spec.tfvars(zone)["subnetwork"] == want
+        argv = spec.gcloud(tmp_path / "files", zone).argv
+        assert f"--network-interface=network={network},subnet={want},no-address" in argv
+
+
+def test_the_job_file_picks_the_network(tmp_path):
+    from distill.config import load_job
+
+    job = tmp_path / "job.toml"
+    job.write_text(JOB + '\n[cloud]\nzones = ["europe-west4-b"]\nnetwork = "default"\n')
+    cloud = load_job(job).cloud
+    assert (cloud.network, cloud.subnetwork) == ("default", "")
+    job.write_text(JOB + '\n[cloud]\nnetwork = "My_VPC"\n')
+    with pytest.raises(DistillError, match=r"cloud.network = 'My_VPC'.*\[a-z0-9-\]"):
+        load_job(job)
+    job.write_text(JOB + '\n[cloud]\nzones = ["us-central1-a", "europe-west4-b"]\n')
+    with pytest.raises(DistillError, match="span regions europe-west4, us-central1"):
+        load_job(job)
 
 
 def test_spec_validation(tmp_path):

@@ -425,6 +425,8 @@ class Controller:
             max_run_duration_s=max_run_s,
             inputs=inputs,
             status_url=f"{self.output}/{RECORD_PREFIX}/status",
+            network=self.cloud.network,
+            subnetwork=self.cloud.subnetwork,
         )
 
     # --- 4. provision ------------------------------------------------------------------------

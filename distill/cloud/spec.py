@@ -45,7 +45,6 @@ BOOT_DISK_TYPE = "pd-balanced"  # G2 machines take pd-balanced/pd-ssd, not pd-st
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"  # IAM decides the rest
 DEFAULT_MAX_RUN_S = 12 * 3600
 NETWORK = "distill"  # infra/terraform/base: a VPC without ingress, Private Google Access on
-SUBNETWORK = "distill-us-central1"
 MAX_METADATA_VALUE = 256 * 1024  # Compute Engine limits: 256 KB a value, 512 KB in all
 MAX_METADATA_TOTAL = 512 * 1024
 
@@ -69,6 +68,12 @@ def instance_name(job_name: str) -> str:
     """A valid instance name for a job: ``distill-teacher-<job>``."""
     stem = re.sub(r"-+", "-", re.sub(r"[^-a-z0-9]", "-", job_name.lower())).strip("-")
     return f"distill-teacher-{stem}"[:63].rstrip("-")
+
+
+def default_subnetwork(network: str, region: str) -> str:
+    """The subnet a network has in ``region``: ``default`` in the auto-mode ``default`` VPC,
+    else ``<network>-<region>`` as infra/terraform/base names it."""
+    return "default" if network == "default" else f"{network}-{region}"
 
 
 def region_of(zone: str) -> str:
@@ -116,7 +121,7 @@ class VmSpec:
     boot_disk_type: str = BOOT_DISK_TYPE
     scopes: tuple[str, ...] = (CLOUD_PLATFORM,)
     network: str = NETWORK
-    subnetwork: str = SUBNETWORK
+    subnetwork: str = ""  # "" = default_subnetwork(network, region)
     external_ip: bool = False  # Google APIs through Private Google Access on the subnet
     # Shielded VM: vTPM and integrity monitoring always on; Secure Boot off by default (it
     # refuses kernel modules that are not signed with a key the firmware trusts).
@@ -163,6 +168,11 @@ class VmSpec:
     @property
     def region(self) -> str:
         return region_of(self.zones[0])
+
+    @property
+    def subnet(self) -> str:
+        """The subnetwork's name in this spec's region."""
+        return self.subnetwork or default_subnetwork(self.network, self.region)
 
     @property
     def boot_image(self) -> str:
@@ -285,7 +295,7 @@ class VmSpec:
                     network=f"projects/{self.project}/global/networks/{self.network}",
                     subnetwork=(
                         f"projects/{self.project}/regions/{region_of(zone)}/subnetworks/"
-                        f"{self.subnetwork}"
+                        f"{self.subnet}"
                     ),
                     access_configs=access if self.external_ip else [],
                 )
@@ -344,7 +354,7 @@ class VmSpec:
             "service_account_email": self.service_account_email,
             "scopes": list(self.scopes),
             "network": self.network,
-            "subnetwork": self.subnetwork,
+            "subnetwork": self.subnet,
             "external_ip": self.external_ip,
             "shielded_secure_boot": self.shielded_secure_boot,
             "labels": self.labels(),
@@ -369,7 +379,7 @@ class VmSpec:
                 files[key] = files_dir / key
             else:
                 inline[key] = value
-        nic = f"network={self.network},subnet={self.subnetwork}"
+        nic = f"network={self.network},subnet={self.subnet}"
         if not self.external_ip:
             nic += ",no-address"
         argv = [
