@@ -3,9 +3,10 @@
 #   docker build -f docker/teacher.Dockerfile -t REGION-docker.pkg.dev/PROJECT/distill/teacher:TAG .
 #   docker run --rm --gpus all -v "$PWD/jobs:/job:ro" IMAGE --job /job/my.toml
 #
-# CUDA 12.8 matches the VM image's NVIDIA driver 570 (Deep Learning VM family
-# common-cu128-ubuntu-2204-nvidia-570). The CUDA "base" flavour carries the CUDA runtime and the
-# variables the NVIDIA container toolkit reads; torch's cu128 wheels bring their own cuBLAS,
+# CUDA 12.8 needs NVIDIA driver 570 or newer on the VM (distill/cloud/spec.py: TEACHER_CUDA,
+# MIN_DRIVER; a test keeps them in step with this line). The VM (Container-Optimized OS) mounts
+# the driver at /usr/local/nvidia, which this base puts on LD_LIBRARY_PATH. The CUDA "base"
+# flavour carries the CUDA runtime and the variables the NVIDIA container toolkit reads; torch's cu128 wheels bring their own cuBLAS,
 # cuDNN and NCCL, so the larger "runtime" flavour would only ship them twice (and every VM boot
 # pulls the image: each GB costs setup minutes).
 FROM nvidia/cuda:12.8.1-base-ubuntu24.04

@@ -23,7 +23,15 @@ import pytest
 from rich.console import Console
 from test_pipeline import dataset_keys, make_job, stored_keys
 
-from distill.cloud.backend import CloudError, NoAccelerator, QuotaExceeded, Stockout
+from distill.cloud.backend import (
+    CloudError,
+    Needs,
+    NoAccelerator,
+    PreflightFailed,
+    QuotaExceeded,
+    Stockout,
+    quota_refusal,
+)
 from distill.cloud.controller import CloudOptions, Controller, TeacherFailed
 from distill.cloud.fake_compute import FakeCompute, InsertError
 from distill.config import load_job
@@ -313,14 +321,122 @@ def test_billing_disabled_is_a_billing_error(compute, cloud_job, tmp_path):
 # --- errors that spend nothing ---------------------------------------------------------------
 
 
-def test_quota_error_says_how_to_fix_it(compute, cloud_job, tmp_path):
-    compute.gpu_quota = 0
+def nothing_uploaded(job: Path) -> bool:
+    return not open_store(load_job(job).job.output).list()
+
+
+@pytest.mark.parametrize(
+    ("quotas", "spot", "needle"),
+    [
+        ({}, True, "GPUS_ALL_REGIONS is 0.0 globally"),
+        (
+            {"NVIDIA_L4_GPUS": 0.0, "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0},
+            True,
+            "NVIDIA_L4_GPUS is 0.0 in us-central1 (PREEMPTIBLE_NVIDIA_L4_GPUS there: 0, 0 in use)",
+        ),
+        (
+            {"NVIDIA_L4_GPUS": 0.0, "PREEMPTIBLE_NVIDIA_L4_GPUS": 4.0},
+            False,
+            "NVIDIA_L4_GPUS is 0.0",
+        ),
+    ],
+    ids=["global", "regional-spot", "regional-standard"],
+)
+def test_gpu_quota_is_checked_before_any_upload(compute, cloud_job, tmp_path, quotas, spot, needle):
+    if quotas:
+        compute.region_quotas["us-central1"] = quotas
+    else:
+        compute.gpu_quota = 0
+    sets = [] if spot else ["cloud.spot=false"]
+    with pytest.raises(QuotaExceeded) as e:
+        controller(cloud_job, compute, tmp_path, *sets).execute()
+    msg = str(e.value)
+    assert needle in msg, msg
+    assert f"iam-admin/quotas?project={PROJECT}" in msg and "nothing was spent" in msg
+    assert not compute.inserted and nothing_uploaded(cloud_job)
+
+
+def test_quota_refused_at_insert_says_how_to_fix_it(compute, cloud_job, tmp_path):
+    # another job took the last GPU between the preflight and the insert
+    compute.fail_inserts(
+        "us-central1-a",
+        InsertError(
+            "QUOTA_EXCEEDED", "Quota 'GPUS_ALL_REGIONS' exceeded.  Limit: 1.0 globally.", 403
+        ),
+    )
     with pytest.raises(QuotaExceeded) as e:
         controller(cloud_job, compute, tmp_path).execute()
     msg = str(e.value)
-    assert "GPUS_ALL_REGIONS" in msg and "0.0 globally" in msg
-    assert f"iam-admin/quotas?project={PROJECT}" in msg and "nothing was spent" in msg
-    assert not compute.live() and not compute.running()
+    assert "GPUS_ALL_REGIONS" in msg and "1.0 globally" in msg
+    assert f"iam-admin/quotas?project={PROJECT}" in msg
+    assert len(compute.inserted) == 1 and not compute.live()
+
+
+@pytest.mark.parametrize(
+    ("regional", "all_regions", "spot", "refused"),
+    [
+        ({"NVIDIA_L4_GPUS": (0, 0), "PREEMPTIBLE_NVIDIA_L4_GPUS": (2, 0)}, (4, 0), True, None),
+        ({"NVIDIA_L4_GPUS": (2, 0), "PREEMPTIBLE_NVIDIA_L4_GPUS": (0, 0)}, (4, 0), True, None),
+        ({"NVIDIA_L4_GPUS": (2, 2), "PREEMPTIBLE_NVIDIA_L4_GPUS": (0, 0)}, (4, 2), True, "NVIDIA"),
+        (
+            {"NVIDIA_L4_GPUS": (2, 0), "PREEMPTIBLE_NVIDIA_L4_GPUS": (2, 0)},
+            (1, 1),
+            True,
+            "GPUS_ALL",
+        ),
+        ({"NVIDIA_L4_GPUS": (0, 0), "PREEMPTIBLE_NVIDIA_L4_GPUS": (2, 0)}, (4, 0), False, "NVIDIA"),
+    ],
+)
+def test_quota_arithmetic(regional, all_regions, spot, refused):
+    needs = Needs("us-central1", 1, spot, "cos-cloud", "cos-stable", "distill", "distill-x")
+    why = quota_refusal("p", needs, regional, all_regions)
+    assert (why is None) == (refused is None), why
+    if refused:
+        assert why.startswith(f"GPU quota: {refused}"), why
+
+
+@pytest.mark.parametrize(
+    ("setup", "sets", "needle"),
+    [
+        (
+            lambda c: c.deprecated_families.update(
+                {"cos-stable": ("DEPRECATED", "cos-stable-200")}
+            ),
+            [],
+            "boot image family cos-cloud/cos-stable resolves to cos-stable-v20261101, which is "
+            "DEPRECATED (replacement: cos-stable-200)",
+        ),
+        (
+            lambda c: c.subnets.clear(),
+            [],
+            "subnetwork distill-us-central1 of network distill in us-central1 not found: apply "
+            'infra/terraform/base with region = "us-central1"',
+        ),
+        (
+            lambda c: None,
+            ["cloud.network=default"],
+            "subnetwork default of network default in us-central1 has Private Google Access off",
+        ),
+        (
+            lambda c: None,
+            ["cloud.subnetwork=default"],
+            "the subnet belongs to default",
+        ),
+    ],
+    ids=["deprecated-image", "no-subnet", "no-private-google-access", "wrong-network"],
+)
+def test_preflight_refuses_what_the_vm_could_not_boot_with(
+    compute, cloud_job, tmp_path, setup, sets, needle
+):
+    setup(compute)
+    with pytest.raises(PreflightFailed) as e:
+        controller(cloud_job, compute, tmp_path, *sets).execute()
+    msg = str(e.value)
+    assert needle in msg and msg.endswith("nothing was spent"), msg
+    if "Private Google Access" in msg:
+        assert "gcloud compute networks subnets update default --region=us-central1 " in msg
+        assert "--enable-private-ip-google-access" in msg
+    assert not compute.inserted and nothing_uploaded(cloud_job)
 
 
 def test_refused_before_anything_is_created(compute, cloud_job, tmp_path, monkeypatch):
@@ -578,6 +694,9 @@ def _wire(body: dict) -> dict:
             x = re.sub(r"^https?://[^/]+/compute/v1/", "", x)
             # zonal types: the client sends zones/Z/..., gcloud projects/P/zones/Z/...
             zonal = "/machineTypes/" in x or "/diskTypes/" in x
+            # a public image family: gcloud names its zonal view (the image rolled out in the
+            # VM's zone), the spec the global family; both resolve to the family's image
+            x = re.sub(r"/zones/-/imageFamilyViews/", "/global/images/family/", x)
             return re.sub(r"^projects/[^/]+/(zones/)", r"\1", x) if zonal else x
         return x
 

@@ -379,15 +379,15 @@ def test_defaults_are_the_l4_spot_vm_of_the_issue(tmp_path):
     assert spec.zones == ("us-central1-a", "us-central1-b", "us-central1-c")
     assert (spec.provisioning_model, spec.instance_termination_action) == ("SPOT", "DELETE")
     assert spec.max_run_duration_s > 0 and not spec.automatic_restart
-    assert spec.image_project == "deeplearning-platform-release" and "nvidia" in spec.image_family
+    assert (spec.image_project, spec.image_family) == ("cos-cloud", "cos-stable")
     assert spec.labels() == {"distill-job": "my-job_1", "managed-by": "distill"}
     md = spec.metadata()
     assert md["distill-job"] == JOB and md["distill-image"] == IMAGE
     assert md["startup-script"] == STARTUP_SCRIPT
     assert md["block-project-ssh-keys"] == "TRUE" and md["serial-port-enable"] == "FALSE"
-    assert (
-        "docker run --rm --gpus all" in STARTUP_SCRIPT and "--job /job/job.toml" in STARTUP_SCRIPT
-    )
+    assert md["distill-gpu-driver"] == "latest" and md["distill-min-driver"] == "570"
+    assert "cos-extensions install gpu" in STARTUP_SCRIPT
+    assert "--job /job/job.toml" in STARTUP_SCRIPT
     r1, r2 = spec.insert_request(), spec.insert_request()
     assert r1.zone == "us-central1-a" and r1.request_id != r2.request_id  # one per attempt
     assert spec.insert_request("us-central1-c", request_id="x").request_id == "x"
@@ -431,6 +431,20 @@ def test_the_job_file_picks_the_network(tmp_path):
     job.write_text(JOB + '\n[cloud]\nzones = ["us-central1-a", "europe-west4-b"]\n')
     with pytest.raises(DistillError, match="span regions europe-west4, us-central1"):
         load_job(job)
+
+
+def test_the_teacher_image_cuda_matches_the_driver_the_vm_demands():
+    """docker/teacher.Dockerfile's CUDA base, spec.TEACHER_CUDA and the driver floor the VM
+    checks before it pulls the image: change one, this fails until the others follow."""
+    from distill.cloud.spec import MIN_DRIVER, TEACHER_CUDA
+
+    text = (REPO / "docker" / "teacher.Dockerfile").read_text()
+    m = re.search(r"^FROM nvidia/cuda:(\d+\.\d+)\.\d+-", text, re.M)
+    assert m and m.group(1) == TEACHER_CUDA, (m and m.group(1), TEACHER_CUDA)
+    torch_index = re.search(r"whl/cu(\d+)", text)
+    assert torch_index and torch_index.group(1) == TEACHER_CUDA.replace(".", "")
+    assert MIN_DRIVER[TEACHER_CUDA] == 570
+    assert f"CUDA {TEACHER_CUDA} needs NVIDIA driver {MIN_DRIVER[TEACHER_CUDA]}" in text
 
 
 def test_spec_validation(tmp_path):
@@ -508,7 +522,7 @@ def test_startup_and_shutdown_scripts_pass_shellcheck(tmp_path):
         "report status",
         "instance/preempted",
         "distill-status-url",
-        "--if-generation-match=0",
+        "ifGenerationMatch=0",
         "-X DELETE",
         "shutdown -h now",
         "DISTILL_WATCH_PREEMPTION=1",

@@ -79,6 +79,56 @@ class NotReady(CloudError):
     """Another operation on the instance is in flight (e.g. GCE deleting a preempted VM)."""
 
 
+class PreflightFailed(CloudError):
+    """The project cannot run the VM as specified (image, quota, network): nothing was spent."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one teacher VM needs from the project, checked before anything is uploaded."""
+
+    region: str
+    gpus: int
+    spot: bool
+    image_project: str
+    image_family: str
+    network: str
+    subnetwork: str
+
+
+def quota_refusal(
+    project: str,
+    needs: Needs,
+    regional: dict[str, tuple[float, float]],
+    all_regions: tuple[float, float],
+) -> str | None:
+    """Why the quotas (metric -> (limit, usage)) leave no room for the VM's GPUs, or None.
+
+    A Spot L4 uses PREEMPTIBLE_NVIDIA_L4_GPUS where the region grants it, else NVIDIA_L4_GPUS
+    (Compute Engine's GPU quota docs); every GPU also counts against GPUS_ALL_REGIONS."""
+    none = (0.0, 0.0)
+    checks = [("NVIDIA_L4_GPUS", regional.get("NVIDIA_L4_GPUS", none), f"in {needs.region}")]
+    pre = regional.get("PREEMPTIBLE_NVIDIA_L4_GPUS", none)
+    if needs.spot and pre[0] - pre[1] >= needs.gpus:
+        checks = []  # the preemptible quota has room: the standard one is not used
+    checks.append(("GPUS_ALL_REGIONS", all_regions, "globally"))
+    for metric, (limit, usage), where in checks:
+        if limit - usage < needs.gpus:
+            also = (
+                f" (PREEMPTIBLE_NVIDIA_L4_GPUS there: {pre[0]:g}, {pre[1]:g} in use)"
+                if needs.spot and metric == "NVIDIA_L4_GPUS"
+                else ""
+            )
+            return (
+                f"GPU quota: {metric} is {limit} {where}{also}, {usage:g} in use, so no L4 VM "
+                f"can start. Request an increase at "
+                f"https://console.cloud.google.com/iam-admin/quotas?project={project} (metric "
+                f"{metric}{' or PREEMPTIBLE_NVIDIA_L4_GPUS' if also else ''}), then rerun; "
+                "nothing was spent"
+            )
+    return None
+
+
 @dataclass
 class VmState:
     name: str
@@ -98,6 +148,7 @@ class Backend(Protocol):
     name: str
 
     def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None: ...
+    def check_project(self, needs: Needs) -> None: ...
     def create(self, spec: VmSpec, zone: str) -> None: ...
     def get(self, name: str, zone: str) -> VmState | None: ...
     def delete(self, name: str, zone: str) -> None: ...
@@ -229,6 +280,10 @@ class GceBackend:
         self.instances = compute_v1.InstancesClient(**kw)
         self.operations = compute_v1.ZoneOperationsClient(**kw)
         self.accelerators = compute_v1.AcceleratorTypesClient(**kw)
+        self.images = compute_v1.ImagesClient(**kw)
+        self.regions = compute_v1.RegionsClient(**kw)
+        self.projects = compute_v1.ProjectsClient(**kw)
+        self.subnetworks = compute_v1.SubnetworksClient(**kw)
 
     @contextlib.contextmanager
     def _errors(self, creating: bool = False) -> Any:
@@ -277,6 +332,74 @@ class GceBackend:
             f"zone {zone} does not offer {accelerator} (see `gcloud compute accelerator-types "
             f"list --filter=name={accelerator}`): remove it from cloud.zones; nothing was spent"
         )
+
+    def check_project(self, needs: Needs) -> None:
+        """The boot image family, the GPU quotas and the subnet, before anything is spent."""
+        from google.api_core import exceptions as gex
+
+        family = f"{needs.image_project}/{needs.image_family}"
+        try:
+            with self._errors():
+                image = self.images.get_from_family(
+                    project=needs.image_project, family=needs.image_family, **self._read
+                )
+        except CloudError as e:
+            if isinstance(e.__cause__, gex.NotFound):
+                raise PreflightFailed(
+                    f"boot image family {family} not found (`gcloud compute images "
+                    f"describe-from-family {needs.image_family} --project "
+                    f"{needs.image_project}`); nothing was spent"
+                ) from e
+            raise
+        state = image.deprecated.state if image.deprecated else ""
+        if state and state != "ACTIVE":
+            instead = image.deprecated.replacement.rsplit("/", 1)[-1] or "none named"
+            raise PreflightFailed(
+                f"boot image family {family} resolves to {image.name}, which is {state} "
+                f"(replacement: {instead}); nothing was spent"
+            )
+        with self._errors():
+            region = self.regions.get(project=self.project, region=needs.region, **self._read)
+            proj = self.projects.get(project=self.project, **self._read)
+        quotas = {q.metric: (q.limit, q.usage) for q in region.quotas}
+        glob = {q.metric: (q.limit, q.usage) for q in proj.quotas}
+        why = quota_refusal(self.project, needs, quotas, glob.get("GPUS_ALL_REGIONS", (0.0, 0.0)))
+        if why:
+            raise QuotaExceeded(why)
+        self._check_subnet(needs)
+
+    def _check_subnet(self, needs: Needs) -> None:
+        from google.api_core import exceptions as gex
+
+        where = f"subnetwork {needs.subnetwork} of network {needs.network} in {needs.region}"
+        try:
+            with self._errors():
+                sub = self.subnetworks.get(
+                    project=self.project,
+                    region=needs.region,
+                    subnetwork=needs.subnetwork,
+                    **self._read,
+                )
+        except CloudError as e:
+            if isinstance(e.__cause__, gex.NotFound):
+                raise PreflightFailed(
+                    f"{where} not found: apply infra/terraform/base with region = "
+                    f'"{needs.region}" (it makes {needs.network}-{needs.region}), or set '
+                    "cloud.network / cloud.subnetwork to one that exists; nothing was spent"
+                ) from e
+            raise
+        if not sub.network.endswith(f"/networks/{needs.network}"):
+            raise PreflightFailed(
+                f"{where}: the subnet belongs to {sub.network.rsplit('/', 1)[-1]}; fix "
+                "cloud.network / cloud.subnetwork; nothing was spent"
+            )
+        if not sub.private_ip_google_access:
+            raise PreflightFailed(
+                f"{where} has Private Google Access off, so the VM (no external IP) could not "
+                "reach Cloud Storage or Artifact Registry: run `gcloud compute networks subnets "
+                f"update {needs.subnetwork} --region={needs.region} "
+                "--enable-private-ip-google-access`, then rerun; nothing was spent"
+            )
 
     def create(self, spec: VmSpec, zone: str) -> None:
         with self._errors(creating=True):
@@ -422,6 +545,9 @@ class LocalBackend:
 
     def check_zone(self, zone: str, accelerator: str = ACCELERATOR_TYPE) -> None:
         return None  # every "zone" is this machine
+
+    def check_project(self, needs: Needs) -> None:
+        return None  # no image, quota or network here
 
     def create(self, spec: VmSpec, zone: str) -> None:
         with self._ops:

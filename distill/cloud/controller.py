@@ -55,6 +55,7 @@ from distill.cloud.backend import (
     CloudError,
     GceBackend,
     LocalBackend,
+    Needs,
     Stockout,
     VmState,
 )
@@ -62,8 +63,12 @@ from distill.cloud.preemption import in_main_thread
 from distill.cloud.progress import BucketProgress, Rate, Snapshot
 from distill.cloud.report import estimated_vm_usd
 from distill.cloud.spec import (
+    ACCELERATOR_COUNT,
     DEFAULT_MAX_RUN_S,
+    IMAGE_FAMILY,
+    IMAGE_PROJECT,
     VmSpec,
+    default_subnetwork,
     instance_name,
     job_labels,
     label_value,
@@ -101,6 +106,7 @@ class CloudOptions:
     watch_grace_s: float = 300.0  # API or bucket errors while watching are retried this long
     api_retry_s: float = 60.0  # one Compute API read retries transient errors this long
     teardown_timeout_s: float = 900.0  # deleting the VM is retried this long
+    finish_grace_s: float = 60.0  # after the last manifest: the VM's own exit and record
 
 
 @dataclass
@@ -367,6 +373,18 @@ class Controller:
         store.list("inputs/")  # credentials, bucket existence and access
         for z in self.zones:
             self.backend.check_zone(z)
+        region = region_of(self.zones[0])
+        self.backend.check_project(  # boot image, GPU quota, subnet
+            Needs(
+                region=region,
+                gpus=ACCELERATOR_COUNT,
+                spot=self.cloud.spot,
+                image_project=IMAGE_PROJECT,
+                image_family=IMAGE_FAMILY,
+                network=self.cloud.network,
+                subnetwork=self.cloud.subnetwork or default_subnetwork(self.cloud.network, region),
+            )
+        )
         self.estimate = estimate_cost(self.job, self.opts.cost)  # refuses a teacher > L4
 
     def complete(self) -> bool:
@@ -483,6 +501,15 @@ class Controller:
         except DistillError:
             return None
 
+    def _vm_log(self, attempt: Attempt, status: dict[str, Any]) -> str:
+        """The VM's whole startup log (the record's ``log`` object), else its serial console."""
+        store = open_store(f"{self.output}/{RECORD_PREFIX}/status")
+        name = status.get("log") or f"{self.name}-{attempt.vm_id}.log"
+        try:
+            return store.read_bytes(name).decode(errors="replace")
+        except DistillError:
+            return self.backend.console(self.name, attempt.zone)
+
     def _ended(self, attempt: Attempt, last_guest: str) -> str:
         """Why the VM is gone or stopped: done | preempted | vanished (or raise on failure)."""
         # (the watch listed the bucket after it saw the VM gone: a complete set was seen there)
@@ -495,10 +522,15 @@ class Controller:
         ):
             return "preempted"
         if outcome == "failed":
-            tail = status.get("log_tail") or self.backend.console(self.name, attempt.zone)
+            tail = self._vm_log(attempt, status)
+            full = (
+                f" (the whole log: {self.output}/{RECORD_PREFIX}/status/{status['log']})"
+                if status.get("log")
+                else ""
+            )
             raise TeacherFailed(
-                f"the teacher failed on {self.name} (exit code "
-                f"{status.get('exit_code', '?')}); its last output:\n"
+                f"the teacher VM {self.name} failed (exit code "
+                f"{status.get('exit_code', '?')}); its last output{full}:\n"
                 + "\n".join(tail.strip().splitlines()[-25:])
             )
         if outcome == "done":
@@ -566,6 +598,22 @@ class Controller:
                     attempt.mark_ended()
                     return self._ended(attempt, last_guest)
                 time.sleep(self.poll)
+
+    def _let_it_finish(self, attempt: Attempt) -> None:
+        """The shard sets are complete: give the teacher a moment to exit, record its outcome
+        and delete its own VM, so the record says done rather than killed by our teardown
+        (which follows, whatever happens here)."""
+        deadline = time.monotonic() + self.opts.finish_grace_s
+        while time.monotonic() < deadline:
+            try:
+                st = self.backend.get(self.name, attempt.zone)
+            except (DistillError, OSError):
+                return
+            if st is None or st.status in ("STOPPING", "TERMINATED"):
+                return
+            if st.guest.get("distill/status") in ("done", "failed", "preempted"):
+                return
+            time.sleep(min(self.poll, 5.0))
 
     def _info(self, snap: Snapshot, tps: float, eta: float | None, st: VmState | None) -> str:
         assert self.run is not None
@@ -727,6 +775,7 @@ class Controller:
             outcome = self.watch(attempt)
             attempt.outcome = outcome
             if outcome == "done":
+                self._let_it_finish(attempt)
                 return
             self.run.preemptions += 1
             self.console.print(

@@ -7,7 +7,10 @@ client (``client_options={"api_endpoint": url}``) and the real gcloud CLI
 
 - instances: insert, get, list, aggregatedList, delete, getGuestAttributes,
   getSerialPortOutput; zone operations: get, wait, list; acceleratorTypes: get, list;
-  images: getFromFamily; zones: get;
+  images: getFromFamily (an image can be made DEPRECATED/OBSOLETE/DELETED); zones: get;
+  regions: get and projects: get with their GPU quotas (``NVIDIA_L4_GPUS``,
+  ``PREEMPTIBLE_NVIDIA_L4_GPUS``, ``GPUS_ALL_REGIONS``, usage = the live VMs' GPUs);
+  subnetworks: get (``subnets``: which exist, their network and Private Google Access);
 - the lifecycle: an insert's operation is PENDING, then RUNNING, then DONE, while the
   instance goes PROVISIONING -> STAGING -> RUNNING; a guest shutdown gives TERMINATED (the
   instance stays, as on GCE); delete gives STOPPING -> TERMINATED -> gone (404);
@@ -198,6 +201,16 @@ class FakeCompute:
         self.step_s = step_s
         self.preempt_grace_s = preempt_grace_s
         self.allow_self_delete = allow_self_delete
+        # region -> metric -> limit; a Spot L4 uses PREEMPTIBLE_NVIDIA_L4_GPUS if > 0
+        self.region_quotas: dict[str, dict[str, float]] = {
+            "us-central1": {"NVIDIA_L4_GPUS": 8.0, "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0}
+        }
+        # (region, name) -> (network, privateIpGoogleAccess)
+        self.subnets: dict[tuple[str, str], tuple[str, bool]] = {
+            ("us-central1", "distill-us-central1"): ("distill", True),
+            ("us-central1", "default"): ("default", False),  # as GCE makes it
+        }
+        self.deprecated_families: dict[str, tuple[str, str]] = {}  # family -> (state, replacement)
         self.instances: dict[tuple[str, str], FakeInstance] = {}
         self.history: list[FakeInstance] = []  # every instance ever inserted, deleted ones too
         self.max_run_scale = 1.0  # < 1 shortens maxRunDuration (tests of the dead-man switch)
@@ -612,6 +625,9 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", r"(?P<p>[^/]+)/zones/(?P<z>[^/]+)/acceleratorTypes", "acc_list"),
         ("GET", r"(?P<p>[^/]+)/zones/(?P<z>[^/]+)", "zone_get"),
         ("GET", r"(?P<p>[^/]+)/global/images/family/(?P<f>[^/]+)", "image_family"),
+        ("GET", r"(?P<p>[^/]+)/regions/(?P<r>[^/]+)", "region_get"),
+        ("GET", r"(?P<p>[^/]+)/regions/(?P<r>[^/]+)/subnetworks/(?P<s>[^/]+)", "subnet_get"),
+        ("GET", r"(?P<p>[^/]+)", "project_get"),
     ]
 ]
 
@@ -835,6 +851,64 @@ class _ApiHandler(BaseHTTPRequestHandler):
             "family": p["f"],
             "status": "READY",
             "selfLink": f"{base}/{name}",
+            **self._deprecation(p["f"], base),
+        }
+
+    def _deprecation(self, family: str, base: str) -> dict:
+        if family not in self.stub.deprecated_families:
+            return {}
+        state, replacement = self.stub.deprecated_families[family]
+        return {"deprecated": {"state": state, "replacement": f"{base}/{replacement}"}}
+
+    def _gpus_in_use(self) -> float:
+        with self.stub._lock:
+            return float(
+                sum(i.gpus for i in self.stub.instances.values() if i.status != "TERMINATED")
+            )
+
+    def h_region_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        self.stub._check_project_zone(p["p"])
+        if not any(z.startswith(p["r"] + "-") for z in self.stub.zones):
+            raise ApiError(
+                404, f"The resource 'projects/{p['p']}/regions/{p['r']}' was not found", "notFound"
+            )
+        used = self._gpus_in_use()
+        quotas = [
+            {"metric": m, "limit": limit, "usage": used if m == "NVIDIA_L4_GPUS" else 0.0}
+            for m, limit in self.stub.region_quotas.get(p["r"], {}).items()
+        ]
+        return 200, {"kind": "compute#region", "name": p["r"], "status": "UP", "quotas": quotas}
+
+    def h_project_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        self.stub._check_project_zone(p["p"])
+        quotas = [
+            {
+                "metric": "GPUS_ALL_REGIONS",
+                "limit": float(self.stub.gpu_quota),
+                "usage": self._gpus_in_use(),
+            },
+            {"metric": "CPUS_ALL_REGIONS", "limit": 512.0, "usage": 0.0},
+        ]
+        return 200, {"kind": "compute#project", "name": p["p"], "quotas": quotas}
+
+    def h_subnet_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        self.stub._check_project_zone(p["p"])
+        key = (p["r"], p["s"])
+        if key not in self.stub.subnets:
+            raise ApiError(
+                404,
+                f"The resource 'projects/{p['p']}/regions/{p['r']}/subnetworks/{p['s']}' was "
+                "not found",
+                "notFound",
+            )
+        network, pga = self.stub.subnets[key]
+        base = f"{self.stub.url}/compute/v1/projects/{p['p']}"
+        return 200, {
+            "kind": "compute#subnetwork",
+            "name": p["s"],
+            "region": f"{base}/regions/{p['r']}",
+            "network": f"{base}/global/networks/{network}",
+            "privateIpGoogleAccess": pga,
         }
 
 

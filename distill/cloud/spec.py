@@ -2,8 +2,9 @@
 
 ``VmSpec`` holds every field of the VM that runs the teacher pass: a g2-standard-8 with one
 NVIDIA L4, Spot provisioning deleted on preemption, a ``maxRunDuration`` dead-man switch, a
-Deep Learning VM boot image that brings the NVIDIA driver, a least-privilege service account,
-labels naming the job, and the startup script that runs the teacher container.
+Container-Optimized OS boot image (its ``cos-extensions`` installs the NVIDIA driver), a
+least-privilege service account, labels naming the job, and the startup script that runs the
+teacher container.
 
 Renderings, all from the same fields (tests/test_vm_spec.py checks that they agree):
 
@@ -34,13 +35,19 @@ if TYPE_CHECKING:
 MACHINE_TYPE = "g2-standard-8"  # 8 vCPU, 32 GB, one NVIDIA L4 (24 GB)
 ACCELERATOR_TYPE = "nvidia-l4"
 DEFAULT_ZONES = ("us-central1-a", "us-central1-b", "us-central1-c")
-# Deep Learning VM: Ubuntu 22.04, CUDA 12.8, NVIDIA driver 570 preinstalled, Docker + the
-# NVIDIA container toolkit. Check with:
-#   gcloud compute images describe-from-family common-cu128-ubuntu-2204-nvidia-570 \
-#     --project deeplearning-platform-release
-IMAGE_PROJECT = "deeplearning-platform-release"
-IMAGE_FAMILY = "common-cu128-ubuntu-2204-nvidia-570"
-BOOT_DISK_GB = 100  # the image (~50 GB) + the teacher image + staged inputs and weights
+# Container-Optimized OS: Docker, Private Google Access friendly, and the documented
+# `cos-extensions install gpu` driver install (docs/CLOUD.md, "Boot path"). The preflight looks
+# the family up (images.getFromFamily) and refuses a deprecated or missing image.
+ACCELERATOR_COUNT = 1  # one L4 per VM
+IMAGE_PROJECT = "cos-cloud"
+IMAGE_FAMILY = "cos-stable"
+GPU_DRIVER = "latest"  # cos-extensions install gpu -- -version=...
+# The teacher image's CUDA (docker/teacher.Dockerfile's nvidia/cuda base; a test keeps the two
+# in step) and the oldest driver branch each CUDA release supports (NVIDIA's CUDA release notes):
+# the VM refuses a driver older than that before it pulls the image.
+TEACHER_CUDA = "12.8"
+MIN_DRIVER = {"12.4": 550, "12.6": 560, "12.8": 570, "12.9": 575, "13.0": 580}
+BOOT_DISK_GB = 100  # COS (~10 GB) + the teacher image (~6 GB) + staged inputs and weights
 BOOT_DISK_TYPE = "pd-balanced"  # G2 machines take pd-balanced/pd-ssd, not pd-standard
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"  # IAM decides the rest
 DEFAULT_MAX_RUN_S = 12 * 3600
@@ -109,7 +116,7 @@ class VmSpec:
     zones: tuple[str, ...] = DEFAULT_ZONES
     machine_type: str = MACHINE_TYPE
     accelerator_type: str = ACCELERATOR_TYPE
-    accelerator_count: int = 1
+    accelerator_count: int = ACCELERATOR_COUNT
     provisioning_model: str = "SPOT"
     instance_termination_action: str = "DELETE"
     max_run_duration_s: int = DEFAULT_MAX_RUN_S  # dead-man switch: deleted after this long
@@ -117,6 +124,7 @@ class VmSpec:
     automatic_restart: bool = False
     image_project: str = IMAGE_PROJECT
     image_family: str = IMAGE_FAMILY
+    gpu_driver: str = GPU_DRIVER
     boot_disk_gb: int = BOOT_DISK_GB
     boot_disk_type: str = BOOT_DISK_TYPE
     scopes: tuple[str, ...] = (CLOUD_PLATFORM,)
@@ -191,7 +199,8 @@ class VmSpec:
             "shutdown-script": SHUTDOWN_SCRIPT,
             "distill-job": self.job_toml,
             "distill-image": self.image,
-            "install-nvidia-driver": "True",  # DLVM: install on first boot if not in the image
+            "distill-gpu-driver": self.gpu_driver,
+            "distill-min-driver": str(MIN_DRIVER[TEACHER_CUDA]),
             "enable-guest-attributes": "TRUE",  # the startup script reports its status there
             "enable-oslogin": "TRUE",
             "block-project-ssh-keys": "TRUE",

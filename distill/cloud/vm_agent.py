@@ -43,8 +43,18 @@ COMPUTE_ENV = "DISTILL_COMPUTE_ENDPOINT"  # the Compute API's base URL (the stub
 ENTRYPOINT_ENV = "DISTILL_ENTRYPOINT"  # the container entrypoint to run (default below)
 
 
+MAX_LOG_LINES = 100_000  # the uploaded log keeps the last lines (the bash script: 16 MiB)
+_log: deque[str] = deque(maxlen=MAX_LOG_LINES)  # everything this "VM" printed, for the record
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+    _log.append(line)
+
+
 def log(msg: str) -> None:
-    print(f"distill-startup: {msg}", flush=True)
+    out(f"distill-startup: {msg}\n")
 
 
 class MetadataSource:
@@ -167,8 +177,9 @@ def stage_inputs(text: str, job_dir: Path) -> None:
             open_store(parent).download(base, job_dir / dest)
 
 
-def record(source: MetadataSource | LocalSource, status: str, rc: int, tail: list[str]) -> None:
-    """The outcome as one create-only object under ``distill-status-url`` (best effort)."""
+def record(source: MetadataSource | LocalSource, status: str, rc: int) -> None:
+    """The whole log, then the outcome, as create-only objects under ``distill-status-url``
+    (``<instance>-<id>.log`` and ``<instance>-<id>.json``, as the bash script writes them)."""
     from distill.storage import open_store
 
     url = source.attr("distill-status-url")
@@ -176,14 +187,16 @@ def record(source: MetadataSource | LocalSource, status: str, rc: int, tail: lis
         return
     try:
         name, vm_id = source.identity()
+        store = open_store(url)
+        store.put_bytes(f"{name}-{vm_id}.log", "".join(_log).encode())
         body = {
             "instance": name,
             "id": vm_id,
             "status": status,
             "exit_code": rc,
-            "log_tail": "".join(tail),
+            "log": f"{name}-{vm_id}.log",
         }
-        open_store(url).put_bytes(f"{name}-{vm_id}.json", json.dumps(body).encode())
+        store.put_bytes(f"{name}-{vm_id}.json", json.dumps(body).encode())
     except Exception as e:  # noqa: BLE001 - the guest attributes still say it
         log(f"could not record the status under {url}: {e}")
 
@@ -200,7 +213,6 @@ def run(source: MetadataSource | LocalSource, workdir: Path) -> int:
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "job.toml").write_text(job_text)
     rc = 1
-    tail: deque[str] = deque(maxlen=100)
     try:
         stage_inputs(source.attr("distill-inputs") or "", job_dir)
         entry = shlex.split(os.environ.get(ENTRYPOINT_ENV, "")) or [
@@ -222,10 +234,8 @@ def run(source: MetadataSource | LocalSource, workdir: Path) -> int:
             errors="replace",
         )
         assert child.stdout is not None
-        for line in child.stdout:  # tee: the console, and the tail for the status object
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            tail.append(line)
+        for line in child.stdout:  # tee: the console, and the log for the status record
+            out(line)
         rc = child.wait()
     except SystemExit as e:
         log(str(e.code))
@@ -237,15 +247,23 @@ def run(source: MetadataSource | LocalSource, workdir: Path) -> int:
     # preemption (or the soft-off's SIGTERM), not the exit code.
     stopped = rc == EXIT_PREEMPTED or _sigterm.is_set() or source.preempted()
     status = "done" if rc == 0 else "preempted" if stopped else "failed"
-    source.report("exit-code", str(rc))
-    source.report("status", status)
-    record(source, status, rc, list(tail))
     log(f"finished with exit code {rc} ({status})")
+    record(source, status, rc)
+    source.report("exit-code", str(rc))
+    source.report("status", status)  # last: the controller reads it as "recorded"
     source.power_off()
     return rc
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stage"]:  # the VM's startup script, inside the teacher image
+        sp = argparse.ArgumentParser(prog="vm_agent stage", description="stage distill-inputs")
+        sp.add_argument("inputs", type=Path, help="the distill-inputs metadata value, as a file")
+        sp.add_argument("job_dir", type=Path)
+        a = sp.parse_args(argv[1:])
+        stage_inputs(a.inputs.read_text(), a.job_dir)
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--local", type=Path, help="metadata.json here instead of a server")
     ap.add_argument("--workdir", type=Path, help="where the job directory goes")

@@ -77,7 +77,7 @@ variable "automatic_restart" {
 }
 
 variable "boot_image" {
-  description = "Boot image: a Deep Learning VM image family that brings the NVIDIA driver."
+  description = "Boot image: a Container-Optimized OS image family (the startup script installs the NVIDIA driver with cos-extensions)."
   type        = string
 }
 
