@@ -3,11 +3,11 @@
 Input: real teacher targets by default. SmolLM2-135M-Instruct (``--model``) runs once over the
 first ``--samples`` demo samples in float32 on the CPU; the final hidden states at the target
 positions are cached under ``$DISTILL_CACHE/bench`` and every configuration extracts its
-targets from them with :func:`distill.targets.extract` (the teacher's code path).
+targets from them with :func:`distill.teacher.extract.extract` (the teacher's code path).
 ``--synthetic`` uses Zipf-like random logits instead (no model needed).
 
-Per configuration, over whole shards written with :func:`distill.shards.write_shard` and read
-back with :func:`distill.shards.read_shard` (tar framing included, as the student sees them):
+Per configuration, over whole shards written with :func:`distill.format.shards.write_shard` and read
+back with :func:`distill.format.shards.read_shard` (tar framing included, as the student sees them):
 
 - ``bytes_per_token``: shard bytes per target position (``payload_bytes_per_token``: the
   members' bytes alone, without the tar headers);
@@ -47,9 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DISTILL_CACHE", str(ROOT / ".cache" / "distill"))
 
-from distill.codec import Codec, ShardFormat  # noqa: E402
-from distill.shards import TargetSample, read_shard, write_shard  # noqa: E402
-from distill.targets import TargetSpec, draw_uniforms, extract  # noqa: E402
+from distill.format.codec import Codec, ShardFormat  # noqa: E402
+from distill.format.shards import TargetSample, read_shard, write_shard  # noqa: E402
+from distill.format.spec import TargetSpec  # noqa: E402
+from distill.teacher.extract import draw_uniforms, extract  # noqa: E402
 
 QUALITY_JSON = ROOT / "bench" / "results" / "quality.json"
 
@@ -91,7 +92,7 @@ class Rows:
 
 def real_rows(model_ref: str, n_samples: int) -> Rows:
     from distill import models
-    from distill.data import tokenize_file
+    from distill.data.dataset import tokenize_file
 
     cache = Path(os.environ["DISTILL_CACHE"]) / "bench" / f"codec-rows-{n_samples}.npz"
     if not cache.exists():

@@ -37,8 +37,9 @@ def side(args: argparse.Namespace) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distill import models
-    from distill.losses import LossWeights, chunked_distill_loss
-    from distill.planner import count_params, estimate
+    from distill.config import LossWeights
+    from distill.student.losses import chunked_distill_loss
+    from distill.student.planner import count_params, estimate
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

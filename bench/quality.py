@@ -1,10 +1,10 @@
 """Benchmark: student quality per target kind, from CE-only up to full-distribution online KD.
 
 The teacher (SmolLM2-135M-Instruct by default) is distilled into a smaller student built from
-its layers (``--layers``, ``--layer-selection``; ``distill.student.init_from_teacher_layers``,
+its layers (``--layers``, ``--layer-selection``; ``distill.student.init.init_from_teacher_layers``,
 built once so every arm starts from the same weights). Every arm trains that student on the
 same samples, in the same order (``job.seed``), for the same steps, batch size and learning
-rate, through ``distill.train.train`` on a job built with ``distill.config.job_from_dict``:
+rate, through ``distill.student.train.train`` on a job built with ``distill.config.job_from_dict``:
 
     ce-only        loss.forward_kl = 0, loss.ce = 1 (no teacher; the shards supply only tokens)
     topk-K         top-K log-probs + tail bucket
@@ -20,10 +20,10 @@ full-online); ``gap_closed`` needs ce-only and full-online among them.
 Every KD arm (the sparse kinds and full-online) uses the same loss weights: ``forward_kl =
 1 - ce_mix``, ``ce = ce_mix`` (``--ce-mix``, default 0: pure forward KL), so full-online is
 exactly the quantity the sparse kinds estimate. The sparse kinds' targets come from
-``distill.teacher.run_teacher`` (one teacher pass per kind into a local shard set, codec
+``distill.teacher.run.run_teacher`` (one teacher pass per kind into a local shard set, codec
 ``--codec``, default ``packed``: v2 blocks with zstd). The full-online arm also goes through
-``distill.train.train``: :func:`online_kd` swaps the loop's ``StudentBody`` for one that also
-runs the teacher on the batch, and its ``chunked_distill_loss`` for :func:`full_kl_loss`; the
+``distill.student.train.train``: :func:`online_kd` swaps the loop's ``StudentBody`` for one that
+also runs the teacher on the batch, and its ``chunked_distill_loss`` for :func:`full_kl_loss`; the
 loop itself (loader, data order, AdamW, warmup + cosine, clipping) is the one the other arms
 run.
 
@@ -90,11 +90,15 @@ os.environ.setdefault("DISTILL_CACHE", str(ROOT / ".cache" / "distill"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distill import models  # noqa: E402
-from distill import train as dtrain  # noqa: E402
-from distill.config import Job, job_from_dict  # noqa: E402
-from distill.data import Sample, tokenize_file  # noqa: E402
-from distill.losses import LossWeights  # noqa: E402
-from distill.teacher import pad_batch, run_teacher, token_budget_batches  # noqa: E402
+from distill.config import (  # noqa: E402
+    Job,
+    LossWeights,  # noqa: E402
+    job_from_dict,
+)
+from distill.data.dataset import Sample, tokenize_file  # noqa: E402
+from distill.student import train as dtrain  # noqa: E402
+from distill.teacher.batching import pad_batch, token_budget_batches  # noqa: E402
+from distill.teacher.run import run_teacher  # noqa: E402
 
 ECE_BINS = 15
 DEFAULTS = {
@@ -180,7 +184,7 @@ def gap_closed(kl_ce: float, kl_arm: float, kl_full: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Full-distribution online KD inside distill.train.train
+# Full-distribution online KD inside distill.student.train.train
 # --------------------------------------------------------------------------------------------
 
 
@@ -283,7 +287,7 @@ class OnlineStats:
 
 @contextlib.contextmanager
 def online_kd(teacher: Any, chunk: int) -> Iterator[OnlineStats]:
-    """Make ``distill.train.train`` distill from the live teacher's full distribution.
+    """Make ``distill.student.train.train`` distill from the live teacher's full distribution.
 
     Within the block, the loop's ``StudentBody`` also runs the teacher on each batch (no grad)
     and keeps its final hidden states at the target positions, and the loop's
@@ -534,7 +538,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     tokenizer = models.load_tokenizer(teacher_dir)
     init_dir = args.workdir / f"student-init-{args.layers}-{args.layer_selection}"
     if not (init_dir / "config.json").is_file():
-        from distill.student import init_from_teacher_layers
+        from distill.student.init import init_from_teacher_layers
 
         log(f"student: {args.layers} teacher layers ({args.layer_selection}) -> {init_dir}")
         init_from_teacher_layers(teacher_dir, args.layers, init_dir, args.layer_selection)
@@ -593,7 +597,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with ctx as stats:
             summary = dtrain.train(job)
         if arm.online and (stats is None or stats.calls == 0):
-            raise RuntimeError("online_kd: distill.train.train never called the patched loss")
+            raise RuntimeError(
+                "online_kd: distill.student.train.train never called the patched loss"
+            )
         student = models.load_model(Path(summary["student_dir"]), "float32", device)
         metrics = evaluate_full(student, held, args.eval_chunk)
         del student

@@ -7,7 +7,7 @@ against stored sparse teacher targets. The two sides:
 
     naive  as the seeds do it: ``logits = hidden @ W.T`` for all tokens at once ([tokens, vocab]
            fp32), ``log_softmax``, gather the teacher's top-k, tail bucket, KL + CE, backward.
-    ours   ``distill.losses.chunked_kd_loss``: LM head + loss + gradient chunk by chunk.
+    ours   ``distill.student.losses.chunked_distill_loss``: LM head + loss + gradient by chunk.
 
 Both sides get the same seeded random inputs and must give the same loss and gradients: a
 small case is checked with ``allclose`` at startup, and the full-size loss and gradient norms
@@ -147,9 +147,11 @@ def naive_kd_loss(
 def step(side: str, inputs: tuple[Any, ...], args: argparse.Namespace) -> float:
     """One forward + backward of ``side``'s loss; returns the loss value."""
     if side == "ours":
-        from distill.losses import chunked_kd_loss
+        from distill.config import LossWeights
+        from distill.student.losses import chunked_distill_loss
 
-        loss = chunked_kd_loss(*inputs, kd_weight=args.kd_weight, chunk=args.chunk)[0]
+        weights = LossWeights(forward_kl=args.kd_weight, ce=1.0 - args.kd_weight)
+        loss = chunked_distill_loss(*inputs, weights, args.chunk)[0]
     else:
         loss = naive_kd_loss(*inputs, kd_weight=args.kd_weight, tail=args.naive_tail)
     loss.backward()

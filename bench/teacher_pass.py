@@ -108,8 +108,8 @@ def run_ours(
     outdir: Path | None,
 ) -> None:
     """distill's real code path minus upload: compute_targets per shard, then write_shard."""
-    from distill.shards import shard_name, write_shard
-    from distill.teacher import compute_targets
+    from distill.format.shards import shard_name, write_shard
+    from distill.teacher.extract import compute_targets
 
     for idx, lo in enumerate(range(0, len(samples), samples_per_shard)):
         targets = compute_targets(
@@ -123,7 +123,7 @@ def run_naive(model: Any, samples: list[Any], k: int, batch_size: int, outdir: P
     """The seeds' loop: fixed-size batches in dataset order, full logits, top-k everywhere."""
     import torch
 
-    from distill.shards import id_dtype
+    from distill.format.shards import id_dtype
 
     device = next(model.parameters()).device
     vdt = id_dtype(model.get_output_embeddings().weight.shape[0])
@@ -164,7 +164,7 @@ def side_main(args: argparse.Namespace) -> None:
     import torch
 
     from distill import models
-    from distill.data import tokenize_file
+    from distill.data.dataset import tokenize_file
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -286,7 +286,7 @@ def spawn_side(args: argparse.Namespace, side: str, outdir: Path) -> dict[str, A
 
 def load_targets(ours_dir: Path, naive_dir: Path) -> tuple[np.ndarray, ...]:
     """All target rows of both sides, in dataset order: (ours ids, ours lps, naive ids, lps)."""
-    from distill.shards import read_shard
+    from distill.format.shards import read_shard
 
     ours = [s for p in sorted(ours_dir.glob("shard-*.tar")) for s in read_shard(p)]
     o_ids = np.concatenate([s.topk_ids for s in ours]).astype(np.int64)

@@ -53,7 +53,7 @@ def _load(job: Path, sets: list[str] | None, output: str | None = None):  # noqa
 @app.command()
 def teacher(job: JobOpt, set_: SetOpt = None, output: OutputOpt = None) -> None:
     """Run the teacher once over the dataset and write sparse-target shards (resumable)."""
-    from distill.teacher import run_teacher
+    from distill.teacher.run import run_teacher
 
     run_teacher(_load(job, set_, output))
 
@@ -69,12 +69,12 @@ def train(
     ] = None,
 ) -> None:
     """Train the student from stored shards (resumes from <run_dir>/checkpoint.pt)."""
-    from distill.train import train as run_train
+    from distill.student.train import train as run_train
 
     j = _load(job, set_, output)
     if auto:
-        from distill import planner
         from distill.config import parse_bytes
+        from distill.student import planner
 
         budget = parse_bytes(gpu_mem) if gpu_mem else planner.device_budget()
         p = planner.plan(j, budget)
@@ -96,7 +96,7 @@ def eval_(
     question: Annotated[str, typer.Option(help="A question for one generated answer.")] = "",
 ) -> None:
     """Held-out KD loss and teacher top-1 agreement: initialised vs trained student."""
-    from distill.report import compare_students
+    from distill.student.report import compare_students
 
     compare_students(_load(job, set_, output), question, out)
 
@@ -111,8 +111,8 @@ def plan(
     from rich.table import Table
 
     from distill.config import parse_bytes
-    from distill.planner import describe
-    from distill.planner import plan as make_plan
+    from distill.student.planner import describe
+    from distill.student.planner import plan as make_plan
 
     j = _load(job, set_)
     p = make_plan(j, parse_bytes(gpu_mem))
@@ -133,7 +133,7 @@ def plan(
 @app.command()
 def inspect(url: Annotated[str, typer.Argument(help="A shard set: path or gs://... URL.")]) -> None:
     """Print a shard set's manifest and stats."""
-    from distill.report import inspect_shards
+    from distill.student.report import inspect_shards
 
     inspect_shards(url, out)
 
@@ -145,7 +145,7 @@ def demo(
     set_: SetOpt = None,
 ) -> None:
     """The embedded default: teacher -> fake-gcs-server bucket -> student -> evaluation."""
-    from distill.demo import run_demo
+    from distill.demo.run import run_demo
 
     run_demo(job, workdir, list(set_ or []), out)
 
@@ -172,7 +172,7 @@ def cost_estimate(
     ] = None,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM."""
-    from distill.cost import CostOptions, estimate_cost, render_table
+    from distill.cloud.cost import CostOptions, estimate_cost, render_table
 
     opts = CostOptions(
         mfu=mfu,
@@ -308,7 +308,7 @@ def teacher_cloud(
     """Run the teacher on an L4 spot VM: estimate, confirm, provision, watch, tear down."""
     from distill.cloud.controller import CloudOptions
     from distill.cloud.controller import teacher_cloud as run_cloud
-    from distill.cost import CostOptions
+    from distill.cloud.cost import CostOptions
 
     opts = CloudOptions(
         backend=backend,
@@ -389,7 +389,7 @@ def main() -> None:
     # One progress display: ours. transformers' and the hub's tqdm bars ("Loading weights",
     # "Writing model shards") read this before transformers is imported (a user's value wins).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from distill.cloud.preemption import EXIT_PREEMPTED, Preempted
+    from distill.teacher.stop import EXIT_PREEMPTED, Preempted
 
     try:
         rc = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt

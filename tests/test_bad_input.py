@@ -12,9 +12,9 @@ import pytest
 from distill import models
 from distill.config import load_job
 from distill.errors import DistillError
-from distill.manifest import MANIFEST, Manifest
-from distill.storage import open_store
-from distill.teacher import run_teacher
+from distill.format.manifest import MANIFEST, Manifest
+from distill.store.storage import open_store
+from distill.teacher.run import run_teacher
 from tests.test_pipeline import make_job, stored_keys
 
 

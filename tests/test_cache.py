@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.cache import CacheError, ChecksumMismatch, ShardCache, ShardRef
-from distill.storage import LocalStore, Store, open_store
+from distill.store.cache import CacheError, ChecksumMismatch, ShardCache, ShardRef
+from distill.store.storage import LocalStore, Store, open_store
 
 SIZE = 10_000
 

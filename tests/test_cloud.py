@@ -36,8 +36,8 @@ from distill.cloud.controller import CloudOptions, Controller, TeacherFailed
 from distill.cloud.fake_compute import FakeCompute, InsertError
 from distill.config import load_job
 from distill.errors import DistillError
-from distill.manifest import MANIFEST
-from distill.storage import open_store
+from distill.format.manifest import MANIFEST
+from distill.store.storage import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "distill-test"

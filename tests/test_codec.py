@@ -14,12 +14,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from distill.bitpack import bits_for, pack_bits, unpack_bits
-from distill.codec import Codec, ShardFormat, decode_packed, encode_packed
 from distill.errors import DistillError
-from distill.manifest import Manifest
-from distill.shards import TargetSample, read_shard, write_shard
-from distill.targets import TargetSpec, draw_uniforms, extract
+from distill.format.bitpack import bits_for, pack_bits, unpack_bits
+from distill.format.codec import Codec, ShardFormat, decode_packed, encode_packed
+from distill.format.manifest import Manifest
+from distill.format.shards import TargetSample, read_shard, write_shard
+from distill.format.spec import TargetSpec
+from distill.teacher.extract import draw_uniforms, extract
 
 KINDS = [
     TargetSpec("topk", k=8),
@@ -363,7 +364,7 @@ def test_blocks_beat_one_member_per_sample_and_zstd_shares_the_template(tmp_path
 
 
 def test_block_split_is_by_tokens():
-    from distill.blockcodec import split_blocks
+    from distill.format.blockcodec import split_blocks
 
     assert split_blocks([5, 5, 5, 5, 5], 10) == [(0, 2), (2, 4), (4, 5)]
     assert split_blocks([30, 1, 1], 10) == [(0, 1), (1, 3)]
@@ -372,7 +373,7 @@ def test_block_split_is_by_tokens():
 
 @pytest.mark.parametrize("zstd", [False, True])
 def test_corrupt_or_truncated_block_is_a_distill_error(tmp_path, zstd):
-    from distill.blockcodec import decode_block, encode_block
+    from distill.format.blockcodec import decode_block, encode_block
 
     spec = TargetSpec("topk+sample", k=4, draws=30)
     fmt = ShardFormat(packed2(zstd=zstd), spec, 500)
@@ -411,7 +412,7 @@ def test_corrupt_or_truncated_block_is_a_distill_error(tmp_path, zstd):
 
 
 def test_block_encoder_refuses_rows_that_do_not_match_the_mask():
-    from distill.blockcodec import encode_block
+    from distill.format.blockcodec import encode_block
 
     spec = TargetSpec("topk", k=8)
     s = make_samples(spec, n=1)[0]
@@ -441,9 +442,9 @@ def test_real_old_shard_sets_read_and_re_encode_identically(tmp_path, name):
     """Real SmolLM2 targets written and decoded at commit 5494d02 (npz v0, packed v1): this
     distill decodes the same arrays, reads them through the loader, and re-encodes the same
     bytes (a resumed old run re-verifies its shards that way)."""
-    from distill.cache import ShardCache
-    from distill.loader import ShardLoader
-    from distill.storage import open_store
+    from distill.store.cache import ShardCache
+    from distill.store.storage import open_store
+    from distill.student.loader import ShardLoader
 
     want = json.loads((OLD / "expected.json").read_text())["sets"][name]
     m = Manifest.from_json((OLD / name / "manifest.json").read_bytes(), name)
@@ -464,3 +465,56 @@ def test_real_old_shard_sets_read_and_re_encode_identically(tmp_path, name):
     batches = list(loader.batches())
     assert sum(len(b.keys) for b in batches) == m.samples == 6
     assert batches[0].t_ids.shape[1] == m.k
+
+
+@pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.kind)
+def test_webdataset_stage_yields_what_the_loader_yields(tmp_path, spec):
+    """``wds.WebDataset(urls).compose(wds_samples)`` gives one dict per sample, v2 blocks
+    expanded, with exactly the samples (and so the batches) of the student's loader."""
+    from distill.format.shards import wds_samples
+    from distill.store.cache import ShardCache
+    from distill.store.storage import open_store
+    from distill.student.loader import ShardLoader, collate
+
+    samples = make_samples(spec, n=13, seed=5)
+    fmt = ShardFormat(packed2(block_tokens=40), spec, 500)
+    stats = [
+        write_shard(tmp_path / f"shard-{i:06d}.tar", samples[lo : lo + 5], fmt)
+        for i, lo in enumerate(range(0, len(samples), 5))
+    ]
+    m = Manifest(
+        split="train",
+        teacher="t",
+        teacher_config_sha256="c",
+        tokenizer_fingerprint="f",
+        vocab_size=500,
+        target_kind=spec.kind,
+        k=spec.width,
+        dtypes={},
+        max_length=64,
+        job_fingerprint="j",
+        shards=stats,
+        codec=fmt.codec.info(),
+        targets=spec.info(),
+    )
+    urls = [str(tmp_path / s.name) for s in stats]
+    got = list(wds.WebDataset(urls, shardshuffle=False).compose(wds_samples))
+    assert [d["__key__"] for d in got] == [s.key for s in samples]
+    with tarfile.open(urls[0]) as tf:
+        assert len(tf.getmembers()) < 5  # blocks: fewer members than samples
+    cache = ShardCache(open_store(str(tmp_path)), tmp_path / "cache", 1 << 20)
+    loaded = list(ShardLoader(m, cache, batch_size=4, shuffle=False).batches())
+    fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts")
+    as_samples = [TargetSample(d["__key__"], *(d[f] for f in fields)) for d in got]
+    for s, b in zip(as_samples, read_shard_all(urls), strict=True):
+        assert_same(s, b)
+    for i, batch in enumerate(loaded):
+        want = collate(as_samples[4 * i : 4 * i + 4])
+        assert batch.keys == want.keys
+        for f in ("input_ids", "attention_mask", "target_mask", "t_ids", "labels"):
+            assert torch.equal(getattr(batch, f), getattr(want, f)), f
+        torch.testing.assert_close(batch.t_logprobs, want.t_logprobs)
+
+
+def read_shard_all(urls: list[str]) -> list[TargetSample]:
+    return [s for u in urls for s in read_shard(Path(u), 500)]

@@ -70,7 +70,7 @@ def test_parse_bytes():
 
 
 def test_student_layer_selection():
-    from distill.student import select_layers
+    from distill.student.init import select_layers
 
     assert select_layers(30, 12, "ends") == [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
     assert select_layers(30, 8, "spaced") == [0, 4, 8, 12, 17, 21, 25, 29]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from distill import cost
+from distill.cloud import cost
+from distill.cloud.cost import CostOptions, estimate_cost
 from distill.config import load_job
-from distill.cost import CostOptions, estimate_cost
 from distill.errors import DistillError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ def make_job(tmp_path: Path, model: Path, n_train: int = 40, n_eval: int = 10, *
 
 def expected_counts(job, tokenizer) -> dict[str, int]:
     """Tokens, targets and the teacher's padded batches, counted independently."""
-    from distill.data import tokenize_file
-    from distill.teacher import token_budget_batches
+    from distill.data.dataset import tokenize_file
+    from distill.teacher.batching import token_budget_batches
 
     c = dict(samples=0, shards=0, tokens=0, targets=0, padded=0, ctx=0)
     for split in ("train", "eval"):
@@ -116,7 +116,7 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
 
 
 def test_shard_bytes_estimate_matches_a_real_teacher_run(tiny_teacher_dir, tmp_path):
-    from distill.teacher import run_teacher
+    from distill.teacher.run import run_teacher
 
     path = make_job(tmp_path, tiny_teacher_dir, dtype="float32")
     job = load_job(path)
@@ -250,7 +250,9 @@ def test_cli_table_json_and_one_line_errors(tiny_teacher_dir, tmp_path):
 
 
 def test_other_target_kinds_get_an_upper_bound(tiny_teacher_dir, tmp_path):
-    pytest.importorskip("distill.targets", reason="target kinds (issue #4) not in this tree")
+    pytest.importorskip(
+        "distill.teacher.extract", reason="target kinds (issue #4) not in this tree"
+    )
     path = make_job(tmp_path, tiny_teacher_dir)
     topk = estimate_cost(load_job(path))
     topp = estimate_cost(load_job(path, ['targets.kind="topp"']))
@@ -272,7 +274,7 @@ def test_packed_shard_bytes_are_measured_on_probe_samples(tiny_teacher_dir, tmp_
     The tiny random teacher is far peakier than a real LM (fewer distinct ids per row) and its
     shards share a chat template under zstd, so the estimate is high here (2.5x for sampled
     targets); the probe's rows are calibrated on real SmolLM2 targets (next test)."""
-    from distill.teacher import run_teacher
+    from distill.teacher.run import run_teacher
 
     path = make_job(tmp_path, tiny_teacher_dir, dtype="float32")
     sets = [f"targets.{k}={json.dumps(v)}" for k, v in targets.items()]
@@ -289,9 +291,9 @@ def test_probe_rows_hit_as_many_distinct_ids_as_real_smollm2_targets():
     distinct ids per row under the same draws, within 35%."""
     import numpy as np
 
-    from distill.probe import probe_samples
-    from distill.shards import read_shard
-    from distill.targets import TargetSpec
+    from distill.cloud.probe import probe_samples
+    from distill.format.shards import read_shard
+    from distill.format.spec import TargetSpec
 
     old = REPO / "tests" / "data" / "old_shards"
     for name, spec in (

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.data import TokenizeStats, read_jsonl, render, to_messages, tokenize_file
+from distill.data.dataset import TokenizeStats, read_jsonl, render, to_messages, tokenize_file
 from distill.errors import DistillError
 
 

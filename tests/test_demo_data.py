@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distill import demo_data
-from distill.demo_data import build_demo_dataset, source_versions, summarize_topic
+from distill.demo import dataset as demo_data
+from distill.demo.dataset import build_demo_dataset, source_versions, summarize_topic
 from distill.errors import DistillError
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -63,7 +63,7 @@ def test_committed_files_match_regeneration(built: Path) -> None:
         pytest.skip(f"data/demo was generated with other source versions than {source_versions()}")
     for name in FILES:
         assert (DEMO_DIR / name).read_bytes() == (built / name).read_bytes(), (
-            f"data/demo/{name} drifted: rerun `python -m distill.demo_data`"
+            f"data/demo/{name} drifted: rerun `python -m distill.demo.dataset`"
         )
 
 

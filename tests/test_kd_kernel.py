@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import kd_kernel
+from distill.config import LossWeights
 from distill.errors import DistillError
-from distill.kd_kernel import FusedLMHeadLoss, first_occurrence
-from distill.losses import TAIL_EPS, LossWeights, _ChunkedLMHeadLoss, chunked_distill_loss
+from distill.student import kd_kernel
+from distill.student.kd_kernel import FusedLMHeadLoss, first_occurrence
+from distill.student.losses import _ChunkedLMHeadLoss, chunked_distill_loss
+from distill.student.terms import TAIL_EPS
 
 ROOT = Path(__file__).resolve().parent.parent
 N, H, V = 23, 8, 40
@@ -61,7 +63,7 @@ def make(k, n=N, vocab=V, seed=0, label_in_s=0.5, pad=False, dtype=torch.float64
 
 def dense_terms(z, ids, lps, labels, tau, beta, bild_top, tail):
     """Per-row terms from full logits [n, V] with boolean masks over the vocab (padding: the
-    -inf entries are dropped from both sides); independent of distill.losses/kd_kernel."""
+    -inf entries are dropped from both sides); independent of distill.student.losses/kd_kernel."""
     present = lps > float("-inf")
     sup = torch.zeros_like(z, dtype=torch.bool)
     sup[torch.arange(z.shape[0])[:, None].expand_as(ids)[present], ids[present]] = True
@@ -263,8 +265,8 @@ def test_repeated_ids_in_s_match_autograd_path():
 MEM_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from distill import kd_kernel
-    from distill.losses import LossWeights, chunked_distill_loss
+    from distill.student import kd_kernel
+    from distill.student.losses import LossWeights, chunked_distill_loss
     kd_kernel.ENABLED = sys.argv[1] == "fused"
     n, h, v, k, chunk = 256, 256, 50_000, 16, 32
     def status(key):

@@ -4,21 +4,19 @@ import dataclasses
 
 import pytest
 import torch
+from kd_reference import chunked_kd_loss
 
+from distill.config import LossWeights
 from distill.errors import DistillError
-from distill.losses import (
-    TAIL_EPS,
-    LossWeights,
-    chunked_distill_loss,
-    chunked_kd_loss,
-    eval_metrics,
-)
-from distill.targets import TargetSpec, extract
+from distill.format.spec import TargetSpec
+from distill.student.losses import chunked_distill_loss, eval_metrics
+from distill.student.terms import TAIL_EPS
+from distill.teacher.extract import extract
 
 
 def dense_reference(h, w, t_logits, k, labels, kd_weight):
     """KL between teacher and student coarsened to {top-k ids} + {everything else}, from
-    full-vocab distributions with boolean masks; plus CE. Independent of distill.losses."""
+    full-vocab distributions with boolean masks; plus CE. Independent of distill.student.losses."""
     logq = (h @ w.T).log_softmax(-1)
     logp = t_logits.log_softmax(-1)
     ids = logp.topk(k, dim=-1).indices
@@ -117,7 +115,7 @@ TERM_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "bild", "ce")
 
 
 def dense_terms(h, w, t_logits, k, labels, tau=1.0, beta=0.5, bild_top=8, eps=1e-8):
-    """Per-row terms from full-vocab logits with boolean masks; independent of distill.losses.
+    """Per-row terms from full-vocab logits with boolean masks; independent of distill.student.
 
     Teacher buckets at tau: p_i^(1/tau) on the support and p_tail^(1/tau), renormalised (the
     tail as one pseudo-token). Student: softmax(z / tau) with the tail mass a masked sum.

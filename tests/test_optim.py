@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.errors import DistillError
-from distill.optim import OffloadAdamW, build_optimizer
+from distill.student.optim import OffloadAdamW, build_optimizer
 
 KW = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.95)}
 

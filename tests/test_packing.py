@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.errors import DistillError
-from distill.loader import collate
-from distill.packing import PAD_SEQ, PackedBatch, block_causal_mask, pack_collate, pack_rows
-from distill.shards import TargetSample
+from distill.format.shards import TargetSample
+from distill.student.loader import collate
+from distill.student.packing import PAD_SEQ, PackedBatch, block_causal_mask, pack_collate, pack_rows
 
 VOCAB, K = 100, 4
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import teacher as teacher_mod
 from distill.config import load_job
 from distill.errors import DistillError
-from distill.manifest import MANIFEST, Manifest
-from distill.shards import read_shard
-from distill.storage import BucketNotFound, open_store
-from distill.teacher import run_teacher
-from distill.train import train
+from distill.format.manifest import MANIFEST, Manifest
+from distill.format.shards import read_shard
+from distill.store.storage import BucketNotFound, open_store
+from distill.student.train import train
+from distill.teacher import run as teacher_mod
+from distill.teacher.run import run_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_teacher_train_eval_through_gcs(tiny_teacher_dir, tiny_student_dir, gcs_
     from google.cloud import storage
     from transformers import AutoModelForCausalLM
 
-    from distill.report import compare_students, shard_set_stats
+    from distill.student.report import compare_students, shard_set_stats
 
     job = load_job(make_job(tmp_path, tiny_teacher_dir, f"{gcs_bucket}/run"))
     manifests = run_teacher(job)
@@ -316,7 +316,7 @@ def test_memory_levers_and_observability(tiny_teacher_dir, tmp_path):
 
 
 def test_ranks_split_the_data_without_overlap_or_gaps(tiny_teacher_dir, tmp_path):
-    from distill.train import make_loader
+    from distill.student.train import make_loader
 
     path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"), n_train=90)
     job = load_job(path)

@@ -5,7 +5,7 @@ from transformers import LlamaConfig
 
 from distill.config import job_from_dict
 from distill.errors import DistillError
-from distill.planner import apply, count_params, estimate, plan
+from distill.student.planner import apply, count_params, estimate, plan
 
 CFG = LlamaConfig(
     vocab_size=49152,

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from test_pipeline import dataset_keys, make_job, stored_keys
 
-from distill.cloud.preemption import EXIT_PREEMPTED, Preempted, StopWatch
 from distill.config import load_job
-from distill.manifest import MANIFEST
-from distill.storage import open_store
-from distill.teacher import run_teacher
+from distill.format.manifest import MANIFEST
+from distill.store.storage import open_store
+from distill.teacher.run import run_teacher
+from distill.teacher.stop import EXIT_PREEMPTED, Preempted, StopWatch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.losses import LossWeights
+from distill.config import LossWeights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_arms_and_jobs(quality, tmp_path: Path) -> None:
 
 
 def test_online_kd_patch_restores(quality) -> None:
-    from distill import train as dtrain
+    from distill.student import train as dtrain
 
     body, loss = dtrain.StudentBody, dtrain.chunked_distill_loss
     teacher = torch.nn.Module()

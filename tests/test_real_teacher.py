@@ -8,10 +8,10 @@ import pytest
 
 from distill import models
 from distill.config import load_job
-from distill.evaluate import evaluate
-from distill.report import shard_set_stats
-from distill.teacher import run_teacher
-from distill.train import make_loader
+from distill.student.evaluate import evaluate
+from distill.student.report import shard_set_stats
+from distill.student.train import make_loader
+from distill.teacher.run import run_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from distill.errors import DistillError
-from distill.manifest import Manifest
-from distill.shards import TargetSample, read_shard, write_shard
+from distill.format.manifest import Manifest
+from distill.format.shards import TargetSample, read_shard, write_shard
 
 
 def sample(key: str, t: int, k: int, rng: np.random.Generator) -> TargetSample:
@@ -85,7 +85,7 @@ def test_manifest_round_trip_and_unknown_schema(tmp_path):
 
 
 def test_token_budget_batches_cover_everything_once_and_bound_padding():
-    from distill.teacher import token_budget_batches
+    from distill.teacher.batching import token_budget_batches
 
     rng = np.random.default_rng(4)
     lengths = [int(x) for x in rng.integers(5, 300, 500)]

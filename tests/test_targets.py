@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.config import job_from_dict
+from distill.config import LossWeights, job_from_dict
 from distill.errors import DistillError
-from distill.losses import LossWeights, chunked_distill_loss, sparse_distill_terms
-from distill.targets import (
-    TargetSpec,
+from distill.format.spec import TargetSpec
+from distill.student.losses import chunked_distill_loss, sparse_distill_terms
+from distill.teacher.extract import (
     draw_uniforms,
     extract,
     sample_targets,
@@ -408,10 +408,10 @@ def test_teacher_sample_packed_is_reproducible_and_trains(tiny_teacher_dir, tmp_
     from test_pipeline import make_job
 
     from distill.config import load_job
-    from distill.manifest import MANIFEST, Manifest
-    from distill.shards import read_shard
-    from distill.teacher import run_teacher
-    from distill.train import train
+    from distill.format.manifest import MANIFEST, Manifest
+    from distill.format.shards import read_shard
+    from distill.student.train import train
+    from distill.teacher.run import run_teacher
 
     path = make_job(
         tmp_path,

@@ -48,7 +48,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from distill.cache import sha256_file
 from distill.cloud.backend import (
     AlreadyExists,
     Backend,
@@ -58,6 +57,13 @@ from distill.cloud.backend import (
     Needs,
     Stockout,
     VmState,
+)
+from distill.cloud.cost import (
+    HOURS_PER_MONTH,
+    CostEstimate,
+    CostOptions,
+    estimate_cost,
+    render_table,
 )
 from distill.cloud.preemption import in_main_thread
 from distill.cloud.progress import BucketProgress, Rate, Snapshot
@@ -75,10 +81,10 @@ from distill.cloud.spec import (
     region_of,
 )
 from distill.config import Job
-from distill.cost import HOURS_PER_MONTH, CostEstimate, CostOptions, estimate_cost, render_table
 from distill.errors import DistillError
-from distill.manifest import MANIFEST
-from distill.storage import ObjectExists, open_store
+from distill.format.manifest import MANIFEST
+from distill.store.cache import sha256_file
+from distill.store.storage import ObjectExists, open_store
 
 RECORD_PREFIX = "cloud"  # <output>/cloud/run-*.json and <output>/cloud/status/*.json
 
@@ -243,7 +249,7 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
     Returns the VM's job table (paths pointing at the staged copies) and the
     ``(gs://src, dest)`` pairs for the VM spec. Names are content-addressed and writes are
     create-only, so a rerun uploads nothing twice."""
-    from distill.teacher import splits
+    from distill.config import splits
 
     store = open_store(job.job.output.rstrip("/"))
     present = set(store.list("inputs/"))  # one listing, not one lookup per file
@@ -393,7 +399,7 @@ class Controller:
         )
 
     def _splits(self) -> list[str]:
-        from distill.teacher import splits
+        from distill.config import splits
 
         return list(splits(self.job))
 

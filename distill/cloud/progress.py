@@ -1,7 +1,7 @@
 """How far the teacher is, read from the bucket: shard sidecars and manifests.
 
 The teacher writes ``shard-NNNNNN.tar``, then its stats sidecar ``shard-NNNNNN.json``, per
-shard, and ``manifest.json`` last, per split (see :mod:`distill.teacher`). The controller
+shard, and ``manifest.json`` last, per split (see :mod:`distill.teacher.run`). The controller
 never talks to the VM for progress: it lists the bucket, so what it shows is what a new VM
 would resume from.
 """
@@ -13,8 +13,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from distill.manifest import MANIFEST
-from distill.storage import Store, open_store
+from distill.format.manifest import MANIFEST
+from distill.store.storage import Store, open_store
 
 _SIDECAR = re.compile(r"^shard-\d{6}\.json$")
 

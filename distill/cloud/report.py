@@ -15,7 +15,7 @@ from rich.table import Table
 
 from distill.config import Job
 from distill.errors import DistillError
-from distill.storage import open_store
+from distill.store.storage import open_store
 
 
 def estimated_vm_usd(estimate: dict[str, Any], spot: bool) -> float:

@@ -156,7 +156,7 @@ class LocalSource:
 
 def stage_inputs(text: str, job_dir: Path) -> None:
     """Download each ``SRC DEST`` line (DEST relative to the job directory)."""
-    from distill.storage import open_store
+    from distill.store.storage import open_store
 
     for line in text.splitlines():
         parts = line.split()
@@ -180,7 +180,7 @@ def stage_inputs(text: str, job_dir: Path) -> None:
 def record(source: MetadataSource | LocalSource, status: str, rc: int) -> None:
     """The whole log, then the outcome, as create-only objects under ``distill-status-url``
     (``<instance>-<id>.log`` and ``<instance>-<id>.json``, as the bash script writes them)."""
-    from distill.storage import open_store
+    from distill.store.storage import open_store
 
     url = source.attr("distill-status-url")
     if not url:

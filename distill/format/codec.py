@@ -2,7 +2,7 @@
 
 ``npz`` v0 (member ``KEY.targets.npz``, one per sample): an uncompressed NumPy archive of
 ``input_ids``, ``loss_mask``, ``topk_ids``, ``topk_logprobs`` (float16) and, for sampled kinds,
-``topk_counts``. Variable-width rows are padded with the sentinel of :mod:`distill.targets`
+``topk_counts``. Variable-width rows are padded with the sentinel of :mod:`distill.teacher.extract`
 (first id, ``-inf``, count 0). Shard sets written before codecs existed have no ``codec`` in
 their manifest and read as ``npz`` v0.
 
@@ -35,7 +35,7 @@ the zstd flag is set); no padding is stored:
 ====  ===========  ==============================================================
 
 ``packed`` v2 (member ``FIRSTKEY.targets.dpb``, one per *block* of consecutive samples, see
-:mod:`distill.blockcodec`): the same sections over the block's samples concatenated, with
+:mod:`distill.format.blockcodec`): the same sections over the block's samples concatenated, with
 mask runs and counts Rice-coded too, the keys and lengths in a table, and one zstd frame over
 the whole block; it saves the per-sample tar header and padding (~1 KB per sample).
 
@@ -58,9 +58,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from distill.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
 from distill.errors import DistillError
-from distill.targets import KINDS, TargetSpec
+from distill.format.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
+from distill.format.spec import KINDS, TargetSpec
 
 KNOWN = {"npz": (0,), "packed": (1, 2)}  # the newest version of each is what jobs write
 VALUE_MAPS = ("log8", "pow8", "f16")

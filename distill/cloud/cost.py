@@ -240,8 +240,9 @@ class DataCounts:
 
 def count_data(job: Job, tokenizer: Any) -> DataCounts:
     """Tokenise every split and replay the teacher's shard chunks and batches."""
-    from distill.data import TokenizeStats, tokenize_file
-    from distill.teacher import splits, token_budget_batches
+    from distill.config import splits
+    from distill.data.dataset import TokenizeStats, tokenize_file
+    from distill.teacher.batching import token_budget_batches
 
     c = DataCounts()
     for split, path in splits(job).items():
@@ -383,8 +384,8 @@ def _same_targets(m: Any, job: Job) -> bool:
 def reference_bytes_per_target(url: str, job: Job) -> tuple[float, str] | None:
     """Bytes per target token of an existing run with the job's targets and codec: a shard set
     (``url/manifest.json``) or a job output holding ``train/`` and ``eval/`` shard sets."""
-    from distill.manifest import MANIFEST, Manifest
-    from distill.storage import open_store
+    from distill.format.manifest import MANIFEST, Manifest
+    from distill.store.storage import open_store
 
     found = []
     for sub in ("", "train", "eval"):
@@ -404,13 +405,13 @@ def reference_bytes_per_target(url: str, job: Job) -> tuple[float, str] | None:
 @functools.cache
 def sample_overhead_bytes() -> float:
     """Bytes a sample costs beyond its arrays (npz member headers, tar header and padding),
-    measured by writing probe samples with :func:`distill.shards.write_shard` itself."""
+    measured by writing probe samples with :func:`distill.format.shards.write_shard` itself."""
     import tempfile
 
     import numpy as np
 
-    from distill.probe import member_bytes
-    from distill.shards import TargetSample, write_shard
+    from distill.cloud.probe import member_bytes
+    from distill.format.shards import TargetSample, write_shard
 
     samples, k = [], 8
     for i in range(64):  # sizes spread over a tar block, so the padding averages out
@@ -441,8 +442,8 @@ def estimated_shard_bytes(c: DataCounts, width: int, vocab: int, counts: bool = 
 
 def probed_shard_bytes(job: Job, c: DataCounts, vocab: int) -> tuple[int, str]:
     """Packed codecs: samples x the bytes of probe samples of the job's average shape, written
-    with the job's targets and codec by the real shard writer (:mod:`distill.probe`)."""
-    from distill.probe import ZIPF_S, probe_sample_bytes
+    with the job's targets and codec by the real shard writer (:mod:`distill.cloud.probe`)."""
+    from distill.cloud.probe import ZIPF_S, probe_sample_bytes
 
     spec, codec = job.targets.spec(), job.targets.codec_spec()
     n = max(c.samples, 1)

@@ -2,8 +2,8 @@
 
 With the ``npz`` v0 and ``packed`` v1 codecs each sample ``KEY`` is one tar member (one tar
 header per sample): ``KEY.targets.npz`` (an uncompressed NumPy archive) or ``KEY.targets.dpk``
-(see :mod:`distill.codec`). With ``packed`` v2 one member ``FIRSTKEY.targets.dpb`` holds a
-block of consecutive samples (see :mod:`distill.blockcodec`), and the archive ends after its
+(see :mod:`distill.format.codec`). With ``packed`` v2 one member ``FIRSTKEY.targets.dpb`` holds a
+block of consecutive samples (see :mod:`distill.format.blockcodec`), and the archive ends after its
 end-of-archive blocks (no padding to a 10 KiB tar record). Each sample decodes to a
 :class:`TargetSample`:
 
@@ -12,7 +12,7 @@ end-of-archive blocks (no padding to a 10 KiB tar record). Each sample decodes t
 - ``topk_ids``      [N, w] the teacher's stored ids at the N target positions
 - ``topk_logprobs`` [N, w] log-probabilities normalised over the full vocab (float16 from
   npz, float32 from packed); for sampled entries ``log(count / draws)`` (see
-  :mod:`distill.targets`); ``-inf`` marks padding in variable-width rows
+  :mod:`distill.teacher.extract`); ``-inf`` marks padding in variable-width rows
 - ``topk_counts``   [N, w] uint16 draw counts, sampled kinds only (else None)
 
 Target positions are the t with ``loss_mask[t + 1] == 1`` (position t predicts token t+1), in
@@ -25,20 +25,20 @@ samples come out in the order they were written.
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
-import webdataset as wds
 
-from distill import codec as codecs
-from distill.blockcodec import decode_block, encode_block, split_blocks
-from distill.codec import ShardFormat, id_dtype
 from distill.errors import DistillError
+from distill.format import codec as codecs
+from distill.format.blockcodec import decode_block, encode_block, split_blocks
+from distill.format.codec import ShardFormat, id_dtype
 
 FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
 MEMBER = "targets.npz"  # the npz v0 member suffix
@@ -52,6 +52,7 @@ __all__ = [
     "id_dtype",
     "read_shard",
     "shard_name",
+    "wds_samples",
     "write_shard",
 ]
 
@@ -102,18 +103,6 @@ class ShardStats:
     last_key: str
 
 
-class _HashingWriter:
-    """A write-only file wrapper that keeps a running sha256 and byte count."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.sha256, self.nbytes = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.sha256.update(b)
-        self.nbytes += len(b)
-        return self.f.write(b)
-
-
 def write_shard(
     path: Path, samples: Iterable[TargetSample], fmt: ShardFormat | None = None
 ) -> ShardStats:
@@ -124,38 +113,51 @@ def write_shard(
     if not samples:
         raise ValueError("a shard needs at least one sample")
     with path.open("wb") as f:
-        out = _HashingWriter(f)  # checksum the bytes as they are written: no second read
         if fmt is not None and fmt.codec.blocks:
-            _write_blocks(out, samples, fmt, str(path))
+            _write_blocks(f, samples, fmt, str(path))
         else:
-            member = fmt.codec.member if fmt is not None else MEMBER
-            writer = wds.TarWriter(out, mtime=0)  # an int: no 1 KiB PAX header per member
-            for s in samples:
-                data = codecs.encode(s.arrays(), fmt, f"{path}: sample {s.key}")
-                writer.write({"__key__": s.key, member: data})
-            writer.close()
+            _write_members(f, samples, fmt, str(path))
+    with path.open("rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return ShardStats(
         name=path.name,
         samples=len(samples),
         tokens=sum(len(s.input_ids) for s in samples),
         target_tokens=sum(s.topk_ids.shape[0] for s in samples),
-        nbytes=out.nbytes,
-        sha256=out.sha256.hexdigest(),
+        nbytes=path.stat().st_size,
+        sha256=sha256,
         first_key=samples[0].key,
         last_key=samples[-1].key,
     )
 
 
-def _write_blocks(
-    out: _HashingWriter, samples: list[TargetSample], fmt: ShardFormat, where: str
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
+    """A member header as WebDataset's TarWriter writes it (fixed mtime: the same samples
+    always give the same bytes; an int mtime needs no PAX header)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uname = info.gname = "bigdata"
+    return info
+
+
+def _write_members(
+    out: BinaryIO, samples: list[TargetSample], fmt: ShardFormat | None, where: str
 ) -> None:
-    """Packed v2: one member per block, ustar headers as webdataset's, no record padding."""
+    """npz v0, packed v1: one member per sample, a standard tar archive (record-padded)."""
+    member = fmt.codec.member if fmt is not None else MEMBER
+    with tarfile.open(fileobj=out, mode="w|") as tf:
+        for s in samples:
+            data = codecs.encode(s.arrays(), fmt, f"{where}: sample {s.key}")
+            tf.addfile(_member_info(f"{s.key}.{member}", len(data)), io.BytesIO(data))
+
+
+def _write_blocks(out: BinaryIO, samples: list[TargetSample], fmt: ShardFormat, where: str) -> None:
+    """Packed v2: one member per block, and the archive ends after its end-of-archive blocks
+    (``tarfile`` would pad it to a 10 KiB record)."""
     for lo, hi in split_blocks([len(s.input_ids) for s in samples], fmt.codec.block_tokens):
         block = samples[lo:hi]
         data = encode_block([s.key for s in block], [s.arrays() for s in block], fmt, where)
-        info = tarfile.TarInfo(f"{block[0].key}.{fmt.codec.member}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uname = info.gname = "bigdata"
+        info = _member_info(f"{block[0].key}.{fmt.codec.member}", len(data))
         out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         out.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
     out.write(bytes(2 * tarfile.BLOCKSIZE))  # end of archive
@@ -183,7 +185,7 @@ def read_shard(path: Path, vocab_size: int | None = None) -> Iterator[TargetSamp
 
 
 def _member_samples(
-    path: Path, key: str, codec: tuple[str, int], data: bytes, vocab_size: int | None
+    path: Path | str, key: str, codec: tuple[str, int], data: bytes, vocab_size: int | None
 ) -> Iterator[TargetSample]:
     """The validated samples of one tar member."""
     where = f"{path}: sample {key}"
@@ -206,6 +208,29 @@ def _member_samples(
         s = TargetSample(key=k, **arrays)  # type: ignore[arg-type]
         s.validate(str(path))
         yield s
+
+
+def wds_samples(
+    src: Iterable[dict[str, Any]], vocab_size: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """A WebDataset pipeline stage: raw tar samples in, one dict per distill sample out.
+
+    ``wds.WebDataset(shard_urls).compose(wds_samples)`` (or ``functools.partial(wds_samples,
+    vocab_size=manifest.vocab_size)``) yields, in order, exactly the samples :func:`read_shard`
+    and so the student's loader read: ``{"__key__", "__url__", "input_ids", "loss_mask",
+    "topk_ids", "topk_logprobs", "topk_counts"}`` with the arrays of :class:`TargetSample`. A
+    packed v2 member (one tar member per block of samples) is expanded into its samples.
+    WebDataset must not decode the members (no ``.decode()`` before this stage).
+    """
+    for raw in src:
+        key, url = raw["__key__"], str(raw.get("__url__", "<webdataset>"))
+        members = [k for k in raw if not k.startswith("__") and codecs.member_codec(k)]
+        if len(members) != 1:
+            raise DistillError(f"{url}: {key}: expected one distill member, got {sorted(raw)}")
+        codec = codecs.member_codec(members[0])
+        assert codec is not None
+        for s in _member_samples(url, key, codec, raw[members[0]], vocab_size):
+            yield {"__key__": s.key, "__url__": url, **s.arrays()}
 
 
 def shard_name(index: int) -> str:

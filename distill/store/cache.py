@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from distill.errors import DistillError
-from distill.storage import TMP_PREFIX, Store
+from distill.store.storage import TMP_PREFIX, Store
 
 PART_SUFFIX = ".part"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -44,13 +44,10 @@ class ShardRef:
     nbytes: int
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (:func:`hashlib.file_digest`)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ShardCache:

@@ -21,14 +21,11 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -40,13 +37,11 @@ from rich.progress import (
 )
 
 from distill import models
-from distill.cache import sha256_file
-from distill.cloud.preemption import StopWatch
-from distill.config import Job
-from distill.data import Sample, TokenizeStats, tokenize_file
+from distill.config import Job, splits
+from distill.data.dataset import Sample, TokenizeStats, tokenize_file
 from distill.errors import DistillError
-from distill.manifest import MANIFEST, Manifest
-from distill.shards import (
+from distill.format.manifest import MANIFEST, Manifest
+from distill.format.shards import (
     ShardFormat,
     ShardStats,
     TargetSample,
@@ -55,102 +50,12 @@ from distill.shards import (
     shard_name,
     write_shard,
 )
-from distill.storage import ObjectExists, Store, open_store
-from distill.targets import TargetSpec, draw_uniforms, extract
+from distill.store.cache import sha256_file
+from distill.store.storage import ObjectExists, Store, open_store
+from distill.teacher.extract import compute_targets
+from distill.teacher.stop import StopWatch
 
 console = Console(stderr=True)
-
-
-@torch.no_grad()
-def token_budget_batches(
-    lengths: Sequence[int], batch_tokens: int, min_fill: float = 0.9
-) -> list[list[int]]:
-    """Group indices, longest first, so that len(batch) * longest <= batch_tokens and no
-    sample is shorter than ``min_fill`` x its batch's longest (bounding padding to ~10%)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        longest = lengths[batches[-1][0]] if batches else 0
-        if (
-            batches
-            and (len(batches[-1]) + 1) * longest <= batch_tokens
-            and lengths[i] >= min_fill * longest
-        ):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad int arrays to a [B, T] long tensor and its attention mask."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), t), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
-        attn[b, : len(s)] = 1
-    return ids, attn
-
-
-@torch.no_grad()
-def compute_targets(
-    model: Any,
-    samples: Sequence[Sample],
-    spec: TargetSpec | int,
-    batch_tokens: int,
-    head_chunk: int,
-    on_batch: Any = None,
-    seed: int = 0,
-) -> list[TargetSample]:
-    """Sparse targets (``spec``, or an int k for top-k) for each sample, in input order.
-
-    Sampled kinds draw with uniforms seeded from ``(seed, sample key)``: reruns are identical.
-    """
-    if isinstance(spec, int):
-        spec = TargetSpec(kind="topk", k=spec)
-    device = next(model.parameters()).device
-    weight = model.get_output_embeddings().weight
-    vdt = id_dtype(weight.shape[0])
-    out: list[TargetSample | None] = [None] * len(samples)
-    for batch in token_budget_batches([len(s.input_ids) for s in samples], batch_tokens):
-        ids, attn = pad_batch([samples[i].input_ids for i in batch], pad_id=0)
-        hidden = model.base_model(
-            input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
-        ).last_hidden_state
-        # Position t predicts token t+1: gather rows where token t+1 is an assistant token.
-        tmask = torch.zeros(ids.shape, dtype=torch.bool)
-        for b, i in enumerate(batch):
-            m = samples[i].loss_mask
-            tmask[b, : len(m) - 1] = torch.from_numpy(m[1:].astype(bool))
-        rows = hidden[tmask.to(device)]
-        uniforms = None
-        if spec.sampled:  # rows are in (sample, position) order, as the split below
-            uniforms = np.concatenate(
-                [
-                    draw_uniforms(seed, samples[i].key, samples[i].n_targets, spec.draws)
-                    for i in batch
-                ]
-            )
-        t = extract(rows, weight, spec, head_chunk, uniforms)
-        top_ids, top_lps = t.ids.cpu().numpy(), t.values.cpu().numpy()
-        counts = t.counts.cpu().numpy().astype(np.uint16) if spec.sampled else None
-        lo = 0
-        for i in batch:
-            s = samples[i]
-            n = s.n_targets
-            out[i] = TargetSample(
-                key=s.key,
-                input_ids=s.input_ids.astype(vdt),
-                loss_mask=s.loss_mask,
-                topk_ids=top_ids[lo : lo + n].astype(vdt),
-                topk_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
-                topk_counts=None if counts is None else counts[lo : lo + n],
-            )
-            lo += n
-        if on_batch is not None:
-            on_batch(int(attn.sum()))
-    return out  # type: ignore[return-value]
 
 
 def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_fp: str) -> str:
@@ -340,17 +245,6 @@ def run_split(
         f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
     )
     return manifest
-
-
-def splits(job: Job) -> dict[str, Path]:
-    out = {}
-    for name in ("train", "eval"):
-        p = getattr(job.data, name)
-        if p:
-            out[name] = job.resolve(p)
-    if "train" not in out:
-        raise DistillError(f"{job.path}: data.train is not set")
-    return out
 
 
 def run_teacher(job: Job) -> dict[str, Manifest]:

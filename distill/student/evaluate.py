@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from distill.loader import ShardLoader
-from distill.losses import eval_metrics
+from distill.student.loader import ShardLoader
+from distill.student.losses import eval_metrics
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ Sources (see ``data/demo/NOTICE.md``):
 * Python's ``pydoc_data.topics`` (PSF License) -> instruction form ``{"prompt", "response"}``.
 
 Every line also carries a ``"source"`` field, which consumers ignore. Regenerate with
-``python -m distill.demo_data`` from the repository root.
+``python -m distill.demo.dataset`` from the repository root.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def build_demo_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m distill.demo_data [--out-dir DIR]``."""
+    """Command-line entry: ``python -m distill.demo.dataset [--out-dir DIR]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--eval-fraction", type=float, default=0.1)

@@ -9,17 +9,17 @@ from pathlib import Path
 from rich.console import Console
 
 from distill.config import load_job
+from distill.demo.fake_gcs import local_gcs
 from distill.errors import DistillError
-from distill.gcs_emulator import local_gcs
 
 DEMO_QUESTION = "What is a list comprehension in Python?"
 
 
 def run_demo(job_path: Path, workdir: Path, overrides: list[str], console: Console) -> dict:
     """Run teacher, train and eval end to end; the emulator is started and stopped here."""
-    from distill.report import compare_students
-    from distill.teacher import run_teacher
-    from distill.train import train
+    from distill.student.report import compare_students
+    from distill.student.train import train
+    from distill.teacher.run import run_teacher
 
     t0 = time.perf_counter()
     workdir = workdir.resolve()

@@ -42,82 +42,19 @@ batching.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from distill.data.dataset import Sample
 from distill.errors import DistillError
-
-KINDS = ("topk", "topp", "sample", "topk+sample")
-SAMPLING = ("iid", "systematic")
-MAX_WIDTH = 65535  # k and draws fit the packed codec's 16-bit fields
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """What to extract per target position (see the module docstring)."""
-
-    kind: str = "topk"
-    k: int = 16
-    top_p: float = 0.95
-    draws: int = 50
-    sampling: str = "iid"  # sampled kinds: iid | systematic
-
-    @property
-    def sampled(self) -> bool:
-        return self.kind in ("sample", "topk+sample")
-
-    @property
-    def tail(self) -> bool:
-        """Whether the losses add a tail bucket ``1 - sum p`` (False for sampled kinds)."""
-        return not self.sampled
-
-    @property
-    def head(self) -> int:
-        """Exact (non-sampled) entries per row: k, the cap k, 0, or k."""
-        return 0 if self.kind == "sample" else self.k
-
-    @property
-    def width(self) -> int:
-        """Columns of the in-memory ``[rows, width]`` arrays."""
-        return {"topk": self.k, "topp": self.k, "sample": self.draws}.get(
-            self.kind, self.k + self.draws
-        )
-
-    def check(self, vocab_size: int | None = None, where: str = "targets") -> None:
-        """Raise DistillError naming the field for a bad combination."""
-        if self.kind not in KINDS:
-            raise DistillError(f"{where}.kind = {self.kind!r} is not one of: {', '.join(KINDS)}")
-        if not 1 <= self.k <= MAX_WIDTH:
-            raise DistillError(f"{where}.k must be in [1, {MAX_WIDTH}], got {self.k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise DistillError(f"{where}.top_p must be in (0, 1], got {self.top_p!r}")
-        if not 1 <= self.draws <= MAX_WIDTH:
-            raise DistillError(f"{where}.draws must be in [1, {MAX_WIDTH}], got {self.draws!r}")
-        if self.sampling not in SAMPLING:
-            raise DistillError(
-                f"{where}.sampling = {self.sampling!r} is not one of: {', '.join(SAMPLING)}"
-            )
-        if self.sampled and self.width > MAX_WIDTH:
-            raise DistillError(f"{where}.k + {where}.draws must be <= {MAX_WIDTH}")
-        if vocab_size is not None and self.kind != "sample" and self.k >= vocab_size:
-            raise DistillError(
-                f"{where}.k = {self.k} must be smaller than the teacher vocab ({vocab_size})"
-            )
-
-    def info(self) -> dict[str, object]:
-        """What a reader (the manifest, the losses) needs: the relevant fields, tail, width."""
-        d: dict[str, object] = {"kind": self.kind}
-        if self.kind != "sample":
-            d["k"] = self.k
-        if self.kind == "topp":
-            d["top_p"] = self.top_p
-        if self.sampled:
-            d["draws"] = self.draws
-            d["sampling"] = self.sampling
-        return {**d, "tail": self.tail, "width": self.width}
+from distill.format.shards import TargetSample, id_dtype
+from distill.format.spec import KINDS, SAMPLING, TargetSpec
+from distill.teacher.batching import pad_batch, token_budget_batches
 
 
 @dataclass
@@ -275,3 +212,63 @@ def draw_uniforms(seed: int, key: str, rows: int, draws: int) -> np.ndarray:
     words = np.frombuffer(digest[:16], dtype="<u4").tolist()
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, *words])
     return rng.random((rows, draws))
+
+
+@torch.no_grad()
+def compute_targets(
+    model: Any,
+    samples: Sequence[Sample],
+    spec: TargetSpec | int,
+    batch_tokens: int,
+    head_chunk: int,
+    on_batch: Any = None,
+    seed: int = 0,
+) -> list[TargetSample]:
+    """Sparse targets (``spec``, or an int k for top-k) for each sample, in input order.
+
+    Sampled kinds draw with uniforms seeded from ``(seed, sample key)``: reruns are identical.
+    """
+    if isinstance(spec, int):
+        spec = TargetSpec(kind="topk", k=spec)
+    device = next(model.parameters()).device
+    weight = model.get_output_embeddings().weight
+    vdt = id_dtype(weight.shape[0])
+    out: list[TargetSample | None] = [None] * len(samples)
+    for batch in token_budget_batches([len(s.input_ids) for s in samples], batch_tokens):
+        ids, attn = pad_batch([samples[i].input_ids for i in batch], pad_id=0)
+        hidden = model.base_model(
+            input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
+        ).last_hidden_state
+        # Position t predicts token t+1: gather rows where token t+1 is an assistant token.
+        tmask = torch.zeros(ids.shape, dtype=torch.bool)
+        for b, i in enumerate(batch):
+            m = samples[i].loss_mask
+            tmask[b, : len(m) - 1] = torch.from_numpy(m[1:].astype(bool))
+        rows = hidden[tmask.to(device)]
+        uniforms = None
+        if spec.sampled:  # rows are in (sample, position) order, as the split below
+            uniforms = np.concatenate(
+                [
+                    draw_uniforms(seed, samples[i].key, samples[i].n_targets, spec.draws)
+                    for i in batch
+                ]
+            )
+        t = extract(rows, weight, spec, head_chunk, uniforms)
+        top_ids, top_lps = t.ids.cpu().numpy(), t.values.cpu().numpy()
+        counts = t.counts.cpu().numpy().astype(np.uint16) if spec.sampled else None
+        lo = 0
+        for i in batch:
+            s = samples[i]
+            n = s.n_targets
+            out[i] = TargetSample(
+                key=s.key,
+                input_ids=s.input_ids.astype(vdt),
+                loss_mask=s.loss_mask,
+                topk_ids=top_ids[lo : lo + n].astype(vdt),
+                topk_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
+                topk_counts=None if counts is None else counts[lo : lo + n],
+            )
+            lo += n
+        if on_batch is not None:
+            on_batch(int(attn.sum()))
+    return out  # type: ignore[return-value]

@@ -11,13 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import models
-from distill.cache import ShardCache
 from distill.config import Job
 from distill.errors import DistillError
-from distill.loader import ShardLoader, shard_refs
-from distill.manifest import MANIFEST, Manifest
-from distill.shards import read_shard
-from distill.storage import open_store
+from distill.format.manifest import MANIFEST, Manifest
+from distill.format.shards import read_shard
+from distill.store.cache import ShardCache
+from distill.store.storage import open_store
+from distill.student.loader import ShardLoader, shard_refs
 
 
 def shard_set_stats(url: str, cache_dir: Path | None = None) -> tuple[Manifest, dict[str, float]]:
@@ -70,8 +70,8 @@ def inspect_shards(url: str, console: Console) -> None:
 
 
 def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[str, float], Any]:
-    from distill.evaluate import evaluate
-    from distill.student import check_compatible
+    from distill.student.evaluate import evaluate
+    from distill.student.init import check_compatible
 
     device = models.pick_device(job.train.device)
     model = models.load_model(model_dir, "float32", device)
@@ -81,9 +81,9 @@ def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[st
 
 def compare_students(job: Job, question: str, console: Console) -> dict[str, Any]:
     """Evaluate the initialised and the trained student on the held-out shard set."""
-    from distill.evaluate import generate_answer
-    from distill.student import init_student
-    from distill.train import make_loader, run_dir
+    from distill.student.evaluate import generate_answer
+    from distill.student.init import init_student
+    from distill.student.train import make_loader, run_dir
 
     out = run_dir(job)
     final_dir = out / "student"

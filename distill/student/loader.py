@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.cache import ShardCache, ShardRef
-from distill.manifest import Manifest
-from distill.shards import TargetSample, read_shard
+from distill.format.manifest import Manifest
+from distill.format.shards import TargetSample, read_shard
+from distill.store.cache import ShardCache, ShardRef
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 from distill import models
 from distill.config import Job
 from distill.errors import DistillError
-from distill.manifest import Manifest
+from distill.format.manifest import Manifest
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 

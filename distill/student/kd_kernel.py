@@ -1,6 +1,6 @@
 """LM head + distillation loss with a hand-written gradient: one [rows, V] buffer per chunk.
 
-Every term of distill/losses.py depends on the student logits ``x`` of a row (``x = z / s``,
+Every term of distill/student/terms.py depends on the student logits ``x`` of a row (``x = z / s``,
 ``s`` the temperature of the term's group, see below) only through four small tensors. With
 ``q = softmax(x)``, ``S`` the row's stored ids, ``L`` its label:
 
@@ -54,9 +54,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.losses import _BUCKET_TERMS, bucket_terms
+from distill.student.terms import BUCKET_TERMS, bucket_terms
 
-ENABLED = True  # False: chunked_distill_loss / chunked_kd_loss always take the autograd path
+ENABLED = True  # False: chunked_distill_loss always takes the autograd path
 
 Coefs = tuple[tuple[str, float], ...]
 
@@ -117,7 +117,7 @@ def _group_to_grad(
     """
     temperature, jsd_beta, bild_top, tail = opts
     names = [name for name, _ in coefs]
-    buckets = bool(_BUCKET_TERMS.intersection(names))
+    buckets = bool(BUCKET_TERMS.intersection(names))
     ce, bild = "ce" in names, "bild" in names
     ninf = float("-inf")
     xs = x.gather(1, ids) if (buckets or bild) else None
@@ -290,7 +290,7 @@ class FusedLMHeadLoss(torch.autograd.Function):
             raise RuntimeError(
                 "the fused distillation loss hands its gradients over in the first backward: "
                 "backpropagating through it twice (retain_graph) is not supported; set "
-                "distill.kd_kernel.ENABLED = False for the autograd path"
+                "distill.student.kd_kernel.ENABLED = False for the autograd path"
             )
         grad_h, grad_w = ctx.fused_grads
         ctx.fused_grads = None  # no reference left here: autograd can take the buffers as .grad

@@ -23,18 +23,19 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import distributed, models
-from distill.cache import ShardCache
+from distill import models
 from distill.config import Job
 from distill.errors import DistillError
-from distill.evaluate import evaluate
-from distill.loader import Batch, ShardLoader
-from distill.losses import chunked_distill_loss
-from distill.manifest import MANIFEST, Manifest
-from distill.observe import RunLog, memory_bytes, plot_losses
-from distill.optim import build_optimizer
-from distill.storage import Store, open_store
-from distill.student import check_compatible, init_student
+from distill.format.manifest import MANIFEST, Manifest
+from distill.store.cache import ShardCache
+from distill.store.storage import Store, open_store
+from distill.student import distributed
+from distill.student.evaluate import evaluate
+from distill.student.init import check_compatible, init_student
+from distill.student.loader import Batch, ShardLoader
+from distill.student.losses import chunked_distill_loss
+from distill.student.observe import RunLog, memory_bytes, plot_losses
+from distill.student.optim import build_optimizer
 
 console = Console(stderr=True)
 CHECKPOINT = "checkpoint.pt"
@@ -159,7 +160,7 @@ class StudentBody(torch.nn.Module):
 def _make_train_loader(job: Job, rank: int, world: int) -> ShardLoader:
     loader = make_loader(job, "train", shuffle=True, rank=rank, world=world)
     if job.train.packing:
-        from distill.packing import pack_collate
+        from distill.student.packing import pack_collate
 
         row = job.train.pack_tokens or loader.manifest.max_length
         loader.collate_fn = lambda samples: pack_collate(samples, row)

@@ -3,8 +3,8 @@
 A per-sample tar member costs a 512-byte header plus padding to 512 bytes (~35 bytes per
 target position on short chat answers), and per-sample headers and zstd frames cannot share
 anything. A block concatenates its samples (their tokens, masks and target rows, in order) and
-codes them as one, with the packed v1 sections (:mod:`distill.codec`) plus Rice-coded mask runs
-and draw counts; the chat template that starts every sample then compresses away under zstd.
+codes them as one, with the packed v1 sections (:mod:`distill.format.codec`) plus Rice-coded mask
+runs and draw counts; the chat template that starts every sample then compresses away under zstd.
 
 Member layout (little-endian): a 32-byte header, then the body (one zstd frame when the zstd
 flag is set):
@@ -42,8 +42,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
-from distill.codec import (
+from distill.errors import DistillError
+from distill.format.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
+from distill.format.codec import (
     VALUE_MAPS,
     ShardFormat,
     dequantise,
@@ -57,8 +58,7 @@ from distill.codec import (
     row_entries,
     unflatten,
 )
-from distill.errors import DistillError
-from distill.targets import KINDS, TargetSpec
+from distill.format.spec import KINDS, TargetSpec
 
 Arrays = dict[str, np.ndarray | None]
 

@@ -1,10 +1,10 @@
 """The manifest: written last, it marks a shard set complete and describes how to read it.
 
 ``codec`` names the member codec and its settings (``{"name": "packed", "version": 2, ...}``,
-see :mod:`distill.codec`); manifests written before codecs existed have none and read as
+see :mod:`distill.format.codec`); manifests written before codecs existed have none and read as
 ``npz`` v0. ``targets`` holds what the losses need about the target kind (``kind``, its
 parameters, ``sampling`` for sampled kinds (absent before it existed: ``iid``), ``tail``:
-whether a tail bucket ``1 - sum p`` applies, ``width``; see :mod:`distill.targets`); older
+whether a tail bucket ``1 - sum p`` applies, ``width``; see :mod:`distill.teacher.extract`); older
 manifests get ``topk`` with ``k``. A codec name or version this
 distill does not know is refused on load.
 """
@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.codec import Codec
 from distill.errors import DistillError
-from distill.shards import ShardStats
+from distill.format.codec import Codec
+from distill.format.shards import ShardStats
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

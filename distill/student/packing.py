@@ -3,7 +3,7 @@
 ``pack_collate`` fills rows of at most ``row_tokens`` tokens with whole samples, in the given
 order (a new row starts when the next sample does not fit; a sample longer than ``row_tokens``
 gets a row of its own). Because the order is kept, ``hidden[target_mask]`` (row-major) lines
-up with ``t_ids``/``t_logprobs``/``labels`` exactly as in :func:`distill.loader.collate`.
+up with ``t_ids``/``t_logprobs``/``labels`` exactly as in :func:`distill.student.loader.collate`.
 
 Isolation comes from two tensors that the train step must both pass to the model::
 
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError
-from distill.loader import Batch
-from distill.shards import TargetSample
+from distill.format.shards import TargetSample
+from distill.student.loader import Batch
 
 PAD_SEQ = -1  # seq_ids value of padding positions
 

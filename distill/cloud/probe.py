@@ -2,8 +2,8 @@
 
 The packed codecs' size depends on the teacher's distributions (how many distinct ids the
 draws hit, how spread the ids are), so :func:`probe_sample_bytes` encodes synthetic samples of
-the job's average shape with :func:`distill.shards.write_shard` itself. Their teacher rows are
-Zipf-like, ``p ∝ rank^-ZIPF_S`` over a random permutation of the vocab per row; with
+the job's average shape with :func:`distill.format.shards.write_shard` itself. Their teacher
+rows are Zipf-like, ``p ∝ rank^-ZIPF_S`` over a random permutation of the vocab per row; with
 ``ZIPF_S = 1.8``, N=50 draws hit ~12.0 (iid) / ~13.6 (systematic) distinct ids per row, as on
 SmolLM2-135M-Instruct's demo targets (12.1 / 13.6, measured). Input ids are uniform random: a
 real chat template that repeats in every sample compresses better under zstd than this.
@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.codec import Codec, ShardFormat, id_dtype
-from distill.targets import TargetSpec, draw_uniforms, extract_chunk
+from distill.format.codec import Codec, ShardFormat, id_dtype
+from distill.format.spec import TargetSpec
+from distill.teacher.extract import draw_uniforms, extract_chunk
 
 ZIPF_S = 1.8
 MAX_PROBE_ROWS = 1024  # bounds the probe's time (~1 s at vocab 49k)
@@ -30,9 +31,9 @@ MAX_PROBE_ROWS = 1024  # bounds the probe's time (~1 s at vocab 49k)
 def probe_samples(
     spec: TargetSpec, vocab: int, tokens: int, targets: int, n: int, seed: int = 0
 ) -> list[Any]:
-    """``n`` synthetic :class:`~distill.shards.TargetSample` of ``tokens`` tokens, the last
+    """``n`` synthetic :class:`~distill.format.shards.TargetSample` of ``tokens`` tokens, the last
     ``targets`` of them assistant tokens, with Zipf-like teacher rows (module docstring)."""
-    from distill.shards import TargetSample
+    from distill.format.shards import TargetSample
 
     rng = np.random.default_rng(seed)
     profile = torch.from_numpy(-ZIPF_S * np.log(np.arange(1, vocab + 1, dtype=np.float64)))
@@ -78,7 +79,7 @@ def probe_sample_bytes(
 ) -> float:
     """Bytes per sample (tar framing included, the archive's end excluded) of probe samples
     with ``tokens`` tokens and ``targets`` target positions each, ``samples`` to a shard."""
-    from distill.shards import write_shard
+    from distill.format.shards import write_shard
 
     targets = max(int(targets), 0)
     tokens = max(int(tokens), targets + 1)
