@@ -1,5 +1,5 @@
 """teacher-cloud end to end without a cloud: the real google-cloud-compute client against the
-Compute stub (distill/cloud/fake_compute.py), whose "VMs" run the real startup logic
+Compute stub (tests/fake_compute.py), whose "VMs" run the real startup logic
 (distill/cloud/vm_agent.py) and the real teacher entrypoint against fake-gcs-server.
 
 Every fault test ends with the two promises of issue #5: no VM is left, and the stored
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_compute import FakeCompute, InsertError
 from rich.console import Console
 from test_pipeline import dataset_keys, make_job, stored_keys
 
@@ -33,7 +34,6 @@ from distill.cloud.backend import (
     quota_refusal,
 )
 from distill.cloud.controller import CloudOptions, Controller, TeacherFailed
-from distill.cloud.fake_compute import FakeCompute, InsertError
 from distill.config import load_job
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST

@@ -7,7 +7,7 @@ preemption from other ends, and read its console. Errors a user can act on becom
 (the controller tries the next zone).
 
 - :class:`GceBackend`: google-cloud-compute's REST clients; ``endpoint`` points them at the
-  stub (:mod:`distill.cloud.fake_compute`) with anonymous credentials, as tests do.
+  stub (``tests/fake_compute.py``) with anonymous credentials, as tests do.
 - :class:`LocalBackend`: the "VM" is ``python -m distill.cloud.vm_agent --local DIR``, a
   process group on this machine running the same teacher entrypoint against the same bucket
   (GCS, or fake-gcs-server through ``STORAGE_EMULATOR_HOST``). Its state lives under
