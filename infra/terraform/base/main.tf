@@ -180,7 +180,7 @@ resource "google_project_iam_member" "teacher_logs" {
   member  = "serviceAccount:${google_service_account.teacher.email}"
 }
 
-# The VM deletes itself when its teacher ends (distill/cloud/startup.py), so it never outlives
+# The VM deletes itself when its teacher ends (distill/cloud/scripts/startup.sh), so it never outlives
 # the job even if the controller died (a stopped VM would keep its disk billed, and
 # maxRunDuration does not act on a stopped VM). Just that permission, and only on
 # instances and boot disks named distill-teacher-*.
