@@ -73,17 +73,9 @@ def train(
 
     j = _load(job, set_, output)
     if auto:
-        from distill.config import parse_bytes
-        from distill.student import planner
+        from distill.student.planner import apply_auto
 
-        budget = parse_bytes(gpu_mem) if gpu_mem else planner.device_budget()
-        p = planner.plan(j, budget)
-        planner.apply(j, p)
-        err.print(
-            f"--auto: micro-batch {j.train.batch_size}, grad_accum {j.train.grad_accum}, "
-            f"checkpointing {j.train.gradient_checkpointing} "
-            f"(estimated peak {p.estimate.total / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB)"
-        )
+        err.print(apply_auto(j, gpu_mem))
     summary = run_train(j)
     out.print_json(json.dumps(summary))
 
@@ -108,26 +100,9 @@ def plan(
     set_: SetOpt = None,
 ) -> None:
     """Estimate the student's peak memory and recommend settings that fit the budget."""
-    from rich.table import Table
+    from distill.student.planner import show_plan
 
-    from distill.config import parse_bytes
-    from distill.student.planner import describe
-    from distill.student.planner import plan as make_plan
-
-    j = _load(job, set_)
-    p = make_plan(j, parse_bytes(gpu_mem))
-    t = Table(title=f"memory plan for {job} ({j.train.optimizer}, {j.train.dtype})")
-    t.add_column("item")
-    t.add_column("value")
-    for k, v in describe(p):
-        t.add_row(k, v)
-    out.print(t)
-    out.print(
-        f"use: --set train.batch_size={p.estimate.micro_batch} "
-        f"--set train.grad_accum={p.grad_accum} "
-        f"--set train.gradient_checkpointing={str(p.estimate.checkpointing).lower()}"
-        "  (or: distill-ctl train --auto --gpu-mem ...)"
-    )
+    show_plan(_load(job, set_), gpu_mem, str(job), out)
 
 
 @app.command()
@@ -172,7 +147,7 @@ def cost_estimate(
     ] = None,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM."""
-    from distill.cloud.cost import CostOptions, estimate_cost, render_table
+    from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
 
     opts = CostOptions(
         mfu=mfu,
@@ -188,11 +163,7 @@ def cost_estimate(
     est = estimate_cost(_load(job, set_), opts)
     out.print(render_table(est))
     if json_path:
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(est.to_dict(), indent=2) + "\n")
-        except OSError as e:
-            raise DistillError(f"--json {json_path}: cannot write ({e.strerror})") from None
+        write_estimate(est, json_path)
         err.print(f"wrote {json_path}")
 
 
@@ -223,45 +194,21 @@ def vm_render(
     ] = None,
 ) -> None:
     """Render the teacher VM spec: gcloud command, Terraform variables or API request."""
-    import shlex
+    from distill.cloud.spec import render_vm
 
-    from distill.cloud.spec import VmSpec
-
-    if fmt not in ("gcloud", "tfvars", "api"):
-        raise DistillError(f"--format {fmt!r}: one of gcloud, tfvars, api")
-    inputs = []
-    for item in input_ or []:
-        src, eq, dest = item.partition("=")
-        if not eq:
-            raise DistillError(f"--input {item!r}: expected gs://SRC=DEST")
-        inputs.append((src, dest))
-    spec = VmSpec.for_job(
+    render_vm(
         job,
         project,
         image,
         service_account,
-        zones=tuple(z.strip() for z in zones.split(",") if z.strip()),
-        max_run_duration_s=int(max_run_hours * 3600),
-        inputs=tuple(inputs),
+        zones=zones,
+        zone=zone,
+        fmt=fmt,
+        out_dir=out_dir,
+        max_run_hours=max_run_hours,
+        inputs=input_ or [],
+        console=out,
     )
-    where = out_dir / spec.name
-    if fmt == "gcloud":
-        cmd = spec.gcloud(where, zone)
-        cmd.write_files()
-        out.print(shlex.join(cmd.argv), soft_wrap=True, highlight=False)
-    elif fmt == "tfvars":
-        path = spec.write_tfvars(where / "terraform.tfvars.json", zone)
-        out.print(
-            f"wrote {path}\nterraform -chdir=infra/terraform/teacher_vm apply "
-            f"-var-file={path.resolve()} -state={(where / 'terraform.tfstate').resolve()}",
-            soft_wrap=True,
-            highlight=False,
-        )
-    else:
-        from google.cloud import compute_v1
-
-        req = spec.insert_request(zone)
-        out.print_json(compute_v1.InsertInstanceRequest.to_json(req))
 
 
 BackendOpt = Annotated[
@@ -335,36 +282,18 @@ def gc(
     endpoint: EndpointOpt = None,
 ) -> None:
     """List teacher VMs left behind (label managed-by=distill) and delete them."""
-    from rich.table import Table
+    from distill.cloud.controller import CloudOptions, collect_garbage
 
-    from distill.cloud.controller import CloudOptions, make_backend, resolve_project
-    from distill.cloud.spec import job_labels
-    from distill.config import Job
-
-    j = _load(job, None) if job else Job()
-    opts = CloudOptions(backend=backend, endpoint=endpoint, project=project, state_dir=state_dir)
-    b = make_backend(opts, resolve_project(j, opts))
-    labels = job_labels(j.job.name) if job else {"managed-by": "distill"}
-    found = b.list(labels)
-    if not found:
-        out.print("no distill VMs left")
-        return
-    t = Table(title=f"distill VMs ({b.name})")
-    for col in ("name", "zone", "status", "job", "created"):
-        t.add_column(col)
-    for s in found:
-        t.add_row(s.name, s.zone, s.status, s.labels.get("distill-job", ""), s.created)
-    out.print(t)
-    if not yes and not (sys.stdin.isatty() and typer.confirm(f"Delete {len(found)} VM(s)?")):
-        err.print("nothing deleted (pass --yes to delete)")
-        return
-    for s in found:
-        err.print(f"deleting {s.name} in {s.zone}")
-        b.delete(s.name, s.zone)
-    left = [s for s in found if b.get(s.name, s.zone) is not None]
-    if left:
-        raise DistillError(f"still there after deletion: {', '.join(s.name for s in left)}")
-    out.print(f"deleted {len(found)} VM(s)")
+    opts = CloudOptions(
+        backend=backend, endpoint=endpoint, project=project, yes=yes, state_dir=state_dir
+    )
+    collect_garbage(
+        _load(job, None) if job else None,
+        opts,
+        out,
+        err,
+        lambda q: sys.stdin.isatty() and typer.confirm(q),
+    )
 
 
 @app.command("cost-report")

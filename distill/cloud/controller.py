@@ -23,7 +23,8 @@ The flow, SkyPilot-style (show the cost before spending, clean up after):
    ``<output>/cloud/run-*.json`` (create-only; ``distill-ctl cost-report`` shows them).
 
 An instance of this job that is already running (a controller that died) is adopted, not
-duplicated: the VM name is a function of ``job.name``.
+duplicated: the VM name is a function of ``job.name``. :func:`collect_garbage` is
+``distill-ctl gc``, for what is left when even that fails.
 """
 
 from __future__ import annotations
@@ -809,3 +810,38 @@ def teacher_cloud(
     confirm: Callable[[str], bool] | None = None,
 ) -> CloudRun | None:
     return Controller(job, opts, console, confirm).execute()
+
+
+def collect_garbage(
+    job: Job | None,
+    opts: CloudOptions,
+    out: Console,
+    err: Console,
+    confirm: Callable[[str], bool],
+) -> None:
+    """``distill-ctl gc``: list the teacher VMs left behind (label ``managed-by=distill``, or
+    ``job``'s own) on ``out`` and delete them, with ``opts.yes`` or ``confirm``'s consent."""
+    from rich.table import Table
+
+    backend = make_backend(opts, resolve_project(job if job is not None else Job(), opts))
+    labels = job_labels(job.job.name) if job is not None else {"managed-by": "distill"}
+    found = backend.list(labels)
+    if not found:
+        out.print("no distill VMs left")
+        return
+    t = Table(title=f"distill VMs ({backend.name})")
+    for col in ("name", "zone", "status", "job", "created"):
+        t.add_column(col)
+    for s in found:
+        t.add_row(s.name, s.zone, s.status, s.labels.get("distill-job", ""), s.created)
+    out.print(t)
+    if not opts.yes and not confirm(f"Delete {len(found)} VM(s)?"):
+        err.print("nothing deleted (pass --yes to delete)")
+        return
+    for s in found:
+        err.print(f"deleting {s.name} in {s.zone}")
+        backend.delete(s.name, s.zone)
+    left = [s for s in found if backend.get(s.name, s.zone) is not None]
+    if left:
+        raise DistillError(f"still there after deletion: {', '.join(s.name for s in left)}")
+    out.print(f"deleted {len(found)} VM(s)")

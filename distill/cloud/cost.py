@@ -787,3 +787,12 @@ def render_table(e: CostEstimate) -> Any:
     for name, value in e.assumptions():
         t.add_row(f"assumption: {name}", "", value)
     return t
+
+
+def write_estimate(e: CostEstimate, path: Path) -> None:
+    """``cost-estimate --json PATH``: the numbers as JSON (:meth:`CostEstimate.to_dict`)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(e.to_dict(), indent=2) + "\n")
+    except OSError as err:
+        raise DistillError(f"--json {path}: cannot write ({err.strerror})") from None

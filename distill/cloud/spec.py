@@ -13,6 +13,8 @@ Renderings, all from the same fields (tests/test_vm_spec.py checks that they agr
 - :meth:`VmSpec.gcloud`: the ``gcloud compute instances create`` argv (plus the metadata
   files it reads with ``--metadata-from-file``).
 
+:func:`render_vm` is ``distill-ctl vm-render``: a job file's spec, in one of the three.
+
 The zone list is for failover: each rendering takes one zone (default: the first).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import tomllib
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from distill.errors import DistillError
 
 if TYPE_CHECKING:
     from google.cloud import compute_v1
+    from rich.console import Console
 
 MACHINE_TYPE = "g2-standard-8"  # 8 vCPU, 32 GB, one NVIDIA L4 (24 GB)
 ACCELERATOR_TYPE = "nvidia-l4"
@@ -424,3 +428,65 @@ class VmSpec:
             argv.append("--metadata-from-file=" + ",".join(f"{k}={p}" for k, p in files.items()))
         md = self.metadata()
         return GcloudCommand(argv, {p: md[k] for k, p in files.items()})
+
+
+# --- distill-ctl vm-render --------------------------------------------------------------------
+
+RENDER_FORMATS = ("gcloud", "tfvars", "api")
+
+
+def parse_inputs(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--input`` values ``gs://SRC=DEST`` as ``(SRC, DEST)`` pairs."""
+    inputs = []
+    for item in items:
+        src, eq, dest = item.partition("=")
+        if not eq:
+            raise DistillError(f"--input {item!r}: expected gs://SRC=DEST")
+        inputs.append((src, dest))
+    return tuple(inputs)
+
+
+def render_vm(
+    job_file: Path,
+    project: str,
+    image: str,
+    service_account_email: str,
+    *,
+    zones: str,
+    zone: str | None,
+    fmt: str,
+    out_dir: Path,
+    max_run_hours: float,
+    inputs: list[str],
+    console: Console,
+) -> None:
+    """``vm-render``: the job's spec as a gcloud command, Terraform variables (their files
+    under ``out_dir/<name>``) or an API request, printed on ``console``."""
+    if fmt not in RENDER_FORMATS:
+        raise DistillError(f"--format {fmt!r}: one of {', '.join(RENDER_FORMATS)}")
+    spec = VmSpec.for_job(
+        job_file,
+        project,
+        image,
+        service_account_email,
+        zones=tuple(z.strip() for z in zones.split(",") if z.strip()),
+        max_run_duration_s=int(max_run_hours * 3600),
+        inputs=parse_inputs(inputs),
+    )
+    where = out_dir / spec.name
+    if fmt == "gcloud":
+        cmd = spec.gcloud(where, zone)
+        cmd.write_files()
+        console.print(shlex.join(cmd.argv), soft_wrap=True, highlight=False)
+    elif fmt == "tfvars":
+        path = spec.write_tfvars(where / "terraform.tfvars.json", zone)
+        console.print(
+            f"wrote {path}\nterraform -chdir=infra/terraform/teacher_vm apply "
+            f"-var-file={path.resolve()} -state={(where / 'terraform.tfstate').resolve()}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    else:
+        from google.cloud import compute_v1
+
+        console.print_json(compute_v1.InsertInstanceRequest.to_json(spec.insert_request(zone)))

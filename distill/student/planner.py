@@ -13,16 +13,20 @@ The estimate adds up, for the job's student:
 
 ``plan`` then searches micro-batch size, gradient accumulation and checkpointing for the
 largest micro-batch that fits the budget with a safety margin, keeping the job's effective
-batch (``batch_size x grad_accum``).
+batch (``batch_size x grad_accum``). :func:`show_plan` is ``distill-ctl plan``,
+:func:`apply_auto` is ``train --auto``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distill.config import Job
+from distill.config import Job, parse_bytes
 from distill.errors import DistillError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SAFETY = 0.9  # plan to use at most this share of the budget
 CHUNK_TEMPORARIES = 1  # fp32 [chunk, vocab] buffers alive at once (distill/kd_kernel.py)
@@ -208,3 +212,36 @@ def describe(p: Plan) -> list[tuple[str, str]]:
     ]
     rows += [("note", n) for n in p.notes]
     return rows
+
+
+def apply_auto(job: Job, gpu_mem: str | None = None) -> str:
+    """``train --auto``: plan for ``gpu_mem`` (default: :func:`device_budget`), write the plan
+    into the job, and say what was chosen (one line)."""
+    budget = parse_bytes(gpu_mem) if gpu_mem else device_budget()
+    p = plan(job, budget)
+    apply(job, p)
+    return (
+        f"--auto: micro-batch {job.train.batch_size}, grad_accum {job.train.grad_accum}, "
+        f"checkpointing {job.train.gradient_checkpointing} "
+        f"(estimated peak {p.estimate.total / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB)"
+    )
+
+
+def show_plan(job: Job, gpu_mem: str, source: str, console: Console) -> None:
+    """``distill-ctl plan``: the plan for ``gpu_mem`` as a table, then the flags that apply it
+    (``source``: the job file, for the title)."""
+    from rich.table import Table
+
+    p = plan(job, parse_bytes(gpu_mem))
+    t = Table(title=f"memory plan for {source} ({job.train.optimizer}, {job.train.dtype})")
+    t.add_column("item")
+    t.add_column("value")
+    for k, v in describe(p):
+        t.add_row(k, v)
+    console.print(t)
+    console.print(
+        f"use: --set train.batch_size={p.estimate.micro_batch} "
+        f"--set train.grad_accum={p.grad_accum} "
+        f"--set train.gradient_checkpointing={str(p.estimate.checkpointing).lower()}"
+        "  (or: distill-ctl train --auto --gpu-mem ...)"
+    )
