@@ -241,21 +241,11 @@ class DataCounts:
 def count_data(job: Job, tokenizer: Any) -> DataCounts:
     """Tokenise every split and replay the teacher's shard chunks and batches."""
     from distill.config import splits
-    from distill.data.dataset import TokenizeStats, tokenize_file
-    from distill.teacher.batching import token_budget_batches
+    from distill.teacher.batching import token_budget_batches, tokenize_split
 
     c = DataCounts()
     for split, path in splits(job).items():
-        st = TokenizeStats()
-        samples = tokenize_file(
-            path,
-            tokenizer,
-            job.data.max_length,
-            job.data.truncation,
-            job.data.max_samples,
-            st,
-            job.data.on_invalid,
-        )
+        samples, st = tokenize_split(job, path, tokenizer)
         per = job.teacher.samples_per_shard
         padded = ctx = 0
         for lo in range(0, len(samples), per):

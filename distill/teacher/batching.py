@@ -1,11 +1,33 @@
-"""Teacher batches: length-sorted samples grouped by a token budget, right-padded."""
+"""Teacher inputs: a split tokenized as the job says, then length-sorted samples grouped by a
+token budget, right-padded."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from distill.config import Job
+from distill.data.dataset import Sample, TokenizeStats, tokenize_file
+
+
+def tokenize_split(job: Job, path: Path, tokenizer: Any) -> tuple[list[Sample], TokenizeStats]:
+    """One split's samples with the job's length, truncation, sample cap and invalid-line rule
+    (the teacher pass and the cost estimate must count the same tokens)."""
+    stats = TokenizeStats()
+    samples = tokenize_file(
+        path,
+        tokenizer,
+        job.data.max_length,
+        job.data.truncation,
+        job.data.max_samples,
+        stats,
+        job.data.on_invalid,
+    )
+    return samples, stats
 
 
 def token_budget_batches(

@@ -38,7 +38,7 @@ from rich.progress import (
 
 from distill import models
 from distill.config import Job, splits
-from distill.data.dataset import Sample, TokenizeStats, tokenize_file
+from distill.data.dataset import Sample
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.format.shards import (
@@ -52,6 +52,7 @@ from distill.format.shards import (
 )
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, Store, open_store
+from distill.teacher.batching import tokenize_split
 from distill.teacher.extract import compute_targets
 from distill.teacher.stop import StopWatch
 
@@ -259,16 +260,7 @@ def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
     tok_fp = models.tokenizer_fingerprint(tokenizer)
     tokenized = {}
     for split, path in splits(job).items():  # validate all input before anything is written
-        st = TokenizeStats()
-        samples = tokenize_file(
-            path,
-            tokenizer,
-            job.data.max_length,
-            job.data.truncation,
-            job.data.max_samples,
-            st,
-            job.data.on_invalid,
-        )
+        samples, st = tokenize_split(job, path, tokenizer)
         tokenized[split] = (path, samples, st)
     prepared = {}
     for split, (path, samples, st) in tokenized.items():
