@@ -19,6 +19,7 @@ from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.format.shards import read_shard
 from distill.store.storage import BucketNotFound, open_store
+from distill.student import train as train_mod
 from distill.student.train import train
 from distill.teacher import run as teacher_mod
 from distill.teacher.run import run_teacher
@@ -250,14 +251,24 @@ def test_student_with_other_vocab_is_refused(tiny_teacher_dir, tmp_path, smol_to
         train(bad)
 
 
-def test_training_resumes_exactly_after_a_kill(tiny_teacher_dir, tmp_path):
+def test_training_resumes_exactly_after_a_kill(tiny_teacher_dir, tmp_path, monkeypatch):
     path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"))
     run_teacher(load_job(path))
     straight = load_job(path, [f'train.run_dir="{tmp_path / "a"}"'])
     train(straight)
     resumed = load_job(path, [f'train.run_dir="{tmp_path / "b"}"'])
-    with pytest.raises(KeyboardInterrupt):
-        train(resumed, stop_after_steps=9)  # killed mid-epoch 0 (12 steps/epoch), ckpt at 8
+    step, done = train_mod.train_step, []
+
+    def killed_after_9_steps(*args: object) -> object:
+        if len(done) == 9:
+            raise KeyboardInterrupt("killed after 9 steps (simulated)")
+        done.append(step)
+        return step(*args)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(train_mod, "train_step", killed_after_9_steps)
+        train(resumed)  # killed mid-epoch 0 (12 steps/epoch), ckpt at 8
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 8
     train(resumed)
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]

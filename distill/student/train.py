@@ -16,12 +16,20 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from distill import models
 from distill.config import Job
@@ -181,17 +189,144 @@ def _dummy_batch(device: str) -> Batch:
     )
 
 
-def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
-    """Train (or resume) the student; returns a summary. ``stop_after_steps`` simulates a kill.
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, built once by :func:`setup`."""
+
+    job: Job
+    rank: int
+    world: int
+    device: str
+    out: Path
+    loader: ShardLoader
+    tokenizer: Any
+    model: Any
+    body: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    total: int
+    fingerprint: str
+    autocast: torch.autocast
+    weight: torch.Tensor
+    eval_loader: ShardLoader | None
+    log: RunLog
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that logs, evaluates and saves."""
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class Position:
+    """Where the run is: the step done and its data position (saved in the checkpoint)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+@dataclasses.dataclass
+class Meter:
+    """Counters for the step records and the summary."""
+
+    t_start: float
+    tokens_seen: int = 0
+    last_loss: float | None = None
+    peak_mem: int = 0
+
+
+def train(job: Job) -> dict[str, Any]:
+    """Train (or resume) the student; returns a summary.
 
     Under ``torchrun`` (WORLD_SIZE > 1) it runs DDP: rank r trains on the r-th slice of every
     global batch, rank 0 logs, evaluates and saves.
     """
+    run, pos = setup(job)
+    meter = Meter(t_start=time.perf_counter())
+    data = global_batches(run.loader, job.train.grad_accum, pos.epoch, pos.batches_in_epoch)
+    try:
+        with _progress_bar(run.main) as bar:
+            task = bar.add_task(
+                "", total=run.total, completed=pos.step, loss="-", rate="-", mem="-"
+            )
+            for step in range(pos.step + 1, run.total + 1):
+                epoch, batches_in_epoch, micro = next(data)
+                loss, terms, tokens = train_step(run, micro)
+                pos = Position(step, epoch, batches_in_epoch)
+                meter.tokens_seen += tokens
+                meter.last_loss = loss
+                _log_step(run, pos, meter, terms, bar, task)
+                if run.eval_loader is not None and step % job.train.eval_every == 0:
+                    _log_eval(run, step)
+                if step % job.train.checkpoint_every == 0 or step == run.total:
+                    _save(run, pos)
+    except BaseException:
+        run.log.close()  # a crash or Ctrl-C still leaves the records so far on disk
+        raise
+    return finish(run, pos, meter)
+
+
+def setup(job: Job) -> tuple[Run, Position]:
+    """Processes, loaders, the student, optimizer and schedule; resumes from the checkpoint."""
     rank, world, device = distributed.setup(job.train.device)
-    main = rank == 0
     out = run_dir(job)
     out.mkdir(parents=True, exist_ok=True)
     loader = _make_train_loader(job, rank, world)
+    tokenizer, model = _load_student(job, out, loader, main=rank == 0, device=device)
+    body = _wrap_body(model, world, device)
+    opt = build_optimizer(
+        model.parameters(),
+        job.train.optimizer,
+        job.train.lr,
+        job.train.weight_decay,
+        offload=job.train.optimizer_offload,
+    )
+    steps_per_epoch = math.ceil(len(loader) / job.train.grad_accum)
+    total = job.train.max_steps or job.train.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, job, total))
+    fp = train_fingerprint(job, loader.manifest, world)
+    pos = _resume(out / CHECKPOINT, fp, model, opt, sched, total, main=rank == 0)
+    autocast = torch.autocast(
+        device_type=device.split(":")[0],
+        dtype=torch.bfloat16,
+        enabled=job.train.dtype == "bfloat16",
+    )
+    weight = model.get_output_embeddings().weight
+    eval_loader = (
+        make_loader(job, "eval", shuffle=False)
+        if (rank == 0 and job.train.eval_every and job.data.eval)
+        else None
+    )
+    log = RunLog(out, enabled=rank == 0)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run = Run(
+        job=job,
+        rank=rank,
+        world=world,
+        device=device,
+        out=out,
+        loader=loader,
+        tokenizer=tokenizer,
+        model=model,
+        body=body,
+        opt=opt,
+        sched=sched,
+        total=total,
+        fingerprint=fp,
+        autocast=autocast,
+        weight=weight,
+        eval_loader=eval_loader,
+        log=log,
+    )
+    return run, pos
+
+
+def _load_student(
+    job: Job, out: Path, loader: ShardLoader, main: bool, device: str
+) -> tuple[Any, Any]:
+    """The initial student (built by rank 0), checked against the targets, in train mode."""
     manifest = loader.manifest
     init_dir = out / "student-init"
     if main:
@@ -213,49 +348,113 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.train()
+    return tokenizer, model
+
+
+def _wrap_body(model: Any, world: int, device: str) -> torch.nn.Module:
+    """The student's body, under DDP when there are several processes."""
     body: torch.nn.Module = StudentBody(model)
     if world > 1:
         body = torch.nn.parallel.DistributedDataParallel(
             body, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None
         )
-    opt = build_optimizer(
-        model.parameters(),
-        job.train.optimizer,
-        job.train.lr,
-        job.train.weight_decay,
-        offload=job.train.optimizer_offload,
-    )
-    accum = job.train.grad_accum
-    steps_per_epoch = math.ceil(len(loader) / accum)
-    total = job.train.max_steps or job.train.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, job, total))
-    fp = train_fingerprint(job, manifest, world)
-    step = epoch = skip = 0
-    ckpt = out / CHECKPOINT
-    if ckpt.exists():
-        state = _load_checkpoint(ckpt, fp)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-        if main:
-            console.print(f"resuming from {ckpt}: step {step}/{total}, epoch {epoch}")
-    autocast = torch.autocast(
-        device_type=device.split(":")[0],
-        dtype=torch.bfloat16,
-        enabled=job.train.dtype == "bfloat16",
-    )
-    weight = model.get_output_embeddings().weight
-    loss_weights = job.loss
-    eval_loader = (
-        make_loader(job, "eval", shuffle=False)
-        if (main and job.train.eval_every and job.data.eval)
-        else None
-    )
-    log = RunLog(out, enabled=main)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    tokens_seen, t_start, last_loss, peak_mem = 0, time.perf_counter(), None, 0
+    return body
+
+
+def _resume(
+    ckpt: Path,
+    fingerprint: str,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    total: int,
+    main: bool,
+) -> Position:
+    """Load ``ckpt`` into model, optimizer and schedule if it exists; the position to go on from."""
+    if not ckpt.exists():
+        return Position()
+    state = _load_checkpoint(ckpt, fingerprint)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    pos = Position(state["step"], state["epoch"], state["batches_in_epoch"])
+    if main:
+        console.print(f"resuming from {ckpt}: step {pos.step}/{total}, epoch {pos.epoch}")
+    return pos
+
+
+def global_batches(
+    loader: ShardLoader, accum: int, epoch: int, skip: int
+) -> Iterator[tuple[int, int, list[Batch | None]]]:
+    """(epoch, batches done in it, micro-batches) per optimizer step, from ``(epoch, skip)`` on.
+
+    A step takes ``accum`` of this rank's batches; the last of an epoch may take fewer. Epochs
+    follow each other without end; the loop stops asking after its last step.
+    """
+    while True:
+        batches = loader.batches(epoch, skip)
+        while True:
+            micro = list(itertools.islice(batches, accum))
+            if micro:
+                skip += len(micro)
+                yield epoch, skip, micro
+            if len(micro) < accum:
+                break
+        epoch, skip = epoch + 1, 0
+
+
+def train_step(run: Run, micro: list[Batch | None]) -> tuple[float, dict[str, float], int]:
+    """One optimizer step over ``micro`` (gradient accumulation).
+
+    Returns the mean loss, the mean of each loss term and the tokens seen (all ranks).
+    """
+    terms_sum: dict[str, float] = {}
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or run.world == 1
+        loss, terms = _forward_backward(run, batch, sync, len(micro))
+        if batch is not None:
+            tokens += batch.tokens * run.world
+            loss_sum += float(loss.detach()) / len(micro)
+            for name, v in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + float(v) / len(micro)
+    if run.job.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.job.train.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    return loss_sum, terms_sum, tokens
+
+
+def _forward_backward(
+    run: Run, batch: Batch | None, sync: bool, n: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch and its gradient (scaled by ``1/n``); DDP syncs iff ``sync``.
+
+    A rank with no batch (``None``) joins the collective step with a zero gradient.
+    """
+    b = batch.to(run.device) if batch is not None else _dummy_batch(run.device)
+    ctx = run.body.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
+    with ctx:
+        with run.autocast:
+            hidden = run.body(b)
+        loss, terms = chunked_distill_loss(
+            hidden[b.target_mask],
+            run.weight,
+            b.t_ids,
+            b.t_logprobs,
+            b.labels,
+            run.job.loss,
+            run.job.train.loss_chunk,
+            tail=run.loader.manifest.tail,
+        )
+        if batch is None:
+            loss = hidden.sum() * 0.0 + run.weight.sum() * 0.0
+        (loss / n).backward()
+    return loss, terms
+
+
+def _progress_bar(main: bool) -> Progress:
     cols = (
         TextColumn("train"),
         BarColumn(),
@@ -263,133 +462,96 @@ def train(job: Job, stop_after_steps: int = 0) -> dict[str, Any]:
         TextColumn("loss {task.fields[loss]} | {task.fields[rate]} tok/s | {task.fields[mem]}"),
         TimeRemainingColumn(),
     )
+    return Progress(*cols, console=console, disable=not main)
 
-    def save() -> None:
-        if main:
-            _save_checkpoint(
-                ckpt,
-                {
-                    "kind": "distill.checkpoint",
-                    "fingerprint": fp,
-                    "step": step,
-                    "epoch": epoch,
-                    "batches_in_epoch": skip,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                },
-            )
-            log.flush()
 
-    with Progress(*cols, console=console, disable=not main) as bar:
-        task = bar.add_task("", total=total, completed=step, loss="-", rate="-", mem="-")
-        while step < total:
-            micro: list[Batch | None] = []
-            batches = loader.batches(epoch, skip)
-            exhausted = False
-            while not exhausted and step < total:
-                micro = list(itertools.islice(batches, accum))
-                exhausted = len(micro) < accum
-                if not micro:
-                    break
-                terms_sum: dict[str, float] = {}
-                loss_sum = 0.0
-                for i, batch in enumerate(micro):
-                    b = batch.to(device) if batch is not None else _dummy_batch(device)
-                    sync = i == len(micro) - 1 or world == 1
-                    ctx = body.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        with autocast:
-                            hidden = body(b)
-                        loss, terms = chunked_distill_loss(
-                            hidden[b.target_mask],
-                            weight,
-                            b.t_ids,
-                            b.t_logprobs,
-                            b.labels,
-                            loss_weights,
-                            job.train.loss_chunk,
-                            tail=manifest.tail,
-                        )
-                        if batch is None:  # join the collective step with a zero gradient
-                            loss = hidden.sum() * 0.0 + weight.sum() * 0.0
-                        (loss / len(micro)).backward()
-                    if batch is not None:
-                        tokens_seen += batch.tokens * world
-                        loss_sum += float(loss.detach()) / len(micro)
-                        for name, v in terms.items():
-                            terms_sum[name] = terms_sum.get(name, 0.0) + float(v) / len(micro)
-                if job.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                step += 1
-                skip += len(micro)
-                last_loss = loss_sum
-                elapsed = time.perf_counter() - t_start
-                rate = tokens_seen / max(elapsed, 1e-9)
-                mem = memory_bytes(device)
-                peak_mem = max(peak_mem, mem)
-                log.write(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": last_loss,
-                        **terms_sum,
-                        "lr": sched.get_last_lr()[0],
-                        "tokens_per_s": rate,
-                        "memory_bytes": mem,
-                        "data_wait_share": loader.wait_seconds / max(elapsed, 1e-9),
-                    }
-                )
-                bar.update(
-                    task,
-                    completed=step,
-                    loss=f"{last_loss:.3f}",
-                    rate=f"{rate:,.0f}",
-                    mem=f"{mem / 2**30:.2f} GiB",
-                )
-                if eval_loader is not None and step % job.train.eval_every == 0:
-                    r = evaluate(model, eval_loader, job.train.loss_chunk)
-                    log.write({"step": step, "split": "eval", **r})
-                    model.train()
-                if step % job.train.checkpoint_every == 0 or step == total:
-                    save()
-                if stop_after_steps and step >= stop_after_steps and step < total:
-                    log.close()
-                    raise KeyboardInterrupt(f"stopped after {step} steps (simulated kill)")
-            if step < total:
-                epoch, skip = epoch + 1, 0
-    elapsed = time.perf_counter() - t_start
+def _log_step(
+    run: Run, pos: Position, meter: Meter, terms: dict[str, float], bar: Progress, task: TaskID
+) -> None:
+    """The step's record in metrics.jsonl / TensorBoard, and the progress bar."""
+    elapsed = time.perf_counter() - meter.t_start
+    rate = meter.tokens_seen / max(elapsed, 1e-9)
+    mem = memory_bytes(run.device)
+    meter.peak_mem = max(meter.peak_mem, mem)
+    run.log.write(
+        {
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "loss": meter.last_loss,
+            **terms,
+            "lr": run.sched.get_last_lr()[0],
+            "tokens_per_s": rate,
+            "memory_bytes": mem,
+            "data_wait_share": run.loader.wait_seconds / max(elapsed, 1e-9),
+        }
+    )
+    bar.update(
+        task,
+        completed=pos.step,
+        loss=f"{meter.last_loss:.3f}",
+        rate=f"{rate:,.0f}",
+        mem=f"{mem / 2**30:.2f} GiB",
+    )
+
+
+def _log_eval(run: Run, step: int) -> None:
+    """Held-out metrics at ``step`` (rank 0, which alone has an eval loader)."""
+    assert run.eval_loader is not None
+    r = evaluate(run.model, run.eval_loader, run.job.train.loss_chunk)
+    run.log.write({"step": step, "split": "eval", **r})
+    run.model.train()
+
+
+def _save(run: Run, pos: Position) -> None:
+    """The checkpoint (rank 0): model, optimizer, schedule and data position."""
+    if run.main:
+        _save_checkpoint(
+            run.out / CHECKPOINT,
+            {
+                "kind": "distill.checkpoint",
+                "fingerprint": run.fingerprint,
+                "step": pos.step,
+                "epoch": pos.epoch,
+                "batches_in_epoch": pos.batches_in_epoch,
+                "model": run.model.state_dict(),
+                "optimizer": run.opt.state_dict(),
+                "scheduler": run.sched.state_dict(),
+            },
+        )
+        run.log.flush()
+
+
+def finish(run: Run, pos: Position, meter: Meter) -> dict[str, Any]:
+    """The summary; rank 0 also evaluates a last time, saves the student and the loss curves."""
+    elapsed = time.perf_counter() - meter.t_start
     summary = {
-        "steps": step,
-        "epochs_done": epoch,
-        "final_loss": last_loss,
-        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+        "steps": pos.step,
+        "epochs_done": pos.epoch,
+        "final_loss": meter.last_loss,
+        "tokens_per_s": meter.tokens_seen / max(elapsed, 1e-9),
         "seconds": elapsed,
-        "data_wait_share": loader.wait_seconds / max(elapsed, 1e-9),
-        "peak_memory_bytes": peak_mem,
-        "world_size": world,
-        "student_dir": str(out / "student"),
+        "data_wait_share": run.loader.wait_seconds / max(elapsed, 1e-9),
+        "peak_memory_bytes": meter.peak_mem,
+        "world_size": run.world,
+        "student_dir": str(run.out / "student"),
     }
-    if main:
-        if eval_loader is not None and step % job.train.eval_every:
-            log.write(
+    if run.main:
+        if run.eval_loader is not None and pos.step % run.job.train.eval_every:
+            run.log.write(
                 {
-                    "step": step,
+                    "step": pos.step,
                     "split": "eval",
-                    **evaluate(model, eval_loader, job.train.loss_chunk),
+                    **evaluate(run.model, run.eval_loader, run.job.train.loss_chunk),
                 }
             )
-        log.close()
-        final = out / "student"
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        png = plot_losses(out / "metrics.jsonl", out / "loss_curves.png")
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        run.log.close()
+        final = run.out / "student"
+        run.model.save_pretrained(final)
+        run.tokenizer.save_pretrained(final)
+        png = plot_losses(run.out / "metrics.jsonl", run.out / "loss_curves.png")
+        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         console.print(
-            f"[green]student saved to {final} ({step} steps, {elapsed:.0f}s)"
+            f"[green]student saved to {final} ({pos.step} steps, {elapsed:.0f}s)"
             + (f"; loss curves: {png}" if png else "")
         )
     distributed.barrier()
