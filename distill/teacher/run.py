@@ -21,6 +21,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -113,15 +115,52 @@ def run_split(
     is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
     ``skipped``: the dataset lines left out as invalid, recorded in the manifest.
     """
-    if store.exists(MANIFEST):
-        m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
-        if m.job_fingerprint != fingerprint:
-            raise DistillError(
-                f"{store.url} already holds a complete shard set from a different job or "
-                "dataset; choose another job.output (writes are create-only)"
-            )
-        console.print(f"[green]{split}: complete shard set at {store.url}, nothing to do")
-        return m
+    complete = _complete_set(store, split, fingerprint)
+    if complete is not None:
+        return complete
+    _claim_output(store, fingerprint)
+    existing = set(store.list())
+    per = job.teacher.samples_per_shard
+    chunks = [samples[i : i + per] for i in range(0, len(samples), per)]
+    weight = model.get_output_embeddings().weight
+    spec, codec = job.targets.spec(), job.targets.codec_spec()
+    fmt = ShardFormat(codec, spec, int(weight.shape[0]))
+    t0 = time.perf_counter()
+    out = _SplitOutput(store, fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
+    stats = _shards_done(out, len(chunks), existing)
+    done = sum(1 for s in stats if s is not None)
+    if done:
+        console.print(f"{split}: resuming, {done}/{len(chunks)} shards already in {store.url}")
+    _compute_shards(job, split, model, chunks, stats, out, t0, stop)
+    elapsed = time.perf_counter() - t0
+    manifest = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, stats, elapsed, skipped)
+    # A concurrent run may have finished first; its manifest describes the same shards.
+    with contextlib.suppress(ObjectExists):
+        store.put_bytes(MANIFEST, manifest.to_json())
+    out.cleanup()
+    console.print(
+        f"[green]{split}: {manifest.samples} samples, {manifest.target_tokens} target tokens, "
+        f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
+    )
+    return manifest
+
+
+def _complete_set(store: Store, split: str, fingerprint: str) -> Manifest | None:
+    """The split's manifest if its shard set is already complete (and from this job)."""
+    if not store.exists(MANIFEST):
+        return None
+    m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
+    if m.job_fingerprint != fingerprint:
+        raise DistillError(
+            f"{store.url} already holds a complete shard set from a different job or "
+            "dataset; choose another job.output (writes are create-only)"
+        )
+    console.print(f"[green]{split}: complete shard set at {store.url}, nothing to do")
+    return m
+
+
+def _claim_output(store: Store, fingerprint: str) -> None:
+    """Write ``run.json`` (create-only), or check that a partial set there is this job's."""
     run_info = json.dumps({"job_fingerprint": fingerprint}).encode()
     try:
         store.put_bytes("run.json", run_info)
@@ -131,43 +170,114 @@ def run_split(
                 f"{store.url} holds a partial shard set from a different job or dataset; "
                 "choose another job.output"
             ) from None
-    existing = set(store.list())
-    per = job.teacher.samples_per_shard
-    chunks = [samples[i : i + per] for i in range(0, len(samples), per)]
-    stats: list[ShardStats | None] = [None] * len(chunks)
-    weight = model.get_output_embeddings().weight
-    spec, codec = job.targets.spec(), job.targets.codec_spec()
-    fmt = ShardFormat(codec, spec, int(weight.shape[0]))
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="distill-teacher-"))
-    pending: list[tuple[int, Future[ShardStats]]] = []
 
-    def upload(idx: int, targets: list[TargetSample]) -> ShardStats:
+
+@dataclasses.dataclass(frozen=True)
+class _SplitOutput:
+    """Where one split's shards go: the store, their format and a local scratch directory."""
+
+    store: Store
+    fmt: ShardFormat
+    tmp: Path
+
+    def put_sidecar(self, name: str, st: ShardStats) -> None:
+        """``shard-NNNNNN.json`` beside shard ``name``: its stats."""
+        self.store.put_bytes(_sidecar(name), json.dumps(dataclasses.asdict(st)).encode())
+
+    def recover(self, name: str) -> ShardStats:
+        """The stats of a shard already in the store, from its re-verified bytes."""
+        return _stats_from_remote(self.store, name, self.tmp, self.fmt)
+
+    def upload(self, idx: int, targets: list[TargetSample]) -> ShardStats:
+        """Encode shard ``idx``, upload it (create-only), then its sidecar."""
         name = shard_name(idx)
-        local = tmp / name
-        st = write_shard(local, targets, fmt)
+        local = self.tmp / name
+        st = write_shard(local, targets, self.fmt)
         try:
-            store.put_file(name, local)
+            self.store.put_file(name, local)
         except ObjectExists:  # a concurrent or earlier run finished it: trust its bytes
-            st = _stats_from_remote(store, name, tmp, fmt)
-        store.put_bytes(name.replace(".tar", ".json"), json.dumps(dataclasses.asdict(st)).encode())
+            st = self.recover(name)
+        self.put_sidecar(name, st)
         local.unlink(missing_ok=True)
         return st
 
-    todo_tokens = 0
-    for idx, chunk in enumerate(chunks):
-        name, side = shard_name(idx), shard_name(idx).replace(".tar", ".json")
-        if name in existing and side in existing:
-            stats[idx] = ShardStats(**json.loads(store.read_bytes(side)))
+    def cleanup(self) -> None:
+        """Remove the scratch directory (after the manifest)."""
+        for f in self.tmp.iterdir():
+            f.unlink()
+        self.tmp.rmdir()
+
+
+def _sidecar(name: str) -> str:
+    return name.replace(".tar", ".json")
+
+
+def _shards_done(out: _SplitOutput, n: int, existing: set[str]) -> list[ShardStats | None]:
+    """Per shard index, the stats of a shard already stored (None: still to compute).
+
+    A shard whose sidecar is missing (a crash between the two writes) is re-verified from
+    its bytes and gets its sidecar now.
+    """
+    stats: list[ShardStats | None] = []
+    for idx in range(n):
+        name = shard_name(idx)
+        if name in existing and _sidecar(name) in existing:
+            stats.append(ShardStats(**json.loads(out.store.read_bytes(_sidecar(name)))))
         elif name in existing:
-            st = _stats_from_remote(store, name, tmp, fmt)
-            store.put_bytes(side, json.dumps(dataclasses.asdict(st)).encode())
-            stats[idx] = st
+            st = out.recover(name)
+            out.put_sidecar(name, st)
+            stats.append(st)
         else:
-            todo_tokens += sum(len(s.input_ids) for s in chunk)
-    done = sum(1 for s in stats if s is not None)
-    if done:
-        console.print(f"{split}: resuming, {done}/{len(chunks)} shards already in {store.url}")
+            stats.append(None)
+    return stats
+
+
+def _compute_shards(
+    job: Job,
+    split: str,
+    model: Any,
+    chunks: list[list[Sample]],
+    stats: list[ShardStats | None],
+    out: _SplitOutput,
+    t0: float,
+    stop: StopWatch | None,
+) -> None:
+    """Compute the shards ``stats`` lacks and fill it in; a shard uploads during the next."""
+    todo_tokens = sum(
+        len(s.input_ids)
+        for chunk, st in zip(chunks, stats, strict=True)
+        if st is None
+        for s in chunk
+    )
+    pending: list[tuple[int, Future[ShardStats]]] = []
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        _progress_bar(split) as bar,
+    ):
+        task = bar.add_task("", total=todo_tokens, rate="-")
+        on_batch = _on_batch(bar, task, split, t0, stop)
+        for idx, chunk in enumerate(chunks):
+            if stats[idx] is not None:
+                continue
+            targets = compute_targets(
+                model,
+                chunk,
+                out.fmt.spec,
+                job.teacher.batch_tokens,
+                job.teacher.head_chunk,
+                on_batch,
+                job.job.seed,
+            )
+            pending.append((idx, pool.submit(out.upload, idx, targets)))
+            # Bound memory: at most one shard waits for its upload while the next is computed.
+            while len(pending) > 1:
+                i, fut = pending.pop(0)
+                stats[i] = fut.result()
+        for i, fut in pending:
+            stats[i] = fut.result()
+
+
+def _progress_bar(split: str) -> Progress:
     columns = (
         TextColumn(f"teacher {split}"),
         BarColumn(),
@@ -176,53 +286,51 @@ def run_split(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with (
-        ThreadPoolExecutor(max_workers=1) as pool,
-        Progress(*columns, console=console, transient=False) as bar,
-    ):
-        task = bar.add_task("", total=todo_tokens, rate="-")
-        seen = 0
+    return Progress(*columns, console=console, transient=False)
 
-        def on_batch(ntok: int) -> None:
-            nonlocal seen
-            seen += ntok
-            rate = seen / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=ntok, rate=f"{rate:,.0f}")
-            if stop is not None:
-                stop.check(f"teacher {split}")  # the pool's exit lets pending uploads finish
 
-        for idx, chunk in enumerate(chunks):
-            if stats[idx] is not None:
-                continue
-            targets = compute_targets(
-                model,
-                chunk,
-                spec,
-                job.teacher.batch_tokens,
-                job.teacher.head_chunk,
-                on_batch,
-                job.job.seed,
-            )
-            pending.append((idx, pool.submit(upload, idx, targets)))
-            # Bound memory: at most one shard waits for its upload while the next is computed.
-            while len(pending) > 1:
-                i, fut = pending.pop(0)
-                stats[i] = fut.result()
-        for i, fut in pending:
-            stats[i] = fut.result()
-    elapsed = time.perf_counter() - t0
-    manifest = Manifest(
+def _on_batch(
+    bar: Progress, task: TaskID, split: str, t0: float, stop: StopWatch | None
+) -> Callable[[int], None]:
+    """After each forward batch: advance the bar (tokens/s since ``t0``), check ``stop``."""
+    seen = 0
+
+    def on_batch(ntok: int) -> None:
+        nonlocal seen
+        seen += ntok
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
+        bar.update(task, advance=ntok, rate=f"{rate:,.0f}")
+        if stop is not None:
+            stop.check(f"teacher {split}")  # the pool's exit lets pending uploads finish
+
+    return on_batch
+
+
+def _manifest(
+    job: Job,
+    split: str,
+    fmt: ShardFormat,
+    fingerprint: str,
+    tok_fp: str,
+    teacher_dir: Path,
+    stats: list[ShardStats | None],
+    elapsed: float,
+    skipped: dict[str, Any] | None,
+) -> Manifest:
+    """The split's manifest over its finished shards."""
+    spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
+    return Manifest(
         split=split,
         teacher=job.teacher.model,
         teacher_config_sha256=sha256_file(teacher_dir / "config.json"),
         tokenizer_fingerprint=tok_fp,
-        vocab_size=int(weight.shape[0]),
+        vocab_size=vocab,
         target_kind=spec.kind,
         k=spec.width,  # columns of the decoded [N, k] arrays; kind parameters in `targets`
         dtypes={
-            "input_ids": id_dtype(weight.shape[0]).name,
+            "input_ids": id_dtype(vocab).name,
             "loss_mask": "uint8",
-            "topk_ids": id_dtype(weight.shape[0]).name,
+            "topk_ids": id_dtype(vocab).name,
             "topk_logprobs": "float16" if codec.name == "npz" else "float32",
             **({"topk_counts": "uint16"} if spec.sampled else {}),
         },
@@ -235,17 +343,6 @@ def run_split(
         targets=spec.info(),
         skipped_lines=skipped or {},
     )
-    # A concurrent run may have finished first; its manifest describes the same shards.
-    with contextlib.suppress(ObjectExists):
-        store.put_bytes(MANIFEST, manifest.to_json())
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
-    console.print(
-        f"[green]{split}: {manifest.samples} samples, {manifest.target_tokens} target tokens, "
-        f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
-    )
-    return manifest
 
 
 def run_teacher(job: Job) -> dict[str, Manifest]:
