@@ -51,6 +51,8 @@ be backpropagated through only once (``retain_graph`` double backward raises).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -93,40 +95,79 @@ def _groups(coefs: Coefs, tau: float) -> list[tuple[float, Coefs]]:
     return [(tau, kd), (1.0, ce)]
 
 
+class _Rows(NamedTuple):
+    """One chunk's stored targets, prepared once for every group."""
+
+    ids: Tensor  # [c, k] stored ids; padding repeats the row's first id
+    first: Tensor  # [c, k] bool: the first occurrence of each distinct id of a row
+    present: Tensor  # [c, k] bool: a stored value (not -inf padding)
+    lab: Tensor  # [c] the labels
+    t_lp: Tensor  # [c, k] stored log-probs (the compute dtype)
+    padded: bool  # any padding in the chunk
+
+
+class _Norm(NamedTuple):
+    """What the gradient needs of one group's normalisation (None: not computed)."""
+
+    xs: Tensor | None  # [c, k] logits at S
+    shift: Tensor | None  # [c] t: the max over the tail (bucket terms) or the row
+    z_rel: Tensor | None  # [c] Z_T (bucket terms) or Z, relative to exp(t)
+    log_z: Tensor | None  # [c] log Z
+
+
+def _chunk_rows(ids: Tensor, t_logprobs: Tensor, lab: Tensor, cdt: torch.dtype) -> _Rows:
+    t_lp = t_logprobs.to(cdt)
+    present = t_lp > float("-inf")
+    padded = not bool(present.all())
+    if padded:  # padding repeats the row's first id
+        ids = torch.where(present, ids, ids[:, :1])
+    return _Rows(ids, first_occurrence(ids), present, lab, t_lp, padded)
+
+
+def _kinds(names: list[str]) -> tuple[bool, bool, bool]:
+    """(bucket terms, CE, BiLD) among ``names``."""
+    return bool(BUCKET_TERMS.intersection(names)), "ce" in names, "bild" in names
+
+
 def _group_to_grad(
     x: Tensor,
-    ids: Tensor,
-    first: Tensor,
-    present: Tensor,
-    lab: Tensor,
-    t_lp: Tensor,
+    rows: _Rows,
     scale: float,
     coefs: Coefs,
     opts: tuple[float, float, int, bool],
     n: int,
     want_grad: bool,
-    padded: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One group on one chunk. ``x`` [c, V] holds the group's logits ``z / s``; in place it
     becomes ``d loss / d z`` (when ``want_grad``). Returns the chunk's loss and row terms.
+    """
+    names = [name for name, _ in coefs]
+    leaf, norm = _normalise(x, rows, names)
+    loss, terms = _leaf_terms(leaf, rows, names, coefs, opts, n)
+    if want_grad:
+        g = dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())), strict=True))
+        _grad_into(x, g, rows, norm, 1.0 / scale, names)
+    return loss.detach(), terms
+
+
+def _normalise(x: Tensor, rows: _Rows, names: list[str]) -> tuple[dict[str, Tensor], _Norm]:
+    """The small tensors the terms read (``a_s``, ``a_t``, ``a_l``, ``x_s``); ``x`` -> ``E``.
 
     With bucket terms the buffer is shifted by the max ``t`` over the *tail* (S set to -inf
     first), so ``E = exp(x - t)`` is 0 on S and ``Z_T = sum E >= 1``: ``log q_tail`` never
     underflows to -inf, however peaked the row. ``log Z = logaddexp(t + log Z_T,
     logsumexp(distinct x_S))`` and ``q_j = E_j exp(t - log Z)``. Otherwise ``t`` is the row max.
     """
-    temperature, jsd_beta, bild_top, tail = opts
-    names = [name for name, _ in coefs]
-    buckets = bool(BUCKET_TERMS.intersection(names))
-    ce, bild = "ce" in names, "bild" in names
+    buckets, ce, bild = _kinds(names)
     ninf = float("-inf")
-    xs = x.gather(1, ids) if (buckets or bild) else None
-    xl = x.gather(1, lab[:, None]).squeeze(1) if ce else None
+    xs = x.gather(1, rows.ids) if (buckets or bild) else None
+    xl = x.gather(1, rows.lab[:, None]).squeeze(1) if ce else None
     leaf: dict[str, Tensor] = {}
+    shift = z_rel = log_z = None
     if buckets or ce:
         if buckets:
             assert xs is not None
-            x.scatter_(1, ids, ninf)
+            x.scatter_(1, rows.ids, ninf)
         shift = x.amax(1)
         if buckets:  # S = the whole vocab: an empty tail (t = 0, Z_T = 0)
             shift = torch.where(torch.isfinite(shift), shift, 0.0)
@@ -136,8 +177,8 @@ def _group_to_grad(
         if buckets:
             assert xs is not None
             log_zt = log_z
-            log_z = torch.logaddexp(log_zt, torch.where(first, xs, ninf).logsumexp(1))
-            leaf["a_s"] = torch.where(present, xs - log_z[:, None], ninf)
+            log_z = torch.logaddexp(log_zt, torch.where(rows.first, xs, ninf).logsumexp(1))
+            leaf["a_s"] = torch.where(rows.present, xs - log_z[:, None], ninf)
             leaf["a_t"] = log_zt - log_z
         if ce:
             assert xl is not None
@@ -145,6 +186,19 @@ def _group_to_grad(
     if bild:
         assert xs is not None
         leaf["x_s"] = xs.clone()
+    return leaf, _Norm(xs, shift, z_rel, log_z)
+
+
+def _leaf_terms(
+    leaf: dict[str, Tensor],
+    rows: _Rows,
+    names: list[str],
+    coefs: Coefs,
+    opts: tuple[float, float, int, bool],
+    n: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The chunk's loss (differentiable w.r.t. ``leaf``) and its detached row terms."""
+    temperature, jsd_beta, bild_top, tail = opts
     for t in leaf.values():
         t.requires_grad_()
     with torch.enable_grad():
@@ -153,44 +207,87 @@ def _group_to_grad(
             leaf.get("a_t"),
             leaf.get("a_l"),
             leaf.get("x_s"),
-            t_lp,
+            rows.t_lp,
             names,
             temperature,
             jsd_beta,
             bild_top,
             tail,
-            padded,
+            rows.padded,
         )
         loss = sum(c * terms[name].sum() for name, c in coefs) / n
     assert isinstance(loss, Tensor)
-    terms = {k: v.detach() for k, v in terms.items()}
-    if not want_grad:
-        return loss.detach(), terms
-    g = dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())), strict=True))
-    inv = 1.0 / scale
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def _grad_into(
+    x: Tensor, g: dict[str, Tensor], rows: _Rows, norm: _Norm, inv: float, names: list[str]
+) -> None:
+    """``x`` (``E`` after :func:`_normalise`) becomes ``d loss / d z`` from the small
+    gradients ``g`` (module docstring); ``inv = 1 / s``."""
+    buckets, ce, bild = _kinds(names)
+    xs, shift, z_rel, log_z = norm
     on_s = g["x_s"] if bild else None  # BiLD: d x_S,i / d x_j = [j = S_i]
     if buckets or ce:
+        assert shift is not None and z_rel is not None and log_z is not None
         rel = (shift - log_z).exp()  # q_j = E_j * rel
         g_big = torch.zeros_like(rel)  # G = sum g_S + g_T + g_L
         row = torch.zeros_like(rel)  # the factor of E_j off S
         if buckets:
-            g_s = torch.where(present, g["a_s"], 0.0)  # absent entries: no gradient
+            g_s = torch.where(rows.present, g["a_s"], 0.0)  # absent entries: no gradient
             g_big = g_big + g_s.sum(1) + g["a_t"]
             row = torch.where(z_rel > 0, g["a_t"] / z_rel, 0.0)  # g_T q_j / q_T; empty tail: 0
         if ce:
             g_big = g_big + g["a_l"]
         x.mul_(((row - g_big * rel) * inv)[:, None])
         if buckets:  # S entries of x are 0 here: their gradient is scattered in full
+            assert xs is not None
             q_s = (xs - log_z[:, None]).exp()
-            s_part = g_s - torch.where(first, q_s * g_big[:, None], 0.0)
+            s_part = g_s - torch.where(rows.first, q_s * g_big[:, None], 0.0)
             on_s = s_part if on_s is None else s_part + on_s
         if ce:
-            x.scatter_add_(1, lab[:, None], (g["a_l"] * inv)[:, None])
+            x.scatter_add_(1, rows.lab[:, None], (g["a_l"] * inv)[:, None])
     else:  # BiLD alone: only the logits at S get a gradient
         x.zero_()
     if on_s is not None:
-        x.scatter_add_(1, ids, on_s * inv)
-    return loss.detach(), terms
+        x.scatter_add_(1, rows.ids, on_s * inv)
+
+
+def _logits(h: Tensor, w: Tensor, xs: list[Tensor], groups: list[tuple[float, Coefs]]) -> None:
+    """Fill each group's buffer with its logits ``h @ w.T / s`` (one matmul)."""
+    torch.mm(h, w.T, out=xs[0])
+    for x, (scale, _) in zip(xs[1:], groups[1:], strict=True):
+        x.copy_(xs[0])  # two groups: the second is CE, at scale 1
+        if scale != 1.0:
+            x.div_(scale)
+    if groups[0][0] != 1.0:
+        xs[0].div_(groups[0][0])
+
+
+def _backprop_chunk(
+    xs: list[Tensor],
+    h: Tensor,
+    w: Tensor,
+    grad_h: Tensor | None,
+    grad_w: Tensor | None,
+    lo: int,
+    hi: int,
+) -> None:
+    """Rows ``lo:hi`` of ``grad_h`` and their share of ``grad_w`` from the groups' summed
+    ``d loss / d z`` (the first chunk writes ``grad_w``, the others add to it)."""
+    g = xs[0]
+    for x in xs[1:]:
+        g.add_(x)
+    if grad_h is not None:
+        if grad_h.dtype == g.dtype:
+            torch.mm(g, w, out=grad_h[lo:hi])
+        else:
+            grad_h[lo:hi] = torch.mm(g, w)
+    if grad_w is not None:
+        if lo == 0:  # the first chunk writes the accumulator: no zero fill
+            torch.mm(g.T, h, out=grad_w)
+        else:
+            grad_w.addmm_(g.T, h)
 
 
 class FusedLMHeadLoss(torch.autograd.Function):
@@ -226,54 +323,18 @@ class FusedLMHeadLoss(torch.autograd.Function):
             for lo in range(0, n, rows):
                 hi = min(lo + rows, n)
                 h = hidden[lo:hi].detach().to(cdt)
-                ids, lab = t_ids[lo:hi], labels[lo:hi]
-                t_lp = t_logprobs[lo:hi].to(cdt)
-                present = t_lp > float("-inf")
-                padded = not bool(present.all())
-                if padded:  # padding repeats the row's first id
-                    ids = torch.where(present, ids, ids[:, :1])
-                first = first_occurrence(ids)
+                targets = _chunk_rows(t_ids[lo:hi], t_logprobs[lo:hi], labels[lo:hi], cdt)
                 xs = [b[: hi - lo] for b in bufs]
-                torch.mm(h, w.T, out=xs[0])
-                for x, (scale, _) in zip(xs[1:], groups[1:], strict=True):
-                    x.copy_(xs[0])  # two groups: the second is CE, at scale 1
-                    if scale != 1.0:
-                        x.div_(scale)
-                if groups[0][0] != 1.0:
-                    xs[0].div_(groups[0][0])
+                _logits(h, w, xs, groups)
                 for x, (scale, group) in zip(xs, groups, strict=True):
                     loss, terms = _group_to_grad(
-                        x,
-                        ids,
-                        first,
-                        present,
-                        lab,
-                        t_lp,
-                        scale,
-                        group,
-                        opts,
-                        n,
-                        need_h or need_w,
-                        padded,
+                        x, targets, scale, group, opts, n, need_h or need_w
                     )
                     total += loss.to(acc)
                     for name, v in terms.items():
                         sums[name] += v.sum().to(acc)
-                if not (need_h or need_w):
-                    continue
-                g = xs[0]
-                for x in xs[1:]:
-                    g.add_(x)
-                if grad_h is not None:
-                    if grad_h.dtype == cdt:
-                        torch.mm(g, w, out=grad_h[lo:hi])
-                    else:
-                        grad_h[lo:hi] = torch.mm(g, w)
-                if grad_w is not None:
-                    if lo == 0:  # the first chunk writes the accumulator: no zero fill
-                        torch.mm(g.T, h, out=grad_w)
-                    else:
-                        grad_w.addmm_(g.T, h)
+                if need_h or need_w:
+                    _backprop_chunk(xs, h, w, grad_h, grad_w, lo, hi)
             del bufs
             if grad_w is not None and n == 0:
                 grad_w.zero_()
