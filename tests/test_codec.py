@@ -518,3 +518,73 @@ def test_webdataset_stage_yields_what_the_loader_yields(tmp_path, spec):
 
 def read_shard_all(urls: list[str]) -> list[TargetSample]:
     return [s for u in urls for s in read_shard(Path(u), 500)]
+
+
+# --- packed v2 bytes: fixed sample sets encode to the bytes they did at 70f08f6 ------------
+
+V2_SHA256 = {  # the synthetic legacy sets' arrays, written as packed v2 (block_tokens 80)
+    "v1-topk8-log8-zstd": "0bbcdd71aeecd265923222d8c3eba25750116e27daecf0307995241880d5437d",
+    "v1-topk8-pow8": "40c58838a03a4c0d39251cb27239d40f424532b39989eb09f63e5000353c7b7e",
+    "v1-topp12-pow8-zstd": "6f31c4cfc67267e9dff2967578d0b8292e8fdc3143503fcb94ee8b9306604e9b",
+    "v1-topp12-f16": "d17d6de8c2f8ee0f3e413ea52d7e0ca50f008649785c5e3c9beed743825138b8",
+    "v1-sample30-log8-zstd": "d31070b40b5cea190df2632db342e7ef29165bfb289558ebaeeeee67b07ca2ce",
+    "v1-topk4+sample30-log8": "98e9012e6484bc1e46005574070c9e0f352f56a75a1d40ed5d583c0261982b20",
+    "v1-topk4+sample30-f16-zstd": (
+        "597ce43944eabfd9996431b409a5ac80c9fe8ab4a8cd9784b6a131c93b32d230"
+    ),
+    "v1-topk4-f16-vocab128256": "f3bd881b82961410a0ee2bced44a276c2a2044d6fce6a9204c14893714832eca",
+    "v1-topk4-f16-vocab37": "ada62fa1b5564c78a6b437a00529491c8f3ca6a2058f04804605cea41d00f2b0",
+    "npz-topk4+sample30": "821429144b56e4400bb58e01a8b5fc9c2a8aa5b4021a12652f44ad1b5e95ed59",
+}
+V2_REAL_SHA256 = {  # the real SmolLM2 sets' decoded samples: log8 + zstd, f16 (block_tokens 100)
+    "npz-v0-topk8/log8": "6c1b84a5b1e8665c838ebe8b7163d7e1112cc9285428525767dd4a17fd05f836",
+    "npz-v0-topk8/f16": "829039f83c030ea324dc75c4fb940c051e4755dc9fb5fc41bad7a3606661863f",
+    "packed-v1-topk4+sample16-f16/log8": (
+        "83c0ccddfb9090426e48ea9231ed935b8bc12823f75ca28935fe7491da15e0f9"
+    ),
+    "packed-v1-topk4+sample16-f16/f16": (
+        "7dddcbfe318c68f2c3379ffdb6a09d8e2176f4dbdded70c71ddbb2c86b7046b5"
+    ),
+    "packed-v1-sample20-log8-zstd/log8": (
+        "7bfb3e2c58ba9d63db2943c0a561871495651b9e6a7618731bf693cc44e6856a"
+    ),
+    "packed-v1-sample20-log8-zstd/f16": (
+        "6ec20993e3b28346f1625c59d010b51c60b0738e97ea9a744e9b84308304e8d2"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(V2_SHA256))
+def test_packed_v2_bytes_are_unchanged(tmp_path, name):
+    """A fixed sample set (tests/data/old_shards/synthetic) encodes to the same bytes as
+    before the codec's functions were split: shard sha256s recorded at 70f08f6."""
+    from test_legacy import synthetic_set
+
+    spec, codec, vocab, samples = synthetic_set(name)
+    c = Codec(
+        "packed",
+        2,
+        values=codec.get("values", "log8"),
+        zstd=codec.get("zstd", True),
+        block_tokens=80,
+    )
+    assert (
+        write_shard(tmp_path / "a.tar", samples, ShardFormat(c, spec, vocab)).sha256
+        == (V2_SHA256[name])
+    )
+
+
+@pytest.mark.parametrize("name", sorted(V2_REAL_SHA256))
+def test_packed_v2_bytes_of_real_targets_are_unchanged(tmp_path, name):
+    """Real SmolLM2 targets (tests/data/old_shards) encode to the bytes they did at 70f08f6."""
+    set_name, values = name.split("/")
+    m = Manifest.from_json((OLD / set_name / "manifest.json").read_bytes(), set_name)
+    spec = TargetSpec(**{k: v for k, v in m.targets.items() if k not in ("tail", "width")})
+    samples = list(read_shard(OLD / set_name / m.shards[0].name, m.vocab_size))
+    c = (
+        Codec("packed", 2, values="log8", zstd=True)
+        if values == "log8"
+        else Codec("packed", 2, values="f16", zstd=False, block_tokens=100)
+    )
+    st = write_shard(tmp_path / "a.tar", samples, ShardFormat(c, spec, m.vocab_size))
+    assert st.sha256 == V2_REAL_SHA256[name]
