@@ -18,8 +18,12 @@ back with :func:`distill.format.shards.read_shard` (tar framing included, as the
   extraction (0 for exact counts; quantisation error of the stored probabilities).
 
 The naive baseline stores float32 log-probs and int64 ids of the top 64 (and int64 input ids)
-in an npz member per sample. ``default`` marks the shipped setting (the job defaults of
-``distill.config``: 50 systematic draws, packed v2 + zstd). ``decode_x_student`` is the decode
+in an npz member per sample. The ``npz-v0`` rows are the format of earlier distill versions
+(uint16 ids, float16 log-probs, one npz member per sample), written here by the bench itself
+(distill only reads them now) and read by :func:`~distill.format.shards.read_shard`; every
+other row is ``packed`` v2 (blocks of samples), the codec jobs write, under its settings (value
+map, zstd). ``default`` marks the shipped setting (the job defaults of ``distill.config``: 50
+systematic draws, packed v2 + zstd). ``decode_x_student`` is the decode
 rate over what the student consumes (``student_tokens_s``, target positions/s: measured by
 ``bench/quality.py``, read from ``bench/results/quality.json``, or ``--student-rate``).
 
@@ -240,10 +244,27 @@ def naive_read(path: Path) -> int:
     return n
 
 
+def npz_v0_shard(path: Path, ref: list[TargetSample]) -> int:
+    """npz v0 as earlier distill versions wrote it: per sample an uncompressed npz of the arrays
+    with float16 log-probs (and the counts of sampled kinds), member ``KEY.targets.npz``."""
+    import webdataset as wds
+
+    with path.open("wb") as f:
+        w = wds.TarWriter(f, mtime=0)
+        for s in ref:
+            buf = io.BytesIO()
+            arrays = {k: v for k, v in s.arrays().items() if v is not None}
+            arrays["topk_logprobs"] = s.topk_logprobs.astype(np.float16)
+            np.savez(buf, **arrays)
+            w.write({"__key__": s.key, "targets.npz": buf.getvalue()})
+        w.close()
+    return path.stat().st_size
+
+
 def run_config(
     name: str,
     spec: TargetSpec,
-    codec: Codec | None,
+    codec: Codec | str,
     rows: Rows,
     tmp: Path,
     repeats: int,
@@ -256,17 +277,21 @@ def run_config(
     ref = cache[spec]
     positions = sum(s.topk_ids.shape[0] for s in ref)
     path = tmp / f"{name.replace(' ', '_').replace('/', '_')}.tar"
-    if codec is None:  # the naive baseline
+    if codec == "naive":  # the baseline
         enc_s, nbytes = timed(lambda: naive_shard(path, ref), repeats)
         dec_s, _ = timed(lambda: naive_read(path), repeats)
-        payload, err = _payload_bytes(path), 0.0
+        err = 0.0
     else:
-        fmt = ShardFormat(codec, spec, int(rows.weight.shape[0]))
-        enc_s, st = timed(lambda: write_shard(path, ref, fmt), repeats)
-        nbytes = st.nbytes
+        if codec == "npz-v0":  # written by the bench, read by distill
+            enc_s, nbytes = timed(lambda: npz_v0_shard(path, ref), repeats)
+        else:
+            assert isinstance(codec, Codec)
+            fmt = ShardFormat(codec, spec, int(rows.weight.shape[0]))
+            enc_s, st = timed(lambda: write_shard(path, ref, fmt), repeats)
+            nbytes = st.nbytes
         dec_s, back = timed(lambda: list(read_shard(path)), repeats)
         err = l1_error(ref, back)
-        payload = _payload_bytes(path)
+    payload = _payload_bytes(path)
     return {
         "config": name,
         "bytes_per_token": nbytes / positions,
@@ -287,45 +312,43 @@ def _payload_bytes(path: Path) -> int:
         return sum(m.size for m in tf.getmembers())
 
 
-def configs() -> list[tuple[str, TargetSpec, Codec | None]]:
-    def packed(values: str = "log8", zstd: bool = False, version: int = 1) -> Codec:
-        return Codec("packed", version, values=values, zstd=zstd)
+def configs() -> list[tuple[str, TargetSpec, Codec | str]]:
+    """(name, targets, codec): a packed v2 codec, or "naive" / "npz-v0" (the bench's writers)."""
+
+    def packed(values: str = "log8", zstd: bool = False) -> Codec:
+        return Codec("packed", 2, values=values, zstd=zstd)
 
     sample50 = TargetSpec("sample", draws=50)
     sys50 = TargetSpec("sample", draws=50, sampling="systematic")
     sys32 = TargetSpec("sample", draws=32, sampling="systematic")
-    out: list[tuple[str, TargetSpec, Codec | None]] = [
-        ("naive top-64 fp32+int64", TargetSpec("topk", 64), None),
-        ("npz-v0 topk k=16 (fp16)", TargetSpec("topk", 16), Codec()),
+    out: list[tuple[str, TargetSpec, Codec | str]] = [
+        ("naive top-64 fp32+int64", TargetSpec("topk", 64), "naive"),
+        ("npz-v0 topk k=16 (fp16)", TargetSpec("topk", 16), "npz-v0"),
+        ("npz-v0 sample N=50", sample50, "npz-v0"),
     ]
     for k in (8, 16, 64):
         for z in (False, True):
             out.append(
                 (
-                    f"packed-v1 topk k={k} log8{' +zstd' if z else ''}",
+                    f"packed-v2 topk k={k} log8{' +zstd' if z else ''}",
                     TargetSpec("topk", k),
                     packed(zstd=z),
                 )
             )
     out += [
-        ("packed-v1 topk k=16 pow8", TargetSpec("topk", 16), packed("pow8")),
-        ("packed-v1 topk k=16 f16", TargetSpec("topk", 16), packed("f16")),
-        ("npz-v0 sample N=50", sample50, Codec()),
-        ("packed-v1 sample N=50", sample50, packed()),
-        ("packed-v1 sample N=50 +zstd", sample50, packed(zstd=True)),
-        ("packed-v1 topp p=0.95 k<=64 log8", TargetSpec("topp", 64, 0.95), packed()),
-        ("packed-v1 topk+sample k=8 N=50 log8", TargetSpec("topk+sample", 8, draws=50), packed()),
-        ("packed-v2 topk k=8 log8 +zstd", TargetSpec("topk", 8), packed(zstd=True, version=2)),
-        ("packed-v2 topk k=16 log8 +zstd", TargetSpec("topk", 16), packed(zstd=True, version=2)),
-        ("packed-v2 sample N=50", sample50, packed(version=2)),
-        ("packed-v2 sample N=50 +zstd", sample50, packed(zstd=True, version=2)),
-        ("packed-v2 sample-sys N=50", sys50, packed(version=2)),
-        ("packed-v2 sample-sys N=50 +zstd", sys50, packed(zstd=True, version=2)),
-        ("packed-v2 sample-sys N=32 +zstd", sys32, packed(zstd=True, version=2)),
+        ("packed-v2 topk k=16 pow8", TargetSpec("topk", 16), packed("pow8")),
+        ("packed-v2 topk k=16 f16", TargetSpec("topk", 16), packed("f16")),
+        ("packed-v2 topp p=0.95 k<=64 log8", TargetSpec("topp", 64, 0.95), packed()),
+        ("packed-v2 topk+sample k=8 N=50 log8", TargetSpec("topk+sample", 8, draws=50), packed()),
+        ("packed-v2 sample N=50", sample50, packed()),
+        ("packed-v2 sample N=50 +zstd", sample50, packed(zstd=True)),
+        ("packed-v2 sample-sys N=50", sys50, packed()),
+        ("packed-v2 sample-sys N=50 +zstd", sys50, packed(zstd=True)),
+        ("packed-v2 sample-sys N=32 +zstd", sys32, packed(zstd=True)),
         (
             "packed-v2 topk+sample-sys k=8 N=42 +zstd",
             TargetSpec("topk+sample", 8, draws=42, sampling="systematic"),
-            packed(zstd=True, version=2),
+            packed(zstd=True),
         ),
     ]
     return out

@@ -20,12 +20,12 @@ full-online); ``gap_closed`` needs ce-only and full-online among them.
 Every KD arm (the sparse kinds and full-online) uses the same loss weights: ``forward_kl =
 1 - ce_mix``, ``ce = ce_mix`` (``--ce-mix``, default 0: pure forward KL), so full-online is
 exactly the quantity the sparse kinds estimate. The sparse kinds' targets come from
-``distill.teacher.run.run_teacher`` (one teacher pass per kind into a local shard set, codec
-``--codec``, default ``packed``: v2 blocks with zstd). The full-online arm also goes through
-``distill.student.train.train``: :func:`online_kd` swaps the loop's ``StudentBody`` for one that
-also runs the teacher on the batch, and its ``chunked_distill_loss`` for :func:`full_kl_loss`; the
-loop itself (loader, data order, AdamW, warmup + cosine, clipping) is the one the other arms
-run.
+``distill.teacher.run.run_teacher`` (one teacher pass per kind into a local shard set, packed
+v2 blocks with zstd, exact values in ``--values``, default ``log8``). The full-online arm
+also goes through ``distill.student.train.train``: :func:`online_kd` swaps the loop's
+``StudentBody`` for one that also runs the teacher on the batch, and its
+``chunked_distill_loss`` for :func:`full_kl_loss`; the loop itself (loader, data order, AdamW,
+warmup + cosine, clipping) is the one the other arms run.
 
 Held-out metrics over the response-token positions of ``data/demo/eval.jsonl`` (position t
 with token t+1 written by the assistant; p the teacher's full softmax, q the student's):
@@ -96,6 +96,7 @@ from distill.config import (  # noqa: E402
     job_from_dict,
 )
 from distill.data.dataset import Sample, tokenize_file  # noqa: E402
+from distill.format.codec import VALUE_MAPS  # noqa: E402
 from distill.student import train as dtrain  # noqa: E402
 from distill.teacher.batching import pad_batch, token_budget_batches  # noqa: E402
 from distill.teacher.run import run_teacher  # noqa: E402
@@ -470,7 +471,12 @@ def base_job(args: argparse.Namespace, init_dir: Path) -> dict[str, Any]:
             "truncation": "right",
             "max_samples": args.train_samples,
         },
-        "targets": {"codec": args.codec},  # packed: the defaults' v2 blocks with zstd
+        # the defaults' packed v2 blocks with zstd ("values" only when not the default: the
+        # teacher passes' cache key stays that of earlier runs)
+        "targets": {
+            "codec": "packed",
+            **({"values": args.values} if args.values != "log8" else {}),
+        },
         "student": {"init": "pretrained", "model": str(init_dir)},
         "train": {
             "max_steps": args.steps,
@@ -654,7 +660,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         "warmup": args.warmup,
         "seed": args.seed,
         "max_length": args.max_length,
-        "codec": args.codec,
+        "codec": f"packed v2 {args.values}",
         "ce_mix": args.ce_mix,
         "machine": machine_line(device),
     }
@@ -806,7 +812,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated arms, in order; forms: {'; '.join(ARM_FORMS)} [{DEFAULT_ARMS}]",
     )
     p.add_argument("--ce-mix", type=float, default=0.0, help="CE weight of every KD arm")
-    p.add_argument("--codec", default="packed", choices=("packed", "npz"))
+    p.add_argument(
+        "--values",
+        default="log8",
+        choices=VALUE_MAPS,
+        help="packed v2 value map of exact entries (f16: float16, as npz stored) [log8]",
+    )
     p.add_argument(
         "--teacher-dtype",
         default="float32",

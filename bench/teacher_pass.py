@@ -107,16 +107,22 @@ def run_ours(
     samples_per_shard: int,
     outdir: Path | None,
 ) -> None:
-    """distill's real code path minus upload: compute_targets per shard, then write_shard."""
+    """distill's real code path minus upload: compute_targets per shard, then write_shard
+    (top-k targets in the job default's codec, packed v2)."""
+    from distill.config import TargetsSection
+    from distill.format.codec import ShardFormat
     from distill.format.shards import shard_name, write_shard
+    from distill.format.spec import TargetSpec
     from distill.teacher.extract import compute_targets
 
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    fmt = ShardFormat(TargetsSection().codec_spec(), TargetSpec("topk", k), vocab)
     for idx, lo in enumerate(range(0, len(samples), samples_per_shard)):
         targets = compute_targets(
             model, samples[lo : lo + samples_per_shard], k, batch_tokens, head_chunk
         )
         if outdir is not None:
-            write_shard(outdir / shard_name(idx), targets)
+            write_shard(outdir / shard_name(idx), targets, fmt)
 
 
 def run_naive(model: Any, samples: list[Any], k: int, batch_size: int, outdir: Path | None) -> None:

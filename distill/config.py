@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
-from distill.format.codec import KNOWN, Codec
+from distill.format.codec import KNOWN, Codec, check_writable
 from distill.format.spec import KINDS, SAMPLING, TargetSpec
 
 _ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
@@ -120,11 +120,11 @@ class TargetsSection:
     top_p: float = 0.95  # topp: keep the smallest prefix with at least this mass
     draws: int = 50  # sample, topk+sample: N draws with replacement
     sampling: str = "systematic"  # sample, topk+sample: systematic | iid (see extract.py)
-    codec: str = "packed"  # packed (bit-packed, see codec.py) | npz (v0: float16 log-probs)
-    codec_version: int = 0  # 0: the codec's newest (packed: 2, blocks; 1: one member/sample)
+    codec: str = "packed"  # packed v2, blocks (codec.py); npz v0 and packed v1 are read only
+    codec_version: int = 0  # 0: the newest (2)
     values: str = "log8"  # packed: log8 | pow8 | f16 (exact entries' log-probs)
     log_range: float = 20.0  # packed log8: codes span log-probs [-log_range, 0]
-    zstd: bool = True  # packed: one zstd frame per block (v2) or per sample (v1)
+    zstd: bool = True  # packed: one zstd frame per block
     zstd_level: int = 3
     block_tokens: int = 16384  # packed v2: tokens per block (a tar member of samples)
 
@@ -134,8 +134,6 @@ class TargetsSection:
         )
 
     def codec_spec(self) -> Codec:
-        if self.codec == "npz":
-            return Codec()
         return Codec(
             name=self.codec,
             version=self.codec_version or max(KNOWN[self.codec]),
@@ -154,12 +152,7 @@ class TargetsSection:
     def check(self, src: str, loss: LossWeights) -> None:
         """Field ranges, and loss terms that this target kind cannot support."""
         self.spec().check(where=f"{src}: targets")
-        known = KNOWN.get(self.codec, ())
-        if self.codec_version and self.codec_version not in known:
-            raise DistillError(
-                f"{src}: targets.codec_version = {self.codec_version} is not one of "
-                f"{', '.join(map(str, known))} for codec {self.codec!r} (0 = the newest)"
-            )
+        check_writable(self.codec, self.codec_version, src)
         self.codec_spec().check(f"{src}: targets")
         kind = self.kind
         if loss.bild > 0 and kind != "topk":

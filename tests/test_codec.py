@@ -1,11 +1,9 @@
-"""The packed codecs: exact round trips, quantisation bounds, blocks (v2), real shards written by
-older distill versions (npz v0, packed v1), refusals."""
+"""The packed v2 codec: exact round trips, quantisation bounds, blocks, refusals, and its bytes
+pinned (shard sets of older distill versions: test_legacy.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import webdataset as wds
 
 from distill.errors import DistillError
 from distill.format.bitpack import bits_for, pack_bits, unpack_bits
-from distill.format.codec import Codec, ShardFormat, decode_packed, encode_packed
+from distill.format.blockcodec import decode_block, encode_block
+from distill.format.codec import Codec, ShardFormat
 from distill.format.manifest import Manifest
 from distill.format.shards import TargetSample, read_shard, write_shard
 from distill.format.spec import TargetSpec
@@ -68,8 +67,19 @@ def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:
     ]
 
 
-def packed(values: str = "log8", zstd: bool = False) -> Codec:
-    return Codec("packed", 1, values=values, zstd=zstd)
+def packed2(values: str = "log8", zstd: bool = True, block_tokens: int = 16384) -> Codec:
+    return Codec("packed", 2, values=values, zstd=zstd, block_tokens=block_tokens)
+
+
+def encode1(s: TargetSample | dict, fmt: ShardFormat) -> bytes:
+    """One sample as a one-sample block."""
+    arrays = s.arrays() if isinstance(s, TargetSample) else s
+    return encode_block(["s"], [arrays], fmt)
+
+
+def decode1(data: bytes) -> tuple[dict, int]:
+    (((_, arrays),), vocab) = decode_block(data, "x")
+    return arrays, vocab
 
 
 @pytest.mark.parametrize("b", [0, 1, 3, 7, 8, 9, 13, 16, 17, 24, 31, 32, 33])
@@ -88,10 +98,10 @@ def test_bit_packing_round_trips(b):
 @pytest.mark.parametrize("values", ["log8", "pow8", "f16"])
 @pytest.mark.parametrize("zstd", [False, True])
 def test_round_trip_exact_ids_mask_counts_and_bounded_values(spec, values, zstd):
-    fmt = ShardFormat(packed(values, zstd), spec, 500)
+    fmt = ShardFormat(packed2(values, zstd), spec, 500)
     for s in make_samples(spec):
-        data = encode_packed(s.arrays(), fmt)
-        back, vocab = decode_packed(data, "x")
+        data = encode1(s, fmt)
+        back, vocab = decode1(data)
         assert vocab == 500
         assert (
             np.array_equal(back["input_ids"], s.input_ids) and back["input_ids"].dtype == np.uint16
@@ -116,7 +126,7 @@ def test_round_trip_exact_ids_mask_counts_and_bounded_values(spec, values, zstd)
         n_real = np.isfinite(back["topk_logprobs"]).sum(1)
         for r, n in enumerate(n_real):
             assert (back["topk_ids"][r, n:] == back["topk_ids"][r, 0]).all()
-        assert encode_packed(back, fmt) == data
+        assert encode1(back, fmt) == data
 
 
 def test_log8_clamps_below_minus_l_and_pow8_never_gives_zero():
@@ -128,27 +138,25 @@ def test_log8_clamps_below_minus_l_and_pow8_never_gives_zero():
         np.array([[5, 9, 7]], np.uint16),
         np.array([[-0.01, -3.0, -50.0]], np.float32),
     )
-    back, _ = decode_packed(encode_packed(s.arrays(), ShardFormat(packed("log8"), spec, 10)), "x")
+    back, _ = decode1(encode1(s, ShardFormat(packed2("log8"), spec, 10)))
     got = dict(zip(back["topk_ids"][0].tolist(), back["topk_logprobs"][0].tolist(), strict=True))
     assert got[7] == pytest.approx(-20.0) and got[5] == pytest.approx(0.0)  # ids ascending
-    back, _ = decode_packed(encode_packed(s.arrays(), ShardFormat(packed("pow8"), spec, 10)), "x")
+    back, _ = decode1(encode1(s, ShardFormat(packed2("pow8"), spec, 10)))
     assert np.isfinite(back["topk_logprobs"]).all()
 
 
 def test_large_and_small_vocabularies():
     for vocab in (128256, 37):
         spec = TargetSpec("topk", k=4)
-        fmt = ShardFormat(packed("f16"), spec, vocab)
+        fmt = ShardFormat(packed2("f16"), spec, vocab)
         for s in make_samples(spec, vocab=vocab, n=3):
-            back, _ = decode_packed(encode_packed(s.arrays(), fmt), "x")
+            back, _ = decode1(encode1(s, fmt))
             assert back["input_ids"].dtype == (np.int32 if vocab > 2**16 else np.uint16)
             assert np.array_equal(back["input_ids"], s.input_ids)
             assert [set(r) for r in rows(s)] == [set(r) for r in rows(TargetSample(s.key, **back))]
 
 
-@pytest.mark.parametrize(
-    "codec", [Codec(), packed(), packed(zstd=True)], ids=["npz", "packed", "zstd"]
-)
+@pytest.mark.parametrize("codec", [packed2(zstd=False), packed2()], ids=["packed", "zstd"])
 def test_shards_round_trip_through_tar_and_are_deterministic(tmp_path, codec):
     spec = TargetSpec("sample", draws=30)
     samples = make_samples(spec, n=8)
@@ -162,49 +170,6 @@ def test_shards_round_trip_through_tar_and_are_deterministic(tmp_path, codec):
             {i: c for i, (_, c) in r.items()} for r in rows(b)
         ]
     assert a.target_tokens == sum(s.topk_ids.shape[0] for s in samples)
-
-
-def test_old_npz_v0_shard_set_is_readable(tmp_path):
-    """Written as the code before codecs did: four-array npz members, no codec in the manifest."""
-    rng = np.random.default_rng(3)
-    path = tmp_path / "shard-000000.tar"
-    with path.open("wb") as f:
-        w = wds.TarWriter(f, mtime=0.0)
-        for i in range(3):
-            buf = io.BytesIO()
-            mask = np.array([0, 0, 1, 1, 1], np.uint8)
-            np.savez(
-                buf,
-                input_ids=rng.integers(0, 49152, 5).astype(np.uint16),
-                loss_mask=mask,
-                topk_ids=rng.integers(0, 49152, (3, 4)).astype(np.uint16),
-                topk_logprobs=-rng.random((3, 4)).astype(np.float16),
-            )
-            w.write({"__key__": f"old-{i}", "targets.npz": buf.getvalue()})
-        w.close()
-    samples = list(read_shard(path))
-    assert [s.key for s in samples] == ["old-0", "old-1", "old-2"]
-    assert samples[0].topk_logprobs.dtype == np.float16 and samples[0].topk_counts is None
-    old_manifest = {
-        "split": "train",
-        "teacher": "t",
-        "teacher_config_sha256": "c",
-        "tokenizer_fingerprint": "f",
-        "vocab_size": 49152,
-        "target_kind": "topk",
-        "k": 4,
-        "dtypes": {"topk_ids": "uint16"},
-        "max_length": 64,
-        "job_fingerprint": "j",
-        "shards": [],
-        "teacher_seconds": 0.0,
-        "created": "",
-        "schema_version": 1,
-        "extra": {},
-    }
-    m = Manifest.from_json(json.dumps(old_manifest).encode(), "m")
-    assert m.codec == {"name": "npz", "version": 0} and m.codec_spec() == Codec()
-    assert m.targets == {"kind": "topk", "k": 4, "tail": True, "width": 4} and m.tail
 
 
 @pytest.mark.parametrize(
@@ -223,69 +188,33 @@ def test_unknown_codec_in_manifest_is_refused(codec, match):
         Manifest.from_json(m.to_json(), "m")
 
 
-def test_unknown_sample_version_and_other_vocab_are_refused(tmp_path):
-    spec = TargetSpec("topk", k=8)
-    samples = make_samples(spec, n=2)
-    data = encode_packed(samples[0].arrays(), ShardFormat(packed(), spec, 500))
-    with pytest.raises(DistillError, match="packed sample version 9 is not supported"):
-        decode_packed(data[:3] + bytes([9]) + data[4:], "s")
-    write_shard(tmp_path / "a.tar", samples, ShardFormat(packed(), spec, 500))
-    with pytest.raises(DistillError, match="packed for vocab size 500, the manifest says 49152"):
-        list(read_shard(tmp_path / "a.tar", 49152))
-
-
-@pytest.mark.parametrize("zstd", [False, True])
-def test_truncated_or_corrupt_sample_is_a_distill_error(tmp_path, zstd):
-    spec = TargetSpec("topk+sample", k=4, draws=30)
-    fmt = ShardFormat(packed(zstd=zstd), spec, 500)
-    s = make_samples(spec, n=1)[0]
-    data = encode_packed(s.arrays(), fmt)
-    bad = [data[:10], data[:-1], data[: len(data) // 2], data + b"x", b""]
-    for i in range(0, len(data), max(1, len(data) // 25)):  # single-byte flips everywhere
-        bad.append(data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :])
-    for d in bad:
-        try:
-            back, _ = decode_packed(d, "s")
-        except DistillError:
-            continue
-        # a flip the header does not see (e.g. in k) may still decode; it must then be sane
-        TargetSample("k", **back).validate("s")
-    # in a shard: a corrupt member, and a cut-off tar
-    write_shard(tmp_path / "a.tar", [s], fmt)
-    raw = bytearray((tmp_path / "a.tar").read_bytes())
-    with tarfile.open(tmp_path / "a.tar") as tf:
-        (info,) = tf.getmembers()
-    assert info.offset_data == 512  # one 512-byte header per sample, no PAX header
-    raw[info.offset_data + 80] ^= 0xFF  # inside the member's payload
-    (tmp_path / "b.tar").write_bytes(bytes(raw))
-    with pytest.raises(DistillError, match="corrupt"):
-        list(read_shard(tmp_path / "b.tar"))
-    (tmp_path / "c.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:700])
-    with pytest.raises(DistillError, match="corrupt"):
-        list(read_shard(tmp_path / "c.tar"))
-
-
 def test_encoder_refuses_inconsistent_targets():
     spec = TargetSpec("sample", draws=30)
     s = make_samples(spec, n=1)[0]
-    fmt = ShardFormat(packed(), spec, 500)
+    fmt = ShardFormat(packed2(), spec, 500)
     with pytest.raises(DistillError, match="no draw counts"):
-        encode_packed({**s.arrays(), "topk_counts": None}, fmt)
+        encode1({**s.arrays(), "topk_counts": None}, fmt)
     c = s.topk_counts.copy()
     c[0, 0] += 1
     with pytest.raises(DistillError, match="must sum to 30"):
-        encode_packed({**s.arrays(), "topk_counts": c}, fmt)
+        encode1({**s.arrays(), "topk_counts": c}, fmt)
     with pytest.raises(DistillError, match="width"):
-        encode_packed(s.arrays(), ShardFormat(packed(), TargetSpec("sample", draws=31), 500))
+        encode1(s, ShardFormat(packed2(), TargetSpec("sample", draws=31), 500))
     with pytest.raises(DistillError, match="outside the vocab"):
-        encode_packed(s.arrays(), ShardFormat(packed(), spec, 10))
+        encode1(s, ShardFormat(packed2(), spec, 10))
+
+
+def test_only_packed_v2_is_written(tmp_path):
+    """Older codecs are read only: the writer refuses them, naming what it writes."""
+    spec = TargetSpec("topk", k=8)
+    samples = make_samples(spec, n=1)
+    assert Codec() == Codec("packed", 2)
+    for old in (Codec("npz", 0), Codec("packed", 1)):
+        with pytest.raises(DistillError, match="writes only packed v2, not"):
+            write_shard(tmp_path / "a.tar", samples, ShardFormat(old, spec, 500))
 
 
 # --- packed v2: blocks of samples per tar member -------------------------------------------
-
-
-def packed2(values: str = "log8", zstd: bool = True, block_tokens: int = 16384) -> Codec:
-    return Codec("packed", 2, values=values, zstd=zstd, block_tokens=block_tokens)
 
 
 def edge_samples(spec: TargetSpec) -> list[TargetSample]:
@@ -318,18 +247,19 @@ def assert_same(a: TargetSample, b: TargetSample) -> None:
 @pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.kind)
 @pytest.mark.parametrize("values", ["log8", "f16"])
 @pytest.mark.parametrize("zstd", [False, True])
-def test_blocks_decode_exactly_as_packed_v1_in_order(tmp_path, spec, values, zstd):
-    """v2 stores what v1 stores: the decoded arrays are identical, bit for bit, keys in order,
-    across several blocks per shard (block_tokens small) and samples without target rows."""
+def test_blocks_decode_as_one_sample_blocks_in_order(tmp_path, spec, values, zstd):
+    """Several blocks per shard (block_tokens small) and samples without target rows decode
+    bit for bit as each sample alone does, keys in order (v2 against v1, which stored the same
+    sections per sample: test_legacy.py)."""
     samples = make_samples(spec, n=9, seed=5)
     samples = samples[:4] + edge_samples(spec) + samples[4:]
-    write_shard(tmp_path / "v1.tar", samples, ShardFormat(packed(values, zstd), spec, 500))
+    write_shard(tmp_path / "one.tar", samples, ShardFormat(packed2(values, zstd, 1), spec, 500))
     fmt = ShardFormat(packed2(values, zstd, block_tokens=80), spec, 500)
     st = write_shard(tmp_path / "v2.tar", samples, fmt)
-    v1 = list(read_shard(tmp_path / "v1.tar", 500))
+    one = list(read_shard(tmp_path / "one.tar", 500))
     v2 = list(read_shard(tmp_path / "v2.tar", 500))
     assert [s.key for s in v2] == [s.key for s in samples]
-    for a, b in zip(v1, v2, strict=True):
+    for a, b in zip(one, v2, strict=True):
         assert_same(a, b)
     assert (st.samples, st.first_key, st.last_key) == (11, samples[0].key, samples[-1].key)
     assert st.tokens == sum(len(s.input_ids) for s in samples)
@@ -354,10 +284,14 @@ def test_blocks_beat_one_member_per_sample_and_zstd_shares_the_template(tmp_path
         s.input_ids = np.concatenate([template, s.input_ids])
         s.loss_mask[0] = 0  # now a target position iff it is one in the sample (it is not)
         s.loss_mask = np.concatenate([np.zeros(30, np.uint8), s.loss_mask])
-    size = {}
-    for name, codec in (("v1", packed()), ("v2", packed2(zstd=False)), ("v2z", packed2())):
+    size = {}  # one: a block per sample, one tar member each (as npz v0 and packed v1 stored)
+    for name, codec in (
+        ("one", packed2(zstd=False, block_tokens=1)),
+        ("v2", packed2(zstd=False)),
+        ("v2z", packed2()),
+    ):
         size[name] = write_shard(tmp_path / f"{name}.tar", samples, ShardFormat(codec, spec, 500))
-    assert size["v2"].nbytes < size["v1"].nbytes / 3
+    assert size["v2"].nbytes < size["one"].nbytes / 3
     assert size["v2z"].nbytes < size["v2"].nbytes - 30 * 40  # the template is stored ~once
     for name in size:
         assert [s.key for s in read_shard(tmp_path / f"{name}.tar")] == [s.key for s in samples]
@@ -421,52 +355,6 @@ def test_block_encoder_refuses_rows_that_do_not_match_the_mask():
         encode_block([s.key], [a], ShardFormat(packed2(), spec, 500))
 
 
-# --- shard sets written by older distill versions ------------------------------------------
-
-OLD = Path(__file__).resolve().parent / "data" / "old_shards"
-
-
-def _digest(s: TargetSample) -> str:
-    h = hashlib.sha256()
-    for f in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts"):
-        a = getattr(s, f)
-        h.update(f.encode())
-        if a is not None:
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-@pytest.mark.parametrize("name", sorted(json.loads((OLD / "expected.json").read_text())["sets"]))
-def test_real_old_shard_sets_read_and_re_encode_identically(tmp_path, name):
-    """Real SmolLM2 targets written and decoded at commit 5494d02 (npz v0, packed v1): this
-    distill decodes the same arrays, reads them through the loader, and re-encodes the same
-    bytes (a resumed old run re-verifies its shards that way)."""
-    from distill.store.cache import ShardCache
-    from distill.store.storage import open_store
-    from distill.student.loader import ShardLoader
-
-    want = json.loads((OLD / "expected.json").read_text())["sets"][name]
-    m = Manifest.from_json((OLD / name / "manifest.json").read_bytes(), name)
-    shard = OLD / name / m.shards[0].name
-    samples = list(read_shard(shard, m.vocab_size))
-    assert {s.key: _digest(s) for s in samples} == want["samples"]
-    assert list(want["samples"]) == [s.key for s in samples]  # order kept
-    assert m.codec_spec().version in (0, 1) and m.targets.get("sampling", "iid") == "iid"
-    spec = TargetSpec(**{k: v for k, v in m.targets.items() if k not in ("tail", "width")})
-    fmt = None if m.codec_spec().name == "npz" else ShardFormat(m.codec_spec(), spec, m.vocab_size)
-    assert (
-        write_shard(tmp_path / "re.tar", samples, fmt).sha256
-        == want["sha256"]
-        == m.shards[0].sha256
-    )
-    cache = ShardCache(open_store(str(OLD / name)), tmp_path / "cache", 1 << 20)
-    loader = ShardLoader(m, cache, batch_size=4, shuffle=False)
-    batches = list(loader.batches())
-    assert sum(len(b.keys) for b in batches) == m.samples == 6
-    assert batches[0].t_ids.shape[1] == m.k
-
-
 @pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.kind)
 def test_webdataset_stage_yields_what_the_loader_yields(tmp_path, spec):
     """``wds.WebDataset(urls).compose(wds_samples)`` gives one dict per sample, v2 blocks
@@ -518,6 +406,9 @@ def test_webdataset_stage_yields_what_the_loader_yields(tmp_path, spec):
 
 def read_shard_all(urls: list[str]) -> list[TargetSample]:
     return [s for u in urls for s in read_shard(Path(u), 500)]
+
+
+OLD = Path(__file__).resolve().parent / "data" / "old_shards"
 
 
 # --- packed v2 bytes: fixed sample sets encode to the bytes they did at 70f08f6 ------------

@@ -11,6 +11,7 @@ import pytest
 
 from distill.cloud import cost
 from distill.cloud.cost import CostOptions, estimate_cost
+from distill.cloud.probe import probe_sample_bytes
 from distill.config import load_job
 from distill.errors import DistillError
 
@@ -33,7 +34,7 @@ def make_job(tmp_path: Path, model: Path, n_train: int = 40, n_eval: int = 10, *
         f'[job]\nname = "tiny"\noutput = "{tmp_path / "out"}"\n\n'
         f'[teacher]\nmodel = "{model}"\n{body}\n\n'
         f'[data]\ntrain = "train.jsonl"\neval = "eval.jsonl"\nmax_length = 128\n'
-        'truncation = "right"\n\n[targets]\nkind = "topk"\nk = 8\ncodec = "npz"\n'
+        'truncation = "right"\n\n[targets]\nkind = "topk"\nk = 8\nvalues = "f16"\nzstd = false\n'
     )
     return path
 
@@ -81,14 +82,18 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
     assert e.usd["vm_on_demand"] == pytest.approx(e.on_demand_hours * 0.85)
     assert e.usd["disk_spot"] == pytest.approx(e.spot_hours * 100 * 0.10 / 730)
 
-    shard_bytes = (
-        c["targets"] * 8 * (2 + 2)
-        + c["tokens"] * (2 + 1)
-        + int(50 * cost.sample_overhead_bytes())
-        + c["shards"] * 6144
+    # packed v2: 50 probe samples of the average shape through the real writer + the tar ends
+    per_sample = probe_sample_bytes(
+        job.targets.spec(),
+        job.targets.codec_spec(),
+        49152,
+        round(c["tokens"] / 50),
+        round(c["targets"] / 50),
+        16,
     )
+    shard_bytes = int(50 * per_sample + c["shards"] * 1024)
     assert e.shard_bytes == shard_bytes
-    assert 1000 < cost.sample_overhead_bytes() < 4000  # npz + tar headers, measured
+    assert f"samples x {per_sample:,.0f}" in e.bytes_basis
     gb = shard_bytes / 2**30
     assert e.usd["storage"] == pytest.approx(gb * 1.0 * 0.020)
     assert e.usd["egress"] == pytest.approx(gb * 0.12)
@@ -249,15 +254,11 @@ def test_cli_table_json_and_one_line_errors(tiny_teacher_dir, tmp_path):
         assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
 
 
-def test_other_target_kinds_get_an_upper_bound(tiny_teacher_dir, tmp_path):
-    pytest.importorskip(
-        "distill.teacher.extract", reason="target kinds (issue #4) not in this tree"
-    )
+def test_other_target_kinds_are_probed_and_sized(tiny_teacher_dir, tmp_path):
     path = make_job(tmp_path, tiny_teacher_dir)
     topk = estimate_cost(load_job(path))
     topp = estimate_cost(load_job(path, ['targets.kind="topp"']))
-    assert topp.bytes_basis.startswith("upper bound") and "topp/npz" in topp.bytes_basis
-    assert topp.shard_bytes == topk.shard_bytes  # same width (k): the npz bound
+    assert topp.bytes_basis.startswith("estimated: samples x")  # its own probe samples
     assert topp.memory["head_chunk"] > topk.memory["head_chunk"]  # the chunk is sorted
 
 
@@ -265,9 +266,9 @@ def test_other_target_kinds_get_an_upper_bound(tiny_teacher_dir, tmp_path):
     "targets",
     [
         {"kind": "sample", "sampling": "systematic", "codec": "packed", "zstd": True},
-        {"kind": "topk", "k": 8, "codec": "packed", "codec_version": 1},
+        {"kind": "topk", "k": 8, "codec": "packed", "values": "log8", "zstd": True},
     ],
-    ids=["sample-sys-v2-zstd", "topk-v1"],
+    ids=["sample-sys-v2-zstd", "topk-v2-log8"],
 )
 def test_packed_shard_bytes_are_measured_on_probe_samples(tiny_teacher_dir, tmp_path, targets):
     """Packed codecs: probe samples of the job's average shape go through the real writer.

@@ -16,7 +16,7 @@ import webdataset as wds
 
 from distill.errors import DistillError
 from distill.format.codec import Codec, ShardFormat
-from distill.format.codec import decode_packed as decode_v1
+from distill.format.legacy import decode_packed as decode_v1
 from distill.format.manifest import Manifest
 from distill.format.shards import TargetSample, read_shard, write_shard
 from distill.format.spec import TargetSpec

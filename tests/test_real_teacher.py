@@ -25,7 +25,7 @@ def test_real_teacher_targets_reproduce_the_teacher(smol_dir, tmp_path):
         f'[job]\noutput = "{tmp_path / "out"}"\n'
         f'[teacher]\nmodel = "{smol_dir}"\ndtype = "float32"\nsamples_per_shard = 5\n'
         f'head_chunk = 100\n[data]\ntrain = "{tmp_path / "d.jsonl"}"\nmax_length = 384\n'
-        '[targets]\nkind = "topk"\nk = 16\ncodec = "npz"\n'
+        '[targets]\nkind = "topk"\nk = 16\nvalues = "f16"\n'
         f'[train]\ncache_dir = "{tmp_path / "cache"}"\n'
     )
     job = load_job(job_file)

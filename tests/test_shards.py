@@ -4,11 +4,19 @@ import numpy as np
 import pytest
 
 from distill.errors import DistillError
+from distill.format.codec import Codec, ShardFormat
 from distill.format.manifest import Manifest
 from distill.format.shards import TargetSample, read_shard, write_shard
+from distill.format.spec import TargetSpec
+
+
+def fmt(k: int) -> ShardFormat:
+    """Packed v2 with float16 values: what the samples below hold, stored exactly."""
+    return ShardFormat(Codec(values="f16"), TargetSpec("topk", k), 49152)
 
 
 def sample(key: str, t: int, k: int, rng: np.random.Generator) -> TargetSample:
+    """Top-k rows as the codec orders them (ids ascending) with float16-exact values."""
     mask = (rng.random(t) < 0.5).astype(np.uint8)
     mask[-1] = 1
     n = int(mask[1:].sum())
@@ -16,16 +24,16 @@ def sample(key: str, t: int, k: int, rng: np.random.Generator) -> TargetSample:
         key=key,
         input_ids=rng.integers(0, 49152, t).astype(np.uint16),
         loss_mask=mask,
-        topk_ids=rng.integers(0, 49152, (n, k)).astype(np.uint16),
-        topk_logprobs=-rng.random((n, k)).astype(np.float16),
+        topk_ids=np.cumsum(rng.integers(1, 6000, (n, k)), axis=1).astype(np.uint16),
+        topk_logprobs=-rng.random((n, k)).astype(np.float16).astype(np.float32),
     )
 
 
 def test_shard_round_trip_is_exact_and_deterministic(tmp_path):
     rng = np.random.default_rng(0)
     samples = [sample(f"d-{i:07d}", int(rng.integers(2, 40)), 8, rng) for i in range(20)]
-    st = write_shard(tmp_path / "a.tar", samples)
-    st2 = write_shard(tmp_path / "b.tar", samples)
+    st = write_shard(tmp_path / "a.tar", samples, fmt(8))
+    st2 = write_shard(tmp_path / "b.tar", samples, fmt(8))
     assert st.sha256 == st2.sha256 and st.nbytes == (tmp_path / "a.tar").stat().st_size
     assert (st.samples, st.first_key, st.last_key) == (20, "d-0000000", "d-0000019")
     assert st.tokens == sum(len(s.input_ids) for s in samples)
@@ -39,7 +47,7 @@ def test_shard_round_trip_is_exact_and_deterministic(tmp_path):
 
 def test_truncated_or_garbage_shard_is_a_clear_error(tmp_path):
     rng = np.random.default_rng(1)
-    write_shard(tmp_path / "a.tar", [sample(f"k{i}", 30, 4, rng) for i in range(5)])
+    write_shard(tmp_path / "a.tar", [sample(f"k{i}", 30, 4, rng) for i in range(5)], fmt(4))
     data = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(DistillError, match="corrupt"):
@@ -50,18 +58,19 @@ def test_truncated_or_garbage_shard_is_a_clear_error(tmp_path):
 
 
 def test_inconsistent_sample_is_refused(tmp_path):
+    """Packed v2 cannot store rows that do not match the mask: the writer refuses them (a
+    reader meeting one in an npz v0 shard refuses it too: test_legacy.py)."""
     rng = np.random.default_rng(2)
     s = sample("k", 10, 4, rng)
     s.topk_ids = s.topk_ids[:-1]
     s.topk_logprobs = s.topk_logprobs[:-1]
-    write_shard(tmp_path / "a.tar", [s])
-    with pytest.raises(DistillError, match="inconsistent shapes"):
-        list(read_shard(tmp_path / "a.tar"))
+    with pytest.raises(DistillError, match="target rows, its loss mask"):
+        write_shard(tmp_path / "a.tar", [s], fmt(4))
 
 
 def test_manifest_round_trip_and_unknown_schema(tmp_path):
     rng = np.random.default_rng(3)
-    st = write_shard(tmp_path / "a.tar", [sample("k", 10, 4, rng)])
+    st = write_shard(tmp_path / "a.tar", [sample("k", 10, 4, rng)], fmt(4))
     m = Manifest(
         split="train",
         teacher="t",

@@ -18,7 +18,6 @@ A job whose teacher cannot fit the L4's memory is refused with the estimate in t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -46,12 +45,6 @@ WEIGHTS_LOAD_BYTES_PER_S = 200e6  # teacher weights read into the GPU at 200 MB/
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30  # Google bills storage and egress per GiB ("GB" on the pricing pages)
 HOURS_PER_MONTH = 730.0  # Google's billing month
-
-# --- Shard bytes (distill/shards.py) ----------------------------------------------------------
-LOGPROB_BYTES = 2  # float16
-MASK_BYTES = 1  # uint8 loss mask, one per token
-# Per tar shard: the end-of-archive blocks (1,024) + on average half a 10,240-byte tar record.
-SHARD_OVERHEAD_BYTES = 6144
 
 
 @dataclass(frozen=True)
@@ -392,47 +385,9 @@ def reference_bytes_per_target(url: str, job: Job) -> tuple[float, str] | None:
     return sum(m.nbytes for m in found) / targets, f"measured: {url} ({where})"
 
 
-@functools.cache
-def sample_overhead_bytes() -> float:
-    """Bytes a sample costs beyond its arrays (npz member headers, tar header and padding),
-    measured by writing probe samples with :func:`distill.format.shards.write_shard` itself."""
-    import tempfile
-
-    import numpy as np
-
-    from distill.cloud.probe import member_bytes
-    from distill.format.shards import TargetSample, write_shard
-
-    samples, k = [], 8
-    for i in range(64):  # sizes spread over a tar block, so the padding averages out
-        t = 40 + 4 * i
-        mask = np.zeros(t, np.uint8)
-        mask[t // 2 :] = 1
-        n = int(mask[1:].sum())
-        ids, lps = np.zeros((n, k), np.uint16), np.zeros((n, k), np.float16)
-        samples.append(TargetSample(f"probe-{i:07d}", np.zeros(t, np.uint16), mask, ids, lps))
-    raw = sum(s.input_ids.nbytes + s.loss_mask.nbytes + 2 * s.topk_ids.nbytes for s in samples)
-    with tempfile.TemporaryDirectory(prefix="distill-cost-") as d:
-        path = Path(d) / "probe.tar"
-        write_shard(path, samples)
-        return (member_bytes(path) - raw) / len(samples)
-
-
-def estimated_shard_bytes(c: DataCounts, width: int, vocab: int, counts: bool = False) -> int:
-    """npz layout: ids + float16 log-probs (+ uint16 counts for sampled kinds) per entry."""
-    ids = 2 if vocab <= 2**16 else 4
-    entry = ids + LOGPROB_BYTES + (2 if counts else 0)
-    return (
-        c.target_tokens * width * entry
-        + c.tokens * (ids + MASK_BYTES)
-        + int(c.samples * sample_overhead_bytes())
-        + c.shards * SHARD_OVERHEAD_BYTES
-    )
-
-
 def probed_shard_bytes(job: Job, c: DataCounts, vocab: int) -> tuple[int, str]:
-    """Packed codecs: samples x the bytes of probe samples of the job's average shape, written
-    with the job's targets and codec by the real shard writer (:mod:`distill.cloud.probe`)."""
+    """Samples x the bytes of probe samples of the job's average shape, written with the
+    job's targets and codec by the real shard writer (:mod:`distill.cloud.probe`)."""
     from distill.cloud.probe import ZIPF_S, probe_sample_bytes
 
     spec, codec = job.targets.spec(), job.targets.codec_spec()
@@ -441,13 +396,12 @@ def probed_shard_bytes(job: Job, c: DataCounts, vocab: int) -> tuple[int, str]:
     per_sample = probe_sample_bytes(
         spec, codec, vocab, tokens, targets, job.teacher.samples_per_shard
     )
-    end = 2 * tarfile.BLOCKSIZE if codec.blocks else SHARD_OVERHEAD_BYTES
+    end = 2 * tarfile.BLOCKSIZE
     total = int(c.samples * per_sample + c.shards * end)
     return total, (
         f"estimated: samples x {per_sample:,.0f} (probe samples of {tokens} tokens / {targets} "
         f"targets written as packed v{codec.version} by write_shard: random input ids, "
-        f"Zipf-like teacher rows p ~ rank^-{ZIPF_S}) + shards x {end} (tar end"
-        f"{'' if codec.blocks else ' and record padding'}) = "
+        f"Zipf-like teacher rows p ~ rank^-{ZIPF_S}) + shards x {end} (tar end) = "
         f"{total / max(c.target_tokens, 1):,.1f} bytes/target token; a chat template shared "
         "by all samples compresses further under zstd (measure with --reference-run)"
     )
@@ -610,6 +564,51 @@ class CostEstimate:
         }
 
 
+def shard_bytes_estimate(
+    job: Job, data: DataCounts, vocab: int, opts: CostOptions
+) -> tuple[int, str]:
+    """(shard bytes, how they were found): measured on a reference run with the job's targets
+    and codec (``--reference-run``, else ``job.output`` when local), else probe samples."""
+    ref = None
+    if opts.reference_run:
+        ref = reference_bytes_per_target(opts.reference_run, job)
+        if ref is None:
+            raise DistillError(
+                f"--reference-run {opts.reference_run}: no manifest with the job's targets "
+                f"({job.targets.kind}, k={job.targets.k}) and codec there (or under train/, eval/)"
+            )
+    elif "://" not in job.job.output and Path(job.job.output).is_dir():
+        ref = reference_bytes_per_target(job.job.output, job)
+    if ref is None:
+        return probed_shard_bytes(job, data, vocab)
+    per_target, basis = ref
+    return int(per_target * data.target_tokens), f"{per_target:,.1f} bytes/target token, {basis}"
+
+
+def priced(
+    prices: Prices,
+    opts: CostOptions,
+    spot_h: float,
+    on_demand_h: float,
+    storage_gb_months: float,
+    egress_gb: float,
+) -> dict[str, float]:
+    """USD per item (VM and boot disk, spot and on demand; storage; egress) and the totals."""
+    disk_per_h = opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH
+    usd = {
+        "vm_spot": spot_h * prices.vm_spot_per_hour,
+        "vm_on_demand": on_demand_h * prices.vm_on_demand_per_hour,
+        "disk_spot": spot_h * disk_per_h,
+        "disk_on_demand": on_demand_h * disk_per_h,
+        "storage": storage_gb_months * prices.storage_per_gb_month,
+        "egress": egress_gb * prices.egress_per_gb,
+    }
+    shared = usd["storage"] + usd["egress"]
+    usd["total_spot"] = usd["vm_spot"] + usd["disk_spot"] + shared
+    usd["total_on_demand"] = usd["vm_on_demand"] + usd["disk_on_demand"] + shared
+    return usd
+
+
 def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     """Count, size and price one teacher pass of ``job`` on an L4 spot VM."""
     from transformers import AutoConfig
@@ -638,57 +637,11 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     on_demand_h = compute_h + setup_h
     spot_h = on_demand_h * (1 + opts.preemption_overhead)
 
-    ref = None
-    if opts.reference_run:
-        ref = reference_bytes_per_target(opts.reference_run, job)
-        if ref is None:
-            raise DistillError(
-                f"--reference-run {opts.reference_run}: no manifest with the job's targets "
-                f"({job.targets.kind}, k={job.targets.k}) and codec there (or under train/, eval/)"
-            )
-    elif "://" not in job.job.output and Path(job.job.output).is_dir():
-        ref = reference_bytes_per_target(job.job.output, job)
-    if ref is not None:
-        per_target, basis = ref
-        shard_bytes = int(per_target * data.target_tokens)
-        basis = f"{per_target:,.1f} bytes/target token, {basis}"
-    elif (targets := _targets_info(job))[1].get("name") == "packed":
-        shard_bytes, basis = probed_shard_bytes(job, data, profile.vocab)
-    else:
-        spec, codec = targets
-        width = int(spec.get("width", job.targets.k))
-        sampled = "draws" in spec
-        shard_bytes = estimated_shard_bytes(data, width, profile.vocab, sampled)
-        ids = 2 if profile.vocab <= 2**16 else 4
-        entry = f"{ids}+{LOGPROB_BYTES}" + ("+2" if sampled else "")
-        exact = spec.get("kind") == "topk" and codec.get("name") == "npz"
-        basis = (
-            (
-                "estimated"
-                if exact
-                else f"upper bound (npz at full width; {spec.get('kind')}/"
-                f"{codec.get('name')} store less: measure with --reference-run)"
-            )
-            + f": targets x {width} x ({entry}) + tokens x ({ids}+{MASK_BYTES}) "
-            f"+ samples x {sample_overhead_bytes():,.0f} (npz + tar headers, measured) "
-            f"+ shards x {SHARD_OVERHEAD_BYTES} (tar end and record padding) = "
-            f"{shard_bytes / max(data.target_tokens, 1):,.1f} bytes/target token"
-        )
+    shard_bytes, basis = shard_bytes_estimate(job, data, profile.vocab, opts)
     gb = shard_bytes / GIB
     storage_gb_months = gb * opts.storage_months
     egress_gb = gb * opts.downloads
-    disk_per_h = opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH
-    usd = {
-        "vm_spot": spot_h * prices.vm_spot_per_hour,
-        "vm_on_demand": on_demand_h * prices.vm_on_demand_per_hour,
-        "disk_spot": spot_h * disk_per_h,
-        "disk_on_demand": on_demand_h * disk_per_h,
-        "storage": storage_gb_months * prices.storage_per_gb_month,
-        "egress": egress_gb * prices.egress_per_gb,
-    }
-    shared = usd["storage"] + usd["egress"]
-    usd["total_spot"] = usd["vm_spot"] + usd["disk_spot"] + shared
-    usd["total_on_demand"] = usd["vm_on_demand"] + usd["disk_on_demand"] + shared
+    usd = priced(prices, opts, spot_h, on_demand_h, storage_gb_months, egress_gb)
     return CostEstimate(
         job=job.job.name,
         teacher=job.teacher.model,

@@ -84,7 +84,7 @@ def probe_sample_bytes(
     targets = max(int(targets), 0)
     tokens = max(int(tokens), targets + 1)
     n = max(1, min(int(samples), MAX_PROBE_ROWS // max(targets, 1)))
-    fmt = None if codec.name == "npz" else ShardFormat(codec, spec, vocab)
+    fmt = ShardFormat(codec, spec, vocab)
     with tempfile.TemporaryDirectory(prefix="distill-probe-") as d:
         path = Path(d) / "probe.tar"
         write_shard(path, probe_samples(spec, vocab, tokens, targets, n), fmt)

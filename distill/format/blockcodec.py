@@ -3,8 +3,9 @@
 A per-sample tar member costs a 512-byte header plus padding to 512 bytes (~35 bytes per
 target position on short chat answers), and per-sample headers and zstd frames cannot share
 anything. A block concatenates its samples (their tokens, masks and target rows, in order) and
-codes them as one, with the packed v1 sections (:mod:`distill.format.codec`) plus Rice-coded mask
-runs and draw counts; the chat template that starts every sample then compresses away under zstd.
+codes them as one, with the sections of :mod:`distill.format.codec` (those of the per-sample
+packed v1, now read only: :mod:`distill.format.legacy`) plus Rice-coded mask runs and draw
+counts; the chat template that starts every sample then compresses away under zstd.
 
 Member layout (little-endian): a 32-byte header, then the body (one zstd frame when the zstd
 flag is set):
@@ -21,9 +22,9 @@ flag is set):
 ====  ==============================================================================
  0    input ids of all samples, ``bit_length(V - 1)`` bits each
  1-2  the concatenated loss mask as runs (0-run, 1-run, ...), Rice: unary quotients, low bits
- 3    entries per row - 1 (``topp``: exact; sampled kinds: drawn), as packed v1
- 4-5  id deltas, Rice (as packed v1, one parameter per block)
- 6    exact entries' values (log8 / pow8 / f16, as packed v1)
+ 3    entries per row - 1 (``topp``: exact; sampled kinds: drawn)
+ 4-5  id deltas, Rice (one parameter per block)
+ 6    exact entries' values (log8 / pow8 / f16)
  7-8  draw counts - 1, Rice
  9    ``topk+sample``: per row log(1 - P_H), float16
 ====  ==============================================================================

@@ -1,57 +1,37 @@
-"""Shard member codecs: how samples' arrays become the bytes of tar members.
+"""Packed targets: the codec settings, and the section coding of packed v2 blocks.
 
-``npz`` v0 (member ``KEY.targets.npz``, one per sample): an uncompressed NumPy archive of
-``input_ids``, ``loss_mask``, ``topk_ids``, ``topk_logprobs`` (float16) and, for sampled kinds,
-``topk_counts``. Variable-width rows are padded with the sentinel of :mod:`distill.teacher.extract`
-(first id, ``-inf``, count 0). Shard sets written before codecs existed have no ``codec`` in
-their manifest and read as ``npz`` v0.
+distill writes one member codec, ``packed`` v2 (:data:`WRITTEN`): one tar member
+``FIRSTKEY.targets.dpb`` per block of consecutive samples, laid out in
+:mod:`distill.format.blockcodec`. It still reads the codecs of earlier versions (:data:`KNOWN`):
+``npz`` v0 and ``packed`` v1, one member per sample, in :mod:`distill.format.legacy` (readers
+only); v1 codes its samples with the sections below, as v2 codes a block.
 
-``packed`` v1 (member ``KEY.targets.dpk``, one per sample): a 40-byte little-endian header
-(magic ``DPK``, version, kind, value map, flags, Rice parameter, vocab, T, rows, entries, mask
-runs, k, draws, L, CRC32 of all the other bytes of the member), a table of the eight section
-lengths (8 x uint32), then the payload: the eight sections concatenated (one zstd frame when
-the zstd flag is set); no padding is stored:
+A block's targets are flattened (:func:`flatten`) to one entry list: per row the exact entries,
+then the drawn ones, each segment sorted by id ascending and delta-coded (``d = id - previous -
+1``, the segment's first: ``d = id``), the deltas Rice-coded (a quotient in unary, the low bits
+apart). Alongside: the entries per row minus 1 (``topp``: all; sampled kinds: the drawn ones;
+nothing for ``topk``, whose rows hold k), at ``bit_length(k - 1)`` or ``bit_length(draws - 1)``
+bits; the exact entries' values in one of :data:`VALUE_MAPS`:
 
-====  ===========  ==============================================================
- #    section      contents
-====  ===========  ==============================================================
- 0    input_ids    T ids at ``id_bits = bit_length(V - 1)`` bits each (big-endian bit order)
- 1    loss_mask    run lengths, alternating 0-run / 1-run starting with a (maybe empty)
-                   0-run, at ``bit_length(T)`` bits each
- 2    row_entries  entries per row minus 1 (``topp``: all; sampled kinds: sampled ids), at
-                   ``bit_length(k - 1)`` or ``bit_length(draws - 1)`` bits; empty for topk
- 3    id_unary     ids, per row segment (head, then sampled tail) sorted ascending and
- 4    id_rice      delta-coded: d = id - previous - 1 (the segment's first: d = id), Rice
-                   code with parameter ``b`` (chosen per sample): quotient ``d >> b`` in
-                   unary (ones closed by a zero) in 3, the low b bits in 4
- 5    values       exact entries' log-probs: ``f16`` (float16, 2 bytes), ``log8`` (1 byte,
-                   ``c = round(-lp / L * 255)`` clipped to [0, 255], decoded ``-c L / 255``;
-                   |error| <= L / 510 for lp >= -L, lp < -L reads as -L) or ``pow8`` (1 byte,
-                   ``c = round(255 p^(1/4))`` clipped to [1, 255], decoded ``4 log(c / 255)``;
-                   |error of p^(1/4)| <= 1/510, more accurate where p is large)
- 6    counts       draw count minus 1 per sampled entry, at ``bit_length(draws - 1)`` bits
- 7    tail_mass    ``topk+sample``: per row ``m = log(1 - P_H)`` as float16 (the tail's
-                   probabilities are off by at most 2^-11 |m| relative: <= 1.8e-4 in all)
-====  ===========  ==============================================================
+- ``f16``: float16, 2 bytes;
+- ``log8``: 1 byte, ``c = round(-lp / L * 255)`` clipped to [0, 255], decoded ``-c L / 255``
+  (|error| <= L / 510 for lp >= -L; lp < -L reads as -L);
+- ``pow8``: 1 byte, ``c = round(255 p^(1/4))`` clipped to [1, 255], decoded ``4 log(c / 255)``
+  (|error of p^(1/4)| <= 1/510, more accurate where p is large);
 
-``packed`` v2 (member ``FIRSTKEY.targets.dpb``, one per *block* of consecutive samples, see
-:mod:`distill.format.blockcodec`): the same sections over the block's samples concatenated, with
-mask runs and counts Rice-coded too, the keys and lengths in a table, and one zstd frame over
-the whole block; it saves the per-sample tar header and padding (~1 KB per sample).
+the draw counts (exact), and for ``topk+sample`` per row ``m = log(1 - P_H)`` as float16 (the
+tail's probabilities are off by at most 2^-11 |m| relative: <= 1.8e-4 in all); no padding is
+stored.
 
-Decoded (vectorised numpy, no per-token loops) to the same padded in-memory arrays as npz
-(ids, float32 log-probs with ``-inf`` pads, uint16 counts). A sampled entry's value is
-``log(count / draws)`` (+ the row's tail mass for ``topk+sample``), counts are exact.
-The CRC32 and structural checks (lengths, id range, counts summing to
-``draws``) turn a truncated or corrupt sample into a DistillError.
+Decoded (vectorised numpy, no per-token loops) to padded in-memory arrays: ids, float32
+log-probs with ``-inf`` pads (a pad's id is its row's first, its count 0), uint16 counts. A
+sampled entry's value is ``log(count / draws)`` (+ the row's tail mass for ``topk+sample``).
+CRC32 and structural checks (lengths, id range, counts summing to ``draws``) turn truncated or
+corrupt bytes into a DistillError.
 """
 
 from __future__ import annotations
 
-import io
-import struct
-import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,25 +39,19 @@ from typing import Any, TypeVar
 import numpy as np
 
 from distill.errors import DistillError
-from distill.format.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
-from distill.format.spec import KINDS, TargetSpec
+from distill.format.bitpack import bits_for, pack_bits, unpack_bits
+from distill.format.spec import TargetSpec
 
-KNOWN = {"npz": (0,), "packed": (1, 2)}  # the newest version of each is what jobs write
+KNOWN = {"npz": (0,), "packed": (1, 2)}  # what this distill reads
+WRITTEN = ("packed", 2)  # what it writes: jobs cannot ask for anything else
 VALUE_MAPS = ("log8", "pow8", "f16")
-NPZ_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
+MEMBERS = {("npz", 0): "targets.npz", ("packed", 1): "targets.dpk", ("packed", 2): "targets.dpb"}
+
+T = TypeVar("T")
 
 
 def _known() -> str:
     return ", ".join(f"{n} v{v}" for n, vs in KNOWN.items() for v in vs)
-
-
-MEMBERS = {("npz", 0): "targets.npz", ("packed", 1): "targets.dpk", ("packed", 2): "targets.dpb"}
-
-T = TypeVar("T")
-_MAGIC = b"DPK"
-_HEAD = struct.Struct("<3sBBBBBIIIIIHHfI")  # magic ver kind values flags b V T n E R k N L crc
-_SECTIONS = struct.Struct("<8I")
-_ZSTD = 1
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -88,22 +62,17 @@ def id_dtype(vocab_size: int) -> np.dtype:
 class Codec:
     """A member codec and its settings; ``info()`` is what the manifest records."""
 
-    name: str = "npz"
-    version: int = 0
+    name: str = WRITTEN[0]
+    version: int = WRITTEN[1]
     values: str = "log8"  # packed: log8 | pow8 | f16
     log_range: float = 20.0  # packed log8: L
-    zstd: bool = False  # packed v1: one zstd frame per sample; v2: per block
+    zstd: bool = False  # packed: one zstd frame per block (v2) or per sample (v1, read only)
     zstd_level: int = 3
     block_tokens: int = 16384  # packed v2: a block closes once it holds this many tokens
 
     @property
     def member(self) -> str:
         return MEMBERS[(self.name, self.version)]
-
-    @property
-    def blocks(self) -> bool:
-        """Whether a tar member holds a block of samples (packed v2) rather than one."""
-        return self.name == "packed" and self.version >= 2
 
     def info(self) -> dict[str, Any]:
         if self.name == "npz":
@@ -112,13 +81,13 @@ class Codec:
         if self.values == "log8":
             d["log_range"] = self.log_range
         d = {**d, "zstd": self.zstd, **({"zstd_level": self.zstd_level} if self.zstd else {})}
-        return {**d, "block_tokens": self.block_tokens} if self.blocks else d
+        return {**d, "block_tokens": self.block_tokens} if self.version >= 2 else d
 
     @classmethod
     def from_info(cls, info: dict[str, Any] | None, where: str) -> Codec:
-        """The codec a manifest names; unknown names or versions are refused."""
+        """The codec a manifest names (none: npz v0); unknown names or versions are refused."""
         if info is None:
-            return cls()
+            return cls("npz", 0)
         name, version = info.get("name"), info.get("version")
         if name not in KNOWN or version not in KNOWN[name]:
             raise DistillError(
@@ -160,33 +129,29 @@ class ShardFormat:
     vocab_size: int
 
 
-NPZ_V0 = Codec()
-
-
-# --- npz v0 --------------------------------------------------------------------------------
-
-
-def encode_npz(arrays: dict[str, np.ndarray | None]) -> bytes:
-    buf = io.BytesIO()
-    out = {k: arrays[k] for k in NPZ_FIELDS}
-    out["topk_logprobs"] = np.asarray(out["topk_logprobs"]).astype(np.float16, copy=False)
-    if arrays.get("topk_counts") is not None:
-        out["topk_counts"] = arrays["topk_counts"]
-    np.savez(buf, **out)
-    return buf.getvalue()
-
-
-def decode_npz(data: bytes, where: str) -> dict[str, np.ndarray | None]:
-    try:
-        with np.load(io.BytesIO(data)) as z:
-            missing = [k for k in NPZ_FIELDS if k not in z.files]
-            if missing:
-                raise DistillError(f"{where} lacks {', '.join(missing)}")
-            out: dict[str, np.ndarray | None] = {k: z[k] for k in NPZ_FIELDS}
-            out["topk_counts"] = z["topk_counts"] if "topk_counts" in z.files else None
-            return out
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
-        raise DistillError(f"{where}: corrupt sample ({e})") from None
+def check_writable(name: str, version: int, src: str, section: str = "targets") -> None:
+    """Refuse a codec distill no longer writes (``version`` 0: the newest), naming the field
+    (``src: section.codec``) and what to use instead."""
+    field = f"{src}: {section}"
+    if name == "npz":
+        raise DistillError(
+            f'{field}.codec = "npz" is no longer written (npz v0 shard sets still read): use '
+            f'{section}.codec = "packed" (with {section}.values = "f16" for float16 log-probs '
+            "as npz stored)"
+        )
+    if name != WRITTEN[0]:
+        return  # not a codec at all: the choice check names it
+    if version == 1:
+        raise DistillError(
+            f"{field}.codec_version = 1 (packed v1, one tar member per sample) is no longer "
+            f"written (v1 shard sets still read): use {section}.codec_version = 0 (the newest) "
+            f"or {WRITTEN[1]}"
+        )
+    if version not in (0, WRITTEN[1]):
+        raise DistillError(
+            f"{field}.codec_version = {version} is not one of 0, {WRITTEN[1]} for codec "
+            f"{name!r} (0 = the newest)"
+        )
 
 
 # --- values and masks ------------------------------------------------------------------
@@ -222,7 +187,7 @@ def mask_runs(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], runs]) if m[0] else runs
 
 
-# --- the packed codecs' shared maths --------------------------------------------------------
+# --- flattening targets ---------------------------------------------------------------------
 
 
 @dataclass
@@ -404,58 +369,7 @@ def mask_from_runs(runs: np.ndarray, t: int) -> np.ndarray:
     return np.repeat((np.arange(runs.size) % 2).astype(np.uint8), runs)
 
 
-# --- packed v1 -----------------------------------------------------------------------------
-
-
-def encode_packed(
-    arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str = "sample"
-) -> bytes:
-    """One sample's arrays -> packed v1 bytes (see the module docstring)."""
-    spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
-    f = flatten(arrays, fmt, where)
-    id_bits = bits_for(vocab - 1)
-    b, ids_q, ids_low = rice_encode(f.d, id_bits)
-    runs = mask_runs(f.mask)
-    sections = [
-        pack_bits(f.input_ids, id_bits),
-        pack_bits(runs, bits_for(len(f.mask))),
-        row_entries(f, spec),
-        ids_q,
-        ids_low,
-        quantise(f.values, codec) if spec.kind != "sample" else b"",
-        pack_bits(f.counts - 1, bits_for(spec.draws - 1)) if f.counts is not None else b"",
-        f.tail.astype("<f2").tobytes() if f.tail is not None else b"",
-    ]
-    payload = b"".join(sections)
-    flags = 0
-    if codec.zstd:
-        payload = zstd(codec.zstd_level).compress(payload)
-        flags |= _ZSTD
-    head_bytes = _HEAD.pack(
-        _MAGIC,
-        1,
-        KINDS.index(spec.kind),
-        VALUE_MAPS.index(codec.values),
-        flags,
-        b,
-        vocab,
-        len(f.input_ids),
-        f.n,
-        int(f.d.size),
-        int(runs.size),
-        spec.k,
-        spec.draws,
-        codec.log_range,
-        0,
-    )[:-4]
-    body = _SECTIONS.pack(*(len(s) for s in sections)) + payload
-    crc = zlib.crc32(body, zlib.crc32(head_bytes))  # everything but the CRC field itself
-    return head_bytes + struct.pack("<I", crc) + body
-
-
-def decode_packed(data: bytes, where: str) -> tuple[dict[str, np.ndarray | None], int]:
-    """Packed v1 bytes -> (arrays, vocab size); any inconsistency is a DistillError."""
-    return guarded_decode(_decode_packed, data, where, "sample")
+# --- decoding ---------------------------------------------------------------------------
 
 
 def guarded_decode(decode: Callable[[bytes], T], data: bytes, where: str, what: str) -> T:
@@ -466,68 +380,6 @@ def guarded_decode(decode: Callable[[bytes], T], data: bytes, where: str, what: 
         raise DistillError(f"{where}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoding failure means corrupt bytes
         raise DistillError(f"{where}: corrupt {what} ({type(e).__name__}: {e})") from None
-
-
-def _decode_packed(data: bytes) -> tuple[dict[str, np.ndarray | None], int]:
-    if len(data) < _HEAD.size + _SECTIONS.size:
-        raise ValueError(f"truncated header ({len(data)} bytes)")
-    (magic, ver, kind_i, val_i, flags, b, vocab, t, n, e, r, k, draws, lrange, crc) = (
-        _HEAD.unpack_from(data)
-    )
-    if magic != _MAGIC:
-        raise ValueError(f"bad magic {magic!r}")
-    if ver != 1:
-        raise DistillError(f"packed sample version {ver} is not supported (knows 1)")
-    if kind_i >= len(KINDS) or val_i >= len(VALUE_MAPS) or vocab < 1:
-        raise ValueError("bad header")
-    if zlib.crc32(data[_HEAD.size :], zlib.crc32(data[: _HEAD.size - 4])) != crc:
-        raise ValueError("checksum mismatch (truncated or corrupt)")
-    lens = _SECTIONS.unpack_from(data, _HEAD.size)
-    payload = data[_HEAD.size + _SECTIONS.size :]
-    if flags & _ZSTD:
-        payload = zstd(None).decompress(payload, max_output_size=sum(lens))
-    if len(payload) != sum(lens):
-        raise ValueError(f"payload is {len(payload)} bytes, sections say {sum(lens)}")
-    offs = np.concatenate([[0], np.cumsum(lens)]).tolist()
-    sec = [payload[offs[i] : offs[i + 1]] for i in range(8)]
-    spec = TargetSpec(kind=KINDS[kind_i], k=k, draws=draws)
-    id_bits = bits_for(vocab - 1)
-
-    input_ids = unpack_bits(sec[0], t, id_bits)
-    if (input_ids >= vocab).any():
-        raise ValueError("input id outside the vocab")
-    mask = mask_from_runs(unpack_bits(sec[1], r, bits_for(t)), t)
-    if int(mask[1:].sum()) != n:
-        raise ValueError(f"loss_mask has {int(mask[1:].sum())} targets, header says {n}")
-    m_exact, m_drawn = read_row_entries(sec[2], spec, n)
-    ne, nd = int(m_exact.sum()), int(m_drawn.sum())
-    if ne + nd != e:
-        raise ValueError(f"rows hold {ne + nd} entries, header says {e}")
-    d = rice_decode(sec[3], sec[4], e, b)
-    values = dequantise(sec[5], ne, val_i, lrange) if spec.kind != "sample" else np.zeros(0)
-    counts = unpack_bits(sec[6], nd, bits_for(draws - 1)) + 1 if spec.sampled else None
-    tail = None
-    if spec.kind == "topk+sample":
-        tail = np.frombuffer(sec[7], dtype="<f2", count=n)
-    ids, vals, cnt = unflatten(spec, vocab, d, m_exact, m_drawn, values, counts, tail)
-    vdt = id_dtype(vocab)
-    arrays = {
-        "input_ids": input_ids.astype(vdt),
-        "loss_mask": mask,
-        "topk_ids": ids,
-        "topk_logprobs": vals,
-        "topk_counts": cnt,
-    }
-    return arrays, int(vocab)
-
-
-def encode(arrays: dict[str, np.ndarray | None], fmt: ShardFormat | None, where: str) -> bytes:
-    """Encode one sample with ``fmt.codec`` (npz v0 when ``fmt`` is None; not packed v2)."""
-    if fmt is None or fmt.codec.name == "npz":
-        return encode_npz(arrays)
-    if fmt.codec.blocks:
-        raise DistillError(f"{where}: packed v{fmt.codec.version} encodes blocks of samples")
-    return encode_packed(arrays, fmt, where)
 
 
 def member_codec(suffix: str) -> tuple[str, int] | None:

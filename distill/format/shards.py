@@ -1,17 +1,16 @@
 """Shards: WebDataset tar files of per-sample sparse teacher targets.
 
-With the ``npz`` v0 and ``packed`` v1 codecs each sample ``KEY`` is one tar member (one tar
-header per sample): ``KEY.targets.npz`` (an uncompressed NumPy archive) or ``KEY.targets.dpk``
-(see :mod:`distill.format.codec`). With ``packed`` v2 one member ``FIRSTKEY.targets.dpb`` holds a
-block of consecutive samples (see :mod:`distill.format.blockcodec`), and the archive ends after its
-end-of-archive blocks (no padding to a 10 KiB tar record). Each sample decodes to a
-:class:`TargetSample`:
+distill writes ``packed`` v2: one member ``FIRSTKEY.targets.dpb`` holds a block of consecutive
+samples (see :mod:`distill.format.blockcodec`), and the archive ends after its end-of-archive
+blocks (no padding to a 10 KiB tar record). Shards of earlier versions still read (see
+:mod:`distill.format.legacy`): ``npz`` v0 and ``packed`` v1, one member per sample
+(``KEY.targets.npz`` or ``KEY.targets.dpk``). Each sample decodes to a :class:`TargetSample`:
 
 - ``input_ids``     [T]    token ids (uint16 when the vocab fits, else int32)
 - ``loss_mask``     [T]    uint8, 1 = assistant token (a label)
 - ``topk_ids``      [N, w] the teacher's stored ids at the N target positions
-- ``topk_logprobs`` [N, w] log-probabilities normalised over the full vocab (float16 from
-  npz, float32 from packed); for sampled entries ``log(count / draws)`` (see
+- ``topk_logprobs`` [N, w] log-probabilities normalised over the full vocab (float32; float16
+  from npz v0); for sampled entries ``log(count / draws)`` (see
   :mod:`distill.teacher.extract`); ``-inf`` marks padding in variable-width rows
 - ``topk_counts``   [N, w] uint16 draw counts, sampled kinds only (else None)
 
@@ -25,7 +24,6 @@ samples come out in the order they were written.
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -36,16 +34,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from distill.errors import DistillError
-from distill.format import codec as codecs
+from distill.format import legacy
 from distill.format.blockcodec import decode_block, encode_block, split_blocks
-from distill.format.codec import ShardFormat, id_dtype
+from distill.format.codec import WRITTEN, ShardFormat, id_dtype, member_codec
 
 FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
-MEMBER = "targets.npz"  # the npz v0 member suffix
 
 __all__ = [
     "FIELDS",
-    "MEMBER",
     "ShardFormat",
     "ShardStats",
     "TargetSample",
@@ -103,20 +99,18 @@ class ShardStats:
     last_key: str
 
 
-def write_shard(
-    path: Path, samples: Iterable[TargetSample], fmt: ShardFormat | None = None
-) -> ShardStats:
-    """Write samples to a tar file at ``path`` and return its stats (including sha256).
-
-    ``fmt`` picks the codec (None: npz v0)."""
+def write_shard(path: Path, samples: Iterable[TargetSample], fmt: ShardFormat) -> ShardStats:
+    """Write samples to a packed v2 tar file at ``path`` and return its stats (with sha256)."""
     samples = list(samples)
     if not samples:
         raise ValueError("a shard needs at least one sample")
+    if (fmt.codec.name, fmt.codec.version) != WRITTEN:
+        raise DistillError(
+            f"{path}: distill writes only {WRITTEN[0]} v{WRITTEN[1]}, not "
+            f"{fmt.codec.name} v{fmt.codec.version} (older codecs are read only)"
+        )
     with path.open("wb") as f:
-        if fmt is not None and fmt.codec.blocks:
-            _write_blocks(f, samples, fmt, str(path))
-        else:
-            _write_members(f, samples, fmt, str(path))
+        _write_blocks(f, samples, fmt, str(path))
     with path.open("rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return ShardStats(
@@ -140,20 +134,9 @@ def _member_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _write_members(
-    out: BinaryIO, samples: list[TargetSample], fmt: ShardFormat | None, where: str
-) -> None:
-    """npz v0, packed v1: one member per sample, a standard tar archive (record-padded)."""
-    member = fmt.codec.member if fmt is not None else MEMBER
-    with tarfile.open(fileobj=out, mode="w|") as tf:
-        for s in samples:
-            data = codecs.encode(s.arrays(), fmt, f"{where}: sample {s.key}")
-            tf.addfile(_member_info(f"{s.key}.{member}", len(data)), io.BytesIO(data))
-
-
 def _write_blocks(out: BinaryIO, samples: list[TargetSample], fmt: ShardFormat, where: str) -> None:
-    """Packed v2: one member per block, and the archive ends after its end-of-archive blocks
-    (``tarfile`` would pad it to a 10 KiB record)."""
+    """One member per block, and the archive ends after its end-of-archive blocks (``tarfile``
+    would pad it to a 10 KiB record)."""
     for lo, hi in split_blocks([len(s.input_ids) for s in samples], fmt.codec.block_tokens):
         block = samples[lo:hi]
         data = encode_block([s.key for s in block], [s.arrays() for s in block], fmt, where)
@@ -172,7 +155,7 @@ def read_shard(path: Path, vocab_size: int | None = None) -> Iterator[TargetSamp
         with tarfile.open(path, "r|") as tf:  # streaming: members in write order
             for info in tf:
                 key, _, suffix = info.name.partition(".")
-                codec = codecs.member_codec(suffix)
+                codec = member_codec(suffix)
                 if codec is None or not info.isfile():
                     raise DistillError(f"{path}: unexpected member {info.name!r}")
                 data = tf.extractfile(info).read()  # type: ignore[union-attr]
@@ -189,11 +172,8 @@ def _member_samples(
 ) -> Iterator[TargetSample]:
     """The validated samples of one tar member."""
     where = f"{path}: sample {key}"
-    vocab = None
-    if codec == ("npz", 0):
-        decoded = [(key, codecs.decode_npz(data, where))]
-    elif codec == ("packed", 1):
-        arrays, vocab = codecs.decode_packed(data, where)
+    if codec != WRITTEN:
+        arrays, vocab = legacy.decode_sample(codec, data, where)
         decoded = [(key, arrays)]
     else:
         where = f"{path}: block {key}"
@@ -224,10 +204,10 @@ def wds_samples(
     """
     for raw in src:
         key, url = raw["__key__"], str(raw.get("__url__", "<webdataset>"))
-        members = [k for k in raw if not k.startswith("__") and codecs.member_codec(k)]
+        members = [k for k in raw if not k.startswith("__") and member_codec(k)]
         if len(members) != 1:
             raise DistillError(f"{url}: {key}: expected one distill member, got {sorted(raw)}")
-        codec = codecs.member_codec(members[0])
+        codec = member_codec(members[0])
         assert codec is not None
         for s in _member_samples(url, key, codec, raw[members[0]], vocab_size):
             yield {"__key__": s.key, "__url__": url, **s.arrays()}
