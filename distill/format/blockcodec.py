@@ -40,6 +40,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,7 @@ from distill.errors import DistillError
 from distill.format.bitpack import bits_for, pack_bits, rice_decode, rice_encode, unpack_bits, zstd
 from distill.format.codec import (
     VALUE_MAPS,
+    Flat,
     ShardFormat,
     dequantise,
     flatten,
@@ -88,10 +90,33 @@ def encode_block(
     keys: Sequence[str], samples: Sequence[Arrays], fmt: ShardFormat, where: str = ""
 ) -> bytes:
     """Consecutive samples (their keys and padded arrays) -> one packed v2 member."""
-    spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
     where = (f"{where}: " if where else "") + (
         f"block {keys[0]}..{keys[-1]}" if keys else "empty block"
     )
+    f = flatten(_concatenate(keys, samples, fmt.spec, where), fmt, where)
+    lengths = np.array([len(a["input_ids"]) for a in samples], dtype=np.int64)  # type: ignore[arg-type]
+    t_bits = bits_for(int(lengths.max()))
+    rice, n_runs, sections = _sections(f, fmt)
+    key_bytes = [k.encode() for k in keys]
+    if max(len(k) for k in key_bytes) > 0xFFFF:
+        raise DistillError(f"{where}: a sample key is longer than 65535 bytes")
+    body = b"".join(
+        [
+            _META.pack(*rice, t_bits, n_runs, f.d.size, *map(len, sections)),
+            np.array([len(k) for k in key_bytes], dtype="<u2").tobytes(),
+            *key_bytes,
+            pack_bits(lengths, t_bits),
+            *sections,
+        ]
+    )
+    return _frame(body, fmt, len(samples))
+
+
+def _concatenate(
+    keys: Sequence[str], samples: Sequence[Arrays], spec: TargetSpec, where: str
+) -> Arrays:
+    """The block's samples as one: their arrays concatenated, in order (rows checked against
+    each sample's mask, since the decoder splits rows by the masks)."""
     if not samples or len(keys) != len(samples):
         raise DistillError(f"{where}: a block needs samples, one key each")
     for key, a in zip(keys, samples, strict=True):
@@ -106,9 +131,14 @@ def encode_block(
         if any(a.get("topk_counts") is None for a in samples):
             raise DistillError(f"{where}: cannot encode as packed {spec.kind}: no draw counts")
         cat["topk_counts"] = np.concatenate([np.asarray(a["topk_counts"]) for a in samples])
-    f = flatten(cat, fmt, where)
-    lengths = np.array([len(a["input_ids"]) for a in samples], dtype=np.int64)  # type: ignore[arg-type]
-    id_bits, t_bits = bits_for(vocab - 1), bits_for(int(lengths.max()))
+    return cat
+
+
+def _sections(f: Flat, fmt: ShardFormat) -> tuple[tuple[int, int, int], int, list[bytes]]:
+    """The ten sections of a flattened block: (Rice parameters of ids, mask runs and counts,
+    the number of mask runs, the sections)."""
+    spec = fmt.spec
+    id_bits = bits_for(fmt.vocab_size - 1)
     runs = mask_runs(f.mask)
     b_ids, ids_q, ids_low = rice_encode(f.d, id_bits)
     b_runs, runs_q, runs_low = rice_encode(runs, bits_for(len(f.mask)))
@@ -122,23 +152,17 @@ def encode_block(
         row_entries(f, spec),
         ids_q,
         ids_low,
-        quantise(f.values, codec) if spec.kind != "sample" else b"",
+        quantise(f.values, fmt.codec) if spec.kind != "sample" else b"",
         cnt_q,
         cnt_low,
         f.tail.astype("<f2").tobytes() if f.tail is not None else b"",
     ]
-    key_bytes = [k.encode() for k in keys]
-    if max(len(k) for k in key_bytes) > 0xFFFF:
-        raise DistillError(f"{where}: a sample key is longer than 65535 bytes")
-    body = b"".join(
-        [
-            _META.pack(b_ids, b_runs, b_cnt, t_bits, runs.size, f.d.size, *map(len, sections)),
-            np.array([len(k) for k in key_bytes], dtype="<u2").tobytes(),
-            *key_bytes,
-            pack_bits(lengths, t_bits),
-            *sections,
-        ]
-    )
+    return (b_ids, b_runs, b_cnt), int(runs.size), sections
+
+
+def _frame(body: bytes, fmt: ShardFormat, n_samples: int) -> bytes:
+    """Header + body (zstd-compressed when the codec says so), the CRC over both."""
+    spec, codec = fmt.spec, fmt.codec
     raw_len, flags = len(body), 0
     if codec.zstd:
         body = zstd(codec.zstd_level).compress(body)
@@ -150,11 +174,11 @@ def encode_block(
         VALUE_MAPS.index(codec.values),
         flags,
         0,
-        vocab,
+        fmt.vocab_size,
         spec.k,
         spec.draws,
         codec.log_range,
-        len(samples),
+        n_samples,
         raw_len,
         0,
     )[:-4]
@@ -168,11 +192,37 @@ def decode_block(data: bytes, where: str) -> tuple[list[tuple[str, Arrays]], int
 
 
 def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
+    head, body = _open_block(data)
+    _, _, kind_i, val_i, _, _, vocab, k, draws, lrange, n_samples, _, _ = head
+    b_ids, b_runs, b_cnt, t_bits, r, e, *lens = _META.unpack_from(body)
+    keys, lengths, sec = _layout(body, n_samples, t_bits, lens)
+    spec = TargetSpec(kind=KINDS[kind_i], k=k, draws=draws)
+    t = int(lengths.sum())
+    input_ids = unpack_bits(sec[0], t, bits_for(vocab - 1))
+    if (input_ids >= vocab).any():
+        raise ValueError("input id outside the vocab")
+    mask = mask_from_runs(rice_decode(sec[1], sec[2], r, b_runs), t)
+    rows = _rows_per_sample(mask, lengths)
+    n = int(rows.sum())
+    m_exact, m_drawn = read_row_entries(sec[3], spec, n)
+    ne, nd = int(m_exact.sum()), int(m_drawn.sum())
+    if ne + nd != e:
+        raise ValueError(f"rows hold {ne + nd} entries, the block says {e}")
+    d = rice_decode(sec[4], sec[5], e, b_ids)
+    values = dequantise(sec[6], ne, val_i, lrange) if spec.kind != "sample" else np.zeros(0)
+    counts = rice_decode(sec[7], sec[8], nd, b_cnt) + 1 if spec.sampled else None
+    tail = np.frombuffer(sec[9], dtype="<f2", count=n) if spec.kind == "topk+sample" else None
+    targets = unflatten(spec, vocab, d, m_exact, m_drawn, values, counts, tail)
+    x = input_ids.astype(id_dtype(vocab))
+    return _split_samples(keys, x, mask, lengths, rows, targets), int(vocab)
+
+
+def _open_block(data: bytes) -> tuple[tuple[Any, ...], bytes]:
+    """Check a member's header and CRC; (header fields, the decompressed body)."""
     if len(data) < _HEAD.size:
         raise ValueError(f"truncated header ({len(data)} bytes)")
-    (magic, ver, kind_i, val_i, flags, _, vocab, k, draws, lrange, n_samples, raw_len, crc) = (
-        _HEAD.unpack_from(data)
-    )
+    head = _HEAD.unpack_from(data)
+    magic, ver, kind_i, val_i, flags, _, vocab, _, _, _, n_samples, raw_len, crc = head
     if magic != _MAGIC:
         raise ValueError(f"bad magic {magic!r}")
     if ver != VERSION:
@@ -186,7 +236,13 @@ def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
         body = zstd(None).decompress(body, max_output_size=raw_len)
     if len(body) != raw_len:
         raise ValueError(f"body is {len(body)} bytes, the header says {raw_len}")
-    b_ids, b_runs, b_cnt, t_bits, r, e, *lens = _META.unpack_from(body)
+    return head, body
+
+
+def _layout(
+    body: bytes, n_samples: int, t_bits: int, lens: list[int]
+) -> tuple[list[str], np.ndarray, list[bytes]]:
+    """The body after its fixed fields: (keys, token counts, the ten sections)."""
     pos = _META.size
     key_lens = np.frombuffer(body, dtype="<u2", count=n_samples, offset=pos).astype(np.int64)
     pos += 2 * n_samples
@@ -196,43 +252,39 @@ def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
     t_len = (n_samples * t_bits + 7) // 8
     lengths = unpack_bits(body[pos : pos + t_len], n_samples, t_bits)
     pos += t_len
-    if pos + sum(lens) != raw_len:
+    if pos + sum(lens) != len(body):
         raise ValueError("section lengths do not add up to the body")
     offs = np.concatenate([[pos], pos + np.cumsum(lens)]).tolist()
-    sec = [body[offs[i] : offs[i + 1]] for i in range(10)]
+    return keys, lengths, [body[offs[i] : offs[i + 1]] for i in range(10)]
 
-    spec = TargetSpec(kind=KINDS[kind_i], k=k, draws=draws)
-    t = int(lengths.sum())
-    input_ids = unpack_bits(sec[0], t, bits_for(vocab - 1))
-    if (input_ids >= vocab).any():
-        raise ValueError("input id outside the vocab")
-    mask = mask_from_runs(rice_decode(sec[1], sec[2], r, b_runs), t)
+
+def _rows_per_sample(mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per sample ``sum(mask_i[1:])``, from the block's concatenated mask."""
     tok_end = np.cumsum(lengths)
-    tok_cut = tok_end[:-1]
-    masks = np.split(mask, tok_cut)
-    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
     starts = tok_end - lengths
-    first = np.zeros(n_samples, dtype=np.int64)
+    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    first = np.zeros(lengths.size, dtype=np.int64)
     first[lengths > 0] = mask[starts[lengths > 0]]
-    rows = cs[tok_end] - cs[starts] - first  # per sample: sum(mask_i[1:])
-    n = int(rows.sum())
-    m_exact, m_drawn = read_row_entries(sec[3], spec, n)
-    ne, nd = int(m_exact.sum()), int(m_drawn.sum())
-    if ne + nd != e:
-        raise ValueError(f"rows hold {ne + nd} entries, the block says {e}")
-    d = rice_decode(sec[4], sec[5], e, b_ids)
-    values = dequantise(sec[6], ne, val_i, lrange) if spec.kind != "sample" else np.zeros(0)
-    counts = rice_decode(sec[7], sec[8], nd, b_cnt) + 1 if spec.sampled else None
-    tail = np.frombuffer(sec[9], dtype="<f2", count=n) if spec.kind == "topk+sample" else None
-    ids, vals, cnt = unflatten(spec, vocab, d, m_exact, m_drawn, values, counts, tail)
+    return cs[tok_end] - cs[starts] - first
 
-    row_cut = np.cumsum(rows)[:-1]
-    x = np.split(input_ids.astype(id_dtype(vocab)), tok_cut)
+
+def _split_samples(
+    keys: list[str],
+    input_ids: np.ndarray,
+    mask: np.ndarray,
+    lengths: np.ndarray,
+    rows: np.ndarray,
+    targets: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+) -> list[tuple[str, Arrays]]:
+    """Cut the block's arrays into its samples (views), keys in order."""
+    ids, vals, cnt = targets
+    tok_cut, row_cut = np.cumsum(lengths)[:-1], np.cumsum(rows)[:-1]
+    x, masks = np.split(input_ids, tok_cut), np.split(mask, tok_cut)
     parts = [np.split(ids, row_cut), np.split(vals, row_cut)]
-    parts.append(np.split(cnt, row_cut) if cnt is not None else [None] * n_samples)
-    out = [
+    parts.append(np.split(cnt, row_cut) if cnt is not None else [None] * len(keys))
+    return [
         (
-            keys[i],
+            key,
             {
                 "input_ids": x[i],
                 "loss_mask": masks[i],
@@ -241,6 +293,5 @@ def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
                 "topk_counts": parts[2][i],
             },
         )
-        for i in range(n_samples)
+        for i, key in enumerate(keys)
     ]
-    return out, int(vocab)

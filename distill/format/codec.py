@@ -208,69 +208,28 @@ class Flat:
 
 def flatten(arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str) -> Flat:
     """Check padded in-memory targets against ``fmt`` and flatten them (see :class:`Flat`)."""
-    spec, vocab = fmt.spec, fmt.vocab_size
+    spec = fmt.spec
     ids = np.asarray(arrays["topk_ids"]).astype(np.int64)
     vals = np.asarray(arrays["topk_logprobs"]).astype(np.float32)
-    counts = arrays.get("topk_counts")
     input_ids = np.asarray(arrays["input_ids"]).astype(np.int64)
     mask = np.asarray(arrays["loss_mask"])
-    n, w = ids.shape
-    draws, kind = spec.draws, spec.kind
 
     def bad(msg: str) -> DistillError:
-        return DistillError(f"{where}: cannot encode as packed {kind}: {msg}")
+        return DistillError(f"{where}: cannot encode as packed {spec.kind}: {msg}")
 
-    if w != spec.width:
-        raise bad(f"width {w} != {spec.width}")
-    if vals.shape != ids.shape:
-        raise bad(f"topk_logprobs {vals.shape} != topk_ids {ids.shape}")
-    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
-        raise bad("input id outside the vocab")
-    if mask.shape != input_ids.shape or (mask.size and not np.isin(mask, (0, 1)).all()):
-        raise bad("loss_mask is not 0/1 per token")
-    valid = np.isfinite(vals)
-    if spec.sampled:
-        if counts is None:
-            raise bad("no draw counts")
-        counts = np.asarray(counts).astype(np.int64)
-        drawn = counts > 0
-    else:
-        drawn = np.zeros_like(valid)
-    head = np.zeros_like(valid)
-    head[:, : spec.head] = True
-    exact = valid & ~drawn
-    if kind == "topk" and not valid.all():
-        raise bad("missing entries")
-    if kind == "topp" and not (exact.any(1).all() and (drawn | (exact & ~head)).sum() == 0):
-        raise bad("rows need 1..k exact entries")
-    if spec.sampled:
-        if (exact & ~head).any() or (drawn & head).any() or not exact[:, : spec.head].all():
-            raise bad("exact entries must be the first k columns, draws the rest")
-        if (np.where(drawn, counts, 0).sum(1) != draws).any() or (counts[drawn] > draws).any():
-            raise bad(f"draw counts must sum to {draws} per row")
-        if (drawn & ~valid).any():
-            raise bad("a drawn entry has no value")
+    n, _ = ids.shape
+    _check_tokens(ids, vals, input_ids, mask, fmt, bad)
+    exact, drawn, counts = _entries(vals, arrays.get("topk_counts"), spec, bad)
     keep = exact | drawn
-    if n and (ids[keep].min() < 0 or ids[keep].max() >= vocab):
+    if n and (ids[keep].min() < 0 or ids[keep].max() >= fmt.vocab_size):
         raise bad("target id outside the vocab")
-
-    part = drawn.astype(np.int64)
-    seg = (np.arange(n)[:, None] * 2 + part)[keep]
-    fid = ids[keep]
-    order = np.lexsort((fid, seg))
-    seg, fid = seg[order], fid[order]
-    first = np.ones(seg.size, dtype=bool)
-    first[1:] = seg[1:] != seg[:-1]
-    d = fid - np.where(first, 0, np.concatenate([[0], fid[:-1]]) + 1)
-    if (d < 0).any():
-        raise bad("duplicate target ids in a row")
-    is_exact = part[keep][order] == 0
+    d, order, is_exact = _delta_code(ids, keep, drawn, bad)
     tail = None
-    if kind == "topk+sample":
+    if spec.kind == "topk+sample":
         # the row's tail mass, from its first drawn entry: value - log(count / draws)
         r_first = np.argmax(drawn, axis=1)
         rows = np.arange(n)
-        tail = vals[rows, r_first] - np.log(counts[rows, r_first] / draws).astype(np.float32)
+        tail = vals[rows, r_first] - np.log(counts[rows, r_first] / spec.draws).astype(np.float32)
     return Flat(
         input_ids=input_ids,
         mask=mask,
@@ -282,6 +241,78 @@ def flatten(arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str) 
         counts=counts[keep][order][~is_exact] if spec.sampled else None,
         tail=tail,
     )
+
+
+BadInput = Callable[[str], DistillError]
+
+
+def _check_tokens(
+    ids: np.ndarray,
+    vals: np.ndarray,
+    input_ids: np.ndarray,
+    mask: np.ndarray,
+    fmt: ShardFormat,
+    bad: BadInput,
+) -> None:
+    """The target arrays' width and shapes, the input ids' range, a 0/1 loss mask."""
+    if ids.shape[1] != fmt.spec.width:
+        raise bad(f"width {ids.shape[1]} != {fmt.spec.width}")
+    if vals.shape != ids.shape:
+        raise bad(f"topk_logprobs {vals.shape} != topk_ids {ids.shape}")
+    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= fmt.vocab_size):
+        raise bad("input id outside the vocab")
+    if mask.shape != input_ids.shape or (mask.size and not np.isin(mask, (0, 1)).all()):
+        raise bad("loss_mask is not 0/1 per token")
+
+
+def _entries(
+    vals: np.ndarray, counts: np.ndarray | None, spec: TargetSpec, bad: BadInput
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(exact, drawn) entry masks ``[n, w]`` and the int64 counts (sampled kinds), checked
+    against the kind: which columns hold which entries, counts summing to ``draws``."""
+    valid = np.isfinite(vals)
+    if spec.sampled:
+        if counts is None:
+            raise bad("no draw counts")
+        counts = np.asarray(counts).astype(np.int64)
+        drawn = counts > 0
+    else:
+        drawn = np.zeros_like(valid)
+    head = np.zeros_like(valid)
+    head[:, : spec.head] = True
+    exact = valid & ~drawn
+    if spec.kind == "topk" and not valid.all():
+        raise bad("missing entries")
+    if spec.kind == "topp" and not (exact.any(1).all() and (drawn | (exact & ~head)).sum() == 0):
+        raise bad("rows need 1..k exact entries")
+    if spec.sampled:
+        assert counts is not None
+        if (exact & ~head).any() or (drawn & head).any() or not exact[:, : spec.head].all():
+            raise bad("exact entries must be the first k columns, draws the rest")
+        draws = spec.draws
+        if (np.where(drawn, counts, 0).sum(1) != draws).any() or (counts[drawn] > draws).any():
+            raise bad(f"draw counts must sum to {draws} per row")
+        if (drawn & ~valid).any():
+            raise bad("a drawn entry has no value")
+    return exact, drawn, counts
+
+
+def _delta_code(
+    ids: np.ndarray, keep: np.ndarray, drawn: np.ndarray, bad: BadInput
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kept entries sorted by (row, exact/drawn segment, id): (id deltas, the sort order
+    over the kept entries, whether each sorted entry is exact)."""
+    part = drawn.astype(np.int64)
+    seg = (np.arange(ids.shape[0])[:, None] * 2 + part)[keep]
+    fid = ids[keep]
+    order = np.lexsort((fid, seg))
+    seg, fid = seg[order], fid[order]
+    first = np.ones(seg.size, dtype=bool)
+    first[1:] = seg[1:] != seg[:-1]
+    d = fid - np.where(first, 0, np.concatenate([[0], fid[:-1]]) + 1)
+    if (d < 0).any():
+        raise bad("duplicate target ids in a row")
+    return d, order, part[keep][order] == 0
 
 
 def row_entries(flat: Flat, spec: TargetSpec) -> bytes:
