@@ -75,7 +75,8 @@ def train(
     if auto:
         from distill.student.planner import apply_auto
 
-        err.print(apply_auto(j, gpu_mem))
+        j, chosen = apply_auto(j, gpu_mem)
+        err.print(chosen)
     summary = run_train(j)
     out.print_json(json.dumps(summary))
 

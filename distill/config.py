@@ -2,24 +2,46 @@
 
 A job describes the teacher, the dataset, the sparse-target settings, where the shards go,
 the student and its training. CLI flags override fields with ``--set section.field=value``.
+
+Each table is a frozen pydantic model: TOML's types strictly (an int is accepted where a
+float goes), unknown keys refused, choices as ``Literal`` types built from the tuples that
+define them, bounds on the fields, and rules between fields as model validators. Sizes in
+bytes are :class:`pydantic.ByteSize` (``2147483648``, ``"512MiB"`` or ``"20GB"``). Every
+problem becomes one line of a :class:`DistillError` naming the file and the field.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import itertools
 import re
 import tomllib
 import typing
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from distill.data.dataset import ON_INVALID
 from distill.errors import DistillError
-from distill.format.codec import KNOWN, Codec, check_writable
-from distill.format.spec import KINDS, SAMPLING, TargetSpec
+from distill.format.codec import KNOWN, VALUE_MAPS, Codec, check_writable
+from distill.format.spec import KINDS, MAX_WIDTH, SAMPLING, TargetSpec
 
 _ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
+_VPC_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def region_of(zone: str) -> str:
@@ -32,10 +54,86 @@ def region_of(zone: str) -> str:
 
 KD_TERMS = ("forward_kl", "reverse_kl", "jsd", "tvd", "bild")
 TERMS = (*KD_TERMS, "ce")  # the loss terms, defined in distill/student/terms.py
+DEVICES = ("auto", "cpu", "cuda")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+TRAIN_DTYPES = ("float32", "bfloat16")  # bfloat16: autocast
+TRUNCATION = ("error", "right")  # right: keep the first max_length tokens
+STUDENT_INITS = ("teacher-layers", "pretrained")
+LAYER_SELECTIONS = ("ends", "spaced")  # ends: first and last layers, drop the middle
+OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: CUDA + bitsandbytes (distill/student/optim.py)
+
+CODECS = tuple(KNOWN)
+Weight = NonNegativeFloat  # a loss term's weight; 0 = the term is off
+Size = Annotated[ByteSize, Field(gt=0)]  # bytes, or a string such as "20GB" or "512MiB"
 
 
-@dataclass(frozen=True)
-class LossWeights:
+def _zone(zone: str) -> str:
+    if not _ZONE.match(zone):
+        raise ValueError("expected a zone such as us-central1-a")
+    return zone
+
+
+def _vpc_name(name: str) -> str:
+    if not _VPC_NAME.fullmatch(name):
+        raise ValueError("a VPC resource name is 1-63 of [a-z0-9-], starting with a letter")
+    return name
+
+
+def _subnet_name(name: str) -> str:
+    return _vpc_name(name) if name else name  # "" = the default subnet name
+
+
+def _run_hours(hours: float) -> float:
+    if hours and not 30 / 3600 <= hours <= 120 * 24:
+        raise ValueError("must be 0 (the default limit) or in [30 s, 120 days]")
+    return hours
+
+
+class _Table(BaseModel):
+    """One table of the job file: typed strictly, unknown keys refused, immutable.
+
+    Building one directly (``LossWeights(ce=-1)``) raises :class:`DistillError` too; change
+    one with ``model_copy(update=...)``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise DistillError(describe(e, within=type(self))) from None
+
+    # Marked like BaseModel.__init__ (and RootModel's): pydantic then validates a table nested
+    # in a job without calling this, so the job's problems are collected and named together.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+class JobSection(_Table):
+    name: str = "job"
+    output: str = "runs/job/targets"  # local path or gs://bucket/prefix; one shard set per split
+    seed: int = 0
+
+
+class TeacherSection(_Table):
+    model: str = "builtin:smollm2-135m-instruct"  # builtin:NAME, or a Hugging Face directory
+    dtype: Literal[TEACHER_DTYPES] = "bfloat16"
+    device: Literal[DEVICES] = "auto"
+    batch_tokens: PositiveInt = 4096  # padded tokens per forward batch
+    head_chunk: PositiveInt = 256  # target positions per LM-head chunk
+    samples_per_shard: PositiveInt = 256
+
+
+class DataSection(_Table):
+    train: str = ""
+    eval: str = ""
+    max_length: PositiveInt = 512
+    truncation: Literal[TRUNCATION] = "error"
+    max_samples: int = 0  # 0 = all
+    on_invalid: Literal[ON_INVALID] = "error"  # error (list every bad line, stop) | skip
+
+
+class LossWeights(_Table):
     """Weights of the loss terms (see the module docstring) and their hyper-parameters.
 
     Terms with weight 0 are not computed. ``jsd_beta`` is the JSD's teacher mixture weight,
@@ -43,34 +141,21 @@ class LossWeights:
     KD temperature (KD terms are scaled by its square; CE is not tempered).
     """
 
-    forward_kl: float = 0.9
-    reverse_kl: float = 0.0
-    jsd: float = 0.0
-    jsd_beta: float = 0.5
-    tvd: float = 0.0
-    bild: float = 0.0
-    bild_top: int = 8
-    ce: float = 0.1
-    temperature: float = 1.0
+    forward_kl: Weight = 0.9
+    reverse_kl: Weight = 0.0
+    jsd: Weight = 0.0
+    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    tvd: Weight = 0.0
+    bild: Weight = 0.0
+    bild_top: PositiveInt = 8
+    ce: Weight = 0.1
+    temperature: PositiveFloat = 1.0
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "bild_top":
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise DistillError(f"LossWeights.bild_top must be an integer >= 1, got {v!r}")
-                continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise DistillError(f"LossWeights.{f.name} must be a finite number, got {v!r}")
-        for name in TERMS:
-            if getattr(self, name) < 0:
-                raise DistillError(f"LossWeights.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not any(getattr(self, name) > 0 for name in TERMS):
-            raise DistillError(f"LossWeights: at least one of {', '.join(TERMS)} must be > 0")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise DistillError(f"LossWeights.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
-        if self.temperature <= 0:
-            raise DistillError(f"LossWeights.temperature must be > 0, got {self.temperature!r}")
+    @model_validator(mode="after")
+    def _some_term(self) -> LossWeights:
+        if not self.active():
+            raise ValueError(f"loss: at least one of {', '.join(TERMS)} must be > 0")
+        return self
 
     def active(self) -> dict[str, float]:
         """The terms with weight > 0, in ``TERMS`` order, and their weights."""
@@ -82,51 +167,37 @@ class LossWeights:
         return {n: (w if n == "ce" else t2 * w) for n, w in self.active().items()}
 
 
-@dataclass
-class JobSection:
-    name: str = "job"
-    output: str = "runs/job/targets"  # local path or gs://bucket/prefix; one shard set per split
-    seed: int = 0
-
-
-@dataclass
-class TeacherSection:
-    model: str = "builtin:smollm2-135m-instruct"  # builtin:NAME, or a Hugging Face directory
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    batch_tokens: int = 4096  # padded tokens per forward batch
-    head_chunk: int = 256  # target positions per LM-head chunk
-    samples_per_shard: int = 256
-
-
-@dataclass
-class DataSection:
-    train: str = ""
-    eval: str = ""
-    max_length: int = 512
-    truncation: str = "error"  # error | right (keep the first max_length tokens)
-    max_samples: int = 0  # 0 = all
-    on_invalid: str = "error"  # error (list every bad line, stop) | skip (leave them out)
-
-
-@dataclass
-class TargetsSection:
+class TargetsSection(_Table):
     """Sparse teacher targets (distill/format/spec.py) and their codec (distill/format/codec.py)."""
 
     # The default is what bench/quality.py and bench/codec.py support (README "Benchmarks"):
     # 50 systematic draws in packed v2 blocks with zstd, ~28 bytes per target position.
-    kind: str = "sample"  # topk | topp | sample | topk+sample
-    k: int = 16  # topk: entries; topp: the cap; topk+sample: the exact head
-    top_p: float = 0.95  # topp: keep the smallest prefix with at least this mass
-    draws: int = 50  # sample, topk+sample: N draws with replacement
-    sampling: str = "systematic"  # sample, topk+sample: systematic | iid (see extract.py)
-    codec: str = "packed"  # packed v2, blocks (codec.py); npz v0 and packed v1 are read only
+    kind: Literal[KINDS] = "sample"
+    # topk: entries; topp: the cap; topk+sample: the exact head
+    k: Annotated[int, Field(ge=1, le=MAX_WIDTH)] = 16
+    # topp: keep the smallest prefix with at least this mass
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    # sample, topk+sample: N draws with replacement
+    draws: Annotated[int, Field(ge=1, le=MAX_WIDTH)] = 50
+    sampling: Literal[SAMPLING] = "systematic"  # sample, topk+sample (see extract.py)
+    codec: Literal[CODECS] = "packed"  # packed v2, blocks (codec.py); npz and v1: read only
     codec_version: int = 0  # 0: the newest (2)
-    values: str = "log8"  # packed: log8 | pow8 | f16 (exact entries' log-probs)
+    values: Literal[VALUE_MAPS] = "log8"  # packed: the exact entries' log-probs
     log_range: float = 20.0  # packed log8: codes span log-probs [-log_range, 0]
     zstd: bool = True  # packed: one zstd frame per block
     zstd_level: int = 3
-    block_tokens: int = 16384  # packed v2: tokens per block (a tar member of samples)
+    block_tokens: Annotated[int, Field(ge=1, le=2**24)] = 16384  # packed v2: tokens per block
+
+    @model_validator(mode="after")
+    def _codec_rules(self) -> TargetsSection:
+        """The codec's version, then the checks the format layer makes of a spec and codec."""
+        try:
+            check_writable(self.codec, self.codec_version, "")
+            self.spec().check(where="targets")
+            self.codec_spec().check("targets")
+        except DistillError as e:
+            raise ValueError(str(e)) from None
+        return self
 
     def spec(self) -> TargetSpec:
         return TargetSpec(
@@ -149,115 +220,107 @@ class TargetsSection:
         d = {k: v for k, v in self.spec().info().items() if k not in ("tail", "width")}
         return d if self.codec == "npz" else {**d, "codec": self.codec_spec().info()}
 
-    def check(self, src: str, loss: LossWeights) -> None:
-        """Field ranges, and loss terms that this target kind cannot support."""
-        self.spec().check(where=f"{src}: targets")
-        check_writable(self.codec, self.codec_version, src)
-        self.codec_spec().check(f"{src}: targets")
-        kind = self.kind
-        if loss.bild > 0 and kind != "topk":
-            raise DistillError(
-                f'{src}: loss.bild needs targets.kind = "topk" (BiLD ranks a fixed, exact '
-                f"top-k), got {kind!r}"
-            )
-        if loss.reverse_kl > 0 and kind in ("sample", "topk+sample"):
-            raise DistillError(
-                f"{src}: loss.reverse_kl cannot use targets.kind = {kind!r}: sampled targets "
-                "have no tail bucket, so KL(q || p_hat) is infinite off the sampled ids"
-            )
 
-
-@dataclass
-class StudentSection:
-    init: str = "teacher-layers"  # teacher-layers | pretrained
-    layers: int = 8  # teacher-layers: number of teacher layers kept
-    layer_selection: str = "ends"  # ends: first and last layers, drop the middle | spaced
+class StudentSection(_Table):
+    init: Literal[STUDENT_INITS] = "teacher-layers"
+    layers: PositiveInt = 8  # teacher-layers: number of teacher layers kept
+    layer_selection: Literal[LAYER_SELECTIONS] = "ends"
     model: str = ""  # pretrained: a Hugging Face directory
 
 
-@dataclass
-class TrainSection:
+class TrainSection(_Table):
     run_dir: str = "runs/job"
-    epochs: int = 1
+    epochs: PositiveInt = 1
     max_steps: int = 0  # 0 = epochs decide
-    batch_size: int = 8  # samples per micro-batch (per rank under torchrun)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: PositiveInt = 8  # samples per micro-batch (per rank under torchrun)
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # adamw | adamw8bit (CUDA + bitsandbytes)
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     optimizer_offload: bool = False  # optimizer state and fp32 master weights in CPU memory
     packing: bool = False  # several samples per row, no attention across them
     pack_tokens: int = 0  # row length when packing (0 = the shard set's max_length)
-    lr: float = 5e-4
+    lr: PositiveFloat = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    loss_chunk: int = 1024  # target positions per LM-head/loss chunk
-    checkpoint_every: int = 50
+    loss_chunk: PositiveInt = 1024  # target positions per LM-head/loss chunk
+    checkpoint_every: PositiveInt = 50
     eval_every: int = 0  # 0 = only at the end
-    device: str = "auto"
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    device: Literal[DEVICES] = "auto"
+    dtype: Literal[TRAIN_DTYPES] = "float32"
     cache_dir: str = "~/.cache/distill/shards"
-    cache_max_bytes: int = 2 * 1024**3
-    shuffle_buffer: int = 256
+    cache_max_bytes: Size = ByteSize(2 * 1024**3)
+    shuffle_buffer: PositiveInt = 256
 
 
-@dataclass
-class CloudSection:
+class CloudSection(_Table):
     """Where and how ``distill-ctl teacher-cloud`` runs the teacher (see docs/CLOUD.md)."""
 
     project: str = ""  # "" = GOOGLE_CLOUD_PROJECT, CLOUDSDK_CORE_PROJECT or gcloud's config
-    zones: list[str] = field(
+    # one region, in failover order
+    zones: Annotated[list[Annotated[str, AfterValidator(_zone)]], Field(min_length=1)] = Field(
         default_factory=lambda: ["us-central1-a", "us-central1-b", "us-central1-c"]
-    )  # one region, in failover order
+    )
     image: str = ""  # "" = REGION-docker.pkg.dev/PROJECT/distill/teacher:VERSION
     service_account: str = ""  # "" = distill-teacher@PROJECT.iam.gserviceaccount.com
-    network: str = "distill"  # the VPC (infra/terraform/base makes "distill"; or "default")
-    subnetwork: str = ""  # "" = <network>-<region> ("default" in the default VPC)
+    # the VPC (infra/terraform/base makes "distill"; or "default")
+    network: Annotated[str, AfterValidator(_vpc_name)] = "distill"
+    subnetwork: Annotated[str, AfterValidator(_subnet_name)] = ""  # "" = <network>-<region>
     spot: bool = True  # false: on-demand (STANDARD provisioning, no preemptions)
-    max_run_hours: float = 0.0  # dead-man switch per VM; 0 = 2 x the estimate + 1 h
-    max_preemptions: int = 10  # relaunches before giving up
-    provision_timeout_minutes: float = 30.0  # keep trying stocked-out zones this long
-    poll_seconds: float = 20.0
-    budget_usd: float = 0.0  # refuse to start when the estimate is above it (0 = no limit)
+    # dead-man switch per VM; 0 = 2 x the estimate + 1 h
+    max_run_hours: Annotated[NonNegativeFloat, AfterValidator(_run_hours)] = 0.0
+    max_preemptions: NonNegativeInt = 10  # relaunches before giving up
+    provision_timeout_minutes: NonNegativeFloat = 30.0  # keep trying stocked-out zones this long
+    poll_seconds: PositiveFloat = 20.0
+    budget_usd: NonNegativeFloat = 0.0  # refuse to start when the estimate is above it (0 = none)
 
-    def check(self, src: str) -> None:
-        if not self.zones or not all(isinstance(z, str) for z in self.zones):
-            raise DistillError(f"{src}: cloud.zones must be a non-empty list of zone names")
+    @model_validator(mode="after")
+    def _one_region(self) -> CloudSection:
         regions = {region_of(z) for z in self.zones}
         if len(regions) != 1:
-            raise DistillError(
-                f"{src}: cloud.zones span regions {', '.join(sorted(regions))}: give zones of "
+            raise ValueError(
+                f"cloud.zones span regions {', '.join(sorted(regions))}: give zones of "
                 "one region (the bucket, the subnet and the registry are regional)"
             )
-        for name in ("network", "subnetwork"):
-            v = getattr(self, name)
-            if (v or name == "network") and not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", v):
-                raise DistillError(
-                    f"{src}: cloud.{name} = {v!r}: a VPC resource name is 1-63 of [a-z0-9-], "
-                    "starting with a letter"
-                )
-        for name in ("max_run_hours", "poll_seconds", "provision_timeout_minutes", "budget_usd"):
-            v = getattr(self, name)
-            if v < 0 or (name == "poll_seconds" and v == 0):
-                raise DistillError(f"{src}: cloud.{name} must be >= 0, got {v!r}")
-        if self.max_run_hours and not 30 / 3600 <= self.max_run_hours <= 120 * 24:
-            raise DistillError(f"{src}: cloud.max_run_hours must be in [30 s, 120 days]")
-        if self.max_preemptions < 0:
-            raise DistillError(f"{src}: cloud.max_preemptions must be >= 0")
+        return self
 
 
-@dataclass
-class Job:
-    job: JobSection = field(default_factory=JobSection)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    data: DataSection = field(default_factory=DataSection)
-    targets: TargetsSection = field(default_factory=TargetsSection)
-    student: StudentSection = field(default_factory=StudentSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    loss: LossWeights = field(default_factory=LossWeights)  # validated on construction
-    cloud: CloudSection = field(default_factory=CloudSection)
-    path: Path | None = None  # the file it came from; relative paths resolve against its dir
+class Job(_Table):
+    """A whole job file."""
+
+    job: JobSection = Field(default_factory=JobSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    data: DataSection = Field(default_factory=DataSection)
+    targets: TargetsSection = Field(default_factory=TargetsSection)
+    student: StudentSection = Field(default_factory=StudentSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    loss: LossWeights = Field(default_factory=LossWeights)
+    cloud: CloudSection = Field(default_factory=CloudSection)
+    _path: Path | None = PrivateAttr(None)  # the file; relative paths resolve against its dir
+
+    @property
+    def path(self) -> Path | None:
+        """The file the job came from (None when built in code)."""
+        return self._path
+
+    @model_validator(mode="after")
+    def _loss_fits_targets(self) -> Job:
+        """Loss terms this target kind cannot support, and BiLD's k."""
+        kind, loss = self.targets.kind, self.loss
+        if loss.bild > 0 and kind != "topk":
+            raise ValueError(
+                f'loss.bild needs targets.kind = "topk" (BiLD ranks a fixed, exact '
+                f"top-k), got {kind!r}"
+            )
+        if loss.reverse_kl > 0 and self.targets.spec().sampled:
+            raise ValueError(
+                f"loss.reverse_kl cannot use targets.kind = {kind!r}: sampled targets "
+                "have no tail bucket, so KL(q || p_hat) is infinite off the sampled ids"
+            )
+        if loss.bild > 0 and loss.bild_top > self.targets.k:
+            raise ValueError(f"loss.bild_top = {loss.bild_top} > targets.k = {self.targets.k}")
+        return self
 
     def resolve(self, p: str) -> Path:
         """A data/model path from the job file, relative to the job file's directory."""
@@ -267,79 +330,92 @@ class Job:
         return (self.path.parent / path).resolve() if (self.path.parent / path).exists() else path
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("path")
-        return d
+        """The job as the tables of its file."""
+        return self.model_dump(by_alias=True)
 
 
-_CHOICES = {
-    ("teacher", "dtype"): ("float32", "bfloat16", "float16"),
-    ("teacher", "device"): ("auto", "cpu", "cuda"),
-    ("data", "truncation"): ("error", "right"),
-    ("data", "on_invalid"): ("error", "skip"),
-    ("targets", "kind"): KINDS,
-    ("targets", "sampling"): SAMPLING,
-    ("targets", "codec"): ("npz", "packed"),
-    ("targets", "values"): ("log8", "pow8", "f16"),
-    ("student", "init"): ("teacher-layers", "pretrained"),
-    ("student", "layer_selection"): ("ends", "spaced"),
-    ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "dtype"): ("float32", "bfloat16"),
-    ("train", "optimizer"): ("adamw", "adamw8bit"),
+# --- errors: pydantic's, as one line per problem that names the field -----------------------
+
+_TYPES = {
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "bool",
+    "string_type": "str",
+    "list_type": "list",
 }
-_POSITIVE = {
-    ("teacher", "batch_tokens"),
-    ("teacher", "head_chunk"),
-    ("teacher", "samples_per_shard"),
-    ("data", "max_length"),
-    ("targets", "k"),
-    ("targets", "block_tokens"),
-    ("student", "layers"),
-    ("train", "epochs"),
-    ("train", "batch_size"),
-    ("train", "grad_accum"),
-    ("train", "lr"),
-    ("train", "loss_chunk"),
-    ("train", "checkpoint_every"),
-    ("train", "cache_max_bytes"),
-    ("train", "shuffle_buffer"),
-}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _check_type(where: str, value: Any, typ: Any) -> Any:
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ in (int, float, str, bool) and (
-        not isinstance(value, typ) or (typ is int and isinstance(value, bool))
-    ):
-        raise DistillError(
-            f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
+def _key(name: str, info: FieldInfo) -> str:
+    return info.alias or name
 
 
-def _build_section(cls: type, raw: Any, section: str, src: str) -> Any:
-    if not isinstance(raw, dict):
-        raise DistillError(f"{src}: [{section}] must be a table, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise DistillError(
-            f"{src}: unknown field {section}.{unknown[0]} (known: {', '.join(sorted(known))})"
-        )
-    values = {k: _check_type(f"{src}: {section}.{k}", v, hints[k]) for k, v in raw.items()}
-    obj = cls(**values)
-    for f in dataclasses.fields(cls):
-        v = getattr(obj, f.name)
-        choices = _CHOICES.get((section, f.name))
-        if choices and v not in choices:
-            raise DistillError(
-                f"{src}: {section}.{f.name} = {v!r} is not one of: {', '.join(choices)}"
-            )
-        if (section, f.name) in _POSITIVE and v <= 0:
-            raise DistillError(f"{src}: {section}.{f.name} must be > 0, got {v!r}")
-    return obj
+def _walk(loc: tuple[str | int, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The table (None below a table's fields) and the field that ``loc`` names in a job."""
+    model: type[BaseModel] | None = Job
+    field: FieldInfo | None = None
+    for part in loc:
+        if model is None:  # a list item: the list's field
+            continue
+        field = next((i for n, i in model.model_fields.items() if _key(n, i) == part), None)
+        sub = field.annotation if field else None
+        model = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+    return model, field
+
+
+def _bounds(field: FieldInfo | None) -> str:
+    """'> 0', '>= 1', '[1, 65535]' or '(0, 1)' from a field's annotated bounds."""
+    b: dict[str, Any] = {}
+    for m, k in itertools.product(field.metadata if field else [], ("gt", "ge", "lt", "le")):
+        if getattr(m, k, None) is not None:
+            b[k] = getattr(m, k)
+    lo = next((f"{o}{b[k]}" for k, o in (("gt", "("), ("ge", "[")) if k in b), "")
+    hi = next((f"{b[k]}{c}" for k, c in (("lt", ")"), ("le", "]")) if k in b), "")
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " or ".join(f"{ops[k]} {v}" for k, v in b.items())
+
+
+def _problem(err: Any, loc: tuple[str | int, ...]) -> str:
+    """One pydantic error in the project's words; ``loc`` is the path from the job's top."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    kind, value = err["type"], err["input"]
+    field = _walk(loc)[1]
+    if kind == "extra_forbidden":
+        owner = _walk(loc[:-1])[0] or Job
+        known = ", ".join(sorted(_key(n, i) for n, i in owner.model_fields.items()))
+        what = f"section [{path}]" if len(loc) == 1 else f"field {path}"
+        return f"unknown {what} (known: {known})"
+    if kind == "model_type":
+        return f"[{path}] must be a table, got {type(value).__name__}"
+    if kind in _TYPES:
+        return f"{path}: expected {_TYPES[kind]}, got {type(value).__name__} {value!r}"
+    if kind in _BOUNDS:
+        return f"{path} must be {_bounds(field)}, got {value!r}"
+    if kind == "literal_error" and field is not None:
+        choices = ", ".join(map(str, typing.get_args(field.annotation)))
+        return f"{path} = {value!r} is not one of: {choices}"
+    if kind == "value_error":  # a rule over a table names its fields itself
+        msg = str((err.get("ctx") or {}).get("error", err["msg"]))
+        return f"{path} = {value!r}: {msg}" if len(loc) >= 2 else msg
+    words = {
+        "finite_number": "must be a finite number",
+        "too_short": "must not be empty",
+        "byte_size": 'must be a size: bytes, or e.g. "512MiB", "20GB"',
+    }
+    return f"{path} {words.get(kind, '(' + err['msg'] + ')')}, got {value!r}"
+
+
+def describe(e: ValidationError, src: str = "", within: type[BaseModel] = Job) -> str:
+    """Every problem of ``e`` on its own line, ``src: section.field ...``; ``within``: the
+    table that was validated (a section built on its own, or the whole job)."""
+    section = [_key(n, i) for n, i in Job.model_fields.items() if i.annotation is within]
+    lines = [_problem(err, (*section, *err["loc"])) for err in e.errors()]
+    return "\n".join(f"{src}: {line}" if src else line for line in lines)
+
+
+# --- loading ------------------------------------------------------------------------------
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:
@@ -356,24 +432,11 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
 
 def job_from_dict(raw: dict[str, Any], src: str = "<job>", path: Path | None = None) -> Job:
     """Validate a parsed job table; every error names ``src`` and the field."""
-    sections = {f.name: f for f in dataclasses.fields(Job) if f.name != "path"}
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise DistillError(f"{src}: unknown section [{unknown[0]}] (known: {', '.join(sections)})")
-    built = {}
-    for name in sections:
-        cls = typing.get_type_hints(Job)[name]
-        try:
-            built[name] = _build_section(cls, raw.get(name, {}), name, src)
-        except DistillError as e:  # LossWeights validates itself and names its fields
-            raise DistillError(str(e).replace("LossWeights.", f"{src}: loss.")) from None
-    job = Job(**built, path=path)
-    job.targets.check(src, job.loss)
-    job.cloud.check(src)
-    if job.loss.bild > 0 and job.loss.bild_top > job.targets.k:
-        raise DistillError(
-            f"{src}: loss.bild_top = {job.loss.bild_top} > targets.k = {job.targets.k}"
-        )
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as e:
+        raise DistillError(describe(e, src)) from None
+    job._path = path
     return job
 
 

@@ -52,7 +52,7 @@ def test_plan_keeps_the_effective_batch_and_fits():
     roomy = plan(j, 64 * 2**30, config=CFG)
     assert roomy.estimate.micro_batch == 8 and roomy.grad_accum == 1
     assert not roomy.estimate.checkpointing
-    apply(j, p)
+    j = apply(j, p)
     assert (j.train.batch_size, j.train.grad_accum) == (p.estimate.micro_batch, p.grad_accum)
 
 

@@ -370,7 +370,10 @@ def test_sampled_gradient_is_unbiased_for_the_full_forward_kl_gradient(sampling)
             "targets.codec_version = 1 .* is no longer written .* use targets.codec_version = 0",
         ),
         ({"targets": {"codec_version": 3}}, "codec_version = 3 is not one of 0, 2"),
-        ({"targets": {"block_tokens": 0}}, "targets.block_tokens must be > 0"),
+        (
+            {"targets": {"block_tokens": 0}},
+            r"targets.block_tokens must be in \[1, 16777216\], got 0",
+        ),
         ({"targets": {"kind": "sample"}, "loss": {"bild": 0.1}}, "loss.bild needs targets.kind"),
         ({"targets": {"kind": "topp"}, "loss": {"bild": 0.1}}, "loss.bild needs targets.kind"),
         ({"targets": {"kind": "topk+sample"}, "loss": {"reverse_kl": 0.1}}, "loss.reverse_kl"),

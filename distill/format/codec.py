@@ -132,7 +132,7 @@ class ShardFormat:
 def check_writable(name: str, version: int, src: str, section: str = "targets") -> None:
     """Refuse a codec distill no longer writes (``version`` 0: the newest), naming the field
     (``src: section.codec``) and what to use instead."""
-    field = f"{src}: {section}"
+    field = f"{src}: {section}" if src else section
     if name == "npz":
         raise DistillError(
             f'{field}.codec = "npz" is no longer written (npz v0 shard sets still read): use '

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from distill.config import OPTIMIZERS
 from distill.errors import DistillError
 
-OPTIMIZERS = ("adamw", "adamw8bit")
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 _NEEDS_BNB = (

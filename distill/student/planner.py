@@ -193,11 +193,16 @@ def device_budget() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def apply(job: Job, p: Plan) -> None:
-    """Write a plan into the job (what ``train --auto`` does)."""
-    job.train.batch_size = p.estimate.micro_batch
-    job.train.grad_accum = p.grad_accum
-    job.train.gradient_checkpointing = p.estimate.checkpointing
+def apply(job: Job, p: Plan) -> Job:
+    """The job with a plan written into it (what ``train --auto`` does)."""
+    train = job.train.model_copy(
+        update={
+            "batch_size": p.estimate.micro_batch,
+            "grad_accum": p.grad_accum,
+            "gradient_checkpointing": p.estimate.checkpointing,
+        }
+    )
+    return job.model_copy(update={"train": train})
 
 
 def describe(p: Plan) -> list[tuple[str, str]]:
@@ -214,13 +219,13 @@ def describe(p: Plan) -> list[tuple[str, str]]:
     return rows
 
 
-def apply_auto(job: Job, gpu_mem: str | None = None) -> str:
-    """``train --auto``: plan for ``gpu_mem`` (default: :func:`device_budget`), write the plan
-    into the job, and say what was chosen (one line)."""
+def apply_auto(job: Job, gpu_mem: str | None = None) -> tuple[Job, str]:
+    """``train --auto``: plan for ``gpu_mem`` (default: :func:`device_budget`); the job with
+    the plan written into it, and what was chosen (one line)."""
     budget = parse_bytes(gpu_mem) if gpu_mem else device_budget()
     p = plan(job, budget)
-    apply(job, p)
-    return (
+    job = apply(job, p)
+    return job, (
         f"--auto: micro-batch {job.train.batch_size}, grad_accum {job.train.grad_accum}, "
         f"checkpointing {job.train.gradient_checkpointing} "
         f"(estimated peak {p.estimate.total / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB)"

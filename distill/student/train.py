@@ -9,7 +9,6 @@ student is a Hugging Face directory (model + tokenizer) at ``<run_dir>/student``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -87,7 +86,7 @@ def run_dir(job: Job) -> Path:
 
 def train_fingerprint(job: Job, manifest: Manifest, world: int = 1) -> str:
     """What a checkpoint must agree with to be resumed (operational knobs excluded)."""
-    t = dataclasses.asdict(job.train)
+    t = job.train.model_dump()
     for k in (
         "checkpoint_every",
         "eval_every",
@@ -101,10 +100,10 @@ def train_fingerprint(job: Job, manifest: Manifest, world: int = 1) -> str:
         t.pop(k)
     keys = {
         "targets": manifest.job_fingerprint,
-        "student": dataclasses.asdict(job.student),
+        "student": job.student.model_dump(),
         "train": t,
         "seed": job.job.seed,
-        "loss": dataclasses.asdict(job.loss),
+        "loss": job.loss.model_dump(),
         "world": world,
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()

@@ -75,7 +75,7 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
             # on_invalid is left out: it decides whether a run may go on, not what a valid
             # line's bytes are (the dataset's sha256 already covers its lines)
             k: v
-            for k, v in dataclasses.asdict(job.data).items()
+            for k, v in job.data.model_dump().items()
             if k not in ("train", "eval", "on_invalid")
         },
         "samples_per_shard": job.teacher.samples_per_shard,
