@@ -558,12 +558,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if arm.targets is None:
             continue
         job = arm_job(base, arm, arm.targets, args.workdir)
-        log(f"[teacher] {arm.name} -> {job.job.output}")
+        log(f"[teacher] {arm.name} -> {job.output}")
         m = run_teacher(job)["train"]
         jobs[arm.name] = job
         passes[arm.name] = {
             "bytes_per_token": m.nbytes / max(m.target_tokens, 1),
-            "payload_bytes_per_token": payload_bytes(Path(job.job.output) / "train")
+            "payload_bytes_per_token": payload_bytes(Path(job.output) / "train")
             / max(m.target_tokens, 1),
             "teacher_seconds": m.teacher_seconds,
             "train_positions": float(m.target_tokens),

@@ -110,6 +110,8 @@ class _Table(BaseModel):
 
 
 class JobSection(_Table):
+    """The file's ``[job]`` table (read in code as ``job.name``, ``job.output``, ``job.seed``)."""
+
     name: str = "job"
     output: str = "runs/job/targets"  # local path or gs://bucket/prefix; one shard set per split
     seed: int = 0
@@ -287,9 +289,10 @@ class CloudSection(_Table):
 
 
 class Job(_Table):
-    """A whole job file."""
+    """A whole job file. Its ``[job]`` table reads as ``job.name``, ``job.output``, ``job.seed``."""
 
-    job: JobSection = Field(default_factory=JobSection)
+    # the file's [job] table, under another attribute name so that code never says job.job
+    job_table: JobSection = Field(default_factory=JobSection, alias="job")
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     data: DataSection = Field(default_factory=DataSection)
     targets: TargetsSection = Field(default_factory=TargetsSection)
@@ -298,6 +301,19 @@ class Job(_Table):
     loss: LossWeights = Field(default_factory=LossWeights)
     cloud: CloudSection = Field(default_factory=CloudSection)
     _path: Path | None = PrivateAttr(None)  # the file; relative paths resolve against its dir
+
+    @property
+    def name(self) -> str:
+        return self.job_table.name
+
+    @property
+    def output(self) -> str:
+        """Where the shards go: a local path or gs://bucket/prefix, one shard set per split."""
+        return self.job_table.output
+
+    @property
+    def seed(self) -> int:
+        return self.job_table.seed
 
     @property
     def path(self) -> Path | None:
@@ -330,7 +346,7 @@ class Job(_Table):
         return (self.path.parent / path).resolve() if (self.path.parent / path).exists() else path
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as the tables of its file."""
+        """The job as the tables of its file (``job_table`` as ``[job]``)."""
         return self.model_dump(by_alias=True)
 
 

@@ -114,7 +114,7 @@ def assert_exact(job: Path, tmp_path: Path) -> None:
     """Every split's manifest lists exactly the dataset's samples, each once."""
     j = load_job(job)
     for split in ("train", "eval"):
-        keys = stored_keys(f"{j.job.output}/{split}", tmp_path)
+        keys = stored_keys(f"{j.output}/{split}", tmp_path)
         assert keys == dataset_keys(tmp_path / f"{split}.jsonl"), split
 
 
@@ -141,7 +141,7 @@ def shards_in(url: str) -> int:
 
 
 def run_records(job: Path) -> list[dict]:
-    store = open_store(f"{load_job(job).job.output}/cloud")
+    store = open_store(f"{load_job(job).output}/cloud")
     return [json.loads(store.read_bytes(n)) for n in store.list() if n.startswith("run-")]
 
 
@@ -175,7 +175,7 @@ def test_preemption_relaunches_and_loses_nothing(compute, guests, cloud_job, tmp
     guests.env["SLOW_TEACHER_S"] = "0.4"
     ctl = controller(cloud_job, compute, tmp_path)
     t, result = run_in_thread(ctl)
-    train = f"{load_job(cloud_job).job.output}/train"
+    train = f"{load_job(cloud_job).output}/train"
     for n in range(2 if when == "twice" else 1):
         if when == "booting":
             assert compute.wait_for(
@@ -227,7 +227,7 @@ def test_an_api_outage_while_watching_is_ridden_out(compute, guests, cloud_job, 
     assert_exact(cloud_job, tmp_path)
     # an outage longer than the grace: torn down with an error that says so
     ctl = controller(
-        cloud_job, compute, tmp_path, 'job.output="' + load_job(cloud_job).job.output + '2"'
+        cloud_job, compute, tmp_path, 'job.output="' + load_job(cloud_job).output + '2"'
     )
     ctl.opts.watch_grace_s = 0.5
     ctl.backend._read["retry"] = ctl.backend._read["retry"].with_timeout(2.0)
@@ -322,7 +322,7 @@ def test_billing_disabled_is_a_billing_error(compute, cloud_job, tmp_path):
 
 
 def nothing_uploaded(job: Path) -> bool:
-    return not open_store(load_job(job).job.output).list()
+    return not open_store(load_job(job).output).list()
 
 
 @pytest.mark.parametrize(
@@ -593,7 +593,7 @@ def test_ctrl_c_and_sigterm_tear_down(compute, guests, cloud_job, tmp_path, sig)
     assert "deleting distill-teacher-job" in err and "rerun the same command" in err
     assert not compute.live()  # deleted and confirmed before the controller exited
     assert run_records(cloud_job)[0]["outcome"] == "interrupted"
-    assert not open_store(f"{load_job(cloud_job).job.output}/train").exists(MANIFEST)
+    assert not open_store(f"{load_job(cloud_job).output}/train").exists(MANIFEST)
 
 
 def test_controller_sigkill_vm_finishes_and_deletes_itself(compute, guests, cloud_job, tmp_path):
@@ -624,7 +624,7 @@ def test_dead_man_switch_then_resume(compute, guests, cloud_job, tmp_path):
     sigkill_when_running(proc, compute)
     assert no_vm_left(compute, timeout=60)
     assert any(e == "max-run-duration" for _, n, e in compute.events if n == NAME)
-    out = load_job(cloud_job).job.output
+    out = load_job(cloud_job).output
     assert not open_store(f"{out}/train").exists(MANIFEST)
     compute.max_run_scale = 1.0
     guests.env["SLOW_TEACHER_S"] = "0"
@@ -834,7 +834,7 @@ def test_local_backend_preemption(cloud_job, tmp_path, monkeypatch):
     opts = CloudOptions(backend="local", yes=True, poll_seconds=0.1, state_dir=tmp_path)
     ctl = Controller(j, opts, Console(stderr=True, width=200), backend=backend)
     t, result = run_in_thread(ctl)
-    train = f"{j.job.output}/train"
+    train = f"{j.output}/train"
     deadline = time.monotonic() + 120
     while shards_in(train) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)

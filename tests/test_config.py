@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_jobs_load():
     for path in (REPO / "jobs").glob("*.toml"):
         job = load_job(path)
-        assert job.job.name
+        assert job.name
         assert job.resolve(job.data.train).is_file(), path
 
 
@@ -29,7 +29,7 @@ def test_defaults_and_overrides(tmp_path):
     )
     assert job.train.lr == 1.0 and isinstance(job.train.lr, float)
     assert job.train.batch_size == 3
-    assert job.job.output == "gs://b/x"
+    assert job.output == "gs://b/x"
     assert job.targets.k == 16
 
 
@@ -120,7 +120,7 @@ def test_overrides_are_coerced_like_toml_values(tmp_path):
         ],
     )
     assert job.train.lr == 2.0 and isinstance(job.train.lr, float)
-    assert job.train.packing is True and job.job.name == "bare-string"
+    assert job.train.packing is True and job.name == "bare-string"
     assert job.cloud.zones == ["europe-west4-b", "europe-west4-c"] and job.loss.ce == 0.5
     with pytest.raises(DistillError, match="train.batch_size: expected int, got str 'many'"):
         load_job(write(tmp_path, ""), ["train.batch_size=many"])
@@ -189,3 +189,11 @@ def test_jobs_are_immutable_values_and_round_trip(tmp_path):
     assert job_from_dict(job.to_dict(), path=job.path) == job  # teacher-cloud writes this
     with pytest.raises(DistillError, match="train.lr must be > 0, got 0"):
         TrainSection(lr=0)  # a table built in code is checked the same way
+
+
+def test_the_job_table_reads_as_attributes_of_the_job(tmp_path):
+    job = load_job(write(tmp_path, '[job]\nname = "n"\noutput = "gs://b/o"\nseed = 3\n'))
+    assert (job.name, job.output, job.seed) == ("n", "gs://b/o", 3)
+    assert job.to_dict()["job"] == {"name": "n", "output": "gs://b/o", "seed": 3}
+    with pytest.raises(DistillError, match=r"unknown section \[job_table\]"):
+        load_job(write(tmp_path, '[job_table]\nname = "n"\n'))  # the file says [job]

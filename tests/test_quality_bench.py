@@ -122,12 +122,12 @@ def test_arms_and_jobs(quality, tmp_path: Path) -> None:
     base = quality.base_job(args, tmp_path / "init")
     jobs = {a.name: quality.arm_job(base, a, a.targets or arms[1].targets, tmp_path) for a in arms}
     # ce-only and full-online read the topk-8 shard set; every kind has its own
-    assert jobs["ce-only"].job.output == jobs["topk-8"].job.output == jobs["full-online"].job.output
-    assert len({j.job.output for j in jobs.values()}) == 3
+    assert jobs["ce-only"].output == jobs["topk-8"].output == jobs["full-online"].output
+    assert len({j.output for j in jobs.values()}) == 3
     assert len({j.train.run_dir for j in jobs.values()}) == 5
     assert jobs["sample-50"].targets.spec().tail is False
     for j in jobs.values():
-        assert (j.train.max_steps, j.train.batch_size, j.job.seed) == (10, 2, 0)
+        assert (j.train.max_steps, j.train.batch_size, j.seed) == (10, 2, 0)
         assert j.data.max_samples == 32
 
 

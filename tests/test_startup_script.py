@@ -58,7 +58,7 @@ def guests(tmp_path) -> ScriptGuests:
 
 
 def status_objects(job: Path) -> dict[str, bytes]:
-    store = open_store(f"{load_job(job).job.output}/cloud/status")
+    store = open_store(f"{load_job(job).output}/cloud/status")
     return {n: store.read_bytes(n) for n in store.list()}
 
 
@@ -132,7 +132,7 @@ def test_a_failure_before_the_teacher_reaches_the_user(
     assert "/cloud/status/distill-teacher-job-" in msg  # where the whole log is
     assert no_vm_left(compute)
     job = load_job(cloud_job)
-    assert not [n for n in open_store(f"{job.job.output}/train").list() if n.endswith(".tar")]
+    assert not [n for n in open_store(f"{job.output}/train").list() if n.endswith(".tar")]
     (log_name,) = [n for n in status_objects(cloud_job) if n.endswith(".log")]
     assert needle in status_objects(cloud_job)[log_name].decode()
 
@@ -142,7 +142,7 @@ def test_a_preempted_script_vm_is_relaunched_and_loses_nothing(
 ):
     guests.env["SLOW_TEACHER_S"] = "0.4"
     t, result = run_in_thread(controller(cloud_job, compute, tmp_path))
-    train = f"{load_job(cloud_job).job.output}/train"
+    train = f"{load_job(cloud_job).output}/train"
     assert compute.wait_for(lambda: shards_in(train) >= 2, 120)
     compute.preempt(NAME)
     t.join(300)

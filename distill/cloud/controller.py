@@ -252,7 +252,7 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
     create-only, so a rerun uploads nothing twice."""
     from distill.config import splits
 
-    store = open_store(job.job.output.rstrip("/"))
+    store = open_store(job.output.rstrip("/"))
     present = set(store.list("inputs/"))  # one listing, not one lookup per file
 
     def upload(name: str, path: Path) -> None:
@@ -346,10 +346,10 @@ class Controller:
         self.console = console or Console(stderr=True)
         self.confirm = confirm
         self.cloud = job.cloud
-        self.output = job.job.output.rstrip("/")
+        self.output = job.output.rstrip("/")
         if not self.output.startswith("gs://"):
             raise DistillError(
-                f"{job.path}: job.output = {job.job.output!r} must be a gs:// URL for "
+                f"{job.path}: job.output = {job.output!r} must be a gs:// URL for "
                 "teacher-cloud (the VM and its disk go away); e.g. --output gs://BUCKET/runs/JOB"
             )
         bucket_path = self.output[len("gs://") :].partition("/")[2]
@@ -362,8 +362,8 @@ class Controller:
         self.project = resolve_project(job, opts)
         self.zones = list(self.cloud.zones)
         self.backend = backend or make_backend(opts, self.project)
-        self.name = instance_name(job.job.name)
-        self.labels = job_labels(job.job.name)
+        self.name = instance_name(job.name)
+        self.labels = job_labels(job.name)
         self.poll = opts.poll_seconds or self.cloud.poll_seconds
         self.estimate: CostEstimate | None = None
         self.run: CloudRun | None = None
@@ -441,7 +441,7 @@ class Controller:
         return VmSpec(
             project=self.project,
             name=self.name,
-            job_name=self.job.job.name,
+            job_name=self.job.name,
             job_toml=vm_job_toml(raw),
             image=image,
             service_account_email=sa,
@@ -680,7 +680,7 @@ class Controller:
         data = json.dumps(run.to_dict(), indent=1).encode()
         stamp = run.started.replace(":", "").replace("-", "")
         name = f"run-{stamp}-{uuid.uuid4().hex[:8]}.json"
-        local = self.opts.state_dir / "records" / label_value(self.job.job.name) / name
+        local = self.opts.state_dir / "records" / label_value(self.job.name) / name
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(data)
         try:
@@ -715,7 +715,7 @@ class Controller:
     def execute(self) -> CloudRun | None:
         """The whole run; returns its record (None when there was nothing to do)."""
         self.console.print(
-            f"teacher-cloud: job {self.job.job.name}, project {self.project}, "
+            f"teacher-cloud: job {self.job.name}, project {self.project}, "
             f"zones {', '.join(self.zones)}, backend {self.backend.name}"
         )
         self.preflight()
@@ -729,7 +729,7 @@ class Controller:
         assert est is not None
         prices = est.prices
         self.run = CloudRun(
-            job=self.job.job.name,
+            job=self.job.name,
             backend=self.backend.name,
             project=self.project,
             zones=self.zones,
@@ -824,7 +824,7 @@ def collect_garbage(
     from rich.table import Table
 
     backend = make_backend(opts, resolve_project(job if job is not None else Job(), opts))
-    labels = job_labels(job.job.name) if job is not None else {"managed-by": "distill"}
+    labels = job_labels(job.name) if job is not None else {"managed-by": "distill"}
     found = backend.list(labels)
     if not found:
         out.print("no distill VMs left")

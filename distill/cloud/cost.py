@@ -577,8 +577,8 @@ def shard_bytes_estimate(
                 f"--reference-run {opts.reference_run}: no manifest with the job's targets "
                 f"({job.targets.kind}, k={job.targets.k}) and codec there (or under train/, eval/)"
             )
-    elif "://" not in job.job.output and Path(job.job.output).is_dir():
-        ref = reference_bytes_per_target(job.job.output, job)
+    elif "://" not in job.output and Path(job.output).is_dir():
+        ref = reference_bytes_per_target(job.output, job)
     if ref is None:
         return probed_shard_bytes(job, data, vocab)
     per_target, basis = ref
@@ -643,7 +643,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     egress_gb = gb * opts.downloads
     usd = priced(prices, opts, spot_h, on_demand_h, storage_gb_months, egress_gb)
     return CostEstimate(
-        job=job.job.name,
+        job=job.name,
         teacher=job.teacher.model,
         dtype=job.teacher.dtype,
         data=data,

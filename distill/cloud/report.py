@@ -38,13 +38,13 @@ def load_runs(output: str) -> list[dict[str, Any]]:
 
 def cost_report(job: Job, console: Console) -> list[dict[str, Any]]:
     """Print one row per run; returns the rows."""
-    runs = load_runs(job.job.output)
+    runs = load_runs(job.output)
     if not runs:
         raise DistillError(
-            f"no teacher-cloud run records under {job.job.output.rstrip('/')}/cloud/ "
+            f"no teacher-cloud run records under {job.output.rstrip('/')}/cloud/ "
             "(they are written when `distill-ctl teacher-cloud` ends)"
         )
-    t = Table(title=f"teacher-cloud runs of job {job.job.name}")
+    t = Table(title=f"teacher-cloud runs of job {job.name}")
     for col in (
         "started",
         "outcome",

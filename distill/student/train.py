@@ -50,7 +50,7 @@ CHECKPOINT = "checkpoint.pt"
 
 def open_targets(job: Job, split: str) -> tuple[Store, Manifest]:
     """The complete shard set of one split, or a clear error saying how to make it."""
-    store = open_store(f"{job.job.output.rstrip('/')}/{split}")
+    store = open_store(f"{job.output.rstrip('/')}/{split}")
     if not store.exists(MANIFEST):
         raise DistillError(
             f"no complete shard set at {store.url} (no {MANIFEST}); run "
@@ -72,7 +72,7 @@ def make_loader(job: Job, split: str, shuffle: bool, rank: int = 0, world: int =
         manifest,
         cache,
         job.train.batch_size,
-        job.job.seed,
+        job.seed,
         job.train.shuffle_buffer,
         shuffle,
         rank=rank,
@@ -102,7 +102,7 @@ def train_fingerprint(job: Job, manifest: Manifest, world: int = 1) -> str:
         "targets": manifest.job_fingerprint,
         "student": job.student.model_dump(),
         "train": t,
-        "seed": job.job.seed,
+        "seed": job.seed,
         "loss": job.loss.model_dump(),
         "world": world,
     }

@@ -266,7 +266,7 @@ def _compute_shards(
                 job.teacher.batch_tokens,
                 job.teacher.head_chunk,
                 on_batch,
-                job.job.seed,
+                job.seed,
             )
             pending.append((idx, pool.submit(out.upload, idx, targets)))
             # Bound memory: at most one shard waits for its upload while the next is computed.
@@ -361,7 +361,7 @@ def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
         tokenized[split] = (path, samples, st)
     prepared = {}
     for split, (path, samples, st) in tokenized.items():
-        store = open_store(f"{job.job.output.rstrip('/')}/{split}")
+        store = open_store(f"{job.output.rstrip('/')}/{split}")
         store.list()  # fails early on a missing bucket or missing credentials
         fp = job_fingerprint(job, split, path, teacher_dir, tok_fp)
         prepared[split] = (samples, store, fp, st.invalid_info())
