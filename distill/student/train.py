@@ -9,6 +9,7 @@ student is a Hugging Face directory (model + tokenizer) at ``<run_dir>/student``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
