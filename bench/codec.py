@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DISTILL_CACHE", str(ROOT / ".cache" / "distill"))
 
 from distill.format.codec import Codec, ShardFormat  # noqa: E402
+from distill.format.legacy import NPZ_COUNTS, NPZ_FIELDS  # noqa: E402
 from distill.format.shards import TargetSample, read_shard, write_shard  # noqa: E402
 from distill.format.spec import TargetSpec  # noqa: E402
 from distill.teacher.extract import draw_uniforms, extract  # noqa: E402
@@ -176,9 +177,9 @@ def targets_for(rows: Rows, spec: TargetSpec) -> list[TargetSample]:
                 key=key,
                 input_ids=x.astype(vdt),
                 loss_mask=m,
-                topk_ids=ids[lo : lo + n].astype(vdt),
-                topk_logprobs=vals[lo : lo + n],
-                topk_counts=counts[lo : lo + n] if spec.sampled else None,
+                target_ids=ids[lo : lo + n].astype(vdt),
+                target_logprobs=vals[lo : lo + n],
+                target_counts=counts[lo : lo + n] if spec.sampled else None,
             )
         )
         lo += n
@@ -189,15 +190,19 @@ def l1_error(ref: list[TargetSample], got: list[TargetSample]) -> float:
     """Mean over positions of sum |p - p_decoded| (ids matched per row, order-free)."""
     total, rows = 0.0, 0
     for a, b in zip(ref, got, strict=True):
-        n, w = a.topk_ids.shape
+        n, w = a.target_ids.shape
         if n == 0:
             continue
-        v = max(int(a.topk_ids.max()), int(b.topk_ids.max())) + 1
+        v = max(int(a.target_ids.max()), int(b.target_ids.max())) + 1
         pa = np.zeros((n, v))
         pb = np.zeros((n, v))
         r = np.arange(n)[:, None]
-        np.add.at(pa, (r, a.topk_ids.astype(np.int64)), np.exp(a.topk_logprobs.astype(np.float64)))
-        np.add.at(pb, (r, b.topk_ids.astype(np.int64)), np.exp(b.topk_logprobs.astype(np.float64)))
+        np.add.at(
+            pa, (r, a.target_ids.astype(np.int64)), np.exp(a.target_logprobs.astype(np.float64))
+        )
+        np.add.at(
+            pb, (r, b.target_ids.astype(np.int64)), np.exp(b.target_logprobs.astype(np.float64))
+        )
         total += float(np.abs(pa - pb).sum())
         rows += n
     return total / max(rows, 1)
@@ -224,8 +229,8 @@ def naive_shard(path: Path, ref: list[TargetSample]) -> int:
                 buf,
                 input_ids=s.input_ids.astype(np.int64),
                 loss_mask=s.loss_mask,
-                topk_ids=s.topk_ids.astype(np.int64),
-                topk_logprobs=s.topk_logprobs.astype(np.float32),
+                target_ids=s.target_ids.astype(np.int64),
+                target_logprobs=s.target_logprobs.astype(np.float32),
             )
             w.write({"__key__": s.key, "naive.npz": buf.getvalue()})
         w.close()
@@ -239,7 +244,7 @@ def naive_read(path: Path) -> int:
     with tarfile.open(path, "r|") as tf:
         for info in tf:
             with np.load(io.BytesIO(tf.extractfile(info).read())) as z:  # type: ignore[union-attr]
-                arrays = [z[k] for k in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")]
+                arrays = [z[k] for k in ("input_ids", "loss_mask", "target_ids", "target_logprobs")]
                 n += arrays[2].shape[0]
     return n
 
@@ -254,8 +259,9 @@ def npz_v0_shard(path: Path, ref: list[TargetSample]) -> int:
         for s in ref:
             buf = io.BytesIO()
             arrays = {k: v for k, v in s.arrays().items() if v is not None}
-            arrays["topk_logprobs"] = s.topk_logprobs.astype(np.float16)
-            np.savez(buf, **arrays)
+            arrays["target_logprobs"] = s.target_logprobs.astype(np.float16)
+            stored = {**NPZ_FIELDS, "target_counts": NPZ_COUNTS}  # v0's own array names
+            np.savez(buf, **{stored[k]: v for k, v in arrays.items()})
             w.write({"__key__": s.key, "targets.npz": buf.getvalue()})
         w.close()
     return path.stat().st_size
@@ -275,7 +281,7 @@ def run_config(
     if spec not in cache:
         cache[spec] = targets_for(rows, spec)
     ref = cache[spec]
-    positions = sum(s.topk_ids.shape[0] for s in ref)
+    positions = sum(s.target_ids.shape[0] for s in ref)
     path = tmp / f"{name.replace(' ', '_').replace('/', '_')}.tar"
     if codec == "naive":  # the baseline
         enc_s, nbytes = timed(lambda: naive_shard(path, ref), repeats)

@@ -295,8 +295,8 @@ def load_targets(ours_dir: Path, naive_dir: Path) -> tuple[np.ndarray, ...]:
     from distill.format.shards import read_shard
 
     ours = [s for p in sorted(ours_dir.glob("shard-*.tar")) for s in read_shard(p)]
-    o_ids = np.concatenate([s.topk_ids for s in ours]).astype(np.int64)
-    o_lps = np.concatenate([s.topk_logprobs for s in ours]).astype(np.float32)
+    o_ids = np.concatenate([s.target_ids for s in ours]).astype(np.int64)
+    o_lps = np.concatenate([s.target_logprobs for s in ours]).astype(np.float32)
     n_ids = np.concatenate([np.load(p) for p in sorted(naive_dir.glob("batch-*-ids.npy"))])
     n_lps = np.concatenate([np.load(p) for p in sorted(naive_dir.glob("batch-*-lps.npy"))])
     return o_ids, o_lps, n_ids.astype(np.int64), n_lps.astype(np.float32)

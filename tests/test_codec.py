@@ -50,9 +50,9 @@ def make_samples(
                 key=key,
                 input_ids=rng.integers(0, vocab, t).astype(vdt),
                 loss_mask=mask,
-                topk_ids=x.ids.numpy().astype(vdt),
-                topk_logprobs=x.values.numpy(),
-                topk_counts=x.counts.numpy().astype(np.uint16) if spec.sampled else None,
+                target_ids=x.ids.numpy().astype(vdt),
+                target_logprobs=x.values.numpy(),
+                target_counts=x.counts.numpy().astype(np.uint16) if spec.sampled else None,
             )
         )
     return out
@@ -60,10 +60,10 @@ def make_samples(
 
 def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:
     """Per row {id: (value, count)} over the real entries (order-free)."""
-    c = s.topk_counts if s.topk_counts is not None else np.zeros(s.topk_ids.shape, np.uint16)
+    c = s.target_counts if s.target_counts is not None else np.zeros(s.target_ids.shape, np.uint16)
     return [
         {int(i): (float(v), int(n)) for i, v, n in zip(ri, rv, rc, strict=True) if np.isfinite(v)}
-        for ri, rv, rc in zip(s.topk_ids, s.topk_logprobs, c, strict=True)
+        for ri, rv, rc in zip(s.target_ids, s.target_logprobs, c, strict=True)
     ]
 
 
@@ -107,7 +107,7 @@ def test_round_trip_exact_ids_mask_counts_and_bounded_values(spec, values, zstd)
             np.array_equal(back["input_ids"], s.input_ids) and back["input_ids"].dtype == np.uint16
         )
         assert np.array_equal(back["loss_mask"], s.loss_mask)
-        assert back["topk_ids"].shape == s.topk_ids.shape == (s.loss_mask[1:].sum(), spec.width)
+        assert back["target_ids"].shape == s.target_ids.shape == (s.loss_mask[1:].sum(), spec.width)
         for a, b in zip(rows(s), rows(TargetSample(s.key, **back)), strict=True):
             assert a.keys() == b.keys()  # ids exact
             for i, (va, ca) in a.items():
@@ -123,9 +123,9 @@ def test_round_trip_exact_ids_mask_counts_and_bounded_values(spec, values, zstd)
                 else:
                     assert abs(np.exp(vb / 4) - np.exp(va / 4)) <= 1 / 510 + 1e-6
         # padding: the row's first id, -inf, count 0; re-encoding gives the same bytes
-        n_real = np.isfinite(back["topk_logprobs"]).sum(1)
+        n_real = np.isfinite(back["target_logprobs"]).sum(1)
         for r, n in enumerate(n_real):
-            assert (back["topk_ids"][r, n:] == back["topk_ids"][r, 0]).all()
+            assert (back["target_ids"][r, n:] == back["target_ids"][r, 0]).all()
         assert encode1(back, fmt) == data
 
 
@@ -139,10 +139,12 @@ def test_log8_clamps_below_minus_l_and_pow8_never_gives_zero():
         np.array([[-0.01, -3.0, -50.0]], np.float32),
     )
     back, _ = decode1(encode1(s, ShardFormat(packed2("log8"), spec, 10)))
-    got = dict(zip(back["topk_ids"][0].tolist(), back["topk_logprobs"][0].tolist(), strict=True))
+    got = dict(
+        zip(back["target_ids"][0].tolist(), back["target_logprobs"][0].tolist(), strict=True)
+    )
     assert got[7] == pytest.approx(-20.0) and got[5] == pytest.approx(0.0)  # ids ascending
     back, _ = decode1(encode1(s, ShardFormat(packed2("pow8"), spec, 10)))
-    assert np.isfinite(back["topk_logprobs"]).all()
+    assert np.isfinite(back["target_logprobs"]).all()
 
 
 def test_large_and_small_vocabularies():
@@ -169,7 +171,7 @@ def test_shards_round_trip_through_tar_and_are_deterministic(tmp_path, codec):
         assert [{i: c for i, (_, c) in r.items()} for r in rows(s)] == [
             {i: c for i, (_, c) in r.items()} for r in rows(b)
         ]
-    assert a.target_tokens == sum(s.topk_ids.shape[0] for s in samples)
+    assert a.target_tokens == sum(s.target_ids.shape[0] for s in samples)
 
 
 @pytest.mark.parametrize(
@@ -193,11 +195,11 @@ def test_encoder_refuses_inconsistent_targets():
     s = make_samples(spec, n=1)[0]
     fmt = ShardFormat(packed2(), spec, 500)
     with pytest.raises(DistillError, match="no draw counts"):
-        encode1({**s.arrays(), "topk_counts": None}, fmt)
-    c = s.topk_counts.copy()
+        encode1({**s.arrays(), "target_counts": None}, fmt)
+    c = s.target_counts.copy()
     c[0, 0] += 1
     with pytest.raises(DistillError, match="must sum to 30"):
-        encode1({**s.arrays(), "topk_counts": c}, fmt)
+        encode1({**s.arrays(), "target_counts": c}, fmt)
     with pytest.raises(DistillError, match="width"):
         encode1(s, ShardFormat(packed2(), TargetSpec("sample", draws=31), 500))
     with pytest.raises(DistillError, match="outside the vocab"):
@@ -237,7 +239,7 @@ def edge_samples(spec: TargetSpec) -> list[TargetSample]:
 
 def assert_same(a: TargetSample, b: TargetSample) -> None:
     assert a.key == b.key
-    for f in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts"):
+    for f in ("input_ids", "loss_mask", "target_ids", "target_logprobs", "target_counts"):
         x, y = getattr(a, f), getattr(b, f)
         assert (x is None) == (y is None), f
         if x is not None:
@@ -263,7 +265,7 @@ def test_blocks_decode_as_one_sample_blocks_in_order(tmp_path, spec, values, zst
         assert_same(a, b)
     assert (st.samples, st.first_key, st.last_key) == (11, samples[0].key, samples[-1].key)
     assert st.tokens == sum(len(s.input_ids) for s in samples)
-    assert st.target_tokens == sum(s.topk_ids.shape[0] for s in samples)
+    assert st.target_tokens == sum(s.target_ids.shape[0] for s in samples)
     # several members, each named after its block's first sample; no 10 KiB record padding
     with tarfile.open(tmp_path / "v2.tar") as tf:
         members = tf.getmembers()
@@ -350,7 +352,7 @@ def test_block_encoder_refuses_rows_that_do_not_match_the_mask():
 
     spec = TargetSpec("topk", k=8)
     s = make_samples(spec, n=1)[0]
-    a = {**s.arrays(), "topk_ids": s.topk_ids[:-1], "topk_logprobs": s.topk_logprobs[:-1]}
+    a = {**s.arrays(), "target_ids": s.target_ids[:-1], "target_logprobs": s.target_logprobs[:-1]}
     with pytest.raises(DistillError, match="target rows"):
         encode_block([s.key], [a], ShardFormat(packed2(), spec, 500))
 
@@ -377,7 +379,7 @@ def test_webdataset_stage_yields_what_the_loader_yields(tmp_path, spec):
         tokenizer_fingerprint="f",
         vocab_size=500,
         target_kind=spec.kind,
-        k=spec.width,
+        width=spec.width,
         dtypes={},
         max_length=64,
         job_fingerprint="j",
@@ -392,7 +394,7 @@ def test_webdataset_stage_yields_what_the_loader_yields(tmp_path, spec):
         assert len(tf.getmembers()) < 5  # blocks: fewer members than samples
     cache = ShardCache(open_store(str(tmp_path)), tmp_path / "cache", 1 << 20)
     loaded = list(ShardLoader(m, cache, batch_size=4, shuffle=False).batches())
-    fields = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts")
+    fields = ("input_ids", "loss_mask", "target_ids", "target_logprobs", "target_counts")
     as_samples = [TargetSample(d["__key__"], *(d[f] for f in fields)) for d in got]
     for s, b in zip(as_samples, read_shard_all(urls), strict=True):
         assert_same(s, b)

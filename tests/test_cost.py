@@ -302,7 +302,7 @@ def test_probe_rows_hit_as_many_distinct_ids_as_real_smollm2_targets():
         ("packed-v1-topk4+sample16-f16", TargetSpec("topk+sample", 4, draws=16)),
     ):
         real = list(read_shard(old / name / "shard-000000.tar"))
-        per_row = np.concatenate([np.isfinite(s.topk_logprobs).sum(1) for s in real]).mean()
+        per_row = np.concatenate([np.isfinite(s.target_logprobs).sum(1) for s in real]).mean()
         probe = probe_samples(spec, 49152, 40, 20, 8)
-        got = np.concatenate([np.isfinite(s.topk_logprobs).sum(1) for s in probe]).mean()
+        got = np.concatenate([np.isfinite(s.target_logprobs).sum(1) for s in probe]).mean()
         assert 0.65 < got / per_row < 1.35, (name, got, per_row)

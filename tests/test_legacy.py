@@ -24,7 +24,10 @@ from distill.format.spec import TargetSpec
 OLD = Path(__file__).resolve().parent / "data" / "old_shards"
 SYNTHETIC = OLD / "synthetic"
 SETS = json.loads((SYNTHETIC / "index.json").read_text())["sets"]
-FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts")
+FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs", "target_counts")
+# the names the fixtures' arrays.npz files (written before the rename) give these fields
+OLD_NAMES = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts")
+STORED = dict(zip(FIELDS, OLD_NAMES, strict=True))
 
 
 def synthetic_set(name: str) -> tuple[TargetSpec, dict, int, list[TargetSample]]:
@@ -32,7 +35,7 @@ def synthetic_set(name: str) -> tuple[TargetSpec, dict, int, list[TargetSample]]
     info = SETS[name]
     with np.load(SYNTHETIC / name / "arrays.npz") as z:
         samples = [
-            TargetSample(str(key), *(z.get(f"{i:02d}.{f}") for f in FIELDS))
+            TargetSample(str(key), *(z.get(f"{i:02d}.{STORED[f]}") for f in FIELDS))
             for i, key in enumerate(z["keys"])
         ]
     return TargetSpec(**info["targets"]), info["codec"], info["vocab_size"], samples
@@ -40,10 +43,10 @@ def synthetic_set(name: str) -> tuple[TargetSpec, dict, int, list[TargetSample]]
 
 def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:
     """Per row {id: (value, count)} over the real entries (order-free)."""
-    c = s.topk_counts if s.topk_counts is not None else np.zeros(s.topk_ids.shape, np.uint16)
+    c = s.target_counts if s.target_counts is not None else np.zeros(s.target_ids.shape, np.uint16)
     return [
         {int(i): (float(v), int(n)) for i, v, n in zip(ri, rv, rc, strict=True) if np.isfinite(v)}
-        for ri, rv, rc in zip(s.topk_ids, s.topk_logprobs, c, strict=True)
+        for ri, rv, rc in zip(s.target_ids, s.target_logprobs, c, strict=True)
     ]
 
 
@@ -79,7 +82,7 @@ def test_packed_v1_reads_exact_ids_mask_counts_and_bounded_values(name):
         assert np.array_equal(b.input_ids, s.input_ids)
         assert b.input_ids.dtype == (np.int32 if vocab > 2**16 else np.uint16)
         assert np.array_equal(b.loss_mask, s.loss_mask)
-        assert b.topk_ids.shape == s.topk_ids.shape == (s.loss_mask[1:].sum(), spec.width)
+        assert b.target_ids.shape == s.target_ids.shape == (s.loss_mask[1:].sum(), spec.width)
         for ra, rb in zip(rows(s), rows(b), strict=True):
             assert ra.keys() == rb.keys()  # ids exact
             if s.key == "z-clamp":  # values out of range on purpose: the next test
@@ -96,9 +99,9 @@ def test_packed_v1_reads_exact_ids_mask_counts_and_bounded_values(name):
                     assert abs(vb - max(va, -20.0)) <= 20.0 / 510 + 1e-5
                 else:
                     assert abs(np.exp(vb / 4) - np.exp(va / 4)) <= 1 / 510 + 1e-6
-        n_real = np.isfinite(b.topk_logprobs).sum(1)
+        n_real = np.isfinite(b.target_logprobs).sum(1)
         for r, n in enumerate(n_real):  # padding: the row's first id
-            assert (b.topk_ids[r, n:] == b.topk_ids[r, 0]).all()
+            assert (b.target_ids[r, n:] == b.target_ids[r, 0]).all()
 
 
 @pytest.mark.parametrize("name", V1)
@@ -116,12 +119,12 @@ def test_packed_v2_stores_exactly_what_packed_v1_stored(tmp_path, name):
 @pytest.mark.parametrize("name", ["v1-topk8-log8-zstd", "v1-topk8-pow8"])
 def test_packed_v1_log8_clamps_below_minus_l_and_pow8_never_gives_zero(name):
     (clamp,) = [s for s in read_shard(SYNTHETIC / name / "shard-000000.tar") if s.key == "z-clamp"]
-    got = dict(zip(clamp.topk_ids[0].tolist(), clamp.topk_logprobs[0].tolist(), strict=True))
-    assert clamp.topk_ids[0].tolist() == sorted(clamp.topk_ids[0].tolist())  # ids ascending
+    got = dict(zip(clamp.target_ids[0].tolist(), clamp.target_logprobs[0].tolist(), strict=True))
+    assert clamp.target_ids[0].tolist() == sorted(clamp.target_ids[0].tolist())  # ids ascending
     if name.endswith("zstd"):  # log8
         assert got[7] == pytest.approx(-20.0) and got[5] == pytest.approx(0.0)
     else:
-        assert np.isfinite(clamp.topk_logprobs).all()
+        assert np.isfinite(clamp.target_logprobs).all()
 
 
 def test_npz_v0_reads_the_arrays_it_was_written_from():
@@ -129,12 +132,12 @@ def test_npz_v0_reads_the_arrays_it_was_written_from():
     back = list(read_shard(SYNTHETIC / "npz-topk4+sample30" / "shard-000000.tar", vocab))
     assert [s.key for s in back] == [s.key for s in samples]
     for s, b in zip(samples, back, strict=True):
-        for f in ("input_ids", "loss_mask", "topk_ids", "topk_counts"):
+        for f in ("input_ids", "loss_mask", "target_ids", "target_counts"):
             assert getattr(b, f).dtype == getattr(s, f).dtype
             assert np.array_equal(getattr(b, f), getattr(s, f)), f
-        assert b.topk_logprobs.dtype == np.float16  # npz stores float16 log-probs
-        assert np.array_equal(b.topk_logprobs, s.topk_logprobs.astype(np.float16))
-        assert b.topk_ids.shape[1] == spec.width
+        assert b.target_logprobs.dtype == np.float16  # npz stores float16 log-probs
+        assert np.array_equal(b.target_logprobs, s.target_logprobs.astype(np.float16))
+        assert b.target_ids.shape[1] == spec.width
 
 
 @pytest.mark.parametrize("zstd", [False, True])
@@ -204,7 +207,7 @@ def test_old_npz_v0_shard_set_is_readable(tmp_path):
     npz_shard(path, members)
     samples = list(read_shard(path))
     assert [s.key for s in samples] == ["old-0", "old-1", "old-2"]
-    assert samples[0].topk_logprobs.dtype == np.float16 and samples[0].topk_counts is None
+    assert samples[0].target_logprobs.dtype == np.float16 and samples[0].target_counts is None
     old_manifest = {
         "split": "train",
         "teacher": "t",
@@ -225,6 +228,8 @@ def test_old_npz_v0_shard_set_is_readable(tmp_path):
     m = Manifest.from_json(json.dumps(old_manifest).encode(), "m")
     assert m.codec == {"name": "npz", "version": 0} and m.codec_spec() == Codec("npz", 0)
     assert m.targets == {"kind": "topk", "k": 4, "tail": True, "width": 4} and m.tail
+    # schema 1 named the width k and the entries topk_*: read under today's names
+    assert m.width == 4 and m.dtypes == {"target_ids": "uint16"} and m.schema_version == 2
 
 
 def test_inconsistent_npz_sample_is_refused(tmp_path):
@@ -248,7 +253,7 @@ def _digest(s: TargetSample) -> str:
     h = hashlib.sha256()
     for f in FIELDS:
         a = getattr(s, f)
-        h.update(f.encode())
+        h.update(STORED[f].encode())  # the digests were taken with the names of their time
         if a is not None:
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(np.ascontiguousarray(a).tobytes())
@@ -275,4 +280,4 @@ def test_real_old_shard_sets_read_as_they_did(tmp_path, name):
     loader = ShardLoader(m, cache, batch_size=4, shuffle=False)
     batches = list(loader.batches())
     assert sum(len(b.keys) for b in batches) == m.samples == 6
-    assert batches[0].t_ids.shape[1] == m.k
+    assert batches[0].t_ids.shape[1] == m.width

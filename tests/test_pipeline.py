@@ -84,8 +84,8 @@ def test_teacher_train_eval_through_gcs(tiny_teacher_dir, tiny_student_dir, gcs_
         tmp_path / "train.jsonl"
     )
     m = manifests["train"]
-    assert (m.samples, m.k, m.vocab_size, len(m.shards)) == (96, 50, 49152, 6)  # 50 draws
-    assert m.dtypes["topk_ids"] == "uint16" and m.schema_version == 1
+    assert (m.samples, m.width, m.vocab_size, len(m.shards)) == (96, 50, 49152, 6)  # 50 draws
+    assert m.dtypes["target_ids"] == "uint16" and m.schema_version == 2
     # the default targets: 50 systematic draws in packed v2 blocks with zstd
     assert m.targets == {
         "kind": "sample",

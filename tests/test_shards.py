@@ -24,8 +24,8 @@ def sample(key: str, t: int, k: int, rng: np.random.Generator) -> TargetSample:
         key=key,
         input_ids=rng.integers(0, 49152, t).astype(np.uint16),
         loss_mask=mask,
-        topk_ids=np.cumsum(rng.integers(1, 6000, (n, k)), axis=1).astype(np.uint16),
-        topk_logprobs=-rng.random((n, k)).astype(np.float16).astype(np.float32),
+        target_ids=np.cumsum(rng.integers(1, 6000, (n, k)), axis=1).astype(np.uint16),
+        target_logprobs=-rng.random((n, k)).astype(np.float16).astype(np.float32),
     )
 
 
@@ -40,7 +40,7 @@ def test_shard_round_trip_is_exact_and_deterministic(tmp_path):
     back = list(read_shard(tmp_path / "a.tar"))
     assert [s.key for s in back] == [s.key for s in samples]
     for a, b in zip(samples, back, strict=True):
-        for f in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs"):
+        for f in ("input_ids", "loss_mask", "target_ids", "target_logprobs"):
             x, y = getattr(a, f), getattr(b, f)
             assert x.dtype == y.dtype and np.array_equal(x, y)
 
@@ -62,8 +62,8 @@ def test_inconsistent_sample_is_refused(tmp_path):
     reader meeting one in an npz v0 shard refuses it too: test_legacy.py)."""
     rng = np.random.default_rng(2)
     s = sample("k", 10, 4, rng)
-    s.topk_ids = s.topk_ids[:-1]
-    s.topk_logprobs = s.topk_logprobs[:-1]
+    s.target_ids = s.target_ids[:-1]
+    s.target_logprobs = s.target_logprobs[:-1]
     with pytest.raises(DistillError, match="target rows, its loss mask"):
         write_shard(tmp_path / "a.tar", [s], fmt(4))
 
@@ -78,15 +78,15 @@ def test_manifest_round_trip_and_unknown_schema(tmp_path):
         tokenizer_fingerprint="f",
         vocab_size=49152,
         target_kind="topk",
-        k=4,
-        dtypes={"topk_ids": "uint16"},
+        width=4,
+        dtypes={"target_ids": "uint16"},
         max_length=64,
         job_fingerprint="j",
         shards=[st, st],
     )
     back = Manifest.from_json(m.to_json(), "m")
     assert back == m and back.samples == 2 and back.nbytes == 2 * st.nbytes
-    raw = m.to_json().replace(b'"schema_version": 1', b'"schema_version": 99')
+    raw = m.to_json().replace(b'"schema_version": 2', b'"schema_version": 99')
     with pytest.raises(DistillError, match="schema version 99 is not supported"):
         Manifest.from_json(raw, "m")
     with pytest.raises(DistillError, match="not valid JSON"):

@@ -438,8 +438,8 @@ def test_teacher_sample_packed_is_reproducible_and_trains(tiny_teacher_dir, tmp_
     first = [s.sha256 for s in m.shards]
     samples = [s for sh in m.shards for s in read_shard(tmp_path / "o" / "train" / sh.name, 49152)]
     for s in samples:
-        c = s.topk_counts.astype(np.int64)
-        assert (c.sum(1) == 20).all() and s.topk_ids.shape[1] == 20
+        c = s.target_counts.astype(np.int64)
+        assert (c.sum(1) == 20).all() and s.target_ids.shape[1] == 20
     # a rerun from scratch writes byte-identical shards (resume relies on it)
     import shutil
 

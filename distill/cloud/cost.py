@@ -355,7 +355,7 @@ def _targets_info(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _same_targets(m: Any, job: Job) -> bool:
     spec, codec = _targets_info(job)
-    recorded = getattr(m, "targets", None) or {"kind": m.target_kind, "k": m.k}
+    recorded = getattr(m, "targets", None) or {"kind": m.target_kind, "k": m.width}
     keys = ("kind", "k", "top_p", "draws")
     same_kind = all(recorded.get(key) == spec.get(key) for key in keys)
     # iid and systematic draws hit different numbers of distinct ids: other bytes per row

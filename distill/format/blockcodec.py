@@ -70,7 +70,7 @@ _MAGIC = b"DPB"
 _HEAD = struct.Struct("<3sBBBBBIHHfIII")  # magic ver kind values flags 0 V k N L S raw crc
 _META = struct.Struct("<4BII10I")  # rice ids/runs/counts, t_bits, R, E, section lengths
 _ZSTD = 1
-_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
+_FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs")
 
 
 def split_blocks(lengths: Sequence[int], block_tokens: int) -> list[tuple[int, int]]:
@@ -120,17 +120,17 @@ def _concatenate(
     if not samples or len(keys) != len(samples):
         raise DistillError(f"{where}: a block needs samples, one key each")
     for key, a in zip(keys, samples, strict=True):
-        rows, n = np.asarray(a["topk_ids"]).shape[0], int(np.asarray(a["loss_mask"])[1:].sum())
+        rows, n = np.asarray(a["target_ids"]).shape[0], int(np.asarray(a["loss_mask"])[1:].sum())
         if rows != n:
             raise DistillError(
                 f"{where}: sample {key} has {rows} target rows, its loss mask {n} target positions"
             )
     cat: Arrays = {f: np.concatenate([np.asarray(a[f]) for a in samples]) for f in _FIELDS}
-    cat["topk_counts"] = None
+    cat["target_counts"] = None
     if spec.sampled:
-        if any(a.get("topk_counts") is None for a in samples):
+        if any(a.get("target_counts") is None for a in samples):
             raise DistillError(f"{where}: cannot encode as packed {spec.kind}: no draw counts")
-        cat["topk_counts"] = np.concatenate([np.asarray(a["topk_counts"]) for a in samples])
+        cat["target_counts"] = np.concatenate([np.asarray(a["target_counts"]) for a in samples])
     return cat
 
 
@@ -288,9 +288,9 @@ def _split_samples(
             {
                 "input_ids": x[i],
                 "loss_mask": masks[i],
-                "topk_ids": parts[0][i],
-                "topk_logprobs": parts[1][i],
-                "topk_counts": parts[2][i],
+                "target_ids": parts[0][i],
+                "target_logprobs": parts[1][i],
+                "target_counts": parts[2][i],
             },
         )
         for i, key in enumerate(keys)

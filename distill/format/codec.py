@@ -209,8 +209,8 @@ class Flat:
 def flatten(arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str) -> Flat:
     """Check padded in-memory targets against ``fmt`` and flatten them (see :class:`Flat`)."""
     spec = fmt.spec
-    ids = np.asarray(arrays["topk_ids"]).astype(np.int64)
-    vals = np.asarray(arrays["topk_logprobs"]).astype(np.float32)
+    ids = np.asarray(arrays["target_ids"]).astype(np.int64)
+    vals = np.asarray(arrays["target_logprobs"]).astype(np.float32)
     input_ids = np.asarray(arrays["input_ids"]).astype(np.int64)
     mask = np.asarray(arrays["loss_mask"])
 
@@ -219,7 +219,7 @@ def flatten(arrays: dict[str, np.ndarray | None], fmt: ShardFormat, where: str) 
 
     n, _ = ids.shape
     _check_tokens(ids, vals, input_ids, mask, fmt, bad)
-    exact, drawn, counts = _entries(vals, arrays.get("topk_counts"), spec, bad)
+    exact, drawn, counts = _entries(vals, arrays.get("target_counts"), spec, bad)
     keep = exact | drawn
     if n and (ids[keep].min() < 0 or ids[keep].max() >= fmt.vocab_size):
         raise bad("target id outside the vocab")
@@ -258,7 +258,7 @@ def _check_tokens(
     if ids.shape[1] != fmt.spec.width:
         raise bad(f"width {ids.shape[1]} != {fmt.spec.width}")
     if vals.shape != ids.shape:
-        raise bad(f"topk_logprobs {vals.shape} != topk_ids {ids.shape}")
+        raise bad(f"target_logprobs {vals.shape} != target_ids {ids.shape}")
     if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= fmt.vocab_size):
         raise bad("input id outside the vocab")
     if mask.shape != input_ids.shape or (mask.size and not np.isin(mask, (0, 1)).all()):

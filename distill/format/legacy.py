@@ -8,8 +8,9 @@ keep these readers proven. Both store one tar member per sample.
 
 ``npz`` v0 (member ``KEY.targets.npz``): an uncompressed NumPy archive of ``input_ids``,
 ``loss_mask``, ``topk_ids``, ``topk_logprobs`` (float16) and, for sampled kinds,
-``topk_counts``, padded as in memory. Shard sets written before codecs existed have no
-``codec`` in their manifest and read as npz v0.
+``topk_counts`` (read as ``target_ids``, ``target_logprobs``, ``target_counts``), padded as
+in memory. Shard sets written before codecs existed have no ``codec`` in their manifest and
+read as npz v0.
 
 ``packed`` v1 (member ``KEY.targets.dpk``): a 40-byte little-endian header (magic ``DPK``,
 version, kind, value map, flags (1 = zstd), Rice parameter, vocab, T, rows, entries, mask runs,
@@ -57,7 +58,14 @@ from distill.format.spec import KINDS, TargetSpec
 
 Arrays = dict[str, np.ndarray | None]
 
-NPZ_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
+# npz v0 members name the arrays as the code of their time did (before the target names)
+NPZ_FIELDS = {
+    "input_ids": "input_ids",
+    "loss_mask": "loss_mask",
+    "target_ids": "topk_ids",
+    "target_logprobs": "topk_logprobs",
+}
+NPZ_COUNTS = "topk_counts"
 _MAGIC = b"DPK"
 _HEAD = struct.Struct("<3sBBBBBIIIIIHHfI")  # magic ver kind values flags b V T n E R k N L crc
 _SECTIONS = struct.Struct("<8I")
@@ -77,11 +85,11 @@ def decode_npz(data: bytes, where: str) -> Arrays:
     """An npz v0 member -> its arrays (float16 log-probs); a bad archive is a DistillError."""
     try:
         with np.load(io.BytesIO(data)) as z:
-            missing = [k for k in NPZ_FIELDS if k not in z.files]
+            missing = [k for k in NPZ_FIELDS.values() if k not in z.files]
             if missing:
                 raise DistillError(f"{where} lacks {', '.join(missing)}")
-            out: Arrays = {k: z[k] for k in NPZ_FIELDS}
-            out["topk_counts"] = z["topk_counts"] if "topk_counts" in z.files else None
+            out: Arrays = {name: z[stored] for name, stored in NPZ_FIELDS.items()}
+            out["target_counts"] = z[NPZ_COUNTS] if NPZ_COUNTS in z.files else None
             return out
     except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
         raise DistillError(f"{where}: corrupt sample ({e})") from None
@@ -139,8 +147,8 @@ def _decode_packed(data: bytes) -> tuple[Arrays, int]:
     arrays: Arrays = {
         "input_ids": input_ids.astype(id_dtype(vocab)),
         "loss_mask": mask,
-        "topk_ids": ids,
-        "topk_logprobs": vals,
-        "topk_counts": cnt,
+        "target_ids": ids,
+        "target_logprobs": vals,
+        "target_counts": cnt,
     }
     return arrays, int(vocab)

@@ -5,8 +5,12 @@ see :mod:`distill.format.codec`); manifests written before codecs existed have n
 ``npz`` v0. ``targets`` holds what the losses need about the target kind (``kind``, its
 parameters, ``sampling`` for sampled kinds (absent before it existed: ``iid``), ``tail``:
 whether a tail bucket ``1 - sum p`` applies, ``width``; see :mod:`distill.teacher.extract`); older
-manifests get ``topk`` with ``k``. A codec name or version this
-distill does not know is refused on load.
+manifests get ``topk`` with ``k``. ``width`` is the number of columns of the decoded
+``target_*`` arrays (top-k entries, or the unique sampled ids with their counts).
+
+Schema 2 names the stored entries for what they are (``width``, ``target_ids``,
+``target_logprobs``, ``target_counts``); schema 1 manifests (``k``, ``topk_*``) are read with
+those names mapped. A codec name or version this distill does not know is refused on load.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from distill.errors import DistillError
 from distill.format.codec import Codec
 from distill.format.shards import ShardStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS = (1, 2)
+# schema 1 -> 2: the entries' names (sampled entries are not a top-k)
+_V1_DTYPES = {
+    "topk_ids": "target_ids",
+    "topk_logprobs": "target_logprobs",
+    "topk_counts": "target_counts",
+}
 MANIFEST = "manifest.json"
 
 
@@ -32,7 +43,7 @@ class Manifest:
     tokenizer_fingerprint: str
     vocab_size: int
     target_kind: str
-    k: int
+    width: int  # columns of the decoded [N, width] target arrays
     dtypes: dict[str, str]
     max_length: int
     job_fingerprint: str
@@ -48,7 +59,12 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if not self.targets:  # a manifest from before target kinds: top-k with a tail
-            self.targets = {"kind": self.target_kind, "k": self.k, "tail": True, "width": self.k}
+            self.targets = {
+                "kind": self.target_kind,
+                "k": self.width,
+                "tail": True,
+                "width": self.width,
+            }
 
     @property
     def tail(self) -> bool:
@@ -84,11 +100,16 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise DistillError(f"{where}: manifest is not valid JSON ({e})") from None
         version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READS:
             raise DistillError(
                 f"{where}: manifest schema version {version!r} is not supported by this "
-                f"distill (knows {SCHEMA_VERSION}); upgrade distill or re-run the teacher"
+                f"distill (knows {', '.join(map(str, READS))}); upgrade distill or re-run the "
+                "teacher"
             )
+        if version == 1 and isinstance(raw.get("dtypes"), dict):
+            raw["width"] = raw.pop("k", None)
+            raw["dtypes"] = {_V1_DTYPES.get(k, k): v for k, v in raw["dtypes"].items()}
+            raw["schema_version"] = SCHEMA_VERSION  # what this object now describes
         try:
             raw["shards"] = [ShardStats(**s) for s in raw["shards"]]
             m = cls(**raw)

@@ -8,15 +8,15 @@ blocks (no padding to a 10 KiB tar record). Shards of earlier versions still rea
 
 - ``input_ids``     [T]    token ids (uint16 when the vocab fits, else int32)
 - ``loss_mask``     [T]    uint8, 1 = assistant token (a label)
-- ``topk_ids``      [N, w] the teacher's stored ids at the N target positions
-- ``topk_logprobs`` [N, w] log-probabilities normalised over the full vocab (float32; float16
+- ``target_ids``      [N, w] the teacher's stored ids at the N target positions
+- ``target_logprobs`` [N, w] log-probabilities normalised over the full vocab (float32; float16
   from npz v0); for sampled entries ``log(count / draws)`` (see
   :mod:`distill.teacher.extract`); ``-inf`` marks padding in variable-width rows
-- ``topk_counts``   [N, w] uint16 draw counts, sampled kinds only (else None)
+- ``target_counts``   [N, w] uint16 draw counts, sampled kinds only (else None)
 
 Target positions are the t with ``loss_mask[t + 1] == 1`` (position t predicts token t+1), in
 order, so positions need not be stored. For ``topk``/``topp`` the tail mass is
-``1 - sum(exp(topk_logprobs))``. Tar members carry a fixed mtime, so the same samples always
+``1 - sum(exp(target_logprobs))``. Tar members carry a fixed mtime, so the same samples always
 give the same bytes. The member suffix names the codec, so a shard reads without its manifest;
 samples come out in the order they were written.
 """
@@ -38,7 +38,7 @@ from distill.format import legacy
 from distill.format.blockcodec import decode_block, encode_block, split_blocks
 from distill.format.codec import WRITTEN, ShardFormat, id_dtype, member_codec
 
-FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")
+FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs")
 
 __all__ = [
     "FIELDS",
@@ -58,12 +58,12 @@ class TargetSample:
     key: str
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    topk_counts: np.ndarray | None = None  # sampled kinds: draws per stored id (0: exact/pad)
+    target_ids: np.ndarray
+    target_logprobs: np.ndarray
+    target_counts: np.ndarray | None = None  # sampled kinds: draws per stored id (0: exact/pad)
 
     def arrays(self) -> dict[str, np.ndarray | None]:
-        return {k: getattr(self, k) for k in (*FIELDS, "topk_counts")}
+        return {k: getattr(self, k) for k in (*FIELDS, "target_counts")}
 
     def target_positions(self) -> np.ndarray:
         return np.flatnonzero(self.loss_mask[1:])
@@ -73,16 +73,17 @@ class TargetSample:
         ok = (
             self.input_ids.ndim == 1
             and self.loss_mask.shape == self.input_ids.shape
-            and self.topk_ids.shape == self.topk_logprobs.shape
-            and self.topk_ids.ndim == 2
-            and self.topk_ids.shape[0] == n
-            and (self.topk_counts is None or self.topk_counts.shape == self.topk_ids.shape)
+            and self.target_ids.shape == self.target_logprobs.shape
+            and self.target_ids.ndim == 2
+            and self.target_ids.shape[0] == n
+            and (self.target_counts is None or self.target_counts.shape == self.target_ids.shape)
         )
         if not ok:
             raise DistillError(
                 f"{where}: sample {self.key} has inconsistent shapes "
                 f"(input_ids {self.input_ids.shape}, loss_mask {self.loss_mask.shape}, "
-                f"topk_ids {self.topk_ids.shape}, topk_logprobs {self.topk_logprobs.shape}); "
+                f"target_ids {self.target_ids.shape}, "
+                f"target_logprobs {self.target_logprobs.shape}); "
                 "the shard is corrupt"
             )
 
@@ -117,7 +118,7 @@ def write_shard(path: Path, samples: Iterable[TargetSample], fmt: ShardFormat) -
         name=path.name,
         samples=len(samples),
         tokens=sum(len(s.input_ids) for s in samples),
-        target_tokens=sum(s.topk_ids.shape[0] for s in samples),
+        target_tokens=sum(s.target_ids.shape[0] for s in samples),
         nbytes=path.stat().st_size,
         sha256=sha256,
         first_key=samples[0].key,
@@ -198,7 +199,7 @@ def wds_samples(
     ``wds.WebDataset(shard_urls).compose(wds_samples)`` (or ``functools.partial(wds_samples,
     vocab_size=manifest.vocab_size)``) yields, in order, exactly the samples :func:`read_shard`
     and so the student's loader read: ``{"__key__", "__url__", "input_ids", "loss_mask",
-    "topk_ids", "topk_logprobs", "topk_counts"}`` with the arrays of :class:`TargetSample`. A
+    "target_ids", "target_logprobs", "target_counts"}`` with the arrays of :class:`TargetSample`. A
     packed v2 member (one tar member per block of samples) is expanded into its samples.
     WebDataset must not decode the members (no ``.decode()`` before this stage).
     """

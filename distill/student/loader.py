@@ -75,9 +75,9 @@ def collate(samples: Sequence[TargetSample], pad_id: int = 0) -> Batch:
         input_ids=ids,
         attention_mask=attn,
         target_mask=tmask,
-        t_ids=torch.from_numpy(np.concatenate([s.topk_ids.astype(np.int64) for s in samples])),
+        t_ids=torch.from_numpy(np.concatenate([s.target_ids.astype(np.int64) for s in samples])),
         t_logprobs=torch.from_numpy(
-            np.concatenate([s.topk_logprobs for s in samples]).astype(np.float32)
+            np.concatenate([s.target_logprobs for s in samples]).astype(np.float32)
         ),
         labels=torch.cat(labels),
         keys=[s.key for s in samples],

@@ -149,9 +149,9 @@ def pack_collate(samples: Sequence[TargetSample], row_tokens: int, pad_id: int =
         input_ids=ids,
         attention_mask=block_causal_mask(seq),
         target_mask=tmask,
-        t_ids=torch.from_numpy(np.concatenate([s.topk_ids.astype(np.int64) for s in order])),
+        t_ids=torch.from_numpy(np.concatenate([s.target_ids.astype(np.int64) for s in order])),
         t_logprobs=torch.from_numpy(
-            np.concatenate([s.topk_logprobs for s in order]).astype(np.float32)
+            np.concatenate([s.target_logprobs for s in order]).astype(np.float32)
         ),
         labels=torch.cat(labels),
         keys=[s.key for s in order],

@@ -30,8 +30,8 @@ def shard_set_stats(url: str, cache_dir: Path | None = None) -> tuple[Manifest, 
     mass_sum, rows = 0.0, 0
     for path in cache.iter_local(shard_refs(m)):
         for s in read_shard(path):
-            mass_sum += float(np.exp(s.topk_logprobs.astype(np.float64)).sum())
-            rows += s.topk_ids.shape[0]
+            mass_sum += float(np.exp(s.target_logprobs.astype(np.float64)).sum())
+            rows += s.target_ids.shape[0]
     stats = {
         "samples": m.samples,
         "tokens": m.tokens,
@@ -52,7 +52,7 @@ def inspect_shards(url: str, console: Console) -> None:
         "teacher",
         "vocab_size",
         "target_kind",
-        "k",
+        "width",
         "max_length",
         "schema_version",
         "created",

@@ -264,9 +264,9 @@ def compute_targets(
                 key=s.key,
                 input_ids=s.input_ids.astype(vdt),
                 loss_mask=s.loss_mask,
-                topk_ids=top_ids[lo : lo + n].astype(vdt),
-                topk_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
-                topk_counts=None if counts is None else counts[lo : lo + n],
+                target_ids=top_ids[lo : lo + n].astype(vdt),
+                target_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
+                target_counts=None if counts is None else counts[lo : lo + n],
             )
             lo += n
         if on_batch is not None:

@@ -326,13 +326,13 @@ def _manifest(
         tokenizer_fingerprint=tok_fp,
         vocab_size=vocab,
         target_kind=spec.kind,
-        k=spec.width,  # columns of the decoded [N, k] arrays; kind parameters in `targets`
+        width=spec.width,  # columns of the decoded [N, width] arrays; kind parameters: `targets`
         dtypes={
             "input_ids": id_dtype(vocab).name,
             "loss_mask": "uint8",
-            "topk_ids": id_dtype(vocab).name,
-            "topk_logprobs": "float16" if codec.name == "npz" else "float32",
-            **({"topk_counts": "uint16"} if spec.sampled else {}),
+            "target_ids": id_dtype(vocab).name,
+            "target_logprobs": "float16" if codec.name == "npz" else "float32",
+            **({"target_counts": "uint16"} if spec.sampled else {}),
         },
         max_length=job.data.max_length,
         job_fingerprint=fingerprint,
