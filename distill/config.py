@@ -218,9 +218,9 @@ class TargetsSection(_Table):
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        """What decides the shards' bytes (for topk/npz, the same keys as before kinds)."""
+        """What decides the shards' bytes: the target kind's parameters and the codec."""
         d = {k: v for k, v in self.spec().info().items() if k not in ("tail", "width")}
-        return d if self.codec == "npz" else {**d, "codec": self.codec_spec().info()}
+        return {**d, "codec": self.codec_spec().info()}
 
 
 class StudentSection(_Table):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from codec_checks import assert_entries_within_bounds, rows
 
 from distill.errors import DistillError
 from distill.format.bitpack import bits_for, pack_bits, unpack_bits
@@ -58,15 +59,6 @@ def make_samples(
     return out
 
 
-def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:
-    """Per row {id: (value, count)} over the real entries (order-free)."""
-    c = s.target_counts if s.target_counts is not None else np.zeros(s.target_ids.shape, np.uint16)
-    return [
-        {int(i): (float(v), int(n)) for i, v, n in zip(ri, rv, rc, strict=True) if np.isfinite(v)}
-        for ri, rv, rc in zip(s.target_ids, s.target_logprobs, c, strict=True)
-    ]
-
-
 def packed2(values: str = "log8", zstd: bool = True, block_tokens: int = 16384) -> Codec:
     return Codec("packed", 2, values=values, zstd=zstd, block_tokens=block_tokens)
 
@@ -108,20 +100,7 @@ def test_round_trip_exact_ids_mask_counts_and_bounded_values(spec, values, zstd)
         )
         assert np.array_equal(back["loss_mask"], s.loss_mask)
         assert back["target_ids"].shape == s.target_ids.shape == (s.loss_mask[1:].sum(), spec.width)
-        for a, b in zip(rows(s), rows(TargetSample(s.key, **back)), strict=True):
-            assert a.keys() == b.keys()  # ids exact
-            for i, (va, ca) in a.items():
-                vb, cb = b[i]
-                assert ca == cb  # counts exact
-                if ca:  # sampled: log(count / N) (+ the float16 tail mass m of topk+sample)
-                    m = va - np.log(ca / spec.draws)
-                    assert abs(vb - va) <= abs(m) * 2**-11 + 1e-5
-                elif values == "f16":
-                    assert vb == float(np.float16(va))
-                elif values == "log8":
-                    assert abs(vb - max(va, -20.0)) <= 20.0 / 510 + 1e-5
-                else:
-                    assert abs(np.exp(vb / 4) - np.exp(va / 4)) <= 1 / 510 + 1e-6
+        assert_entries_within_bounds(s, TargetSample(s.key, **back), spec, values)
         # padding: the row's first id, -inf, count 0; re-encoding gives the same bytes
         n_real = np.isfinite(back["target_logprobs"]).sum(1)
         for r, n in enumerate(n_real):

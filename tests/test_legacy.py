@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from codec_checks import assert_entries_within_bounds, rows
 
 from distill.errors import DistillError
 from distill.format.codec import Codec, ShardFormat
@@ -39,15 +40,6 @@ def synthetic_set(name: str) -> tuple[TargetSpec, dict, int, list[TargetSample]]
             for i, key in enumerate(z["keys"])
         ]
     return TargetSpec(**info["targets"]), info["codec"], info["vocab_size"], samples
-
-
-def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:
-    """Per row {id: (value, count)} over the real entries (order-free)."""
-    c = s.target_counts if s.target_counts is not None else np.zeros(s.target_ids.shape, np.uint16)
-    return [
-        {int(i): (float(v), int(n)) for i, v, n in zip(ri, rv, rc, strict=True) if np.isfinite(v)}
-        for ri, rv, rc in zip(s.target_ids, s.target_logprobs, c, strict=True)
-    ]
 
 
 def assert_same(a: TargetSample, b: TargetSample) -> None:
@@ -83,22 +75,10 @@ def test_packed_v1_reads_exact_ids_mask_counts_and_bounded_values(name):
         assert b.input_ids.dtype == (np.int32 if vocab > 2**16 else np.uint16)
         assert np.array_equal(b.loss_mask, s.loss_mask)
         assert b.target_ids.shape == s.target_ids.shape == (s.loss_mask[1:].sum(), spec.width)
-        for ra, rb in zip(rows(s), rows(b), strict=True):
-            assert ra.keys() == rb.keys()  # ids exact
-            if s.key == "z-clamp":  # values out of range on purpose: the next test
-                continue
-            for i, (va, ca) in ra.items():
-                vb, cb = rb[i]
-                assert ca == cb  # counts exact
-                if ca:  # sampled: log(count / N) (+ the float16 tail mass m of topk+sample)
-                    m = va - np.log(ca / spec.draws)
-                    assert abs(vb - va) <= abs(m) * 2**-11 + 1e-5
-                elif values == "f16":
-                    assert vb == float(np.float16(va))
-                elif values == "log8":
-                    assert abs(vb - max(va, -20.0)) <= 20.0 / 510 + 1e-5
-                else:
-                    assert abs(np.exp(vb / 4) - np.exp(va / 4)) <= 1 / 510 + 1e-6
+        if s.key == "z-clamp":  # values out of range on purpose: the next test checks them
+            assert [r.keys() for r in rows(s)] == [r.keys() for r in rows(b)]  # ids exact
+        else:
+            assert_entries_within_bounds(s, b, spec, values)
         n_real = np.isfinite(b.target_logprobs).sum(1)
         for r, n in enumerate(n_real):  # padding: the row's first id
             assert (b.target_ids[r, n:] == b.target_ids[r, 0]).all()
