@@ -214,6 +214,61 @@ def draw_uniforms(seed: int, key: str, rows: int, draws: int) -> np.ndarray:
     return rng.random((rows, draws))
 
 
+def target_rows_mask(samples: Sequence[Sample], batch: Sequence[int], shape: Any) -> Tensor:
+    """[B, T] bool: position t of a batch row is a target when token t+1 is an assistant token."""
+    tmask = torch.zeros(shape, dtype=torch.bool)
+    for b, i in enumerate(batch):
+        m = samples[i].loss_mask
+        tmask[b, : len(m) - 1] = torch.from_numpy(m[1:].astype(bool))
+    return tmask
+
+
+@torch.no_grad()
+def batch_targets(
+    hidden: Tensor,
+    samples: Sequence[Sample],
+    batch: Sequence[int],
+    weight: Tensor,
+    spec: TargetSpec,
+    head_chunk: int,
+    seed: int,
+) -> list[TargetSample]:
+    """One batch's targets from its final hidden states ``[B, T, H]`` (after the last norm),
+    in ``batch`` order; the LM head runs only at target rows, ``head_chunk`` rows at a time."""
+    vdt = id_dtype(weight.shape[0])
+    tmask = target_rows_mask(samples, batch, hidden.shape[:2])
+    rows = hidden[tmask.to(hidden.device)]
+    uniforms = None
+    if spec.sampled:  # rows are in (sample, position) order, as the split below
+        uniforms = np.concatenate(
+            [draw_uniforms(seed, samples[i].key, samples[i].n_targets, spec.draws) for i in batch]
+        )
+    t = extract(rows, weight, spec, head_chunk, uniforms)
+    top_ids, top_lps = t.ids.cpu().numpy(), t.values.cpu().numpy()
+    counts = t.counts.cpu().numpy().astype(np.uint16) if spec.sampled else None
+    out, lo = [], 0
+    for i in batch:
+        s = samples[i]
+        n = s.n_targets
+        out.append(
+            TargetSample(
+                key=s.key,
+                input_ids=s.input_ids.astype(vdt),
+                loss_mask=s.loss_mask,
+                target_ids=top_ids[lo : lo + n].astype(vdt),
+                target_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
+                target_counts=None if counts is None else counts[lo : lo + n],
+            )
+        )
+        lo += n
+    return out
+
+
+def as_spec(spec: TargetSpec | int) -> TargetSpec:
+    """``spec``, or top-k for an int k."""
+    return TargetSpec(kind="topk", k=spec) if isinstance(spec, int) else spec
+
+
 @torch.no_grad()
 def compute_targets(
     model: Any,
@@ -228,47 +283,21 @@ def compute_targets(
 
     Sampled kinds draw with uniforms seeded from ``(seed, sample key)``: reruns are identical.
     """
-    if isinstance(spec, int):
-        spec = TargetSpec(kind="topk", k=spec)
+    spec = as_spec(spec)
     device = next(model.parameters()).device
     weight = model.get_output_embeddings().weight
-    vdt = id_dtype(weight.shape[0])
     out: list[TargetSample | None] = [None] * len(samples)
     for batch in token_budget_batches([len(s.input_ids) for s in samples], batch_tokens):
         ids, attn = pad_batch([samples[i].input_ids for i in batch], pad_id=0)
         hidden = model.base_model(
             input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
         ).last_hidden_state
-        # Position t predicts token t+1: gather rows where token t+1 is an assistant token.
-        tmask = torch.zeros(ids.shape, dtype=torch.bool)
-        for b, i in enumerate(batch):
-            m = samples[i].loss_mask
-            tmask[b, : len(m) - 1] = torch.from_numpy(m[1:].astype(bool))
-        rows = hidden[tmask.to(device)]
-        uniforms = None
-        if spec.sampled:  # rows are in (sample, position) order, as the split below
-            uniforms = np.concatenate(
-                [
-                    draw_uniforms(seed, samples[i].key, samples[i].n_targets, spec.draws)
-                    for i in batch
-                ]
-            )
-        t = extract(rows, weight, spec, head_chunk, uniforms)
-        top_ids, top_lps = t.ids.cpu().numpy(), t.values.cpu().numpy()
-        counts = t.counts.cpu().numpy().astype(np.uint16) if spec.sampled else None
-        lo = 0
-        for i in batch:
-            s = samples[i]
-            n = s.n_targets
-            out[i] = TargetSample(
-                key=s.key,
-                input_ids=s.input_ids.astype(vdt),
-                loss_mask=s.loss_mask,
-                target_ids=top_ids[lo : lo + n].astype(vdt),
-                target_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
-                target_counts=None if counts is None else counts[lo : lo + n],
-            )
-            lo += n
+        for i, t in zip(
+            batch,
+            batch_targets(hidden, samples, batch, weight, spec, head_chunk, seed),
+            strict=True,
+        ):
+            out[i] = t
         if on_batch is not None:
             on_batch(int(attn.sum()))
     return out  # type: ignore[return-value]
