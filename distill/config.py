@@ -56,6 +56,10 @@ KD_TERMS = ("forward_kl", "reverse_kl", "jsd", "tvd", "bild")
 TERMS = (*KD_TERMS, "ce")  # the loss terms, defined in distill/student/terms.py
 DEVICES = ("auto", "cpu", "cuda")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+# resident: the whole teacher on the device; layered: one decoder layer at a time over a chunk
+# of the dataset (distill/teacher/layered.py); auto: resident when it fits (teacher/fit.py)
+TEACHER_MODES = ("auto", "resident", "layered")
+QUANTIZE = ("none", "int8", "nf4")  # int8/nf4: bitsandbytes on CUDA, resident mode
 TRAIN_DTYPES = ("float32", "bfloat16")  # bfloat16: autocast
 TRUNCATION = ("error", "right")  # right: keep the first max_length tokens
 STUDENT_INITS = ("teacher-layers", "pretrained")
@@ -124,6 +128,32 @@ class TeacherSection(_Table):
     batch_tokens: PositiveInt = 4096  # padded tokens per forward batch
     head_chunk: PositiveInt = 256  # target positions per LM-head chunk
     samples_per_shard: PositiveInt = 256
+    mode: Literal[TEACHER_MODES] = "auto"
+    quantize: Literal[QUANTIZE] = "none"
+    # layered: real tokens per chunk, each layer's weights are read once per chunk (the chunk's
+    # activations wait in host memory: chunk_tokens x hidden x dtype bytes)
+    chunk_tokens: Annotated[int, Field(ge=1, le=2**26)] = 2**20
+
+    @model_validator(mode="after")
+    def _quantize_rules(self) -> TeacherSection:
+        if self.quantize == "none":
+            return self
+        if self.device == "cpu":
+            raise ValueError(
+                f"teacher.quantize = {self.quantize!r} needs a CUDA device (bitsandbytes); "
+                'teacher.device is "cpu": use teacher.quantize = "none"'
+            )
+        if self.mode == "layered":
+            raise ValueError(
+                f"teacher.quantize = {self.quantize!r} is for the resident pass; "
+                'teacher.mode = "layered" streams unquantised weights (use one or the other)'
+            )
+        if self.dtype == "float32":
+            raise ValueError(
+                f"teacher.quantize = {self.quantize!r} computes in bfloat16 or float16: "
+                'set teacher.dtype = "bfloat16"'
+            )
+        return self
 
 
 class DataSection(_Table):

@@ -87,10 +87,43 @@ def load_tokenizer(path: Path) -> Any:
         raise DistillError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
-def load_model(path: Path, dtype: str = "float32", device: str = "cpu") -> Any:
+def quantization_config(quantize: str, dtype: str, device: str) -> Any:
+    """transformers' BitsAndBytesConfig for ``quantize`` (None for "none"); refused with a
+    clear message on CPU or without bitsandbytes."""
+    if quantize == "none":
+        return None
+    if not str(device).startswith("cuda"):
+        raise DistillError(
+            f"teacher.quantize = {quantize!r} needs a CUDA device (bitsandbytes); this run is on "
+            f'{device!r}: use teacher.quantize = "none" or teacher.mode = "layered"'
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DistillError(
+            f"teacher.quantize = {quantize!r} needs bitsandbytes: pip install bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype]
+        )
+    raise DistillError(f"teacher.quantize = {quantize!r} is not one of: none, int8, nf4")
+
+
+def load_model(
+    path: Path, dtype: str = "float32", device: str = "cpu", quantize: str = "none"
+) -> Any:
+    """The whole model on ``device`` (``quantize``: int8 / nf4 weights via bitsandbytes)."""
     from transformers import AutoModelForCausalLM
 
+    qc = quantization_config(quantize, dtype, device)
     try:
+        if qc is not None:  # bitsandbytes places the quantised weights itself
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], quantization_config=qc, device_map={"": device}
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise DistillError(f"cannot load a model from {path}: {e}") from None

@@ -18,6 +18,7 @@ from distill.teacher.extract import compute_targets
 from distill.teacher.layered import LayeredTeacher, chunk_groups
 
 VOCAB = 512
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_samples(n: int, seed: int, vocab: int = VOCAB, max_len: int = 40) -> list[Sample]:
@@ -116,3 +117,122 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_chunk_groups_respects_the_token_budget():
     assert chunk_groups([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
     assert chunk_groups([], 10) == []
+
+
+class Boom(KeyboardInterrupt):
+    """A kill (simulated) in the middle of a chunk."""
+
+
+def layered_job(tmp_path: Path, model: Path, out: Path, mode: str, n: int = 40):
+    from distill.config import load_job
+
+    lines = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()[:n]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    path = tmp_path / f"job-{out.name}.toml"
+    path.write_text(
+        f'[job]\noutput = "{out}"\nseed = 5\n'
+        f'[teacher]\nmodel = "{model}"\ndtype = "float32"\nbatch_tokens = 256\n'
+        f'head_chunk = 32\nsamples_per_shard = 5\nmode = "{mode}"\nchunk_tokens = 600\n'
+        f'[data]\ntrain = "{tmp_path / "train.jsonl"}"\nmax_length = 128\n'
+        'truncation = "right"\n[targets]\nkind = "sample"\ndraws = 20\n'
+    )
+    return load_job(path)
+
+
+def shard_targets(url: Path) -> list:
+    from distill.format.shards import read_shard
+
+    return [t for f in sorted(url.glob("shard-*.tar")) for t in read_shard(f)]
+
+
+def test_layered_run_resumes_exactly_after_a_kill_mid_chunk(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    from distill.teacher.run import run_teacher
+
+    clean = run_teacher(layered_job(tmp_path, tiny_teacher_dir, tmp_path / "a", "layered"))
+    resident = run_teacher(layered_job(tmp_path, tiny_teacher_dir, tmp_path / "r", "resident"))
+    # a layered run killed in the second chunk, in its second layer
+    real = LayeredTeacher._layer_forward
+    seen = {"chunk2": 0}
+
+    def killed(self, i, *args):
+        if self.stats.chunks == 1:
+            seen["chunk2"] += 1
+            if i == 1:
+                raise Boom()
+        return real(self, i, *args)
+
+    job = layered_job(tmp_path, tiny_teacher_dir, tmp_path / "b", "layered")
+    with monkeypatch.context() as m:
+        m.setattr(LayeredTeacher, "_layer_forward", killed)
+        with pytest.raises(Boom):
+            run_teacher(job)
+    assert seen["chunk2"] > 1  # killed mid-chunk, after its first layer
+    done = sorted(p.name for p in (tmp_path / "b" / "train").glob("shard-*.tar"))
+    n_shards = len(clean["train"].shards)
+    assert 1 < len(done) < n_shards - 1  # the first chunk's shards only (chunks span shards)
+    assert not (tmp_path / "b" / "train" / "manifest.json").exists()
+    resumed = run_teacher(job)["train"]
+    # the resumed set is byte for byte the uninterrupted one
+    assert [(s.name, s.sha256) for s in resumed.shards] == [
+        (s.name, s.sha256) for s in clean["train"].shards
+    ]
+    assert resumed.job_fingerprint == resident["train"].job_fingerprint  # mode is not a key
+    # and its targets are the resident pass's (same sampled ids, log-probs of counts)
+    a, b = shard_targets(tmp_path / "b" / "train"), shard_targets(tmp_path / "r" / "train")
+    assert_same_targets(a, b)
+
+
+def test_mode_and_quantize_fields_are_checked():
+    from distill.config import job_from_dict
+
+    def job(**teacher):
+        return job_from_dict({"teacher": teacher})
+
+    assert job().teacher.mode == "auto" and job().teacher.quantize == "none"
+    assert job().teacher.chunk_tokens == 2**20
+    for bad, needle in (
+        ({"mode": "streamed"}, "teacher.mode"),
+        ({"quantize": "int4"}, "teacher.quantize"),
+        ({"chunk_tokens": 0}, "teacher.chunk_tokens"),
+        ({"quantize": "nf4", "device": "cpu"}, "needs a CUDA device"),
+        ({"quantize": "int8", "mode": "layered", "device": "cuda"}, "resident pass"),
+        ({"quantize": "int8", "dtype": "float32", "device": "cuda"}, 'teacher.dtype = "bfloat16"'),
+    ):
+        with pytest.raises(DistillError, match=needle):
+            job(**bad)
+
+
+def test_quantize_is_refused_without_cuda(tmp_path):
+    path = save_random("llama", tmp_path / "m")
+    with pytest.raises(DistillError, match="needs a CUDA device"):
+        models.load_model(path, "bfloat16", "cpu", "int8")
+
+
+def mode(job, m: str):
+    return job.model_copy(update={"teacher": job.teacher.model_copy(update={"mode": m})})
+
+
+def test_auto_mode_picks_layered_only_when_resident_does_not_fit(tmp_path):
+    from transformers import AutoConfig
+
+    from distill.config import job_from_dict
+    from distill.teacher.fit import choose, teacher_profile
+
+    path = save_random("qwen2", tmp_path / "m")
+    p = teacher_profile(AutoConfig.from_pretrained(path))
+    t = {"dtype": "float32", "chunk_tokens": 256, "batch_tokens": 64, "head_chunk": 8}
+    job = job_from_dict({"teacher": t})
+    roomy = choose(job, p, 2**30, None, cuda=False)
+    assert roomy.mode == "resident" and roomy.fits
+    assert roomy.device["weights"] == 4 * p.params  # fp32, tied or not: each tensor once
+    resident_peak = roomy.peak
+    # a budget between the layered and the resident peaks
+    layered = choose(mode(job, "layered"), p, 2**30, None, cuda=False)
+    assert layered.peak < resident_peak
+    budget = int((layered.peak + resident_peak) / 2 / 0.95)
+    tight = choose(job, p, budget, None, cuda=False)
+    assert tight.mode == "layered" and tight.fits
+    with pytest.raises(DistillError, match="does not fit the device in resident mode"):
+        choose(mode(job, "resident"), p, budget, None, cuda=False)

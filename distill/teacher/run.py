@@ -21,7 +21,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +56,8 @@ from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, Store, open_store
 from distill.teacher.batching import tokenize_split
 from distill.teacher.extract import compute_targets
+from distill.teacher.fit import resolve_way
+from distill.teacher.layered import LayeredTeacher, chunk_groups
 from distill.teacher.stop import StopWatch
 
 console = Console(stderr=True)
@@ -79,6 +81,8 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
             if k not in ("train", "eval", "on_invalid")
         },
         "samples_per_shard": job.teacher.samples_per_shard,
+        # quantised weights give other targets; teacher.mode does not (same batches, same ops)
+        **({"quantize": job.teacher.quantize} if job.teacher.quantize != "none" else {}),
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
@@ -122,9 +126,8 @@ def run_split(
     existing = set(store.list())
     per = job.teacher.samples_per_shard
     chunks = [samples[i : i + per] for i in range(0, len(samples), per)]
-    weight = model.get_output_embeddings().weight
     spec, codec = job.targets.spec(), job.targets.codec_spec()
-    fmt = ShardFormat(codec, spec, int(weight.shape[0]))
+    fmt = ShardFormat(codec, spec, _vocab_size(model))
     t0 = time.perf_counter()
     out = _SplitOutput(store, fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
     stats = _shards_done(out, len(chunks), existing)
@@ -232,6 +235,46 @@ def _shards_done(out: _SplitOutput, n: int, existing: set[str]) -> list[ShardSta
     return stats
 
 
+def _vocab_size(model: Any) -> int:
+    return model.vocab_size if isinstance(model, LayeredTeacher) else models.vocab_size(model)
+
+
+def _targets_by_shard(
+    job: Job,
+    model: Any,
+    chunks: list[list[Sample]],
+    stats: list[ShardStats | None],
+    on_batch: Callable[[int], None],
+) -> Iterator[tuple[int, list[TargetSample]]]:
+    """(shard index, its targets) for each shard still to compute, in order. A layered
+    teacher computes consecutive shards together, ``teacher.chunk_tokens`` at a time."""
+    t = job.teacher
+    todo = [i for i, st in enumerate(stats) if st is None]
+    if not isinstance(model, LayeredTeacher):
+        for idx in todo:
+            yield (
+                idx,
+                compute_targets(
+                    model,
+                    chunks[idx],
+                    job.targets.spec(),
+                    t.batch_tokens,
+                    t.head_chunk,
+                    on_batch,
+                    job.seed,
+                ),
+            )
+        return
+    sizes = [sum(len(s.input_ids) for s in chunks[i]) for i in todo]
+    for group in chunk_groups(sizes, t.chunk_tokens):
+        idxs = [todo[g] for g in group]
+        groups = [chunks[i] for i in idxs]
+        results = model.compute_groups(
+            groups, job.targets.spec(), t.batch_tokens, t.head_chunk, on_batch, job.seed
+        )
+        yield from zip(idxs, results, strict=True)
+
+
 def _compute_shards(
     job: Job,
     split: str,
@@ -256,18 +299,7 @@ def _compute_shards(
     ):
         task = bar.add_task("", total=todo_tokens, rate="-")
         on_batch = _on_batch(bar, task, split, t0, stop)
-        for idx, chunk in enumerate(chunks):
-            if stats[idx] is not None:
-                continue
-            targets = compute_targets(
-                model,
-                chunk,
-                out.fmt.spec,
-                job.teacher.batch_tokens,
-                job.teacher.head_chunk,
-                on_batch,
-                job.seed,
-            )
+        for idx, targets in _targets_by_shard(job, model, chunks, stats, on_batch):
             pending.append((idx, pool.submit(out.upload, idx, targets)))
             # Bound memory: at most one shard waits for its upload while the next is computed.
             while len(pending) > 1:
@@ -345,6 +377,19 @@ def _manifest(
     )
 
 
+def load_teacher(job: Job, teacher_dir: Path) -> Any:
+    """The teacher as ``teacher.mode`` says (``auto``: :func:`~distill.teacher.fit.resolve_way`):
+    the whole model on the device, or a :class:`LayeredTeacher`."""
+    t = job.teacher
+    device = models.pick_device(t.device)
+    mode = resolve_way(job, teacher_dir, device)
+    q = "" if t.quantize == "none" else f", {t.quantize} weights"
+    console.print(f"teacher: {mode} on {device} ({t.dtype}{q})")
+    if mode == "layered":
+        return LayeredTeacher(teacher_dir, t.dtype, device)
+    return models.load_model(teacher_dir, t.dtype, device, t.quantize).eval()
+
+
 def run_teacher(job: Job) -> dict[str, Manifest]:
     """The whole teacher pass for every split of a job."""
     with StopWatch() as stop:  # SIGTERM, or GCE preemption where DISTILL_WATCH_PREEMPTION=1
@@ -375,9 +420,8 @@ def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
                 f'(data.on_invalid = "skip"): lines {", ".join(map(str, st.invalid_lines))}'
                 + (" ..." if st.invalid > len(st.invalid_lines) else "")
             )
-    device = models.pick_device(job.teacher.device)
-    model = models.load_model(teacher_dir, job.teacher.dtype, device).eval()
-    job.targets.spec().check(models.vocab_size(model))
+    model = load_teacher(job, teacher_dir)
+    job.targets.spec().check(_vocab_size(model))
     stop.check("teacher")
     return {
         split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir, stop, skipped)
