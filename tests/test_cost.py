@@ -208,26 +208,55 @@ def test_calibration_file(tiny_teacher_dir, tmp_path):
         estimate_cost(job, CostOptions(calibration=cal, mfu=0.3))
 
 
-def test_teacher_too_big_for_an_l4_is_refused(smol_tokenizer, tmp_path):
+def seventy_b(smol_tokenizer, dest: Path) -> Path:
+    """A 70B-class config (140 GB of bf16 weights); only meta tensors are ever built."""
     from transformers import LlamaConfig
 
-    big = tmp_path / "big-teacher"
-    LlamaConfig(  # a 70B-class shape: 140 GB of bf16 weights; only meta tensors are built
+    LlamaConfig(
         vocab_size=49152,
         hidden_size=8192,
         intermediate_size=28672,
         num_hidden_layers=80,
         num_attention_heads=64,
         num_key_value_heads=8,
-    ).save_pretrained(big)
-    smol_tokenizer.save_pretrained(big)
-    job = load_job(make_job(tmp_path, big))
+    ).save_pretrained(dest)
+    smol_tokenizer.save_pretrained(dest)
+    return dest
+
+
+def test_teacher_too_big_for_an_l4_is_refused_in_resident_mode(smol_tokenizer, tmp_path):
+    big = seventy_b(smol_tokenizer, tmp_path / "big-teacher")
+    job = load_job(make_job(tmp_path, big, mode="resident"))
     (tmp_path / "train.jsonl").unlink()  # refused before any tokenisation
     with pytest.raises(DistillError) as info:
         estimate_cost(job)
     msg = str(info.value)
-    assert "does not fit one L4" in msg and "GiB" in msg and "weights 1" in msg  # ~128 GiB
+    assert "does not fit one L4 in resident mode" in msg and "weights 1" in msg  # ~128 GiB
+    assert "ways that fit: layered" in msg  # the fix is named (nf4: ~37 GiB does not fit)
     assert "\n" not in msg
+
+
+def test_teacher_too_big_for_an_l4_runs_layered(smol_tokenizer, tmp_path):
+    from distill.cloud.cost import l4_usable_bytes
+    from distill.teacher.fit import flops_per_token, teacher_profile, throughput
+
+    big = seventy_b(smol_tokenizer, tmp_path / "big-teacher")
+    e = estimate_cost(load_job(make_job(tmp_path, big, batch_tokens=2048)))  # mode auto
+    assert e.way.mode == "layered" and e.way.quantize == "none"
+    assert sum(e.memory.values()) <= l4_usable_bytes()
+    layer = e.memory["layer_weights"] / 2
+    assert 1.5e9 < layer < 2e9  # one 70B layer in bf16: ~1.7 GB
+    assert e.to_dict()["mode"] == "layered" and e.layered is not None
+    # this tiny dataset is one small chunk: weight streaming dominates, and the estimate says so
+    assert e.layered.chunk_tokens == e.data.tokens and e.layered.stream_share > 0.5
+    assert e.layered_overhead_hours > 0
+    # at the default chunk (2^20 tokens) the model puts streaming under 10% of the time
+    p = teacher_profile(__import__("transformers").AutoConfig.from_pretrained(big))
+    tp = throughput(p, "bfloat16", e.way, 2**20, flops_per_token(p, 128), 121e12 * 0.35)
+    assert tp.stream_share <= 0.10 and tp.stream_s > tp.exposed_stream_s
+    # refused when the job asks for more host memory than the L4 VM has
+    with pytest.raises(DistillError, match="host ~"):
+        estimate_cost(load_job(make_job(tmp_path, big, chunk_tokens=2**22)))
 
 
 def test_cli_table_json_and_one_line_errors(tiny_teacher_dir, tmp_path):

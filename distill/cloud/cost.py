@@ -12,7 +12,10 @@ batches) or a stated assumption that a flag or a file overrides. The table print
 - money: VM hours x a dated price table (spot and on-demand), the boot disk, shard storage
   in GB-months at the GCS Standard price, and internet egress for the student's download.
 
-A job whose teacher cannot fit the L4's memory is refused with the estimate in the message.
+The way the teacher runs on the L4 comes from distill/teacher/fit.py: resident when it fits,
+else (``teacher.mode = "auto"`` or ``"layered"``) layered, one decoder layer at a time, whose
+time adds the exposed weight streaming and the activations' host I/O to the compute. A job
+that fits no way it allows is refused with the estimate in the message.
 """
 
 from __future__ import annotations
@@ -30,20 +33,30 @@ from typing import Any
 from distill.cloud.spec import BOOT_DISK_GB
 from distill.config import Job
 from distill.errors import DistillError
+from distill.teacher.fit import (
+    DTYPE_BYTES,
+    GIB,  # Google bills storage and egress per GiB ("GB" on the pricing pages)
+    HOST_LINK_BYTES_PER_S,
+    HOST_MARGIN_BYTES,
+    WEIGHTS_STREAM_BYTES_PER_S,
+    TeacherProfile,
+    Throughput,
+    Way,
+    choose,
+    teacher_profile,
+    throughput,
+    usable_bytes,
+)
 
 # --- The GPU (NVIDIA L4 datasheet) -------------------------------------------------------------
 L4_NAME = "NVIDIA L4"
 # Dense peak (the datasheet's 242 TFLOP/s bf16/fp16 is with structured sparsity; fp32 30.3).
 L4_PEAK_FLOPS = {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12}
 L4_MEMORY_BYTES = 23_034 * 2**20  # "24 GB" card: what nvidia-smi reports as total
-CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS workspace, outside torch's allocator
-ALLOCATOR_MARGIN = 0.05  # fragmentation headroom kept free
 DEFAULT_MFU = 0.35
 DEFAULT_PREEMPTION_OVERHEAD = 0.15
 DEFAULT_SETUP_MINUTES = 10.0  # boot, driver check, image pull, container start
 WEIGHTS_LOAD_BYTES_PER_S = 200e6  # teacher weights read into the GPU at 200 MB/s
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-GIB = 2**30  # Google bills storage and egress per GiB ("GB" on the pricing pages)
 HOURS_PER_MONTH = 730.0  # Google's billing month
 
 
@@ -118,103 +131,22 @@ def _read_table(path: Path, what: str) -> dict[str, Any]:
 # --- The teacher's shape ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TeacherProfile:
-    """What the estimate needs from a model config (counted on the meta device)."""
-
-    params: int  # every parameter once (tied embeddings once)
-    non_embedding_params: int  # params minus the input embedding and an untied LM head
-    hidden: int
-    vocab: int
-    layers: int
-    heads: int
-    q_dim: int  # heads x head_dim
-    kv_dim: int  # kv heads x head_dim
-    intermediate: int
-
-
-def teacher_profile(config: Any) -> TeacherProfile:
-    """Exact parameter counts from ``config`` without allocating weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = {id(p): p.numel() for p in model.parameters()}
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    excluded = {id(embed)} | ({id(head.weight)} if head is not None else set())
-    h = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    return TeacherProfile(
-        params=sum(params.values()),
-        non_embedding_params=sum(n for i, n in params.items() if i not in excluded),
-        hidden=h,
-        vocab=int(embed.shape[0]),
-        layers=config.num_hidden_layers,
-        heads=heads,
-        q_dim=heads * head_dim,
-        kv_dim=kv * head_dim,
-        intermediate=getattr(config, "intermediate_size", None) or 4 * h,
-    )
-
-
-def teacher_memory(
-    p: TeacherProfile,
-    dtype: str,
-    batch_tokens: int,
-    head_chunk: int,
-    max_length: int,
-    kind: str = "topk",
-) -> dict[str, int]:
-    """Peak GPU bytes of the teacher pass, by part (no KV cache, no gradients)."""
-    b = DTYPE_BYTES[dtype]
-    # One decoder layer's temporaries for batch_tokens tokens: residual + norm + the larger of
-    # the MLP (gate, up, act, product) and attention (q, k, v, rotary copies, repeat_kv'd k/v,
-    # output), attention scores as the math path materialises them, and the hidden states
-    # handed to the head (last hidden state + gathered target rows).
-    per_token = (
-        4 * p.hidden
-        + max(4 * p.intermediate, 6 * p.q_dim + 3 * p.kv_dim)
-        + p.heads * min(max_length, batch_tokens)
-    )
-    return {
-        "weights": p.params * b,
-        "activations": batch_tokens * per_token * b,
-        # the chunk's logits in the teacher dtype, their fp32 copy, and logsumexp's fp32 temp;
-        # kinds other than top-k also sort the chunk (fp32 values + int64 indices)
-        "head_chunk": head_chunk * p.vocab * (b + 8 + (0 if kind == "topk" else 12)),
-        "cuda_context": CUDA_CONTEXT_BYTES,
-    }
+L4_VM_RAM_BYTES = 32 * GIB  # g2-standard-8's host memory (layered: the chunk's activations)
 
 
 def l4_usable_bytes() -> int:
-    return int((L4_MEMORY_BYTES - CUDA_CONTEXT_BYTES) * (1 - ALLOCATOR_MARGIN)) + CUDA_CONTEXT_BYTES
+    return usable_bytes(L4_MEMORY_BYTES)
+
+
+def plan_l4(job: Job, p: TeacherProfile) -> Way:
+    """How the job's teacher runs on one L4 (:func:`distill.teacher.fit.choose`): resident,
+    quantised or layered; DistillError when no way the job allows fits."""
+    return choose(job, p, L4_MEMORY_BYTES, L4_VM_RAM_BYTES - HOST_MARGIN_BYTES, where="one L4")
 
 
 def check_fits_l4(job: Job, p: TeacherProfile) -> dict[str, int]:
-    """The memory estimate; DistillError when it exceeds what an L4 offers."""
-    t = job.teacher
-    mem = teacher_memory(
-        p, t.dtype, t.batch_tokens, t.head_chunk, job.data.max_length, job.targets.kind
-    )
-    total, usable = sum(mem.values()), l4_usable_bytes()
-    if total > usable:
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items())
-        hints = []
-        if job.teacher.dtype == "float32":
-            hints.append('teacher.dtype = "bfloat16"')
-        if mem["activations"] + mem["head_chunk"] > 2 * GIB:
-            hints.append("a smaller teacher.batch_tokens or teacher.head_chunk")
-        hints.append("a smaller teacher (a quantised or multi-GPU teacher is not supported)")
-        raise DistillError(
-            f"teacher {job.teacher.model} ({p.params / 1e9:.2f}B params, {job.teacher.dtype}) "
-            f"does not fit one L4: needs ~{total / GIB:.1f} GiB ({parts} GiB) > "
-            f"{usable / GIB:.1f} GiB usable of 24 GB; try " + "; ".join(hints)
-        )
-    return mem
+    """The device memory estimate of the way the teacher runs on an L4 (refused if none fits)."""
+    return plan_l4(job, p).device
 
 
 # --- The dataset, as the teacher will batch it -------------------------------------------------
@@ -447,6 +379,9 @@ class CostEstimate:
     data: DataCounts
     profile: TeacherProfile
     memory: dict[str, int]
+    way: Way  # resident / quantised / layered (distill/teacher/fit.py)
+    layered: Throughput | None  # the layered pass's time model per chunk (None: resident)
+    layered_overhead_hours: float  # exposed weight streaming + activation I/O
     flops: float
     mfu: float
     calibration: Calibration | None
@@ -462,6 +397,8 @@ class CostEstimate:
     prices: Prices
     opts: CostOptions
     usd: dict[str, float]
+
+    mode_setting: str = "auto"  # the job's teacher.mode
 
     @property
     def flops_per_token(self) -> float:
@@ -498,6 +435,18 @@ class CostEstimate:
             (
                 "preemption overhead (spot)",
                 f"{o.preemption_overhead:.0%} of hours (work since the last shard + re-setup)",
+            ),
+            *(
+                [
+                    (
+                        "layered pass",
+                        f"weights read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s once per "
+                        "chunk, prefetched under the previous layer's compute; activations cross "
+                        f"the host link at {HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s twice per layer",
+                    )
+                ]
+                if self.layered
+                else []
             ),
             ("prices", f"as of {p.as_of}; {p.source}"),
             ("machine", f"{p.machine}, {p.region}"),
@@ -538,7 +487,17 @@ class CostEstimate:
             },
             "teacher_params": self.profile.params,
             "teacher_non_embedding_params": self.profile.non_embedding_params,
+            "mode": self.way.mode,
+            "quantize": self.way.quantize,
             "memory_bytes": self.memory,
+            "host_memory_bytes": self.way.host,
+            "layered": None
+            if self.layered is None
+            else {
+                **dataclasses.asdict(self.layered),
+                "stream_share": self.layered.stream_share,
+                "overhead_hours": self.layered_overhead_hours,
+            },
             "memory_usable_bytes": l4_usable_bytes(),
             "flops": self.flops,
             "flops_per_token": self.flops_per_token,
@@ -624,7 +583,8 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     except (OSError, ValueError) as e:
         raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
     profile = teacher_profile(config)
-    memory = check_fits_l4(job, profile)  # refuse before the (slow) tokenisation
+    way = plan_l4(job, profile)  # refuse before the (slow) tokenisation
+    memory = way.device
     data = count_data(job, models.load_tokenizer(teacher_dir))
     flops = total_flops(profile, data)
     calibration = (
@@ -633,7 +593,10 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     mfu = calibration.mfu if calibration else (opts.mfu or DEFAULT_MFU)
     sustained = L4_PEAK_FLOPS[job.teacher.dtype] * mfu
     compute_h = flops / sustained / 3600
-    setup_h = opts.setup_minutes / 60 + memory["weights"] / WEIGHTS_LOAD_BYTES_PER_S / 3600
+    layered, overhead_h = _layered_time(job, profile, way, data, flops, sustained)
+    compute_h += overhead_h
+    weights = memory.get("weights", profile.params * DTYPE_BYTES[job.teacher.dtype])
+    setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_LOAD_BYTES_PER_S / 3600
     on_demand_h = compute_h + setup_h
     spot_h = on_demand_h * (1 + opts.preemption_overhead)
 
@@ -649,6 +612,9 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         data=data,
         profile=profile,
         memory=memory,
+        way=way,
+        layered=layered,
+        layered_overhead_hours=overhead_h,
         flops=flops,
         mfu=mfu,
         calibration=calibration,
@@ -664,7 +630,23 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         prices=prices,
         opts=opts,
         usd=usd,
+        mode_setting=job.teacher.mode,
     )
+
+
+def _layered_time(
+    job: Job, p: TeacherProfile, way: Way, data: DataCounts, flops: float, sustained: float
+) -> tuple[Throughput | None, float]:
+    """The layered pass's time model for one chunk, and its hours beyond the compute: each
+    chunk streams every layer's weights once (exposed where prefetch cannot hide it), and
+    every token's activations cross the host link twice per layer."""
+    if way.mode != "layered" or data.tokens == 0:
+        return None, 0.0
+    chunk = min(job.teacher.chunk_tokens, data.tokens)
+    tp = throughput(p, job.teacher.dtype, way, chunk, flops / data.tokens, sustained)
+    chunks = math.ceil(data.tokens / job.teacher.chunk_tokens)
+    io = tp.activation_io_s * data.tokens / chunk
+    return tp, (chunks * tp.exposed_stream_s + io) / 3600
 
 
 def _usd(x: float) -> str:
@@ -673,6 +655,23 @@ def _usd(x: float) -> str:
 
 def _hours(h: float) -> str:
     return f"{h:,.2f}" if h >= 10 else f"{h:.3f} ({h * 60:,.1f} min)"
+
+
+def _layered_rows(e: CostEstimate) -> list[tuple[str, str, str]]:
+    tp = e.layered
+    if tp is None:
+        return []
+    return [
+        ("host memory", f"{e.way.host / GIB:.2f} GiB", "layered: the chunk's activations"),
+        (
+            "weight streaming",
+            f"{tp.stream_share:.1%} of time",
+            f"{tp.stream_s:,.0f} s per chunk of {tp.chunk_tokens:,} tokens, "
+            f"{tp.exposed_stream_s:,.0f} s not hidden by prefetch "
+            f"(compute {tp.compute_s:,.0f} s, activation I/O {tp.activation_io_s:,.0f} s)",
+        ),
+        ("layered overhead hours", _hours(e.layered_overhead_hours), "included in compute"),
+    ]
 
 
 def render_table(e: CostEstimate) -> Any:
@@ -700,7 +699,9 @@ def render_table(e: CostEstimate) -> Any:
             f"{pr.non_embedding_params / 1e6:,.1f} M non-embedding (meta device)",
         ),
         ("FLOPs per token", f"{e.flops_per_token:.3g}", f"total {e.flops:.3g}"),
+        ("teacher mode", e.way.label(), f"teacher.mode = {e.mode_setting!r}"),
         ("GPU memory", f"{mem / GIB:.2f} GiB", f"of {l4_usable_bytes() / GIB:.1f} GiB usable"),
+        *_layered_rows(e),
         (
             "throughput",
             f"{e.tokens_per_s:,.0f} tok/s",
