@@ -159,6 +159,7 @@ def test_teacher_cloud_runs_and_tears_down(compute, cloud_job, tmp_path):
     assert int(body["scheduling"]["maxRunDuration"]["seconds"]) >= 3600
     md = {i["key"]: i["value"] for i in body["metadata"]["items"]}
     assert "data/train/train.jsonl" in md["distill-job"] and "gs://" in md["distill-inputs"]
+    assert 'mode = "resident"' in md["distill-job"]  # "auto" pinned to the estimated way
     rec = run_records(cloud_job)
     assert len(rec) == 1 and rec[0]["outcome"] == "done" and rec[0]["vm_seconds"] > 0
     assert rec[0]["actual_usd"] > 0 and rec[0]["estimate"]["usd"]["total_spot"] > 0

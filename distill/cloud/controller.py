@@ -3,8 +3,9 @@
 The flow, SkyPilot-style (show the cost before spending, clean up after):
 
 1. **Check, spending nothing**: credentials, project, bucket access (a list of
-   ``job.output``), every zone offers an L4, the teacher fits the L4 (the cost estimate
-   refuses otherwise), and whether the shard set is already complete.
+   ``job.output``), every zone offers an L4, the teacher fits the L4 resident or layered
+   (the cost estimate refuses otherwise; ``teacher.mode = "auto"`` is pinned to the way it
+   estimated), and whether the shard set is already complete.
 2. **Price**: the ``cost-estimate`` table; ``cloud.budget_usd`` refuses a job over budget;
    the user confirms (``--yes`` skips the question).
 3. **Stage**: the dataset (and a local teacher directory) go to ``<output>/inputs/`` under
@@ -392,7 +393,11 @@ class Controller:
                 subnetwork=self.cloud.subnetwork or default_subnetwork(self.cloud.network, region),
             )
         )
-        self.estimate = estimate_cost(self.job, self.opts.cost)  # refuses a teacher > L4
+        # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
+        self.estimate = estimate_cost(self.job, self.opts.cost)
+        if self.job.teacher.mode == "auto":  # the VM runs the way that was estimated
+            teacher = self.job.teacher.model_copy(update={"mode": self.estimate.way.mode})
+            self.job = self.job.model_copy(update={"teacher": teacher})
 
     def complete(self) -> bool:
         return all(
