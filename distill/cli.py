@@ -99,8 +99,16 @@ def plan(
     job: JobOpt,
     gpu_mem: Annotated[str, typer.Option("--gpu-mem", help="Memory budget, e.g. 12GiB.")],
     set_: SetOpt = None,
+    teacher: Annotated[
+        bool, typer.Option("--teacher", help="Plan the teacher pass (mode, quantisation).")
+    ] = False,
 ) -> None:
-    """Estimate the student's peak memory and recommend settings that fit the budget."""
+    """Estimate the student's (or with --teacher the teacher's) peak memory and what fits."""
+    if teacher:
+        from distill.cloud.teacher_plan import show_teacher_plan
+
+        show_teacher_plan(_load(job, set_), gpu_mem, str(job), out)
+        return
     from distill.student.planner import show_plan
 
     show_plan(_load(job, set_), gpu_mem, str(job), out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,24 @@ def test_probe_rows_hit_as_many_distinct_ids_as_real_smollm2_targets():
         probe = probe_samples(spec, 49152, 40, 20, 8)
         got = np.concatenate([np.isfinite(s.target_logprobs).sum(1) for s in probe]).mean()
         assert 0.65 < got / per_row < 1.35, (name, got, per_row)
+
+
+def test_plan_teacher_says_which_way_fits(smol_tokenizer, tmp_path):
+    big = seventy_b(smol_tokenizer, tmp_path / "big-teacher")
+    path = make_job(tmp_path, big)
+    cmd = [sys.executable, "-m", "distill.cli", "plan", "--teacher", "--job", str(path)]
+    env = {**os.environ, "COLUMNS": "200"}
+    r = subprocess.run(
+        [*cmd, "--gpu-mem", "24GiB"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if "│" in line}
+    assert "│   no │" in rows["resident"] and "│   no │" in rows["resident + nf4"]
+    assert "│  yes │" in rows["layered"]
+    assert "--set teacher.mode=layered" in r.stdout
+    # a budget too small for even one layer: the refusal, naming the numbers
+    r = subprocess.run(
+        [*cmd, "--gpu-mem", "2GiB"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert "does not fit 2.0 GiB in layered mode" in r.stdout and "nothing fits" in r.stdout
