@@ -236,3 +236,60 @@ def test_auto_mode_picks_layered_only_when_resident_does_not_fit(tmp_path):
     assert tight.mode == "layered" and tight.fits
     with pytest.raises(DistillError, match="does not fit the device in resident mode"):
         choose(mode(job, "resident"), p, budget, None, cuda=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["topk", "sample"])
+def test_layered_equals_resident_on_smollm2(smol_dir, smol_tokenizer, kind):
+    from distill.data.dataset import tokenize_file
+
+    samples = tokenize_file(REPO / "data" / "demo" / "eval.jsonl", smol_tokenizer, 256, "right")
+    groups = [samples[:10], samples[10:16]]
+    spec = TargetSpec(kind=kind, k=16, draws=50, sampling="systematic")
+    resident = models.load_model(smol_dir, "float32")
+    want = [compute_targets(resident, g, spec, 1024, 100, seed=7) for g in groups]
+    del resident
+    got = LayeredTeacher(smol_dir, "float32").compute_groups(groups, spec, 1024, 100, seed=7)
+    for w, g in zip(want, got, strict=True):
+        assert_same_targets(w, g, atol=1e-5)
+
+
+def child_peak(mode: str, path: Path) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "peak_memory_child.py"), mode, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_layered_peak_memory_is_about_a_layer_not_the_model(tmp_path):
+    """A ~1B-parameter random Llama (2 GB of bf16 on disk, 4 GB as float32): the layered pass
+    grows the process by the layer computing, the one prefetched and the file being read;
+    the resident pass by the whole model."""
+    from random_checkpoint import write_random_llama
+    from transformers import AutoConfig
+
+    from distill.teacher.fit import teacher_profile
+
+    path = write_random_llama(tmp_path / "big")
+    p = teacher_profile(AutoConfig.from_pretrained(path))
+    assert 0.95e9 < p.params < 1.1e9
+    layer_fp32 = 4 * p.layer_params()  # ~245 MB
+    layered = child_peak("layered", path)
+    resident = child_peak("resident", path)
+    grew_layered = layered["peak"] - layered["base"]
+    grew_resident = resident["peak"] - resident["base"]
+    assert layered["weight_bytes_read"] >= 2 * p.params  # every bf16 weight was read
+    assert grew_resident > 4 * p.params  # the whole float32 model
+    # two float32 layers (computing + prefetched), one bf16 layer file mapped while it is
+    # copied, and this pass's activations (256 tokens: a few MB)
+    assert grew_layered < 2 * layer_fp32 + layer_fp32 / 2 + 200e6, (grew_layered, layer_fp32)
+    assert grew_layered < grew_resident / 5

@@ -16,6 +16,7 @@ Supported: the Llama, Mistral and Qwen2 families (RoPE, GQA, tied or untied embe
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,21 +74,30 @@ class _Checkpoint:
     def read(self, prefix: str, dtype: torch.dtype, device: str) -> tuple[dict[str, Tensor], int]:
         """The tensors under ``prefix`` (names without it) and the bytes read.
 
-        Each file is mapped only while its tensors are copied out, so the mapped pages of
-        layers already used do not stay in this process."""
+        They are views of one buffer, so freeing them returns one large block to the system
+        (many separate ones would fragment the heap, layer after layer). Each file is mapped
+        only while its tensors are copied out."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for k, f in self.files.items():
             if k.startswith(prefix):
                 by_file.setdefault(f, []).append(k)
-        out, nbytes = {}, 0
+        shapes: dict[str, list[int]] = {}
+        for f, keys in by_file.items():
+            with safe_open(f, framework="pt") as h:
+                shapes.update({k: h.get_slice(k).get_shape() for k in keys})
+        buf = torch.empty(sum(math.prod(s) for s in shapes.values()), dtype=dtype, device=device)
+        out, nbytes, off = {}, 0, 0
         for f, keys in by_file.items():
             with safe_open(f, framework="pt") as h:
                 for k in keys:
                     t = h.get_tensor(k)
                     nbytes += t.numel() * t.element_size()
-                    out[k[len(prefix) :]] = t.to(device=device, dtype=dtype, copy=True)
+                    view = buf[off : off + t.numel()].view(t.shape)
+                    view.copy_(t)
+                    off += t.numel()
+                    out[k[len(prefix) :]] = view
                     del t
         return out, nbytes
 
