@@ -67,8 +67,9 @@ def save_random(kind: str, dest: Path, seed: int = 0) -> Path:
         assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
     elif kind == "mistral":  # sliding window on every layer
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=8))
-    else:  # tied embeddings, rope scaling
-        cfg = LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0)
+    else:  # tied embeddings, another rope theta
+        # a stray sliding_window, which LlamaModel ignores (so must the layered pass)
+        cfg = LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0, sliding_window=8)
         model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # a wide embedding gives peaked, well-separated logits
         model.get_input_embeddings().weight.normal_(0.0, 1.0)

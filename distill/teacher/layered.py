@@ -130,13 +130,7 @@ class LayeredTeacher:
         # the rotary embedding holds computed buffers, not weights: build it for real
         with torch.device(device):
             self.rotary = type(base.rotary_emb)(config=config)
-        self.layer_types = (
-            getattr(config, "layer_types", None)
-            or [
-                "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-            ]
-            * config.num_hidden_layers
-        )
+        self.layer_types = _layer_types(config)
         self.stats = LayeredStats()
 
     @property
@@ -256,6 +250,18 @@ class LayeredTeacher:
         )
         y = y[0] if isinstance(y, tuple) else y
         return y.to("cpu")
+
+
+def _layer_types(config: Any) -> list[str]:
+    """Each layer's attention, as the family's model builds its masks: Qwen2 by
+    ``config.layer_types``; Mistral a sliding window everywhere when ``sliding_window`` is set;
+    Llama full causal attention (a stray ``sliding_window`` in its config is ignored, as the
+    model ignores it)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    sliding = config.model_type == "mistral" and getattr(config, "sliding_window", None)
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
 
 
 def chunk_groups(sizes: Sequence[int], chunk_tokens: int) -> list[list[int]]:

@@ -8,6 +8,10 @@ Efficiency, compared with the usual loop (pad each batch to its longest sample, 
   ``head_chunk`` rows, so full-vocab logits never exist for a whole batch;
 - encoding and upload of a finished shard overlap the next shard's forward pass.
 
+A teacher bigger than the device runs layered (``teacher.mode``, distill/teacher/layered.py):
+consecutive shards are computed together, ``teacher.chunk_tokens`` at a time, each shard
+batched exactly as here, so the shards, the resume rule and the manifest are the same.
+
 Resumable by construction: sample i always lands in shard ``i // samples_per_shard``, shard
 writes are create-only, each shard gets a stats sidecar, and the manifest is written last. A
 rerun skips complete shards, so no sample is dropped or duplicated.
