@@ -17,6 +17,8 @@ The lifecycle, as Batch runs it:
 - a failed attempt's exit code goes through ``lifecyclePolicies``: RETRY_TASK (or no policy
   naming it) runs the task again while its retries are under ``maxRetryCount``, FAIL_TASK
   fails it at once; a task's status events record each attempt's exit code;
+- ``maxRunDuration`` (scaled by ``max_run_scale``): an attempt past it is stopped and ends
+  with Batch's exit code 50005;
 - :meth:`FakeBatch.preempt`: the task's VM goes away (SIGTERM to its processes, SIGKILL
   after ``preempt_grace_s``) and the attempt ends with Batch's exit code 50001;
 - allocation errors appear as the job's status events, by Batch's codes: a stockout
@@ -44,6 +46,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from fake_guest import kill_group, spawn
 
 EXIT_VM_PREEMPTED = 50001  # Batch's reserved exit codes
+EXIT_MAX_RUN = 50005
 # (runnable, environment) -> (argv, env) of the local process that stands for the container
 TaskGuest = Callable[[dict[str, Any], dict[str, str]], tuple[list[str], dict[str, str]]]
 
@@ -73,6 +76,7 @@ class FakeTask:
     proc: subprocess.Popen | None = None
     serial: list[str] = field(default_factory=list)
     preempted: bool = False
+    timed_out: bool = False  # the attempt ran past maxRunDuration
     attempts: int = 0  # VMs this task ran on
 
     def event(self, state: str, description: str, exit_code: int | None = None) -> None:
@@ -140,6 +144,7 @@ class FakeBatch:
         self.stockouts = 0  # allocation attempts still to refuse (ZONE_RESOURCE_POOL_EXHAUSTED)
         self.gpu_quota: float | None = None  # an L4 limit under the job's need: quota error
         self.failures = 0  # the next N API requests answer 503
+        self.max_run_scale = 1.0  # < 1 shortens maxRunDuration (tests of a hung task)
         self._lock = threading.RLock()
         self._ops = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -332,15 +337,21 @@ class FakeBatch:
         with self._lock:
             if job.deleting:
                 return -1
-            t.preempted = False
+            t.preempted = t.timed_out = False
             t.attempts += 1
             t.serial.append(f"--- attempt {t.attempts} (task {t.index}) ---\n")
             t.proc = spawn(argv, full_env, t.serial, lambda rc: done.set())
         t.event("RUNNING", f"Task state is updated from ASSIGNED to RUNNING (VM {t.attempts}).")
         job.set_state("RUNNING")
+        limit = float(job.spec.get("maxRunDuration", "0s").rstrip("s") or 0) * self.max_run_scale
+        if limit and not done.wait(limit) and not t.preempted:
+            t.timed_out = True
+            kill_group(t.proc, 2.0)
         done.wait()
         assert t.proc is not None
-        return EXIT_VM_PREEMPTED if t.preempted else t.proc.returncode
+        if t.preempted:
+            return EXIT_VM_PREEMPTED
+        return EXIT_MAX_RUN if t.timed_out else t.proc.returncode
 
     def delete(self, name: str) -> str:
         with self._lock:

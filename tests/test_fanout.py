@@ -212,6 +212,10 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
         "action": "RETRY_TASK",
         "actionCondition": {"exitCodes": [50001, 75]},
     }
+    assert spec["lifecyclePolicies"][1] == {
+        "action": "FAIL_TASK",
+        "actionCondition": {"exitCodes": [3, 50005]},
+    }
     assert body["labels"] == {"distill-job": "job", "managed-by": "distill"}
     # byte for byte what one VM writes
     assert_same_as_single(fan_job, single_vm_reference(fan_job, tmp_path), tmp_path)
@@ -264,6 +268,25 @@ def test_retries_exhausted_by_preemptions_names_the_task(compute, batch, guests,
     assert nothing_left(batch)
     assert run_records(fan_job)[0]["outcome"] == "failed"
     # the rerun computes task 2's missing shards only, and the set is exact
+    guests.env["SLOW_TEACHER_S"] = "0"
+    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+
+
+def test_a_hung_task_is_stopped_by_its_max_run_duration(compute, batch, guests, fan_job, tmp_path):
+    """A teacher that hangs after its first shard: Batch stops it at maxRunDuration (exit
+    50005), which fails the task (no retry); the error says so; a rerun completes the set."""
+    guests.env["SLOW_TEACHER_S"] = "600"  # hung after the first shard's targets
+    batch.max_run_scale = 12 / 3600  # the 1 h max run duration passes in 12 s
+    ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.max_run_hours=1")
+    with pytest.raises(TeacherFailed, match="ran past its max run duration") as e:
+        ctl.execute()
+    assert "exit codes 50005" in str(e.value)
+    assert batch.created[0]["taskGroups"][0]["taskSpec"]["maxRunDuration"] == "3600s"
+    assert [t.attempts for t in batch.history[0].tasks] == [1] * VMS  # not retried
+    assert nothing_left(batch)
+    batch.max_run_scale = 1.0
     guests.env["SLOW_TEACHER_S"] = "0"
     assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
     assert nothing_left(batch)

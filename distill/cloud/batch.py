@@ -7,7 +7,8 @@ one L4 (``installGpuDrivers``). Task i computes the shards ``s % N == i``
 exit code 50001, or the teacher's own :data:`EXIT_PREEMPTED` when it stopped on the notice)
 is retried up to ``maxRetryCount`` times, on a new VM, and resumes from the bucket; any other
 exit is mapped to :data:`EXIT_TASK_FAILED`, which fails the task. ``maxRunDuration`` bounds
-each attempt. Batch deletes its VMs itself; the job carries the labels ``gc`` finds it by.
+each attempt (Batch's exit code 50005 fails the task too: a hung teacher is not retried).
+Batch deletes its VMs itself; the job carries the labels ``gc`` finds it by.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ EXIT_VM_PREEMPTED = 50001  # Batch's reserved exit code: the task's Spot VM was 
 # Batch retries any exit code that no lifecycle policy names: the task maps every exit but 0
 # and EXIT_PREEMPTED to this one (after logging the teacher's), which fails the task at once
 EXIT_TASK_FAILED = 3
+# Batch's reserved exit code: the attempt ran past maxRunDuration (a hung teacher: not retried)
+EXIT_MAX_RUN = 50005
 JOB_ENV = "DISTILL_JOB_TOML"  # the task's job file (TOML text)
 INPUTS_ENV = "DISTILL_INPUTS"  # gs://SRC DEST lines, as the VM's distill-inputs metadata
 TASK_MODULE = "distill.cloud.batch_task"
@@ -112,7 +115,7 @@ class BatchSpec:
                             },
                             {
                                 "action": "FAIL_TASK",
-                                "actionCondition": {"exitCodes": [EXIT_TASK_FAILED]},
+                                "actionCondition": {"exitCodes": [EXIT_TASK_FAILED, EXIT_MAX_RUN]},
                             },
                         ],
                     },

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill.cloud.backend import Backend, CloudError, QuotaExceeded, Stockout
 from distill.cloud.batch import (
+    EXIT_MAX_RUN,
     EXIT_TASK_FAILED,
     EXIT_VM_PREEMPTED,
     BatchApi,
@@ -243,12 +244,7 @@ class FanoutController(Controller):
         lines = []
         for t in failed:
             codes = ", ".join(map(str, t.exit_codes)) or "-"
-            why = (
-                "the teacher failed"
-                if EXIT_TASK_FAILED in t.exit_codes[-1:]
-                else f"preempted {len(t.exit_codes)} time(s), its retries (cloud.max_preemptions = "
-                f"{self.cloud.max_preemptions}) exhausted"
-            )
+            why = _why(t.exit_codes[-1:], len(t.exit_codes), self.cloud.max_preemptions)
             mine = [s for s in missing if s[1] % len(tasks) == t.index]
             lines.append(
                 f"  task {t.index} ({self.batch}/taskGroups/group0/tasks/{t.index}): {why} "
@@ -258,7 +254,7 @@ class FanoutController(Controller):
         detail = "\n".join(lines) or f"  (job {st.state}, no task failed)"
         err = (
             TeacherFailed
-            if any(EXIT_TASK_FAILED in t.exit_codes[-1:] for t in failed)
+            if any(set(t.exit_codes[-1:]) & {EXIT_TASK_FAILED, EXIT_MAX_RUN} for t in failed)
             else CloudError
         )
         raise err(
@@ -368,6 +364,21 @@ class FanoutController(Controller):
             time.sleep(pause)
             pause = min(pause * 2, 10.0)
         return False
+
+
+def _why(last: list[int], attempts: int, max_preemptions: int) -> str:
+    """Why a task failed, from its last exit code."""
+    if last == [EXIT_TASK_FAILED]:
+        return "the teacher failed"
+    if last == [EXIT_MAX_RUN]:
+        return (
+            "it ran past its max run duration (a hung teacher? raise cloud.max_run_hours if "
+            "it was only slow)"
+        )
+    return (
+        f"preempted {attempts} time(s), its retries (cloud.max_preemptions = "
+        f"{max_preemptions}) exhausted"
+    )
 
 
 def batch_leftovers(
