@@ -293,6 +293,18 @@ def test_a_hung_task_is_stopped_by_its_max_run_duration(compute, batch, guests, 
     assert_exact(fan_job, tmp_path)
 
 
+def test_a_batch_api_outage_while_watching_is_ridden_out(compute, batch, guests, fan_job, tmp_path):
+    guests.env["SLOW_TEACHER_S"] = "0.3"
+    t, result = run_in_thread(fanout(fan_job, compute, batch, tmp_path))
+    assert batch.wait_for(lambda: bool(batch.history) and batch.task(0).state == "RUNNING", 120)
+    batch.failures = 8  # 8 requests answered 503: retried by the client, then by the watcher
+    t.join(600)
+    assert "error" not in result, result.get("error")
+    assert result["run"].outcome == "done" and batch.failures == 0
+    assert len(batch.created) == 1 and nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+
+
 def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, tmp_path):
     batch.stockouts = 3  # Batch retries the allocation; then capacity comes
     run = fanout(fan_job, compute, batch, tmp_path).execute()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -42,6 +42,7 @@ from distill.cloud.batch import (
 from distill.cloud.controller import (
     Attempt,
     CloudOptions,
+    CloudRun,
     Controller,
     TeacherFailed,
     signals_held,
@@ -68,7 +69,7 @@ class FanoutController(Controller):
         job: Job,
         opts: CloudOptions,
         console: Console | None = None,
-        confirm: Any = None,
+        confirm: Callable[[str], bool] | None = None,
         backend: Backend | None = None,
         api: BatchApi | None = None,
     ) -> None:
@@ -87,7 +88,7 @@ class FanoutController(Controller):
 
     # --- the run -------------------------------------------------------------------------
 
-    def execute(self) -> Any:
+    def execute(self) -> CloudRun | None:
         self.console.print(
             f"teacher-cloud: job {self.job.name}, project {self.project}, region "
             f"{self.region}, Batch job {self.job_id} of {self.vms} task(s)"
