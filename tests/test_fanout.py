@@ -10,6 +10,7 @@ same shard bytes as a single-VM run).
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -374,12 +375,13 @@ def wait_task_running(batch: FakeBatch) -> None:
     ), "no task started"
 
 
-def test_sigterm_deletes_the_batch_job(compute, batch, guests, fan_job, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_delete_the_batch_job(compute, batch, guests, fan_job, tmp_path, sig):
     guests.env["SLOW_TEACHER_S"] = "1.0"
     proc, _ = cli_fanout(fan_job, compute, batch, tmp_path)
     try:
         wait_task_running(batch)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -391,10 +393,12 @@ def test_sigterm_deletes_the_batch_job(compute, batch, guests, fan_job, tmp_path
     assert not open_store(f"{load_job(fan_job).output}/train").exists(MANIFEST)
 
 
-def test_controller_sigkill_then_rerun_adopts_the_job(compute, batch, guests, fan_job, tmp_path):
-    """The controller dies (SIGKILL: no teardown); Batch goes on. A rerun adopts the running
-    job (creates none), writes the manifests, deletes the job; gc then finds nothing."""
-    guests.env["SLOW_TEACHER_S"] = "0.3"
+@pytest.mark.parametrize("when", ["running", "finished"])
+def test_controller_sigkill_then_rerun(compute, batch, guests, fan_job, tmp_path, when):
+    """The controller dies (SIGKILL: no teardown); Batch goes on, and gc lists the job. A rerun
+    adopts the job if it still runs (creates none) or, once Batch finished every shard, just
+    writes the manifests; either way it deletes the job; gc then finds nothing."""
+    guests.env["SLOW_TEACHER_S"] = "2.0" if when == "running" else "0.2"
     proc, env = cli_fanout(fan_job, compute, batch, tmp_path)
     try:
         wait_task_running(batch)
@@ -402,14 +406,20 @@ def test_controller_sigkill_then_rerun_adopts_the_job(compute, batch, guests, fa
         proc.wait(30)
     finally:
         proc.kill()
-    assert batch.live()  # nobody deleted it
     gc = [sys.executable, "-m", "distill.cli", "gc", "--project", PROJECT]
     r = subprocess.run(gc, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "batch job distill-teacher-job" in r.stdout, r.stderr
-    assert "RUNNING" in r.stdout and "nothing deleted" in r.stderr and batch.live()
+    assert "nothing deleted" in r.stderr and batch.live()  # nobody deleted it
+    if when == "finished":
+        assert batch.wait_for(lambda: batch.history[0].state == "SUCCEEDED", 180)
     j = load_job(fan_job, ['cloud.engine="batch"', f"cloud.vms={VMS}"])
-    run = teacher_cloud(j, options(compute, batch, tmp_path), Console(stderr=True, width=200))
-    assert run.outcome == "done" and len(batch.created) == 1  # adopted, not duplicated
+    log = io.StringIO()
+    run = teacher_cloud(j, options(compute, batch, tmp_path), Console(file=log, width=200))
+    if when == "running":
+        assert "is already RUNNING" in log.getvalue() and run.outcome == "done"
+    else:
+        assert run is None and "deleting the leftover Batch job" in log.getvalue()
+    assert len(batch.created) == 1  # adopted or finished, never duplicated
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
     r = subprocess.run([*gc, "--yes"], env=env, capture_output=True, text=True, timeout=120)

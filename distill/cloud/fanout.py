@@ -94,13 +94,9 @@ class FanoutController(Controller):
             f"{self.region}, Batch job {self.job_id} of {self.vms} task(s)"
         )
         self.preflight()
-        if self.complete():
+        if self.complete() or self.finish():
             self.console.print(f"[green]{self.output}: every split is complete; nothing to do")
-            return None
-        if self.finish():
-            self.console.print(
-                f"[green]{self.output}: every shard was already there; manifests written"
-            )
+            self._remove_leftover()
             return None
         adopted = self._adopt_job()
         if not adopted:
@@ -154,6 +150,16 @@ class FanoutController(Controller):
         self._delete_job()
         self.batch = None
         return False
+
+    def _remove_leftover(self) -> None:
+        """The shard sets are complete: a job of this job still there (its controller died)
+        has nothing left to do: delete it."""
+        st = self.api.get(self.job_path)
+        if st is not None:
+            self.console.print(f"deleting the leftover Batch job {st.name} ({st.state})")
+            self.batch = st.name
+            if not self._delete_job():
+                raise CloudError(f"could not confirm that the Batch job {st.name} is deleted")
 
     def finish(self) -> bool:
         """Write each split's manifest whose shards are all there; True once all have one."""
