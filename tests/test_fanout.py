@@ -4,17 +4,19 @@ the Batch stub (tests/fake_batch.py), whose tasks run the real task entrypoint
 the preflight's checks go to the Compute stub (tests/fake_compute.py).
 
 Every test ends with the promises of issue #13: no Batch job and no task VM is left, and the
-stored sample set is exactly the dataset, each sample once (and, where the job completes, the
-same shard bytes as a single-VM run).
+stored sample set is exactly the dataset, each sample once; where the set completes (after a
+rerun), the manifest lists the single-VM run's shards and the stored bytes are theirs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -101,22 +103,28 @@ def nothing_left(batch: FakeBatch, timeout: float = 30.0) -> bool:
 
 def task_shards(url: str, task: int) -> int:
     """Shards of task ``task`` (of VMS) in the bucket (their sidecars: upload finished)."""
-    names = open_store(url).list()
-    return sum(
-        1 for n in names if n.endswith(".json") and n[6:12].isdigit() and int(n[6:12]) % VMS == task
+    names = set(open_store(url).list())
+    return sum(1 for i in range(task, TRAIN_SHARDS, VMS) if f"shard-{i:06d}.json" in names)
+
+
+@pytest.fixture(scope="module")
+def single_vm(tiny_teacher_dir, gcs_server, tmp_path_factory) -> dict[str, Manifest]:
+    """The same job (same data, teacher and settings) run once, in one process: the single
+    VM's shard set, for every test of this module. Its bucket: ``(manifests, url)``."""
+    from distill.demo.fake_gcs import emulator_client
+
+    tmp = tmp_path_factory.mktemp("single-vm")
+    bucket = f"single-{uuid.uuid4().hex[:12]}"
+    emulator_client().create_bucket(bucket)
+    job = make_job(
+        tmp, tiny_teacher_dir, f"gs://{bucket}/run", n_train=48, teacher__samples_per_shard="4"
     )
+    return {k: v for k, v in run_teacher(load_job(job)).items() if v is not None}
 
 
-def single_vm_reference(job: Path, tmp_path: Path) -> dict[str, Manifest]:
-    """The same job run once, in one process, into ``<bucket>/single``."""
-    j = load_job(job)
-    ref = load_job(job, [f'job.output="{j.output.rsplit("/", 1)[0]}/single"'])
-    return {k: v for k, v in run_teacher(ref).items() if v is not None}
-
-
-def assert_same_as_single(job: Path, ref: dict[str, Manifest], tmp_path: Path) -> None:
+def assert_same_as_single(job: Path, ref: dict[str, Manifest]) -> None:
     """Each split: the manifest lists the same shards (names, stats, sha256) as the single run,
-    the stored shard bytes are identical, and the rest of the manifest matches but its time
+    the stored bytes hash to those sha256, and the rest of the manifest matches but its time
     and the teacher's path (the cloud's job names the staged copy, ``model``, and its
     fingerprint hashes that name: as a single-VM teacher-cloud run's manifest does)."""
     out = load_job(job).output
@@ -124,9 +132,8 @@ def assert_same_as_single(job: Path, ref: dict[str, Manifest], tmp_path: Path) -
         store = open_store(f"{out}/{split}")
         m = Manifest.from_json(store.read_bytes(MANIFEST), split)
         assert m.shards == single.shards, split
-        ref_store = open_store(f"{out.rsplit('/', 1)[0]}/single/{split}")
         for s in m.shards:
-            assert store.read_bytes(s.name) == ref_store.read_bytes(s.name), s.name
+            assert hashlib.sha256(store.read_bytes(s.name)).hexdigest() == s.sha256, s.name
         a, b = vars(m).copy(), vars(single).copy()
         for k in ("created", "teacher_seconds", "teacher", "job_fingerprint"):
             a.pop(k), b.pop(k)
@@ -137,7 +144,9 @@ def assert_same_as_single(job: Path, ref: dict[str, Manifest], tmp_path: Path) -
 # --- the split itself, in one process --------------------------------------------------------
 
 
-def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(fan_job, tmp_path):
+def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(
+    fan_job, single_vm, tmp_path
+):
     """Two parts, each computing its shards (s % 2 == i), then finish_split: the same shards,
     bytes and manifest as one run; no part writes the manifest; a bad part is refused."""
     from distill.errors import DistillError
@@ -155,9 +164,8 @@ def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(fan_jo
     made = {
         split: finish_split(open_store(f"{j.output}/{split}"), 1.0) for split in ("train", "eval")
     }
-    ref = single_vm_reference(fan_job, tmp_path)
     for split, m in made.items():
-        assert m is not None and m.shards == ref[split].shards, split
+        assert m is not None and m.shards == single_vm[split].shards, split
         assert open_store(f"{j.output}/{split}").exists(MANIFEST)
     with pytest.raises(DistillError, match="task 2 of 2: the index must be in"):
         Part(2, 2)
@@ -167,7 +175,7 @@ def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(fan_jo
 
 
 def test_fanout_with_preemptions_gives_the_single_vm_shards(
-    compute, batch, guests, fan_job, tmp_path
+    compute, batch, guests, fan_job, single_vm, tmp_path
 ):
     guests.env["SLOW_TEACHER_S"] = "0.4"
     ctl = fanout(fan_job, compute, batch, tmp_path)
@@ -219,7 +227,7 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
     }
     assert body["labels"] == {"distill-job": "job", "managed-by": "distill"}
     # byte for byte what one VM writes
-    assert_same_as_single(fan_job, single_vm_reference(fan_job, tmp_path), tmp_path)
+    assert_same_as_single(fan_job, single_vm)
     (rec,) = run_records(fan_job)
     assert rec["outcome"] == "done" and rec["preemptions"] == 4 and rec["actual_usd"] > 0
     # a rerun finds the complete set and creates nothing
@@ -231,7 +239,7 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
 
 
 def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(
-    compute, batch, guests, fan_job, tmp_path
+    compute, batch, guests, fan_job, single_vm, tmp_path
 ):
     guests.env["FAIL_TASK_INDEX"] = "1"
     with pytest.raises(TeacherFailed) as e:
@@ -252,9 +260,12 @@ def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(
     assert "train: resuming, 4/4 shards" in logs[0] and "train: resuming, 4/4" in logs[2]
     assert "resuming" not in logs[1]
     assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
 
 
-def test_retries_exhausted_by_preemptions_names_the_task(compute, batch, guests, fan_job, tmp_path):
+def test_retries_exhausted_by_preemptions_names_the_task(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
     guests.env["SLOW_TEACHER_S"] = "0.4"
     ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.max_preemptions=0")
     t, result = run_in_thread(ctl)
@@ -273,9 +284,12 @@ def test_retries_exhausted_by_preemptions_names_the_task(compute, batch, guests,
     assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
 
 
-def test_a_hung_task_is_stopped_by_its_max_run_duration(compute, batch, guests, fan_job, tmp_path):
+def test_a_hung_task_is_stopped_by_its_max_run_duration(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
     """A teacher that hangs after its first shard: Batch stops it at maxRunDuration (exit
     50005), which fails the task (no retry); the error says so; a rerun completes the set."""
     guests.env["SLOW_TEACHER_S"] = "600"  # hung after the first shard's targets
@@ -292,9 +306,12 @@ def test_a_hung_task_is_stopped_by_its_max_run_duration(compute, batch, guests, 
     assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
 
 
-def test_a_batch_api_outage_while_watching_is_ridden_out(compute, batch, guests, fan_job, tmp_path):
+def test_a_batch_api_outage_while_watching_is_ridden_out(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
     guests.env["SLOW_TEACHER_S"] = "0.3"
     t, result = run_in_thread(fanout(fan_job, compute, batch, tmp_path))
     assert batch.wait_for(lambda: bool(batch.history) and batch.task(0).state == "RUNNING", 120)
@@ -304,14 +321,16 @@ def test_a_batch_api_outage_while_watching_is_ridden_out(compute, batch, guests,
     assert result["run"].outcome == "done" and batch.failures == 0
     assert len(batch.created) == 1 and nothing_left(batch)
     assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
 
 
-def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, tmp_path):
+def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, single_vm, tmp_path):
     batch.stockouts = 3  # Batch retries the allocation; then capacity comes
     run = fanout(fan_job, compute, batch, tmp_path).execute()
     assert run.outcome == "done" and run.stockouts == ["us-central1"]
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
     # no capacity for longer than cloud.provision_timeout_minutes: deleted, nothing written
     out = load_job(fan_job).output
     batch.stockouts = 10**6
@@ -394,7 +413,7 @@ def test_ctrl_c_and_sigterm_delete_the_batch_job(compute, batch, guests, fan_job
 
 
 @pytest.mark.parametrize("when", ["running", "finished"])
-def test_controller_sigkill_then_rerun(compute, batch, guests, fan_job, tmp_path, when):
+def test_controller_sigkill_then_rerun(compute, batch, guests, fan_job, single_vm, tmp_path, when):
     """The controller dies (SIGKILL: no teardown); Batch goes on, and gc lists the job. A rerun
     adopts the job if it still runs (creates none) or, once Batch finished every shard, just
     writes the manifests; either way it deletes the job; gc then finds nothing."""
@@ -422,5 +441,6 @@ def test_controller_sigkill_then_rerun(compute, batch, guests, fan_job, tmp_path
     assert len(batch.created) == 1  # adopted or finished, never duplicated
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
     r = subprocess.run([*gc, "--yes"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no distill VMs or Batch jobs left" in r.stdout, r.stderr
