@@ -745,7 +745,11 @@ def render_table(e: CostEstimate) -> Any:
         ),
         ("compute hours", _hours(e.compute_hours), ""),
         ("setup hours", _hours(e.setup_hours), ""),
-        ("hours on-demand", _hours(e.on_demand_hours), ""),
+        (
+            "hours on-demand",
+            _hours(e.on_demand_hours),
+            f"VM-hours of all {e.tasks} VMs" if e.tasks > 1 else "",
+        ),
         ("hours spot", _hours(e.spot_hours), f"+{e.opts.preemption_overhead:.0%} preemption"),
         (
             "wall time (spot)",
