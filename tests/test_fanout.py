@@ -444,3 +444,40 @@ def test_controller_sigkill_then_rerun(compute, batch, guests, fan_job, single_v
     assert_same_as_single(fan_job, single_vm)
     r = subprocess.run([*gc, "--yes"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no distill VMs or Batch jobs left" in r.stdout, r.stderr
+
+
+def test_gc_deletes_a_leftover_batch_job(compute, tmp_path):
+    """A Batch job left with distill's labels (its tasks still running): gc lists it, asks
+    (nothing deleted without consent), then deletes it and waits until it is gone."""
+    from distill.cloud.batch import BatchApi, BatchSpec
+    from distill.cloud.controller import collect_garbage
+
+    def sleeper(runnable: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, "-c", "import time; time.sleep(600)"], guest_env()
+
+    with FakeBatch(project=PROJECT, guest=sleeper) as stub:
+        spec = BatchSpec(
+            project=PROJECT,
+            job_name="old-job",
+            job_toml="",
+            inputs=(),
+            image="img",
+            service_account_email="sa@x",
+            zones=("us-central1-a",),
+            tasks=2,
+            max_retries=0,
+            max_run_duration_s=3600,
+        )
+        BatchApi(PROJECT, endpoint=stub.url).create(spec)
+        assert stub.wait_for(lambda: len(stub.vms()) == 2, 30)
+        opts = options(compute, stub, tmp_path)
+        out, err = io.StringIO(), io.StringIO()
+        consoles = (Console(file=out, width=200), Console(file=err, width=200))
+        opts.yes = False
+        collect_garbage(None, opts, *consoles, confirm=lambda q: False)
+        assert "batch job distill-teacher-old-job" in out.getvalue()
+        assert "nothing deleted" in err.getvalue() and stub.live()
+        opts.yes = True
+        collect_garbage(None, opts, *consoles, confirm=lambda q: False)
+        assert "deleted 0 VM(s) and 1 Batch job(s)" in out.getvalue()
+        assert nothing_left(stub)

@@ -298,6 +298,14 @@ class BatchApi:
         ]
 
 
+def leftover_jobs(
+    project: str, region: str, labels: dict[str, str], endpoint: str | None
+) -> tuple[BatchApi, list[JobState]]:
+    """``gc``: the API, and the Batch jobs in ``region`` that carry ``labels``."""
+    api = BatchApi(project, endpoint=endpoint)
+    return api, api.list(region, labels)
+
+
 def allocation_error(project: str, events: list[str]) -> CloudError | None:
     """A VM creation failure in the job's status events: quota (fatal), or a stockout."""
     for text in reversed(events):

@@ -59,6 +59,7 @@ from distill.cloud.backend import (
     Stockout,
     VmState,
 )
+from distill.cloud.batch import BatchApi, JobState, leftover_jobs
 from distill.cloud.cost import (
     HOURS_PER_MONTH,
     CostEstimate,
@@ -864,14 +865,13 @@ def collect_garbage(
     backend = make_backend(opts, project)
     labels = job_labels(job.name) if job is not None else {"managed-by": "distill"}
     found = backend.list(labels)
-    jobs: list[Any] = []
-    batch_api: Any = None
-    # the fan-out's Batch jobs (teacher-cloud --vms N); a Compute stub without a Batch one
-    # (--compute-endpoint only) has no Batch API to ask
+    jobs: list[JobState] = []
+    batch_api: BatchApi | None = None
+    # the fan-out's Batch jobs (teacher-cloud --vms N) in the job's (default) region; a
+    # Compute stub without a Batch one (--compute-endpoint only) has no Batch API to ask
     if opts.backend == "gce" and (opts.batch_endpoint or not opts.endpoint):
-        from distill.cloud.fanout import batch_leftovers
-
-        batch_api, jobs = batch_leftovers(job, opts, project)
+        region = region_of((job or Job()).cloud.zones[0])
+        batch_api, jobs = leftover_jobs(project, region, labels, opts.batch_endpoint)
     if not found and not jobs:
         out.print("no distill VMs" + (" or Batch jobs" if batch_api is not None else "") + " left")
         return
@@ -892,14 +892,16 @@ def collect_garbage(
     for s in found:
         err.print(f"deleting {s.name} in {s.zone}")
         backend.delete(s.name, s.zone)
-    for j in jobs:
-        err.print(f"deleting Batch job {j.name}")
-        batch_api.delete(j.name)
-    deadline = time.monotonic() + opts.teardown_timeout_s
-    while any(batch_api.get(j.name) is not None for j in jobs) and time.monotonic() < deadline:
-        time.sleep(1.0)
-    left = [s.name for s in found if backend.get(s.name, s.zone) is not None]
-    left += [j.name for j in jobs if batch_api.get(j.name) is not None]
+    left = []
+    if batch_api is not None and jobs:
+        for j in jobs:
+            err.print(f"deleting Batch job {j.name}")
+            batch_api.delete(j.name)
+        deadline = time.monotonic() + opts.teardown_timeout_s
+        while time.monotonic() < deadline and any(batch_api.get(j.name) for j in jobs):
+            time.sleep(1.0)
+        left += [j.name for j in jobs if batch_api.get(j.name) is not None]
+    left += [s.name for s in found if backend.get(s.name, s.zone) is not None]
     if left:
         raise DistillError(f"still there after deletion: {', '.join(left)}")
     out.print(f"deleted {what}")

@@ -51,7 +51,7 @@ from distill.cloud.controller import (
 )
 from distill.cloud.preemption import EXIT_PREEMPTED
 from distill.cloud.progress import Rate, Snapshot
-from distill.cloud.spec import job_labels, region_of
+from distill.cloud.spec import region_of
 from distill.config import Job
 from distill.errors import DistillError
 from distill.format.shards import shard_name
@@ -386,13 +386,3 @@ def _why(last: list[int], attempts: int, max_preemptions: int) -> str:
         f"preempted {attempts} time(s), its retries (cloud.max_preemptions = "
         f"{max_preemptions}) exhausted"
     )
-
-
-def batch_leftovers(
-    job: Job | None, opts: CloudOptions, project: str
-) -> tuple[BatchApi, list[JobState]]:
-    """``gc``: the Batch jobs left with distill's labels in the job's (default) region."""
-    api = BatchApi(project, endpoint=opts.batch_endpoint)
-    cloud = (job or Job()).cloud
-    labels = job_labels(job.name) if job is not None else {"managed-by": "distill"}
-    return api, api.list(region_of(cloud.zones[0]), labels)
