@@ -154,8 +154,11 @@ def cost_estimate(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the numbers to this file.")
     ] = None,
+    vms: Annotated[
+        int, typer.Option("--vms", min=1, help="L4 VMs splitting the shards (teacher-cloud --vms).")
+    ] = 1,
 ) -> None:
-    """Estimate hours and dollars of the job's teacher pass on one L4 spot VM."""
+    """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
     from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
 
     opts = CostOptions(
@@ -167,6 +170,7 @@ def cost_estimate(
         storage_months=storage_months,
         downloads=downloads,
         reference_run=reference_run,
+        vms=vms,
     )
     opts.validate()  # before the job is tokenised
     est = estimate_cost(_load(job, set_), opts)
@@ -236,6 +240,29 @@ EndpointOpt = Annotated[
     ),
 ]
 StateOpt = Annotated[Path, typer.Option(help="Local VMs' state and copies of the run records.")]
+BatchEndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch-endpoint",
+        envvar="DISTILL_BATCH_ENDPOINT",
+        help="Batch API base URL, e.g. a local stub (anonymous credentials).",
+        hidden=True,
+    ),
+]
+VmsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--vms",
+        min=1,
+        help="Split the job over N Spot L4 VMs: one Google Cloud Batch job of N tasks "
+        '(sets cloud.engine = "batch", cloud.vms = N).',
+    ),
+]
+
+
+def _with_vms(sets: list[str] | None, vms: int | None) -> list[str]:
+    """``--vms N`` as the job fields it stands for."""
+    return [*(sets or []), *(['cloud.engine="batch"', f"cloud.vms={vms}"] if vms else [])]
 
 
 @app.command("teacher-cloud")
@@ -260,8 +287,11 @@ def teacher_cloud(
     poll_seconds: Annotated[
         float | None, typer.Option(help="Seconds between polls (default: cloud.poll_seconds).")
     ] = None,
+    vms: VmsOpt = None,
+    batch_endpoint: BatchEndpointOpt = None,
 ) -> None:
-    """Run the teacher on an L4 spot VM: estimate, confirm, provision, watch, tear down."""
+    """Run the teacher on an L4 spot VM (or N, --vms): estimate, confirm, provision, watch,
+    tear down."""
     from distill.cloud.controller import CloudOptions
     from distill.cloud.controller import teacher_cloud as run_cloud
     from distill.cloud.cost import CostOptions
@@ -276,9 +306,11 @@ def teacher_cloud(
         state_dir=state_dir,
         cost=CostOptions(mfu=mfu, calibration=calibration, prices=prices),
         poll_seconds=poll_seconds,
+        batch_endpoint=batch_endpoint,
     )
     opts.cost.validate()
-    run_cloud(_load(job, set_, output), opts, err, lambda q: typer.confirm(q, err=True))
+    j = _load(job, _with_vms(set_, vms), output)
+    run_cloud(j, opts, err, lambda q: typer.confirm(q, err=True))
 
 
 @app.command()
@@ -289,12 +321,18 @@ def gc(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
     state_dir: StateOpt = Path("runs/cloud"),
     endpoint: EndpointOpt = None,
+    batch_endpoint: BatchEndpointOpt = None,
 ) -> None:
-    """List teacher VMs left behind (label managed-by=distill) and delete them."""
+    """List teacher VMs and Batch jobs left behind (label managed-by=distill); delete them."""
     from distill.cloud.controller import CloudOptions, collect_garbage
 
     opts = CloudOptions(
-        backend=backend, endpoint=endpoint, project=project, yes=yes, state_dir=state_dir
+        backend=backend,
+        endpoint=endpoint,
+        project=project,
+        yes=yes,
+        state_dir=state_dir,
+        batch_endpoint=batch_endpoint,
     )
     collect_garbage(
         _load(job, None) if job else None,

@@ -286,6 +286,10 @@ class TrainSection(_Table):
     shuffle_buffer: PositiveInt = 256
 
 
+ENGINES = ("vm", "batch")
+MAX_VMS = 1000  # tasks of one Batch job (a limit well under Batch's own)
+
+
 class CloudSection(_Table):
     """Where and how ``distill-ctl teacher-cloud`` runs the teacher (see docs/CLOUD.md)."""
 
@@ -306,6 +310,19 @@ class CloudSection(_Table):
     provision_timeout_minutes: NonNegativeFloat = 30.0  # keep trying stocked-out zones this long
     poll_seconds: PositiveFloat = 20.0
     budget_usd: NonNegativeFloat = 0.0  # refuse to start when the estimate is above it (0 = none)
+    # "vm": one VM that the controller relaunches; "batch": one Google Cloud Batch job of
+    # `vms` tasks, each on its own Spot L4 VM, splitting the shards (docs/CLOUD.md, "Fan-out")
+    engine: Literal[ENGINES] = "vm"
+    vms: Annotated[int, Field(ge=1, le=MAX_VMS)] = 1
+
+    @model_validator(mode="after")
+    def _vms_need_batch(self) -> CloudSection:
+        if self.vms > 1 and self.engine != "batch":
+            raise ValueError(
+                f'cloud.vms = {self.vms} needs cloud.engine = "batch" (or pass --vms N): '
+                "one VM runs the whole job otherwise"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_region(self) -> CloudSection:

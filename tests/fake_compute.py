@@ -42,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -55,6 +53,8 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from fake_guest import kill_group, spawn
 
 GuestFactory = Callable[["FakeInstance"], tuple[list[str], dict[str, str]] | None]
 DEFAULT_ZONES = {
@@ -405,42 +405,19 @@ class FakeCompute:
         with self._lock:  # never boot a guest on a VM that is already going away
             if inst.ended or inst.preempted or inst.status != "RUNNING":
                 return
-            inst.proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,  # the guest's processes form one group, like a VM
-            )
+            inst.proc = spawn(argv, env, inst.serial, lambda rc: self._guest_exited(inst, rc))
         self._event(inst, "guest-started")
 
-        def pump(proc: subprocess.Popen = inst.proc) -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                inst.serial.append(line)
-            rc = proc.wait()
-            self._event(inst, f"guest-exit-{rc}")
-            # The guest powered off (or was killed by a stop/preemption/delete).
-            if not inst.ended and inst.status == "RUNNING":
-                self._set_status(inst, "STOPPING")
-                time.sleep(self.step_s / 2)
-                self._set_status(inst, "TERMINATED")
-
-        threading.Thread(target=pump, daemon=True).start()
+    def _guest_exited(self, inst: FakeInstance, rc: int) -> None:
+        self._event(inst, f"guest-exit-{rc}")
+        # The guest powered off (or was killed by a stop/preemption/delete).
+        if not inst.ended and inst.status == "RUNNING":
+            self._set_status(inst, "STOPPING")
+            time.sleep(self.step_s / 2)
+            self._set_status(inst, "TERMINATED")
 
     def _kill_guest(self, inst: FakeInstance, grace: float) -> None:
-        proc = inst.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(inst.proc, grace)
 
     def _power_down(self, inst: FakeInstance, grace: float) -> None:
         """STOPPING, the guest's SIGTERM (SIGKILL after ``grace``), TERMINATED; an instance

@@ -2,7 +2,8 @@
 held for ``SLOW_TEACHER_S`` seconds, so a test can preempt or kill it mid-run reliably.
 
 The teacher code itself is unchanged (the delay wraps ``compute_targets``); the guest runs it
-as ``DISTILL_ENTRYPOINT="python tests/slow_teacher.py teacher"``.
+as ``DISTILL_ENTRYPOINT="python tests/slow_teacher.py teacher"``. ``FAIL_TASK_INDEX=i``: the
+fan-out's Batch task i fails (exit 1, as a CUDA error would) before its first shard.
 """
 
 from __future__ import annotations
@@ -28,5 +29,8 @@ def _slow(*args, **kwargs):
 teacher_mod.compute_targets = _slow
 
 if __name__ == "__main__":
+    if os.environ.get("BATCH_TASK_INDEX", "") == os.environ.get("FAIL_TASK_INDEX", "-"):
+        print("RuntimeError: CUDA error: an illegal memory access was encountered", flush=True)
+        sys.exit(1)
     sys.argv = ["distill-ctl", *sys.argv[1:]]
     cli.main()

@@ -150,13 +150,26 @@ def test_every_problem_is_one_line_naming_the_file_and_the_field(tmp_path):
 
 def test_unknown_keys_name_the_key_and_the_section(tmp_path):
     for text, needle in (
-        ("[cloud]\nzone = 'x'\n", "unknown field cloud.zone (known: budget_usd, image,"),
+        ("[cloud]\nzone = 'x'\n", "unknown field cloud.zone (known: budget_usd, engine, image,"),
         ("[loss]\nkl = 1\n", "unknown field loss.kl (known: bild, bild_top, ce,"),
         ("name = 'x'\n", "unknown section [name] (known: cloud, data, job, loss,"),
     ):
         with pytest.raises(DistillError) as e:
             load_job(write(tmp_path, text))
         assert needle in str(e.value)
+
+
+def test_fanout_fields(tmp_path):
+    job = load_job(write(tmp_path, '[cloud]\nengine = "batch"\nvms = 100\n'))
+    assert (job.cloud.engine, job.cloud.vms) == ("batch", 100)
+    for text, needle in (
+        ("[cloud]\nvms = 4\n", 'cloud.vms = 4 needs cloud.engine = "batch" (or pass --vms N)'),
+        ('[cloud]\nengine = "gke"\n', "cloud.engine = 'gke' is not one of: vm, batch"),
+        ('[cloud]\nengine = "batch"\nvms = 0\n', "cloud.vms"),
+    ):
+        with pytest.raises(DistillError) as e:
+            load_job(write(tmp_path, text))
+        assert needle in str(e.value), str(e.value)
 
 
 def test_choices_come_from_their_one_definition(tmp_path):

@@ -357,3 +357,28 @@ def test_plan_teacher_says_which_way_fits(smol_tokenizer, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "does not fit 2.0 GiB in layered mode" in r.stdout and "nothing fits" in r.stdout
+
+
+def test_vms_split_the_wall_time_not_the_work(tiny_teacher_dir, tmp_path):
+    """--vms N: VM i takes the shards s % N == i of each split; every VM pays its setup, the
+    wall time is the busiest VM's, and a VM without a shard is not counted."""
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))  # train: 3 shards, eval: 1 (16 each)
+    one, two, many = (estimate_cost(job, CostOptions(vms=n)) for n in (1, 2, 100))
+    setup, compute = one.setup_hours, one.compute_hours
+    assert (one.tasks, two.tasks, many.tasks) == (1, 2, 3)
+    assert one.wall_hours == pytest.approx(one.spot_hours)  # one VM: as before
+    p = {s: c["padded_tokens"] for s, c in one.data.per_split.items()}
+    total = p["train"] + p["eval"]
+    # VM 0 of 2: train shards 0 and 2, eval shard 0; of 3: train shard 0, eval shard 0
+    assert two.wall_hours == pytest.approx(
+        (setup + compute * (p["train"] * 2 / 3 + p["eval"]) / total) * 1.15
+    )
+    assert many.wall_hours == pytest.approx(
+        (setup + compute * (p["train"] / 3 + p["eval"]) / total) * 1.15
+    )
+    assert two.on_demand_hours == pytest.approx(compute + 2 * setup)
+    assert many.spot_hours == pytest.approx((compute + 3 * setup) * 1.15)
+    assert many.usd["vm_spot"] == pytest.approx(many.spot_hours * 0.34)
+    assert many.to_dict()["vms"] == 3 and many.to_dict()["hours"]["wall"] == many.wall_hours
+    with pytest.raises(DistillError, match="--vms must be >= 1"):
+        estimate_cost(job, CostOptions(vms=0))

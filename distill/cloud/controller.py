@@ -60,6 +60,7 @@ from distill.cloud.backend import (
     Stockout,
     VmState,
 )
+from distill.cloud.batch import BatchApi, JobState, leftover_jobs
 from distill.cloud.cost import (
     HOURS_PER_MONTH,
     CostEstimate,
@@ -115,6 +116,7 @@ class CloudOptions:
     api_retry_s: float = 60.0  # one Compute API read retries transient errors this long
     teardown_timeout_s: float = 900.0  # deleting the VM is retried this long
     finish_grace_s: float = 60.0  # after the last manifest: the VM's own exit and record
+    batch_endpoint: str | None = None  # the Batch API's base URL (the stub's in tests)
 
 
 @dataclass
@@ -372,6 +374,7 @@ class Controller:
         self.zone: str | None = None  # where the current VM is
         self.current: Attempt | None = None
         self.progress: BucketProgress | None = None
+        self.gpus = ACCELERATOR_COUNT  # L4s the run needs at once (the preflight's quota check)
 
     # --- 1. checks ------------------------------------------------------------------------
 
@@ -385,7 +388,7 @@ class Controller:
         self.backend.check_project(  # boot image, GPU quota, subnet
             Needs(
                 region=region,
-                gpus=ACCELERATOR_COUNT,
+                gpus=self.gpus,
                 spot=self.cloud.spot,
                 image_project=IMAGE_PROJECT,
                 image_family=IMAGE_FAMILY,
@@ -431,18 +434,27 @@ class Controller:
 
     # --- 3. stage and spec ------------------------------------------------------------------
 
-    def make_spec(self) -> VmSpec:
-        est = self.estimate
-        assert est is not None
-        raw, inputs = stage_inputs(self.job, self.console)
-        hours = self.cloud.max_run_hours or (2 * est.spot_hours + 1)
-        max_run_s = int(min(max(hours * 3600, 30), 120 * 86400))
-        image = self.opts.image or self.cloud.image or default_image(self.project, self.zones)
-        sa = (
+    def max_run_s(self, hours_estimate: float) -> int:
+        """Each VM's dead-man switch: cloud.max_run_hours, else 2 x the estimate + 1 h."""
+        hours = self.cloud.max_run_hours or (2 * hours_estimate + 1)
+        return int(min(max(hours * 3600, 30), 120 * 86400))
+
+    def image(self) -> str:
+        return self.opts.image or self.cloud.image or default_image(self.project, self.zones)
+
+    def service_account(self) -> str:
+        return (
             self.opts.service_account
             or self.cloud.service_account
             or f"distill-teacher@{self.project}.iam.gserviceaccount.com"
         )
+
+    def make_spec(self) -> VmSpec:
+        est = self.estimate
+        assert est is not None
+        raw, inputs = stage_inputs(self.job, self.console)
+        max_run_s = self.max_run_s(est.spot_hours)
+        image, sa = self.image(), self.service_account()
         return VmSpec(
             project=self.project,
             name=self.name,
@@ -730,15 +742,26 @@ class Controller:
         adopted = self._adopt()
         if adopted is None:
             self.price_and_confirm()
+        self.run = self.new_record(self.name)
+        self.progress = self.bucket_progress()
+
+        def body() -> None:
+            self.spec = self.make_spec()
+            self._loop(adopted)
+
+        return self.supervised(body)
+
+    def new_record(self, instance: str) -> CloudRun:
+        """The run record, priced per VM-second from the estimate's price table."""
         est = self.estimate
         assert est is not None
         prices = est.prices
-        self.run = CloudRun(
+        return CloudRun(
             job=self.job.name,
             backend=self.backend.name,
             project=self.project,
             zones=self.zones,
-            instance=self.name,
+            instance=instance,
             spot=self.cloud.spot,
             started=_now(),
             estimate=est.to_dict(),
@@ -747,13 +770,21 @@ class Controller:
             else prices.vm_on_demand_per_hour,
             disk_per_hour=est.opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH,
         )
+
+    def bucket_progress(self) -> BucketProgress:
+        """Shards done of each split's total (the estimate's sample counts)."""
+        est = self.estimate
+        assert est is not None
         per = self.job.teacher.samples_per_shard
         totals = {s: (-(-c["samples"] // per), c["tokens"]) for s, c in est.data.per_split.items()}
-        self.progress = BucketProgress(self.output, totals)
+        return BucketProgress(self.output, totals)
+
+    def supervised(self, body: Callable[[], None]) -> CloudRun:
+        """Run ``body`` (SIGTERM raising), record its outcome; tear down and record always."""
+        assert self.run is not None
         try:
             with sigterm_raises():
-                self.spec = self.make_spec()
-                self._loop(adopted)
+                body()
             self.run.outcome = "done"
             self.console.print(f"[green]teacher-cloud: shard sets complete in {self.output}")
         except KeyboardInterrupt:
@@ -814,6 +845,13 @@ def teacher_cloud(
     console: Console | None = None,
     confirm: Callable[[str], bool] | None = None,
 ) -> CloudRun | None:
+    """One VM (``cloud.engine = "vm"``), or a Batch job of ``cloud.vms`` tasks."""
+    if job.cloud.engine == "batch":
+        if opts.backend != "gce":
+            raise DistillError('cloud.engine = "batch" (--vms) runs on Google Cloud only')
+        from distill.cloud.fanout import FanoutController
+
+        return FanoutController(job, opts, console, confirm).execute()
     return Controller(job, opts, console, confirm).execute()
 
 
@@ -828,25 +866,47 @@ def collect_garbage(
     ``job``'s own) on ``out`` and delete them, with ``opts.yes`` or ``confirm``'s consent."""
     from rich.table import Table
 
-    backend = make_backend(opts, resolve_project(job if job is not None else Job(), opts))
+    project = resolve_project(job if job is not None else Job(), opts)
+    backend = make_backend(opts, project)
     labels = job_labels(job.name) if job is not None else {"managed-by": "distill"}
     found = backend.list(labels)
-    if not found:
-        out.print("no distill VMs left")
+    jobs: list[JobState] = []
+    batch_api: BatchApi | None = None
+    # the fan-out's Batch jobs (teacher-cloud --vms N) in the job's (default) region; a
+    # Compute stub without a Batch one (--compute-endpoint only) has no Batch API to ask
+    if opts.backend == "gce" and (opts.batch_endpoint or not opts.endpoint):
+        region = region_of((job or Job()).cloud.zones[0])
+        batch_api, jobs = leftover_jobs(project, region, labels, opts.batch_endpoint)
+    if not found and not jobs:
+        out.print("no distill VMs" + (" or Batch jobs" if batch_api is not None else "") + " left")
         return
-    t = Table(title=f"distill VMs ({backend.name})")
+    t = Table(title=f"distill VMs and Batch jobs ({backend.name})")
     for col in ("name", "zone", "status", "job", "created"):
         t.add_column(col)
     for s in found:
         t.add_row(s.name, s.zone, s.status, s.labels.get("distill-job", ""), s.created)
+    for j in jobs:
+        loc = j.name.split("/")[3]
+        name = f"batch job {j.name.rsplit('/', 1)[-1]}"
+        t.add_row(name, loc, j.state, j.labels.get("distill-job", ""), j.created)
     out.print(t)
-    if not opts.yes and not confirm(f"Delete {len(found)} VM(s)?"):
+    what = f"{len(found)} VM(s)" + (f" and {len(jobs)} Batch job(s)" if jobs else "")
+    if not opts.yes and not confirm(f"Delete {what}?"):
         err.print("nothing deleted (pass --yes to delete)")
         return
     for s in found:
         err.print(f"deleting {s.name} in {s.zone}")
         backend.delete(s.name, s.zone)
-    left = [s for s in found if backend.get(s.name, s.zone) is not None]
+    left = []
+    if batch_api is not None and jobs:
+        for j in jobs:
+            err.print(f"deleting Batch job {j.name}")
+            batch_api.delete(j.name)
+        deadline = time.monotonic() + opts.teardown_timeout_s
+        while time.monotonic() < deadline and any(batch_api.get(j.name) for j in jobs):
+            time.sleep(1.0)
+        left += [j.name for j in jobs if batch_api.get(j.name) is not None]
+    left += [s.name for s in found if backend.get(s.name, s.zone) is not None]
     if left:
-        raise DistillError(f"still there after deletion: {', '.join(s.name for s in left)}")
-    out.print(f"deleted {len(found)} VM(s)")
+        raise DistillError(f"still there after deletion: {', '.join(left)}")
+    out.print(f"deleted {what}")

@@ -353,6 +353,7 @@ class CostOptions:
     downloads: int = 1
     boot_disk_gb: int = BOOT_DISK_GB  # the VM spec's
     reference_run: str | None = None  # a shard set (path or gs://) to take bytes/target from
+    vms: int = 1  # teacher-cloud --vms N: N tasks of one Batch job split the shards
 
     def validate(self) -> None:
         if self.mfu is not None and not 0 < self.mfu <= 1:
@@ -367,6 +368,8 @@ class CostOptions:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.vms < 1:
+            raise DistillError(f"--vms must be >= 1, got {self.vms}")
         if self.downloads < 0 or self.boot_disk_gb <= 0:
             raise DistillError("--downloads must be >= 0 and the boot disk > 0 GB")
 
@@ -388,8 +391,10 @@ class CostEstimate:
     tokens_per_s: float
     compute_hours: float
     setup_hours: float
-    on_demand_hours: float
+    on_demand_hours: float  # VM-hours, all VMs together
     spot_hours: float
+    tasks: int  # VMs that get shards: min(--vms, the most shards of a split)
+    wall_hours: float  # start to end (spot, the busiest VM's setup + shards + preemptions)
     shard_bytes: int
     bytes_basis: str
     storage_gb_months: float
@@ -431,6 +436,11 @@ class CostEstimate:
                 "setup",
                 f"{o.setup_minutes:g} min boot/driver/image pull + weights at "
                 f"{WEIGHTS_LOAD_BYTES_PER_S / 1e6:.0f} MB/s",
+            ),
+            (
+                "VMs",
+                f"{self.tasks} (--vms {o.vms}): VM i computes the shards s % {self.tasks} == i, "
+                "each VM pays its own setup; wall time is the busiest VM's",
             ),
             (
                 "preemption overhead (spot)",
@@ -509,7 +519,9 @@ class CostEstimate:
                 "setup": self.setup_hours,
                 "on_demand": self.on_demand_hours,
                 "spot": self.spot_hours,
+                "wall": self.wall_hours,
             },
+            "vms": self.tasks,
             "shard_bytes": self.shard_bytes,
             "storage_gb_months": self.storage_gb_months,
             "egress_gb": self.egress_gb,
@@ -568,6 +580,30 @@ def priced(
     return usd
 
 
+def fanout_split(job: Job, data: DataCounts, vms: int) -> tuple[int, float]:
+    """(VMs that get shards, the busiest VM's fraction of the padded tokens) when ``vms``
+    VMs split each split's shards round-robin (shard s to VM s % n)."""
+    per = job.teacher.samples_per_shard
+    shards = {s: -(-c["samples"] // per) for s, c in data.per_split.items()}
+    tasks = max(1, min(vms, max(shards.values(), default=1)))
+    total = max(sum(c.get("padded_tokens", c["tokens"]) for c in data.per_split.values()), 1)
+    busiest = sum(
+        c.get("padded_tokens", c["tokens"]) * -(-shards[s] // tasks) / max(shards[s], 1)
+        for s, c in data.per_split.items()
+    )
+    return tasks, min(busiest / total, 1.0) if data.per_split else 1.0
+
+
+def vm_hours(
+    compute_h: float, setup_h: float, tasks: int, busiest: float, opts: CostOptions
+) -> tuple[float, float, float]:
+    """(on-demand VM-hours, spot VM-hours, spot wall hours) of ``tasks`` VMs that each pay the
+    setup and split ``compute_h``, the busiest doing the fraction ``busiest`` of it."""
+    on_demand_h = compute_h + tasks * setup_h
+    spot = 1 + opts.preemption_overhead
+    return on_demand_h, on_demand_h * spot, (setup_h + compute_h * busiest) * spot
+
+
 def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     """Count, size and price one teacher pass of ``job`` on an L4 spot VM."""
     from transformers import AutoConfig
@@ -597,8 +633,8 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     compute_h += overhead_h
     weights = memory.get("weights", profile.params * DTYPE_BYTES[job.teacher.dtype])
     setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_LOAD_BYTES_PER_S / 3600
-    on_demand_h = compute_h + setup_h
-    spot_h = on_demand_h * (1 + opts.preemption_overhead)
+    tasks, busiest = fanout_split(job, data, opts.vms)
+    on_demand_h, spot_h, wall_h = vm_hours(compute_h, setup_h, tasks, busiest, opts)
 
     shard_bytes, basis = shard_bytes_estimate(job, data, profile.vocab, opts)
     gb = shard_bytes / GIB
@@ -623,6 +659,8 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         setup_hours=setup_h,
         on_demand_hours=on_demand_h,
         spot_hours=spot_h,
+        tasks=tasks,
+        wall_hours=wall_h,
         shard_bytes=shard_bytes,
         bytes_basis=basis,
         storage_gb_months=storage_gb_months,
@@ -678,7 +716,7 @@ def render_table(e: CostEstimate) -> Any:
     """A rich table: the numbers, then every assumption as a row."""
     from rich.table import Table
 
-    t = Table(title=f"teacher pass cost: job {e.job} on 1 x L4 ({e.prices.region})")
+    t = Table(title=f"teacher pass cost: job {e.job} on {e.tasks} x L4 ({e.prices.region})")
     t.add_column("item")
     t.add_column("value", justify="right")
     t.add_column("how")
@@ -709,8 +747,17 @@ def render_table(e: CostEstimate) -> Any:
         ),
         ("compute hours", _hours(e.compute_hours), ""),
         ("setup hours", _hours(e.setup_hours), ""),
-        ("hours on-demand", _hours(e.on_demand_hours), ""),
+        (
+            "hours on-demand",
+            _hours(e.on_demand_hours),
+            f"VM-hours of all {e.tasks} VMs" if e.tasks > 1 else "",
+        ),
         ("hours spot", _hours(e.spot_hours), f"+{e.opts.preemption_overhead:.0%} preemption"),
+        (
+            "wall time (spot)",
+            _hours(e.wall_hours),
+            f"{e.tasks} VM(s) at once: the busiest VM's setup + shards + preemption",
+        ),
         (
             "$ VM spot",
             _usd(e.usd["vm_spot"]),

@@ -15,6 +15,11 @@ batched exactly as here, so the shards, the resume rule and the manifest are the
 Resumable by construction: sample i always lands in shard ``i // samples_per_shard``, shard
 writes are create-only, each shard gets a stats sidecar, and the manifest is written last. A
 rerun skips complete shards, so no sample is dropped or duplicated.
+
+Fan-out (Google Cloud Batch): task ``i`` of ``N`` (``BATCH_TASK_INDEX`` / ``BATCH_TASK_COUNT``,
+or :class:`Part`) computes only the shards ``s`` with ``s % N == i``, with no coordination.
+A task writes ``parts.json`` (the manifest without its shards, create-only) instead of the
+manifest; :func:`finish_split` writes the manifest once every shard is in the bucket.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +71,38 @@ from distill.teacher.layered import LayeredTeacher, chunk_groups
 from distill.teacher.stop import StopWatch
 
 console = Console(stderr=True)
+PARTS = "parts.json"  # a fan-out task's manifest without its shards: finish_split completes it
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Task ``index`` of ``count``: it computes the shards ``s`` with ``s % count == index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise DistillError(
+                f"task {self.index} of {self.count}: the index must be in [0, count) "
+                "(BATCH_TASK_INDEX / BATCH_TASK_COUNT)"
+            )
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.count == self.index
+
+    @classmethod
+    def from_env(cls) -> Part | None:
+        """The Batch task's part (``BATCH_TASK_INDEX``/``BATCH_TASK_COUNT``), else None."""
+        index, count = os.environ.get("BATCH_TASK_INDEX"), os.environ.get("BATCH_TASK_COUNT")
+        if index is None and count is None:
+            return None
+        try:
+            return cls(int(index or ""), int(count or ""))
+        except ValueError:
+            raise DistillError(
+                f"BATCH_TASK_INDEX={index!r}, BATCH_TASK_COUNT={count!r}: both must be integers"
+            ) from None
 
 
 def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_fp: str) -> str:
@@ -116,12 +154,15 @@ def run_split(
     teacher_dir: Path,
     stop: StopWatch | None = None,
     skipped: dict[str, Any] | None = None,
-) -> Manifest:
+    part: Part | None = None,
+) -> Manifest | None:
     """Produce (or resume) one split's shard set; returns its manifest.
 
     ``stop`` (preemption, SIGTERM) is checked after every forward batch: the shard in flight
     is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
     ``skipped``: the dataset lines left out as invalid, recorded in the manifest.
+    ``part``: compute only this task's shards and write ``parts.json``, not the manifest
+    (returns None; :func:`finish_split` writes it once every task's shards are there).
     """
     complete = _complete_set(store, split, fingerprint)
     if complete is not None:
@@ -134,12 +175,21 @@ def run_split(
     fmt = ShardFormat(codec, spec, _vocab_size(model))
     t0 = time.perf_counter()
     out = _SplitOutput(store, fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
-    stats = _shards_done(out, len(chunks), existing)
-    done = sum(1 for s in stats if s is not None)
+    mine = [i for i in range(len(chunks)) if part is None or part.owns(i)]
+    stats = _shards_done(out, len(chunks), existing, mine)
+    done = sum(1 for i in mine if stats[i] is not None)
     if done:
-        console.print(f"{split}: resuming, {done}/{len(chunks)} shards already in {store.url}")
-    _compute_shards(job, split, model, chunks, stats, out, t0, stop)
+        console.print(f"{split}: resuming, {done}/{len(mine)} shards already in {store.url}")
+    if part is not None:
+        console.print(f"{split}: task {part.index} of {part.count}: shards {_ranges(mine)}")
+        base = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, [], 0.0, skipped)
+        _put_parts(store, base, len(chunks))
+    _compute_shards(job, split, model, chunks, mine, stats, out, t0, stop)
     elapsed = time.perf_counter() - t0
+    if part is not None:
+        out.cleanup()
+        console.print(f"[green]{split}: task {part.index}: {len(mine)} shards in {store.url}")
+        return None
     manifest = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, stats, elapsed, skipped)
     # A concurrent run may have finished first; its manifest describes the same shards.
     with contextlib.suppress(ObjectExists):
@@ -149,6 +199,47 @@ def run_split(
         f"[green]{split}: {manifest.samples} samples, {manifest.target_tokens} target tokens, "
         f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
     )
+    return manifest
+
+
+def _ranges(idx: list[int]) -> str:
+    """``0, 3, 6 ... 45`` for a long list of shard indices."""
+    shown = ", ".join(map(str, idx[:3]))
+    return shown + (f" ... {idx[-1]}" if len(idx) > 3 else "") + f" ({len(idx)})"
+
+
+def _put_parts(store: Store, base: Manifest, n: int) -> None:
+    """``parts.json`` (create-only): the manifest but its shards, and how many there are."""
+    body = {"shards_total": n, "manifest": json.loads(base.to_json())}
+    with contextlib.suppress(ObjectExists):  # every task writes the same content
+        store.put_bytes(PARTS, json.dumps(body, indent=1).encode())
+
+
+def finish_split(store: Store, elapsed: float) -> Manifest | None:
+    """A fan-out's manifest from ``parts.json`` and the shard sidecars, written (create-only)
+    once every shard is in the bucket; None while some are missing (or no task has started).
+
+    The shard stats are the sidecars the tasks wrote, so the manifest lists the same shards
+    with the same bytes as a single run's; ``teacher_seconds`` is the fan-out's wall time."""
+    names = set(store.list())
+    if MANIFEST in names:
+        return Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
+    if PARTS not in names:
+        return None
+    parts = json.loads(store.read_bytes(PARTS))
+    wanted = [shard_name(i) for i in range(int(parts["shards_total"]))]
+    if any(n not in names or sidecar_name(n) not in names for n in wanted):
+        return None
+    shards = [json.loads(store.read_bytes(sidecar_name(n))) for n in wanted]
+    raw = {
+        **parts["manifest"],
+        "shards": shards,
+        "teacher_seconds": elapsed,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    manifest = Manifest.from_json(json.dumps(raw).encode(), store.join(PARTS))
+    with contextlib.suppress(ObjectExists):  # another controller finished it first
+        store.put_bytes(MANIFEST, manifest.to_json())
     return manifest
 
 
@@ -188,8 +279,10 @@ class _SplitOutput:
     tmp: Path
 
     def put_sidecar(self, name: str, st: ShardStats) -> None:
-        """``shard-NNNNNN.json`` beside shard ``name``: its stats."""
-        self.store.put_bytes(_sidecar(name), json.dumps(dataclasses.asdict(st)).encode())
+        """``shard-NNNNNN.json`` beside shard ``name``: its stats (create-only; a concurrent
+        run's sidecar of the same shard says the same)."""
+        with contextlib.suppress(ObjectExists):
+            self.store.put_bytes(sidecar_name(name), json.dumps(dataclasses.asdict(st)).encode())
 
     def recover(self, name: str) -> ShardStats:
         """The stats of a shard already in the store, from its re-verified bytes."""
@@ -215,27 +308,28 @@ class _SplitOutput:
         self.tmp.rmdir()
 
 
-def _sidecar(name: str) -> str:
+def sidecar_name(name: str) -> str:
     return name.replace(".tar", ".json")
 
 
-def _shards_done(out: _SplitOutput, n: int, existing: set[str]) -> list[ShardStats | None]:
-    """Per shard index, the stats of a shard already stored (None: still to compute).
+def _shards_done(
+    out: _SplitOutput, n: int, existing: set[str], mine: list[int]
+) -> list[ShardStats | None]:
+    """Per shard index, the stats of a shard already stored (None: still to compute, or
+    another task's: only the indices in ``mine`` are looked at).
 
     A shard whose sidecar is missing (a crash between the two writes) is re-verified from
     its bytes and gets its sidecar now.
     """
-    stats: list[ShardStats | None] = []
-    for idx in range(n):
+    stats: list[ShardStats | None] = [None] * n
+    for idx in mine:
         name = shard_name(idx)
-        if name in existing and _sidecar(name) in existing:
-            stats.append(ShardStats(**json.loads(out.store.read_bytes(_sidecar(name)))))
+        if name in existing and sidecar_name(name) in existing:
+            stats[idx] = ShardStats(**json.loads(out.store.read_bytes(sidecar_name(name))))
         elif name in existing:
             st = out.recover(name)
             out.put_sidecar(name, st)
-            stats.append(st)
-        else:
-            stats.append(None)
+            stats[idx] = st
     return stats
 
 
@@ -247,13 +341,12 @@ def _targets_by_shard(
     job: Job,
     model: Any,
     chunks: list[list[Sample]],
-    stats: list[ShardStats | None],
+    todo: list[int],
     on_batch: Callable[[int], None],
 ) -> Iterator[tuple[int, list[TargetSample]]]:
-    """(shard index, its targets) for each shard still to compute, in order. A layered
-    teacher computes consecutive shards together, ``teacher.chunk_tokens`` at a time."""
+    """(shard index, its targets) for each shard of ``todo``, in order. A layered teacher
+    computes those shards together, ``teacher.chunk_tokens`` at a time."""
     t = job.teacher
-    todo = [i for i, st in enumerate(stats) if st is None]
     if not isinstance(model, LayeredTeacher):
         for idx in todo:
             yield (
@@ -284,18 +377,16 @@ def _compute_shards(
     split: str,
     model: Any,
     chunks: list[list[Sample]],
+    mine: list[int],
     stats: list[ShardStats | None],
     out: _SplitOutput,
     t0: float,
     stop: StopWatch | None,
 ) -> None:
-    """Compute the shards ``stats`` lacks and fill it in; a shard uploads during the next."""
-    todo_tokens = sum(
-        len(s.input_ids)
-        for chunk, st in zip(chunks, stats, strict=True)
-        if st is None
-        for s in chunk
-    )
+    """Compute the shards of ``mine`` that ``stats`` lacks and fill them in; a shard uploads
+    during the next."""
+    todo = [i for i in mine if stats[i] is None]
+    todo_tokens = sum(len(s.input_ids) for i in todo for s in chunks[i])
     pending: list[tuple[int, Future[ShardStats]]] = []
     with (
         ThreadPoolExecutor(max_workers=1) as pool,
@@ -303,7 +394,7 @@ def _compute_shards(
     ):
         task = bar.add_task("", total=todo_tokens, rate="-")
         on_batch = _on_batch(bar, task, split, t0, stop)
-        for idx, targets in _targets_by_shard(job, model, chunks, stats, on_batch):
+        for idx, targets in _targets_by_shard(job, model, chunks, todo, on_batch):
             pending.append((idx, pool.submit(out.upload, idx, targets)))
             # Bound memory: at most one shard waits for its upload while the next is computed.
             while len(pending) > 1:
@@ -394,13 +485,15 @@ def load_teacher(job: Job, teacher_dir: Path) -> Any:
     return models.load_model(teacher_dir, t.dtype, device, t.quantize).eval()
 
 
-def run_teacher(job: Job) -> dict[str, Manifest]:
-    """The whole teacher pass for every split of a job."""
+def run_teacher(job: Job, part: Part | None = None) -> dict[str, Manifest | None]:
+    """The whole teacher pass for every split of a job; with ``part`` (default: from
+    ``BATCH_TASK_INDEX``/``BATCH_TASK_COUNT``) only that task's shards, and no manifests."""
+    part = part or Part.from_env()
     with StopWatch() as stop:  # SIGTERM, or GCE preemption where DISTILL_WATCH_PREEMPTION=1
-        return _run_teacher(job, stop)
+        return _run_teacher(job, stop, part)
 
 
-def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
+def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Manifest | None]:
     teacher_dir = models.resolve_model(job.teacher.model)
     tokenizer = models.load_tokenizer(teacher_dir)
     tok_fp = models.tokenizer_fingerprint(tokenizer)
@@ -428,6 +521,8 @@ def _run_teacher(job: Job, stop: StopWatch) -> dict[str, Manifest]:
     job.targets.spec().check(_vocab_size(model))
     stop.check("teacher")
     return {
-        split: run_split(job, split, samples, store, model, fp, tok_fp, teacher_dir, stop, skipped)
+        split: run_split(
+            job, split, samples, store, model, fp, tok_fp, teacher_dir, stop, skipped, part
+        )
         for split, (samples, store, fp, skipped) in prepared.items()
     }

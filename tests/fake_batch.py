@@ -1,0 +1,531 @@
+"""A local stand-in for the Google Cloud Batch REST API (``batch/v1``; there is no emulator).
+
+``FakeBatch`` serves what the real ``google-cloud-batch`` client
+(``BatchServiceClient(transport="rest", client_options={"api_endpoint": url})``) calls for a
+fan-out: ``projects.locations.jobs`` create, get, list (``filter`` on labels), delete;
+``jobs.taskGroups.tasks`` list; ``operations`` get. JSON shapes are the API's (camelCase,
+int64 as strings, enums by name; errors as ``{"error": {"code", "message", "status"}}``).
+
+The lifecycle, as Batch runs it:
+
+- a job is QUEUED, then SCHEDULED while its VMs are allocated, then RUNNING once a task
+  runs, then SUCCEEDED (every task succeeded) or FAILED (every task ended, one failed);
+- each task is PENDING -> ASSIGNED -> RUNNING -> SUCCEEDED | FAILED on its own "VM": a local
+  process group (tests/fake_guest.py) running the container runnable through ``guest``, with
+  the runnable's environment plus ``BATCH_TASK_INDEX``, ``BATCH_TASK_COUNT`` and
+  ``BATCH_TASK_RETRY_ATTEMPT``;
+- a failed attempt's exit code goes through ``lifecyclePolicies``: RETRY_TASK (or no policy
+  naming it) runs the task again while its retries are under ``maxRetryCount``, FAIL_TASK
+  fails it at once; a task's status events record each attempt's exit code;
+- ``maxRunDuration`` (scaled by ``max_run_scale``): an attempt past it is stopped and ends
+  with Batch's exit code 50005;
+- :meth:`FakeBatch.preempt`: the task's VM goes away (SIGTERM to its processes, SIGKILL
+  after ``preempt_grace_s``) and the attempt ends with Batch's exit code 50001;
+- allocation errors appear as the job's status events, by Batch's codes: a stockout
+  (``CODE_GCE_ZONE_RESOURCE_POOL_EXHAUSTED``) keeps the job SCHEDULED while Batch retries;
+  quota (``CODE_GCE_QUOTA_EXCEEDED``) fails the job;
+- delete: DELETION_IN_PROGRESS, every task's VM goes away, then the job is gone (404).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from fake_guest import kill_group, spawn
+
+EXIT_VM_PREEMPTED = 50001  # Batch's reserved exit codes
+EXIT_MAX_RUN = 50005
+# (runnable, environment) -> (argv, env) of the local process that stands for the container
+TaskGuest = Callable[[dict[str, Any], dict[str, str]], tuple[list[str], dict[str, str]]]
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ApiError(Exception):
+    STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 503: "UNAVAILABLE"}
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def body(self) -> dict[str, Any]:
+        status = self.STATUS.get(self.code, "UNKNOWN")
+        return {"error": {"code": self.code, "message": self.message, "status": status}}
+
+
+@dataclass
+class FakeTask:
+    index: int
+    state: str = "PENDING"
+    retries: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    serial: list[str] = field(default_factory=list)
+    preempted: bool = False
+    timed_out: bool = False  # the attempt ran past maxRunDuration
+    attempts: int = 0  # VMs this task ran on
+
+    def event(self, state: str, description: str, exit_code: int | None = None) -> None:
+        ev: dict[str, Any] = {
+            "type": "STATUS_CHANGED",
+            "description": description,
+            "eventTime": _now(),
+            "taskState": state,
+        }
+        if exit_code is not None:
+            ev["taskExecution"] = {"exitCode": exit_code}
+        self.events.append(ev)
+        self.state = state
+
+
+@dataclass
+class FakeJob:
+    name: str
+    body: dict[str, Any]
+    uid: str
+    tasks: list[FakeTask]
+    state: str = "QUEUED"
+    events: list[dict[str, Any]] = field(default_factory=list)
+    created: str = field(default_factory=_now)
+    deleting: bool = False
+
+    @property
+    def group(self) -> dict[str, Any]:
+        return self.body["taskGroups"][0]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.group["taskSpec"]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.body.get("labels", {})
+
+    def event(self, description: str, kind: str = "STATUS_CHANGED") -> None:
+        self.events.append({"type": kind, "description": description, "eventTime": _now()})
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.event(f"Job state is set from {self.state} to {state} for job {self.name}.")
+            self.state = state
+
+
+class FakeBatch:
+    """The stub server; see the module docstring. ``start()`` returns its base URL."""
+
+    def __init__(
+        self,
+        project: str = "distill-test",
+        guest: TaskGuest | None = None,
+        step_s: float = 0.05,
+        preempt_grace_s: float = 10.0,
+    ) -> None:
+        self.project = project
+        self.guest = guest
+        self.step_s = step_s
+        self.preempt_grace_s = preempt_grace_s
+        self.jobs: dict[str, FakeJob] = {}
+        self.history: list[FakeJob] = []  # every job ever created
+        self.created: list[dict[str, Any]] = []  # every create body, in order
+        self.stockouts = 0  # allocation attempts still to refuse (ZONE_RESOURCE_POOL_EXHAUSTED)
+        self.gpu_quota: float | None = None  # an L4 limit under the job's need: quota error
+        self.failures = 0  # the next N API requests answer 503
+        self.max_run_scale = 1.0  # < 1 shortens maxRunDuration (tests of a hung task)
+        self._lock = threading.RLock()
+        self._ops = itertools.count(1)
+        self._server: ThreadingHTTPServer | None = None
+        self.url = ""
+
+    # --- control (tests) --------------------------------------------------------------------
+
+    def start(self) -> str:
+        handler = type("Handler", (_Handler,), {"stub": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.url
+
+    def stop(self) -> None:
+        """Kill every task's processes and stop serving."""
+        for job in self.history:
+            job.deleting = True
+            for t in job.tasks:
+                kill_group(t.proc, 0)
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self) -> FakeBatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def live(self) -> list[FakeJob]:
+        with self._lock:
+            return list(self.jobs.values())
+
+    def vms(self) -> list[FakeTask]:
+        """Tasks whose VM (process group) is still there, in any job, deleted ones too."""
+        return [t for j in self.history for t in j.tasks if t.proc and t.proc.poll() is None]
+
+    def task(self, index: int, job: FakeJob | None = None) -> FakeTask:
+        job = job or self.history[-1]
+        return job.tasks[index]
+
+    def preempt(self, index: int, job: FakeJob | None = None) -> None:
+        """The Spot VM of task ``index`` is preempted (asynchronously)."""
+        t = self.task(index, job)
+        if t.state != "RUNNING" or t.proc is None:
+            raise KeyError(f"task {index} is not running ({t.state})")
+        t.preempted = True
+        threading.Thread(
+            target=kill_group, args=(t.proc, self.preempt_grace_s), daemon=True
+        ).start()
+
+    def wait_for(self, pred: Callable[[], bool], timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(0.05)
+        return pred()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def create(self, parent: str, job_id: str, body: dict[str, Any]) -> FakeJob:
+        m = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)", parent)
+        if not m or m.group(1) != self.project:
+            raise ApiError(404, f"Resource '{parent}' was not found")
+        if not re.fullmatch(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?", job_id or ""):
+            raise ApiError(
+                400,
+                f"job_id '{job_id}' is invalid: it must match ^[a-z]([a-z0-9-]{{0,61}}[a-z0-9])?$",
+            )
+        groups = body.get("taskGroups") or []
+        if len(groups) != 1:
+            raise ApiError(400, "TaskGroups in the Job: exactly one TaskGroup is supported")
+        name = f"{parent}/jobs/{job_id}"
+        with self._lock:
+            if name in self.jobs:
+                raise ApiError(409, f"Resource '{name}' already exists")
+            count = int(groups[0].get("taskCount", 1))
+            groups[0]["name"] = f"{name}/taskGroups/group0"
+            job = FakeJob(name, body, str(uuid.uuid4()), [FakeTask(i) for i in range(count)])
+            self.jobs[name] = job
+            self.history.append(job)
+            self.created.append(body)
+        job.event(f"Job state is set to QUEUED for job {name}.")
+        threading.Thread(target=self._run, args=(job,), daemon=True).start()
+        return job
+
+    def _gpus(self, job: FakeJob) -> int:
+        pol = job.body.get("allocationPolicy", {}).get("instances", [{}])[0].get("policy", {})
+        return sum(int(a.get("count", 0)) for a in pol.get("accelerators", []))
+
+    def _run(self, job: FakeJob) -> None:
+        """QUEUED -> SCHEDULED -> allocation -> tasks, ``parallelism`` at a time."""
+        time.sleep(self.step_s)
+        if job.deleting:
+            return
+        job.set_state("SCHEDULED")
+        region = job.name.split("/")[3]
+        while not job.deleting:
+            need = self._gpus(job) * min(int(job.group.get("parallelism", 1)), len(job.tasks))
+            if self.gpu_quota is not None and need > self.gpu_quota:
+                job.event(
+                    "Batch Error: code - CODE_GCE_QUOTA_EXCEEDED, description - Quota "
+                    f"'NVIDIA_L4_GPUS' exceeded.  Limit: {float(self.gpu_quota)} in region "
+                    f"{region}.",
+                    "RESOURCE_ALLOCATION_FAILED",
+                )
+                for t in job.tasks:
+                    t.event("FAILED", "Task failed: its VM could not be created (quota)")
+                job.set_state("FAILED")
+                return
+            with self._lock:
+                stocked_out = self.stockouts > 0
+                self.stockouts -= 1 if stocked_out else 0
+            if not stocked_out:
+                break
+            zone = job.body["allocationPolicy"]["location"]["allowedLocations"][0]
+            job.event(
+                "Batch Error: code - CODE_GCE_ZONE_RESOURCE_POOL_EXHAUSTED, description - The "
+                f"zone 'projects/{self.project}/{zone}' does not have enough resources "
+                "available to fulfill the request.  Try a different zone, or try again later.",
+                "RESOURCE_ALLOCATION_FAILED",
+            )
+            time.sleep(self.step_s * 4)
+        parallel = threading.Semaphore(int(job.group.get("parallelism", len(job.tasks))))
+        runners = [
+            threading.Thread(target=self._task, args=(job, t, parallel), daemon=True)
+            for t in job.tasks
+        ]
+        for r in runners:
+            r.start()
+        for r in runners:
+            r.join()
+        if job.deleting:
+            return
+        states = {t.state for t in job.tasks}
+        job.set_state("SUCCEEDED" if states == {"SUCCEEDED"} else "FAILED")
+
+    def _action(self, job: FakeJob, code: int) -> str:
+        for pol in job.spec.get("lifecyclePolicies", []):
+            if code in pol.get("actionCondition", {}).get("exitCodes", []):
+                return pol["action"]
+        return "RETRY_TASK"  # Batch: an exit code no policy names is retried
+
+    def _task(self, job: FakeJob, t: FakeTask, parallel: threading.Semaphore) -> None:
+        with parallel:
+            while not job.deleting:
+                t.event("ASSIGNED", f"Task state is updated from {t.state} to ASSIGNED.")
+                time.sleep(self.step_s)
+                rc = self._attempt(job, t)
+                if job.deleting:
+                    return
+                if rc == 0:
+                    t.event("SUCCEEDED", "Task state is updated from RUNNING to SUCCEEDED.", 0)
+                    return
+                max_retries = int(job.spec.get("maxRetryCount", 0))
+                if self._action(job, rc) == "RETRY_TASK" and t.retries < max_retries:
+                    t.retries += 1
+                    t.event(
+                        "FAILED",
+                        f"Task state is updated from RUNNING to FAILED with exit code {rc}; "
+                        f"retrying ({t.retries}/{max_retries}).",
+                        rc,
+                    )
+                    t.event("PENDING", "Task state is updated from FAILED to PENDING.")
+                    continue
+                t.event(
+                    "FAILED",
+                    f"Task state is updated from RUNNING to FAILED with exit code {rc}.",
+                    rc,
+                )
+                return
+
+    def _attempt(self, job: FakeJob, t: FakeTask) -> int:
+        """One run of the task on a new "VM"; its exit code (50001 when preempted)."""
+        runnable = job.spec["runnables"][0]
+        env = {
+            **runnable.get("environment", {}).get("variables", {}),
+            "BATCH_TASK_INDEX": str(t.index),
+            "BATCH_TASK_COUNT": str(len(job.tasks)),
+            "BATCH_TASK_RETRY_ATTEMPT": str(t.retries),
+            "BATCH_JOB_UID": job.uid,
+        }
+        assert self.guest is not None, "FakeBatch(guest=...) runs the tasks"
+        argv, full_env = self.guest(runnable, env)
+        done = threading.Event()
+        with self._lock:
+            if job.deleting:
+                return -1
+            t.preempted = t.timed_out = False
+            t.attempts += 1
+            t.serial.append(f"--- attempt {t.attempts} (task {t.index}) ---\n")
+            t.proc = spawn(argv, full_env, t.serial, lambda rc: done.set())
+        t.event("RUNNING", f"Task state is updated from ASSIGNED to RUNNING (VM {t.attempts}).")
+        job.set_state("RUNNING")
+        limit = float(job.spec.get("maxRunDuration", "0s").rstrip("s") or 0) * self.max_run_scale
+        if limit and not done.wait(limit) and not t.preempted:
+            t.timed_out = True
+            kill_group(t.proc, 2.0)
+        done.wait()
+        assert t.proc is not None
+        if t.preempted:
+            return EXIT_VM_PREEMPTED
+        return EXIT_MAX_RUN if t.timed_out else t.proc.returncode
+
+    def delete(self, name: str) -> str:
+        with self._lock:
+            job = self.jobs.get(name)
+            if job is None:
+                raise ApiError(404, f"Job '{name}' was not found")
+            job.deleting = True
+        job.set_state("DELETION_IN_PROGRESS")
+
+        def run() -> None:
+            threads = [
+                threading.Thread(target=kill_group, args=(t.proc, 2.0), daemon=True)
+                for t in job.tasks
+            ]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            time.sleep(self.step_s)
+            with self._lock:
+                self.jobs.pop(name, None)
+
+        threading.Thread(target=run, daemon=True).start()
+        return f"{name.rsplit('/jobs/', 1)[0]}/operations/operation-{next(self._ops)}"
+
+    # --- JSON -------------------------------------------------------------------------------
+
+    def job_json(self, job: FakeJob) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for t in job.tasks:
+            counts[t.state] = counts.get(t.state, 0) + 1
+        return {
+            **job.body,
+            "name": job.name,
+            "uid": job.uid,
+            "status": {
+                "state": job.state,
+                "statusEvents": list(job.events),
+                "taskGroups": {"group0": {"counts": {k: str(v) for k, v in counts.items()}}},
+            },
+            "createTime": job.created,
+            "updateTime": _now(),
+        }
+
+    def task_json(self, job: FakeJob, t: FakeTask) -> dict[str, Any]:
+        return {
+            "name": f"{job.name}/taskGroups/group0/tasks/{t.index}",
+            "status": {"state": t.state, "statusEvents": list(t.events)},
+        }
+
+
+def _as_job(raw: bytes) -> dict[str, Any]:
+    from google.cloud import batch_v1
+
+    try:
+        job = batch_v1.Job.from_json(raw)
+    except Exception as e:  # noqa: BLE001 - the API's answer to a malformed body
+        raise ApiError(400, f"Invalid JSON payload received. {e}") from None
+    return json.loads(batch_v1.Job.to_json(job, use_integers_for_enums=False))
+
+
+_TERM = re.compile(r'^\s*labels\.([\w-]+)\s*=\s*"([^"]*)"\s*$')
+
+
+def _filtered(jobs: list[FakeJob], text: str) -> list[FakeJob]:
+    """``labels.KEY="VALUE"`` terms joined by AND; anything else is a 400, never ignored."""
+    if not text:
+        return jobs
+    terms = []
+    for part in re.split(r"\s+AND\s+", text.strip()):
+        m = _TERM.match(part)
+        if not m:
+            raise ApiError(400, f"Invalid filter: '{text}' (not supported by the stub)")
+        terms.append((m.group(1), m.group(2)))
+    return [j for j in jobs if all(j.labels.get(k) == v for k, v in terms)]
+
+
+_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    (m, re.compile("^/v1/" + p + "$"), h)
+    for m, p, h in [
+        ("POST", r"(?P<parent>projects/[^/]+/locations/[^/]+)/jobs", "create"),
+        ("GET", r"(?P<parent>projects/[^/]+/locations/[^/]+)/jobs", "list"),
+        ("GET", r"(?P<name>projects/[^/]+/locations/[^/]+/jobs/[^/]+)", "get"),
+        ("DELETE", r"(?P<name>projects/[^/]+/locations/[^/]+/jobs/[^/]+)", "delete"),
+        (
+            "GET",
+            r"(?P<name>projects/[^/]+/locations/[^/]+/jobs/[^/]+)/taskGroups/group0/tasks",
+            "tasks",
+        ),
+        ("GET", r"(?P<name>projects/[^/]+/locations/[^/]+/operations/[^/]+)", "op_get"),
+    ]
+]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    stub: FakeBatch
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _dispatch(self, method: str) -> None:
+        """Route a request; a body is read as the API's Job message (unknown fields are a 400,
+        enums sent as numbers, as the REST client does, read by their names)."""
+        url = urlparse(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if self.stub.failures > 0:
+            self.stub.failures -= 1
+            self._send(503, ApiError(503, "The service is currently unavailable.").body())
+            return
+        path = unquote(url.path)
+        for m, pattern, handler in _ROUTES:
+            match = pattern.match(path)
+            if m == method and match:
+                try:
+                    body = _as_job(raw) if raw else {}
+                    status, out = getattr(self, "h_" + handler)(match.groupdict(), query, body)
+                except ApiError as e:
+                    status, out = e.code, e.body()
+                self._send(status, out)
+                return
+        self._send(404, ApiError(404, f"no such method: {method} {path}").body())
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _job(self, name: str) -> FakeJob:
+        with self.stub._lock:
+            job = self.stub.jobs.get(name)
+        if job is None:
+            raise ApiError(404, f"Job '{name}' was not found")
+        return job
+
+    def h_create(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        job = self.stub.create(p["parent"], q.get("jobId", ""), body)
+        return 200, self.stub.job_json(job)
+
+    def h_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        return 200, self.stub.job_json(self._job(p["name"]))
+
+    def h_list(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        jobs = [j for j in self.stub.live() if j.name.startswith(p["parent"] + "/")]
+        return 200, {"jobs": [self.stub.job_json(j) for j in _filtered(jobs, q.get("filter", ""))]}
+
+    def h_delete(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        op = self.stub.delete(p["name"])
+        return 200, {"name": op, "done": False}
+
+    def h_tasks(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        job = self._job(p["name"])
+        return 200, {"tasks": [self.stub.task_json(job, t) for t in job.tasks]}
+
+    def h_op_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
+        return 200, {
+            "name": p["name"],
+            "done": True,
+            "response": {"@type": "type.googleapis.com/google.protobuf.Empty"},
+        }

@@ -1,0 +1,483 @@
+"""teacher-cloud --vms N end to end without a cloud: the real google-cloud-batch client against
+the Batch stub (tests/fake_batch.py), whose tasks run the real task entrypoint
+(distill/cloud/batch_task.py) and the real teacher as local processes against fake-gcs-server;
+the preflight's checks go to the Compute stub (tests/fake_compute.py).
+
+Every test ends with the promises of issue #13: no Batch job and no task VM is left, and the
+stored sample set is exactly the dataset, each sample once; where the set completes (after a
+rerun), the manifest lists the single-VM run's shards and the stored bytes are theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from fake_batch import FakeBatch
+from fake_compute import FakeCompute
+from rich.console import Console
+from test_cloud import PROJECT, SLOW, assert_exact, guest_env, run_in_thread, run_records
+from test_pipeline import make_job
+
+from distill.cloud.backend import CloudError, QuotaExceeded, Stockout
+from distill.cloud.controller import CloudOptions, TeacherFailed, teacher_cloud
+from distill.cloud.fanout import FanoutController
+from distill.config import load_job
+from distill.format.manifest import MANIFEST, Manifest
+from distill.store.storage import open_store
+from distill.teacher.run import run_teacher
+
+VMS = 3
+TRAIN_SHARDS = 12  # 48 samples, 4 a shard: task i gets shards i, i+3, i+6, i+9
+
+
+class TaskGuests:
+    """What the stub's task VMs run: the teacher image's command, as a local process."""
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {"DISTILL_ENTRYPOINT": SLOW, "SLOW_TEACHER_S": "0"}
+
+    def __call__(self, runnable: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        c = runnable["container"]
+        assert c["entrypoint"] == "python", c
+        return [sys.executable, *c["commands"]], {**guest_env(**self.env), **env}
+
+
+@pytest.fixture
+def guests() -> TaskGuests:
+    return TaskGuests()
+
+
+@pytest.fixture
+def batch(guests, gcs_bucket):
+    with FakeBatch(project=PROJECT, guest=guests, step_s=0.05, preempt_grace_s=10.0) as stub:
+        yield stub
+
+
+@pytest.fixture
+def compute(gcs_bucket):
+    with FakeCompute(project=PROJECT, step_s=0.05) as stub:
+        yield stub
+
+
+@pytest.fixture
+def fan_job(tiny_teacher_dir, gcs_bucket, tmp_path) -> Path:
+    return make_job(
+        tmp_path,
+        tiny_teacher_dir,
+        f"{gcs_bucket}/run",
+        n_train=48,
+        teacher__samples_per_shard="4",
+    )
+
+
+def options(compute: FakeCompute, batch: FakeBatch, tmp_path: Path) -> CloudOptions:
+    return CloudOptions(
+        backend="gce",
+        endpoint=compute.url,
+        batch_endpoint=batch.url,
+        project=PROJECT,
+        yes=True,
+        poll_seconds=0.1,
+        state_dir=tmp_path / "cloud",
+        teardown_timeout_s=60.0,
+    )
+
+
+def fanout(job: Path, compute, batch, tmp_path: Path, *sets: str) -> FanoutController:
+    j = load_job(job, ['cloud.engine="batch"', f"cloud.vms={VMS}", *sets])
+    return FanoutController(j, options(compute, batch, tmp_path), Console(stderr=True, width=200))
+
+
+def nothing_left(batch: FakeBatch, timeout: float = 30.0) -> bool:
+    """No Batch job, and no task's VM (process group) still running."""
+    return batch.wait_for(lambda: not batch.live() and not batch.vms(), timeout)
+
+
+def task_shards(url: str, task: int) -> int:
+    """Shards of task ``task`` (of VMS) in the bucket (their sidecars: upload finished)."""
+    names = set(open_store(url).list())
+    return sum(1 for i in range(task, TRAIN_SHARDS, VMS) if f"shard-{i:06d}.json" in names)
+
+
+@pytest.fixture(scope="module")
+def single_vm(tiny_teacher_dir, gcs_server, tmp_path_factory) -> dict[str, Manifest]:
+    """The same job (same data, teacher and settings) run once, in one process: the single
+    VM's shard set, for every test of this module. Its bucket: ``(manifests, url)``."""
+    from distill.demo.fake_gcs import emulator_client
+
+    tmp = tmp_path_factory.mktemp("single-vm")
+    bucket = f"single-{uuid.uuid4().hex[:12]}"
+    emulator_client().create_bucket(bucket)
+    job = make_job(
+        tmp, tiny_teacher_dir, f"gs://{bucket}/run", n_train=48, teacher__samples_per_shard="4"
+    )
+    return {k: v for k, v in run_teacher(load_job(job)).items() if v is not None}
+
+
+def assert_same_as_single(job: Path, ref: dict[str, Manifest]) -> None:
+    """Each split: the manifest lists the same shards (names, stats, sha256) as the single run,
+    the stored bytes hash to those sha256, and the rest of the manifest matches but its time
+    and the teacher's path (the cloud's job names the staged copy, ``model``, and its
+    fingerprint hashes that name: as a single-VM teacher-cloud run's manifest does)."""
+    out = load_job(job).output
+    for split, single in ref.items():
+        store = open_store(f"{out}/{split}")
+        m = Manifest.from_json(store.read_bytes(MANIFEST), split)
+        assert m.shards == single.shards, split
+        for s in m.shards:
+            assert hashlib.sha256(store.read_bytes(s.name)).hexdigest() == s.sha256, s.name
+        a, b = vars(m).copy(), vars(single).copy()
+        for k in ("created", "teacher_seconds", "teacher", "job_fingerprint"):
+            a.pop(k), b.pop(k)
+        assert a == b, split
+        assert m.teacher == "model"
+
+
+# --- the split itself, in one process --------------------------------------------------------
+
+
+def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(
+    fan_job, single_vm, tmp_path
+):
+    """Two parts, each computing its shards (s % 2 == i), then finish_split: the same shards,
+    bytes and manifest as one run; no part writes the manifest; a bad part is refused."""
+    from distill.errors import DistillError
+    from distill.teacher.run import Part, finish_split
+
+    j = load_job(fan_job)
+    train = open_store(f"{j.output}/train")
+    assert run_teacher(j, Part(1, 2)) == {"train": None, "eval": None}
+    names = set(train.list())
+    assert MANIFEST not in names and finish_split(train, 1.0) is None  # half the shards
+    assert {n for n in names if n.endswith(".tar")} == {
+        f"shard-{i:06d}.tar" for i in range(1, TRAIN_SHARDS, 2)
+    }
+    run_teacher(j, Part(0, 2))
+    made = {
+        split: finish_split(open_store(f"{j.output}/{split}"), 1.0) for split in ("train", "eval")
+    }
+    for split, m in made.items():
+        assert m is not None and m.shards == single_vm[split].shards, split
+        assert open_store(f"{j.output}/{split}").exists(MANIFEST)
+    with pytest.raises(DistillError, match="task 2 of 2: the index must be in"):
+        Part(2, 2)
+
+
+# --- the main path: preemptions at several points, output == the single VM's -----------------
+
+
+def test_fanout_with_preemptions_gives_the_single_vm_shards(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    guests.env["SLOW_TEACHER_S"] = "0.4"
+    ctl = fanout(fan_job, compute, batch, tmp_path)
+    t, result = run_in_thread(ctl)
+    train = f"{load_job(fan_job).output}/train"
+    # task 0: preempted while it boots (before its first shard)
+    assert batch.wait_for(lambda: batch.history and batch.task(0).state == "RUNNING", 120)
+    batch.preempt(0)
+    # task 1: preempted mid-run, after its first shard
+    assert batch.wait_for(lambda: task_shards(train, 1) >= 1, 180)
+    batch.preempt(1)
+    # task 2: preempted twice, mid-run each time
+    for need in (1, 2):
+        assert batch.wait_for(
+            lambda need=need: task_shards(train, 2) >= need and batch.task(2).state == "RUNNING",
+            180,
+        )
+        batch.preempt(2)
+        assert batch.wait_for(lambda: batch.task(2).state != "RUNNING" or "run" in result, 30)
+    t.join(600)
+    assert "error" not in result, result.get("error")
+    run = result["run"]
+    assert run.outcome == "done" and run.preemptions == 4, [a.to_dict() for a in run.attempts]
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    # the preempted tasks were retried by Batch and resumed: no shard computed twice
+    tasks = batch.history[0].tasks
+    assert [t.attempts for t in tasks] == [2, 2, 3]
+    log2 = "".join(tasks[2].serial)
+    assert "stopped on SIGTERM" in log2 and "train: resuming, 2/4 shards" in log2, log2[-3000:]
+    assert "task 0 of 3: shards 0, 3, 6 ... 9 (4)" in "".join(tasks[0].serial)
+    # the job as created: Spot L4 VMs, the driver, the retry policy
+    (body,) = batch.created
+    policy = body["allocationPolicy"]["instances"][0]
+    assert policy["policy"]["provisioningModel"] == "SPOT" and policy["installGpuDrivers"]
+    assert policy["policy"]["machineType"] == "g2-standard-8"
+    assert policy["policy"]["accelerators"][0]["type"] == "nvidia-l4"
+    group = body["taskGroups"][0]
+    assert group["taskCount"] == group["parallelism"] == str(VMS)
+    spec = group["taskSpec"]
+    assert spec["maxRetryCount"] == 10 and int(spec["maxRunDuration"].rstrip("s")) >= 3600
+    assert spec["lifecyclePolicies"][0] == {
+        "action": "RETRY_TASK",
+        "actionCondition": {"exitCodes": [50001, 75]},
+    }
+    assert spec["lifecyclePolicies"][1] == {
+        "action": "FAIL_TASK",
+        "actionCondition": {"exitCodes": [3, 50005]},
+    }
+    assert body["labels"] == {"distill-job": "job", "managed-by": "distill"}
+    # byte for byte what one VM writes
+    assert_same_as_single(fan_job, single_vm)
+    (rec,) = run_records(fan_job)
+    assert rec["outcome"] == "done" and rec["preemptions"] == 4 and rec["actual_usd"] > 0
+    # a rerun finds the complete set and creates nothing
+    assert fanout(fan_job, compute, batch, tmp_path).execute() is None
+    assert len(batch.created) == 1
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    guests.env["FAIL_TASK_INDEX"] = "1"
+    with pytest.raises(TeacherFailed) as e:
+        fanout(fan_job, compute, batch, tmp_path).execute()
+    msg = str(e.value)
+    assert "task 1 (projects/distill-test/locations/us-central1/jobs/distill-teacher-job" in msg
+    assert "the teacher failed (exit codes 3)" in msg
+    assert "train/1, train/4, train/7, train/10" in msg and "rerun" in msg
+    assert nothing_left(batch)
+    out = load_job(fan_job).output
+    assert not open_store(f"{out}/train").exists(MANIFEST)
+    assert "CUDA error" in "".join(batch.task(1).serial)
+    # the rerun: tasks 0 and 2 find their shards; only task 1's are computed
+    del guests.env["FAIL_TASK_INDEX"]
+    run = fanout(fan_job, compute, batch, tmp_path).execute()
+    assert run.outcome == "done" and len(batch.created) == 2 and nothing_left(batch)
+    logs = ["".join(t.serial) for t in batch.history[1].tasks]
+    assert "train: resuming, 4/4 shards" in logs[0] and "train: resuming, 4/4" in logs[2]
+    assert "resuming" not in logs[1]
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+
+
+def test_retries_exhausted_by_preemptions_names_the_task(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    guests.env["SLOW_TEACHER_S"] = "0.4"
+    ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.max_preemptions=0")
+    t, result = run_in_thread(ctl)
+    train = f"{load_job(fan_job).output}/train"
+    assert batch.wait_for(lambda: task_shards(train, 2) >= 1, 180)
+    batch.preempt(2)
+    t.join(600)
+    err = result.get("error")
+    assert isinstance(err, CloudError) and not isinstance(err, TeacherFailed), err
+    assert "task 2 (" in str(err) and "preempted 1 time(s)" in str(err)
+    assert "cloud.max_preemptions = 0" in str(err)
+    assert nothing_left(batch)
+    assert run_records(fan_job)[0]["outcome"] == "failed"
+    # the rerun computes task 2's missing shards only, and the set is exact
+    guests.env["SLOW_TEACHER_S"] = "0"
+    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+
+
+def test_a_hung_task_is_stopped_by_its_max_run_duration(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    """A teacher that hangs after its first shard: Batch stops it at maxRunDuration (exit
+    50005), which fails the task (no retry); the error says so; a rerun completes the set."""
+    guests.env["SLOW_TEACHER_S"] = "600"  # hung after the first shard's targets
+    batch.max_run_scale = 12 / 3600  # the 1 h max run duration passes in 12 s
+    ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.max_run_hours=1")
+    with pytest.raises(TeacherFailed, match="ran past its max run duration") as e:
+        ctl.execute()
+    assert "exit codes 50005" in str(e.value)
+    assert batch.created[0]["taskGroups"][0]["taskSpec"]["maxRunDuration"] == "3600s"
+    assert [t.attempts for t in batch.history[0].tasks] == [1] * VMS  # not retried
+    assert nothing_left(batch)
+    batch.max_run_scale = 1.0
+    guests.env["SLOW_TEACHER_S"] = "0"
+    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+
+
+def test_a_batch_api_outage_while_watching_is_ridden_out(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    guests.env["SLOW_TEACHER_S"] = "0.3"
+    t, result = run_in_thread(fanout(fan_job, compute, batch, tmp_path))
+    assert batch.wait_for(lambda: bool(batch.history) and batch.task(0).state == "RUNNING", 120)
+    batch.failures = 8  # 8 requests answered 503: retried by the client, then by the watcher
+    t.join(600)
+    assert "error" not in result, result.get("error")
+    assert result["run"].outcome == "done" and batch.failures == 0
+    assert len(batch.created) == 1 and nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+
+
+def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, single_vm, tmp_path):
+    batch.stockouts = 3  # Batch retries the allocation; then capacity comes
+    run = fanout(fan_job, compute, batch, tmp_path).execute()
+    assert run.outcome == "done" and run.stockouts == ["us-central1"]
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+    # no capacity for longer than cloud.provision_timeout_minutes: deleted, nothing written
+    out = load_job(fan_job).output
+    batch.stockouts = 10**6
+    ctl = fanout(
+        fan_job,
+        compute,
+        batch,
+        tmp_path,
+        f'job.output="{out}2"',
+        "cloud.provision_timeout_minutes=0.02",
+    )
+    with pytest.raises(Stockout, match="no L4 capacity for the Batch job"):
+        ctl.execute()
+    assert nothing_left(batch) and not open_store(f"{out}2/train").list()
+
+
+def test_quota_zero_is_refused(compute, batch, fan_job, tmp_path):
+    # the preflight: the region's L4 quota cannot hold 3 VMs; nothing is created
+    compute.region_quotas["us-central1"] = {
+        "NVIDIA_L4_GPUS": 2.0,
+        "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
+    }
+    with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS"):
+        fanout(fan_job, compute, batch, tmp_path).execute()
+    assert not batch.created
+    # Batch's own refusal (quota taken between the check and the job): the job is deleted
+    compute.region_quotas["us-central1"] = {
+        "NVIDIA_L4_GPUS": 8.0,
+        "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
+    }
+    batch.gpu_quota = 0
+    with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS is 0.0 in region us-central1"):
+        fanout(fan_job, compute, batch, tmp_path).execute()
+    assert len(batch.created) == 1 and nothing_left(batch)
+    assert not open_store(f"{load_job(fan_job).output}/train").exists(MANIFEST)
+
+
+def cli_fanout(job: Path, compute, batch, tmp_path: Path) -> tuple[subprocess.Popen, dict]:
+    """``distill-ctl teacher-cloud --vms 3`` against the stubs, as a user runs it."""
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "DISTILL_COMPUTE_ENDPOINT": compute.url,
+        "DISTILL_BATCH_ENDPOINT": batch.url,
+        "COLUMNS": "200",  # the gc table's rows on one line each
+    }
+    argv = [sys.executable, "-m", "distill.cli", "teacher-cloud", "--job", str(job)]
+    argv += ["--project", PROJECT, "--yes", "--vms", str(VMS), "--poll-seconds", "0.1"]
+    argv += ["--state-dir", str(tmp_path / "cloud")]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return proc, env
+
+
+def wait_task_running(batch: FakeBatch) -> None:
+    assert batch.wait_for(
+        lambda: bool(batch.history) and any(t.state == "RUNNING" for t in batch.history[0].tasks),
+        120,
+    ), "no task started"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_delete_the_batch_job(compute, batch, guests, fan_job, tmp_path, sig):
+    guests.env["SLOW_TEACHER_S"] = "1.0"
+    proc, _ = cli_fanout(fan_job, compute, batch, tmp_path)
+    try:
+        wait_task_running(batch)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "deleting Batch job projects/distill-test" in err and "rerun the same command" in err
+    assert not batch.live()  # deleted and confirmed before the controller exited
+    assert nothing_left(batch)
+    assert run_records(fan_job)[0]["outcome"] == "interrupted"
+    assert not open_store(f"{load_job(fan_job).output}/train").exists(MANIFEST)
+
+
+@pytest.mark.parametrize("when", ["running", "finished"])
+def test_controller_sigkill_then_rerun(compute, batch, guests, fan_job, single_vm, tmp_path, when):
+    """The controller dies (SIGKILL: no teardown); Batch goes on, and gc lists the job. A rerun
+    adopts the job if it still runs (creates none) or, once Batch finished every shard, just
+    writes the manifests; either way it deletes the job; gc then finds nothing."""
+    guests.env["SLOW_TEACHER_S"] = "2.0" if when == "running" else "0.2"
+    proc, env = cli_fanout(fan_job, compute, batch, tmp_path)
+    try:
+        wait_task_running(batch)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    gc = [sys.executable, "-m", "distill.cli", "gc", "--project", PROJECT]
+    r = subprocess.run(gc, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "batch job distill-teacher-job" in r.stdout, r.stderr
+    assert "nothing deleted" in r.stderr and batch.live()  # nobody deleted it
+    if when == "finished":
+        assert batch.wait_for(lambda: batch.history[0].state == "SUCCEEDED", 180)
+    j = load_job(fan_job, ['cloud.engine="batch"', f"cloud.vms={VMS}"])
+    log = io.StringIO()
+    run = teacher_cloud(j, options(compute, batch, tmp_path), Console(file=log, width=200))
+    if when == "running":
+        assert "is already RUNNING" in log.getvalue() and run.outcome == "done"
+    else:
+        assert run is None and "deleting the leftover Batch job" in log.getvalue()
+    assert len(batch.created) == 1  # adopted or finished, never duplicated
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+    r = subprocess.run([*gc, "--yes"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "no distill VMs or Batch jobs left" in r.stdout, r.stderr
+
+
+def test_gc_deletes_a_leftover_batch_job(compute, tmp_path):
+    """A Batch job left with distill's labels (its tasks still running): gc lists it, asks
+    (nothing deleted without consent), then deletes it and waits until it is gone."""
+    from distill.cloud.batch import BatchApi, BatchSpec
+    from distill.cloud.controller import collect_garbage
+
+    def sleeper(runnable: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, "-c", "import time; time.sleep(600)"], guest_env()
+
+    with FakeBatch(project=PROJECT, guest=sleeper) as stub:
+        spec = BatchSpec(
+            project=PROJECT,
+            job_name="old-job",
+            job_toml="",
+            inputs=(),
+            image="img",
+            service_account_email="sa@x",
+            zones=("us-central1-a",),
+            tasks=2,
+            max_retries=0,
+            max_run_duration_s=3600,
+        )
+        BatchApi(PROJECT, endpoint=stub.url).create(spec)
+        assert stub.wait_for(lambda: len(stub.vms()) == 2, 30)
+        opts = options(compute, stub, tmp_path)
+        out, err = io.StringIO(), io.StringIO()
+        consoles = (Console(file=out, width=200), Console(file=err, width=200))
+        opts.yes = False
+        collect_garbage(None, opts, *consoles, confirm=lambda q: False)
+        assert "batch job distill-teacher-old-job" in out.getvalue()
+        assert "nothing deleted" in err.getvalue() and stub.live()
+        opts.yes = True
+        collect_garbage(None, opts, *consoles, confirm=lambda q: False)
+        assert "deleted 0 VM(s) and 1 Batch job(s)" in out.getvalue()
+        assert nothing_left(stub)
