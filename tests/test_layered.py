@@ -294,3 +294,33 @@ def test_layered_peak_memory_is_about_a_layer_not_the_model(tmp_path):
     # copied, and this pass's activations (256 tokens: a few MB)
     assert grew_layered < 2 * layer_fp32 + layer_fp32 / 2 + 200e6, (grew_layered, layer_fp32)
     assert grew_layered < grew_resident / 5
+
+
+def test_quantised_resident_ways_are_sized_by_their_weight_bytes(tmp_path):
+    """A 13B-class shape (meta tensors only): bf16 does not fit a 24 GiB card, int8 and nf4 do."""
+    from transformers import LlamaConfig
+
+    from distill.config import job_from_dict
+    from distill.teacher.fit import QUANT_BYTES, choose, teacher_profile, ways
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+    )
+    p = teacher_profile(cfg)
+    assert 12.5e9 < p.params < 13.5e9
+    t = {"device": "cuda", "batch_tokens": 2048}
+    by = {(w.mode, w.quantize): w for w in ways(job_from_dict({"teacher": t}), p, 24 * 2**30, None)}
+    embed_bytes = 2 * (p.params - p.non_embedding_params)
+    for q in ("int8", "nf4"):
+        body = by[("resident", q)].device["weights"] - embed_bytes
+        assert body == int(p.non_embedding_params * QUANT_BYTES[q])
+    assert not by[("resident", "none")].fits and by[("resident", "int8")].fits
+    assert by[("resident", "nf4")].fits and by[("layered", "none")].fits
+    nf4 = choose(job_from_dict({"teacher": {**t, "quantize": "nf4"}}), p, 24 * 2**30, None)
+    assert (nf4.mode, nf4.quantize) == ("resident", "nf4")
+    auto = choose(job_from_dict({"teacher": t}), p, 24 * 2**30, None)  # never quantises unasked
+    assert (auto.mode, auto.quantize) == ("layered", "none")
