@@ -19,7 +19,7 @@ BACKEND ?= gce
 SKIP_BUILD ?= 0
 
 help:
-	@echo "make demo         teacher -> shards in a local GCS emulator -> student -> eval (CPU, ~10 min)"
+	@echo "make demo         teacher -> shards in a local GCS emulator -> student -> eval (CPU, 10-20 min)"
 	@echo "make test         the test suite (CPU, no cloud)"
 	@echo "make lint         ruff, and the layer contract (import-linter, pyproject.toml)"
 	@echo "make teacher      distill-ctl teacher --job \$$JOB (on this machine)"
