@@ -155,12 +155,21 @@ def cost_estimate(
         Path | None, typer.Option("--json", help="Also write the numbers to this file.")
     ] = None,
     vms: Annotated[
-        int, typer.Option("--vms", min=1, help="L4 VMs splitting the shards (teacher-cloud --vms).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--vms",
+            min=1,
+            help="L4 VMs splitting the shards (teacher-cloud --vms; default: the job's "
+            'cloud.vms when cloud.engine = "batch", else 1).',
+        ),
+    ] = None,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
     from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
 
+    the_job = _load(job, set_)
+    if vms is None:
+        vms = the_job.cloud.vms if the_job.cloud.engine == "batch" else 1
     opts = CostOptions(
         mfu=mfu,
         calibration=calibration,
@@ -173,7 +182,7 @@ def cost_estimate(
         vms=vms,
     )
     opts.validate()  # before the job is tokenised
-    est = estimate_cost(_load(job, set_), opts)
+    est = estimate_cost(the_job, opts)
     out.print(render_table(est))
     if json_path:
         write_estimate(est, json_path)

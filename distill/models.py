@@ -95,11 +95,12 @@ def quantization_config(quantize: str, dtype: str, device: str) -> Any:
     if not str(device).startswith("cuda"):
         raise DistillError(
             f"teacher.quantize = {quantize!r} needs a CUDA device (bitsandbytes); this run is on "
-            f'{device!r}: use teacher.quantize = "none" or teacher.mode = "layered"'
+            f'{device!r}: set teacher.quantize = "none"'
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise DistillError(
-            f"teacher.quantize = {quantize!r} needs bitsandbytes: pip install bitsandbytes"
+            f"teacher.quantize = {quantize!r} needs bitsandbytes: pip install 'distill[quant]' "
+            "(the teacher image has it)"
         )
     from transformers import BitsAndBytesConfig
 

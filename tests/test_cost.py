@@ -209,8 +209,11 @@ def test_calibration_file(tiny_teacher_dir, tmp_path):
         estimate_cost(job, CostOptions(calibration=cal, mfu=0.3))
 
 
-def seventy_b(smol_tokenizer, dest: Path) -> Path:
-    """A 70B-class config (140 GB of bf16 weights); only meta tensors are ever built."""
+def seventy_b(smol_tokenizer, dest: Path, safetensors: bool = True) -> Path:
+    """A 70B-class config (140 GB of bf16 weights); only meta tensors are ever built. A
+    stand-in model.safetensors: the layered way needs the checkpoint to be safetensors."""
+    import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     LlamaConfig(
@@ -222,6 +225,8 @@ def seventy_b(smol_tokenizer, dest: Path) -> Path:
         num_key_value_heads=8,
     ).save_pretrained(dest)
     smol_tokenizer.save_pretrained(dest)
+    if safetensors:
+        save_file({"stand_in": torch.zeros(1)}, dest / "model.safetensors")
     return dest
 
 
@@ -355,8 +360,10 @@ def test_plan_teacher_says_which_way_fits(smol_tokenizer, tmp_path):
     r = subprocess.run(
         [*cmd, "--gpu-mem", "2GiB"], capture_output=True, text=True, timeout=300, env=env
     )
-    assert r.returncode == 0, r.stderr
-    assert "does not fit 2.0 GiB in layered mode" in r.stdout and "nothing fits" in r.stdout
+    assert r.returncode == 2, r.stderr  # like the student plan: the table, then the error
+    assert "│  yes │" not in r.stdout and "│   no │" in r.stdout
+    assert "does not fit 2.0 GiB in layered mode" in r.stderr and "nothing fits" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
 def test_vms_split_the_wall_time_not_the_work(tiny_teacher_dir, tmp_path):
@@ -382,3 +389,55 @@ def test_vms_split_the_wall_time_not_the_work(tiny_teacher_dir, tmp_path):
     assert many.to_dict()["vms"] == 3 and many.to_dict()["hours"]["wall"] == many.wall_hours
     with pytest.raises(DistillError, match="--vms must be >= 1"):
         estimate_cost(job, CostOptions(vms=0))
+
+
+def test_layered_is_refused_outside_its_families_and_without_safetensors(smol_tokenizer, tmp_path):
+    """A 20B GPT-NeoX (not a layered family) and a 70B Llama without *.safetensors: the
+    estimate (and so teacher-cloud) refuses before any VM, naming why, instead of pinning
+    teacher.mode = "layered" for tasks that would all fail."""
+    from transformers import AutoConfig, GPTNeoXConfig
+
+    from distill.teacher.fit import teacher_profile, ways
+
+    neox = tmp_path / "neox-20b"
+    GPTNeoXConfig(
+        vocab_size=50432,
+        hidden_size=6144,
+        intermediate_size=24576,
+        num_hidden_layers=44,
+        num_attention_heads=64,
+    ).save_pretrained(neox)
+    smol_tokenizer.save_pretrained(neox)
+    (neox / "model.safetensors").write_bytes(b"")
+    p = teacher_profile(AutoConfig.from_pretrained(neox), neox)
+    assert 19e9 < p.params < 22e9 and p.model_type == "gpt_neox"
+    job = load_job(make_job(tmp_path, neox))  # teacher.mode = "auto"
+    layered = ways(job, p, cost.L4_MEMORY_BYTES, None)[-1]
+    assert layered.mode == "layered" and layered.peak < cost.l4_usable_bytes()  # it would fit
+    assert not layered.fits and "not 'gpt_neox'" in layered.unavailable
+    with pytest.raises(DistillError, match="cannot run layered on one L4: layered mode supports"):
+        cost.plan_l4(job, p)
+    with pytest.raises(DistillError, match="not 'gpt_neox'.*resident needs ~"):
+        estimate_cost(job)
+
+
+def test_cli_vms_and_the_batch_jobs_default(tiny_teacher_dir, tmp_path):
+    """cost-estimate --vms N prices N VMs; without it a batch job's cloud.vms, else 1."""
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    path = make_job(tmp_path, tiny_teacher_dir)  # train: 3 shards, eval: 1
+
+    def vms(*args: str, job: Path = path) -> int:
+        out = tmp_path / "c.json"
+        cmd = ["cost-estimate", "--job", str(job), "--json", str(out), *args]
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 0, r.output
+        return json.loads(out.read_text())["vms"]
+
+    assert vms() == 1 and vms("--vms", "2") == 2
+    batch = tmp_path / "batch.toml"
+    batch.write_text(path.read_text() + '\n[cloud]\nengine = "batch"\nvms = 2\n')
+    assert vms(job=batch) == 2  # as teacher-cloud would run it
+    assert vms("--vms", "3", job=batch) == 3 and vms("--vms", "1", job=batch) == 1

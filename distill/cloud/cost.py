@@ -618,7 +618,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         config = AutoConfig.from_pretrained(teacher_dir)
     except (OSError, ValueError) as e:
         raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
-    profile = teacher_profile(config)
+    profile = teacher_profile(config, teacher_dir)
     way = plan_l4(job, profile)  # refuse before the (slow) tokenisation
     memory = way.device
     data = count_data(job, models.load_tokenizer(teacher_dir))

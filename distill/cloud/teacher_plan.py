@@ -46,7 +46,7 @@ def teacher_plan(job: Job, budget: int, mfu: float = DEFAULT_MFU) -> TeacherPlan
 
     teacher_dir = models.resolve_model(job.teacher.model)
     try:
-        p = teacher_profile(AutoConfig.from_pretrained(teacher_dir))
+        p = teacher_profile(AutoConfig.from_pretrained(teacher_dir), teacher_dir)
     except (OSError, ValueError) as e:
         raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
     host = L4_VM_RAM_BYTES - HOST_MARGIN_BYTES
@@ -65,8 +65,8 @@ def teacher_plan(job: Job, budget: int, mfu: float = DEFAULT_MFU) -> TeacherPlan
 
 
 def show_teacher_plan(job: Job, gpu_mem: str, source: str, console: Console) -> TeacherPlan:
-    """The plan as a table, then the line that applies it (or why nothing the job allows
-    fits)."""
+    """The plan as a table, then the line that applies it; :class:`DistillError` (after the
+    table) when nothing the job allows fits."""
     from rich.table import Table
 
     plan = teacher_plan(job, parse_bytes(gpu_mem))
@@ -93,14 +93,16 @@ def show_teacher_plan(job: Job, gpu_mem: str, source: str, console: Console) -> 
         "(quantised kernels' slowdown not modelled); streaming: share of time waiting on "
         "weights the prefetch cannot hide"
     )
+    for w, _ in plan.ways:
+        if w.unavailable:
+            console.print(f"{w.label()}: {w.unavailable}")
     if plan.chosen is None:
-        console.print(f"[red]{plan.refusal}")
-    else:
-        w = plan.chosen
-        console.print(
-            f"teacher.mode = {job.teacher.mode!r} runs {w.label()}: "
-            f"--set teacher.mode={w.mode} --set teacher.quantize={w.quantize}"
-        )
+        raise DistillError(plan.refusal)
+    w = plan.chosen
+    console.print(
+        f"teacher.mode = {job.teacher.mode!r} runs {w.label()}: "
+        f"--set teacher.mode={w.mode} --set teacher.quantize={w.quantize}"
+    )
     return plan
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from distill.config import Job
@@ -30,7 +31,7 @@ CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS workspace, outside tor
 ALLOCATOR_MARGIN = 0.05  # fragmentation headroom kept free
 # bytes per weight of the quantised linear layers (nf4: 4 bits + one fp32 absmax per 64)
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
-WEIGHTS_STREAM_BYTES_PER_S = 200e6  # layered: weights read from the disk (cost.py's load rate)
+WEIGHTS_STREAM_BYTES_PER_S = 200e6  # weights read from the disk: the load (cost.py), layered
 HOST_LINK_BYTES_PER_S = 12e9  # layered: activations host <-> GPU (PCIe 4.0 x16, in practice)
 HOST_MARGIN_BYTES = 4 * GIB  # host memory kept for the OS, the tokenised data, shard encoding
 
@@ -48,14 +49,30 @@ class TeacherProfile:
     q_dim: int  # heads x head_dim
     kv_dim: int  # kv heads x head_dim
     intermediate: int
+    model_type: str = ""  # the config's (the layered pass supports layered.ARCHS)
+    safetensors: bool | None = None  # the local checkpoint has *.safetensors (None: not looked)
+
+    def layered_refusal(self) -> str:
+        """Why the layered pass cannot run this teacher ("" when it can)."""
+        from distill.teacher.layered import ARCHS
+
+        if self.model_type not in ARCHS:
+            return (
+                f"layered mode supports the {', '.join(ARCHS)} families, not "
+                f"{self.model_type or 'this'!r} model_type"
+            )
+        if self.safetensors is False:
+            return "layered mode reads safetensors weights and the teacher directory has none"
+        return ""
 
     def layer_params(self) -> int:
         """One decoder layer's parameters (the final norm's few are spread over the layers)."""
         return -(-self.non_embedding_params // self.layers)
 
 
-def teacher_profile(config: Any) -> TeacherProfile:
-    """Exact parameter counts from ``config`` without allocating weights."""
+def teacher_profile(config: Any, model_dir: Path | None = None) -> TeacherProfile:
+    """Exact parameter counts from ``config`` without allocating weights; with ``model_dir``
+    (the local checkpoint) whether it holds safetensors weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -79,6 +96,8 @@ def teacher_profile(config: Any) -> TeacherProfile:
         q_dim=heads * head_dim,
         kv_dim=kv * head_dim,
         intermediate=getattr(config, "intermediate_size", None) or 4 * h,
+        model_type=getattr(config, "model_type", "") or "",
+        safetensors=None if model_dir is None else any(Path(model_dir).glob("*.safetensors")),
     )
 
 
@@ -162,6 +181,7 @@ class Way:
     host: int  # peak host bytes beyond the device copy (layered: the chunk's activations)
     budget: int  # usable device bytes
     host_budget: int | None  # usable host bytes (None: not checked)
+    unavailable: str = ""  # why this way cannot run the teacher at all ("" when it can)
 
     @property
     def peak(self) -> int:
@@ -170,7 +190,7 @@ class Way:
     @property
     def fits(self) -> bool:
         host_ok = self.host_budget is None or self.host <= self.host_budget
-        return self.peak <= self.budget and host_ok
+        return not self.unavailable and self.peak <= self.budget and host_ok
 
     def label(self) -> str:
         return self.mode + ("" if self.quantize == "none" else f" + {self.quantize}")
@@ -196,7 +216,7 @@ def ways(
         del lay["cuda_context"]
         lay["chunk_activations"] = host
         host = 0
-    out.append(Way("layered", "none", lay, host, usable, host_budget))
+    out.append(Way("layered", "none", lay, host, usable, host_budget, p.layered_refusal()))
     return out
 
 
@@ -225,6 +245,12 @@ def choose(
     hint = f"ways that fit: {', '.join(fitting)} (teacher.mode, teacher.quantize)"
     if not fitting:
         hint = "nothing fits: a bigger GPU, or a smaller teacher.batch_tokens / chunk_tokens"
+    if way.unavailable:
+        need = f"~{resident.peak / GIB:.1f} GiB of {resident.budget / GIB:.1f} GiB usable"
+        raise DistillError(
+            f"teacher {t.model} ({p.params / 1e9:.2f}B params) cannot run layered on {where}: "
+            f"{way.unavailable} (resident needs {need}); {hint}"
+        )
     need = f"~{way.peak / GIB:.1f} GiB of {way.budget / GIB:.1f} GiB usable"
     if way.host:
         need += f", host ~{way.host / GIB:.1f} GiB"
@@ -314,6 +340,6 @@ def resolve_way(job: Job, model_dir: Any, device: str) -> str:
         return job.teacher.mode
     from transformers import AutoConfig
 
-    p = teacher_profile(AutoConfig.from_pretrained(model_dir))
+    p = teacher_profile(AutoConfig.from_pretrained(model_dir), model_dir)
     budget, host, cuda = device_budget(device)
     return choose(job, p, budget, host, cuda, where=f"this machine's {device}").mode
