@@ -102,7 +102,8 @@ def run_fanout(vms: int, work: Path, teacher: Path, bucket: str, shard_s: float)
 
 def scenario_estimate(vms: int) -> dict[str, Any]:
     """Issue #13's estimate: 1e9 tokens through a 7B teacher (Qwen2.5-7B's architecture, bf16)
-    on ``vms`` Spot L4 VMs, with cost.py's FLOPs, throughput, setup, preemption and prices."""
+    on ``vms`` Spot L4 VMs, through cost.py's own :func:`~distill.cloud.cost.pass_hours` and
+    prices."""
     from transformers import Qwen2Config
 
     from distill.cloud import cost
@@ -138,19 +139,17 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
         },
     )
     opts = cost.CostOptions(vms=vms)
-    peak = cost.L4_PEAK_FLOPS["bfloat16"] * cost.DEFAULT_MFU
-    compute_h = cost.total_flops(p, data) / peak / 3600
-    setup_h = opts.setup_minutes / 60 + p.params * 2 / cost.WEIGHTS_LOAD_BYTES_PER_S / 3600
-    tasks, busiest = cost.fanout_split(Job(), data, vms)  # samples_per_shard = 256
-    on_demand_h, spot_h, wall_h = cost.vm_hours(compute_h, setup_h, tasks, busiest, opts)
-    usd = cost.priced(cost.load_prices(None), opts, spot_h, on_demand_h, 0, 0)
+    job = Job()  # bf16, samples_per_shard = 256, teacher.mode = "auto"
+    sustained = cost.L4_PEAK_FLOPS[job.teacher.dtype] * cost.DEFAULT_MFU
+    h = cost.pass_hours(job, p, cost.plan_l4(job, p), data, sustained, opts)
+    usd = cost.priced(cost.load_prices(None), opts, h.spot, h.on_demand, 0, 0)
     return {
-        "vms": tasks,
+        "vms": h.tasks,
         "teacher_params": p.params,
-        "tokens_per_s_per_vm": tokens / (compute_h * 3600),
+        "tokens_per_s_per_vm": tokens / ((h.compute + h.overhead) * 3600),
         "shards": data.shards,
-        "wall_hours": wall_h,
-        "vm_hours_spot": spot_h,
+        "wall_hours": h.wall,
+        "vm_hours_spot": h.spot,
         "usd_vm_and_disk_spot": usd["vm_spot"] + usd["disk_spot"],
     }
 

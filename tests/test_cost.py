@@ -254,7 +254,9 @@ def test_teacher_too_big_for_an_l4_runs_layered(smol_tokenizer, tmp_path):
     assert 1.5e9 < layer < 2e9  # one 70B layer in bf16: ~1.7 GB
     assert e.to_dict()["mode"] == "layered" and e.layered is not None
     # this tiny dataset is one small chunk: weight streaming dominates, and the estimate says so
-    assert e.layered.chunk_tokens == e.data.tokens and e.layered.stream_share > 0.5
+    # (each split runs its own chunks: the largest is the train split's, whole)
+    train = sum(e.data.shard_tokens["train"])
+    assert e.layered.chunk_tokens == train < e.data.tokens and e.layered.stream_share > 0.5
     assert e.layered_overhead_hours > 0
     # at the default chunk (2^20 tokens) the model puts streaming under 10% of the time
     p = teacher_profile(__import__("transformers").AutoConfig.from_pretrained(big))
@@ -419,6 +421,57 @@ def test_layered_is_refused_outside_its_families_and_without_safetensors(smol_to
         cost.plan_l4(job, p)
     with pytest.raises(DistillError, match="not 'gpt_neox'.*resident needs ~"):
         estimate_cost(job)
+
+    bare = seventy_b(smol_tokenizer, tmp_path / "no-safetensors", safetensors=False)
+    with pytest.raises(DistillError, match="reads safetensors weights"):
+        estimate_cost(load_job(make_job(tmp_path, bare, mode="layered")))
+
+
+def test_layered_overhead_is_per_task_and_split(smol_tokenizer, tmp_path):
+    """Every chunk of every split of every task streams all the layers: with --vms N the
+    layered overhead grows with N (VM-hours), the busiest VM's share goes into the wall time,
+    and a preemption loses a whole chunk (a longer one costs more)."""
+    from distill.teacher.fit import throughput
+
+    big = seventy_b(smol_tokenizer, tmp_path / "big-teacher")
+    job = load_job(make_job(tmp_path, big, batch_tokens=2048))  # train: 3 shards, eval: 1
+    one, two, three = (estimate_cost(job, CostOptions(vms=n)) for n in (1, 2, 3))
+    assert one.way.mode == "layered" and (one.tasks, two.tasks, three.tasks) == (1, 2, 3)
+    shards = one.data.shard_tokens
+    assert [len(v) for v in shards.values()] == [3, 1]
+    assert sum(map(sum, shards.values())) == one.data.tokens
+    sustained = 121e12 * 0.35
+
+    def chunk_s(tokens: int) -> float:  # every split of a task is one chunk here (< 2^20)
+        tp = throughput(one.profile, "bfloat16", one.way, tokens, one.flops_per_token, sustained)
+        return tp.exposed_stream_s + tp.activation_io_s
+
+    for e, n in ((one, 1), (two, 2), (three, 3)):
+        per_task = [
+            sum(chunk_s(sum(v[i::n])) for v in shards.values() if v[i::n]) for i in range(n)
+        ]
+        assert e.layered_overhead_hours == pytest.approx(sum(per_task) / 3600)
+        assert e.layered_overhead_wall_hours == pytest.approx(max(per_task) / 3600)
+        assert e.compute_hours == pytest.approx(one.compute_hours)  # the work does not grow
+        assert e.on_demand_hours == pytest.approx(
+            e.compute_hours + e.layered_overhead_hours + n * e.setup_hours
+        )
+    # 2, 3 then 4 chunks, each streaming ~140 GB: the overhead grows with N
+    assert one.layered_overhead_hours < two.layered_overhead_hours < three.layered_overhead_hours
+    assert three.layered_overhead_hours > 1.9 * one.layered_overhead_hours
+    assert three.wall_hours < one.wall_hours  # yet the wall time shrinks
+
+    # preemption: a layered preemption loses the chunk in flight, scaled from the 15%
+    assert one.preemption > 0.15
+    assert one.spot_hours == pytest.approx(one.on_demand_hours * (1 + one.preemption))
+    rows = dict(one.assumptions())
+    assert "loses the chunk in flight" in rows["preemption overhead (spot)"]
+    assert "teacher.chunk_tokens" in rows["preemption overhead (spot)"]
+    # a chunk of 1/3 the tokens: more chunks (more streaming), less lost per preemption
+    small = estimate_cost(load_job(make_job(tmp_path, big, batch_tokens=2048, chunk_tokens=1500)))
+    assert small.layered.chunk_tokens <= 1500 < one.layered.chunk_tokens
+    assert small.layered_overhead_hours > one.layered_overhead_hours
+    assert small.preemption < one.preemption
 
 
 def test_cli_vms_and_the_batch_jobs_default(tiny_teacher_dir, tmp_path):

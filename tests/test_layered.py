@@ -185,6 +185,27 @@ def test_layered_run_resumes_exactly_after_a_kill_mid_chunk(
     assert_same_targets(a, b)
 
 
+def test_layered_fanout_tasks_equal_a_resident_single_run(tiny_teacher_dir, tmp_path):
+    """A layered teacher run as 3 fan-out tasks (each its own shards s % 3 == i, in its own
+    chunks), then finish_split: the same shard bytes as one resident run."""
+    from distill.store.storage import open_store
+    from distill.teacher.run import Part, finish_split, run_teacher
+
+    resident = run_teacher(layered_job(tmp_path, tiny_teacher_dir, tmp_path / "r", "resident"))
+    job = layered_job(tmp_path, tiny_teacher_dir, tmp_path / "f", "layered")
+    store = open_store(str(tmp_path / "f" / "train"))
+    for i in range(3):
+        assert finish_split(store, 1.0) is None  # shards missing: no manifest yet
+        assert run_teacher(job, Part(i, 3)) == {"train": None}
+    mine = sorted(p.name for p in (tmp_path / "f" / "train").glob("shard-*.tar"))
+    want = resident["train"].shards
+    assert len(want) == 8 and len(mine) == 8  # 40 samples, 5 per shard, chunks of 600 tokens
+    fanout = finish_split(store, 1.0)
+    assert fanout is not None and fanout.teacher_seconds == 1.0
+    assert [(s.name, s.sha256) for s in fanout.shards] == [(s.name, s.sha256) for s in want]
+    assert fanout.job_fingerprint == resident["train"].job_fingerprint
+
+
 def test_mode_and_quantize_fields_are_checked():
     from distill.config import job_from_dict
 

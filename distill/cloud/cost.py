@@ -8,14 +8,17 @@ batches) or a stated assumption that a flag or a file overrides. The table print
   + target tokens x 2 x hidden x vocab (the LM head runs only at target positions);
 - time: FLOPs / (L4 peak x MFU); the MFU is assumed (0.35) or calibrated from a benchmark
   measured on an L4; plus VM boot/setup minutes and the weights' load; spot hours carry a
-  preemption overhead (lost work since the last shard + re-setup);
+  preemption overhead (lost work since the last shard + re-setup; layered: since the start of
+  the chunk in flight, so the overhead is scaled by the chunk's time);
 - money: VM hours x a dated price table (spot and on-demand), the boot disk, shard storage
   in GB-months at the GCS Standard price, and internet egress for the student's download.
 
 The way the teacher runs on the L4 comes from distill/teacher/fit.py: resident when it fits,
-else (``teacher.mode = "auto"`` or ``"layered"``) layered, one decoder layer at a time, whose
-time adds the exposed weight streaming and the activations' host I/O to the compute. A job
-that fits no way it allows is refused with the estimate in the message.
+else (``teacher.mode = "auto"`` or ``"layered"``) layered, one decoder layer at a time. Every
+chunk of every split of every task streams all the layers' weights, so a layered run's VM-hours
+add each task's exposed weight streaming and activations' host I/O to the compute, and its
+wall time the busiest task's. A job that fits no way it allows is refused with the estimate in
+the message.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ L4_MEMORY_BYTES = 23_034 * 2**20  # "24 GB" card: what nvidia-smi reports as tot
 DEFAULT_MFU = 0.35
 DEFAULT_PREEMPTION_OVERHEAD = 0.15
 DEFAULT_SETUP_MINUTES = 10.0  # boot, driver check, image pull, container start
-WEIGHTS_LOAD_BYTES_PER_S = 200e6  # teacher weights read into the GPU at 200 MB/s
 HOURS_PER_MONTH = 730.0  # Google's billing month
 
 
@@ -144,11 +146,6 @@ def plan_l4(job: Job, p: TeacherProfile) -> Way:
     return choose(job, p, L4_MEMORY_BYTES, L4_VM_RAM_BYTES - HOST_MARGIN_BYTES, where="one L4")
 
 
-def check_fits_l4(job: Job, p: TeacherProfile) -> dict[str, int]:
-    """The device memory estimate of the way the teacher runs on an L4 (refused if none fits)."""
-    return plan_l4(job, p).device
-
-
 # --- The dataset, as the teacher will batch it -------------------------------------------------
 
 
@@ -161,6 +158,7 @@ class DataCounts:
     padded_tokens: int = 0  # what the forward passes process (token-budget batches)
     attention_token_ctx: int = 0  # sum over padded tokens of their batch's length
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)
+    shard_tokens: dict[str, list[int]] = field(default_factory=dict)  # real tokens per shard
 
 
 def count_data(job: Job, tokenizer: Any) -> DataCounts:
@@ -173,8 +171,10 @@ def count_data(job: Job, tokenizer: Any) -> DataCounts:
         samples, st = tokenize_split(job, path, tokenizer)
         per = job.teacher.samples_per_shard
         padded = ctx = 0
+        c.shard_tokens[split] = []
         for lo in range(0, len(samples), per):
             lengths = [len(s.input_ids) for s in samples[lo : lo + per]]
+            c.shard_tokens[split].append(sum(lengths))
             for batch in token_budget_batches(lengths, job.teacher.batch_tokens):
                 longest = lengths[batch[0]]
                 padded += len(batch) * longest
@@ -383,13 +383,15 @@ class CostEstimate:
     profile: TeacherProfile
     memory: dict[str, int]
     way: Way  # resident / quantised / layered (distill/teacher/fit.py)
-    layered: Throughput | None  # the layered pass's time model per chunk (None: resident)
-    layered_overhead_hours: float  # exposed weight streaming + activation I/O
+    layered: Throughput | None  # the layered pass's time model, largest chunk (None: resident)
+    layered_overhead_hours: float  # exposed weight streaming + activation I/O, all VMs
+    layered_overhead_wall_hours: float  # the same, of the VM with the most
+    preemption: float  # the spot overhead as a fraction (layered: scaled by the chunk's time)
     flops: float
     mfu: float
     calibration: Calibration | None
     tokens_per_s: float
-    compute_hours: float
+    compute_hours: float  # the FLOPs at the sustained rate (layered overhead not included)
     setup_hours: float
     on_demand_hours: float  # VM-hours, all VMs together
     spot_hours: float
@@ -408,6 +410,19 @@ class CostEstimate:
     @property
     def flops_per_token(self) -> float:
         return self.flops / max(self.data.tokens, 1)
+
+    def _preemption_basis(self) -> str:
+        base = (
+            f"{self.opts.preemption_overhead:.0%} of hours (work since the last shard + re-setup)"
+        )
+        if self.layered is None:
+            return base
+        return (
+            f"{self.preemption:.0%}: layered, a preemption loses the chunk in flight "
+            f"(up to {_hours(self.layered.seconds / 3600)} h), not a shard, so {base} is scaled "
+            "by (setup + chunk / 2) / (setup + shard / 2); on Spot a smaller "
+            "teacher.chunk_tokens loses less (and streams the weights more often)"
+        )
 
     def assumptions(self) -> list[tuple[str, str]]:
         """(assumption, value and source) rows, every one stated."""
@@ -434,25 +449,23 @@ class CostEstimate:
             ),
             (
                 "setup",
-                f"{o.setup_minutes:g} min boot/driver/image pull + weights at "
-                f"{WEIGHTS_LOAD_BYTES_PER_S / 1e6:.0f} MB/s",
+                f"{o.setup_minutes:g} min boot/driver/image pull + the {self.dtype} checkpoint "
+                f"read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s",
             ),
             (
                 "VMs",
                 f"{self.tasks} (--vms {o.vms}): VM i computes the shards s % {self.tasks} == i, "
                 "each VM pays its own setup; wall time is the busiest VM's",
             ),
-            (
-                "preemption overhead (spot)",
-                f"{o.preemption_overhead:.0%} of hours (work since the last shard + re-setup)",
-            ),
+            ("preemption overhead (spot)", self._preemption_basis()),
             *(
                 [
                     (
                         "layered pass",
                         f"weights read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s once per "
                         "chunk, prefetched under the previous layer's compute; activations cross "
-                        f"the host link at {HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s twice per layer",
+                        f"the host link at {HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s twice per layer; "
+                        "each VM's chunks are its own shards of each split, chunk_tokens at most",
                     )
                 ]
                 if self.layered
@@ -507,6 +520,7 @@ class CostEstimate:
                 **dataclasses.asdict(self.layered),
                 "stream_share": self.layered.stream_share,
                 "overhead_hours": self.layered_overhead_hours,
+                "overhead_wall_hours": self.layered_overhead_wall_hours,
             },
             "memory_usable_bytes": l4_usable_bytes(),
             "flops": self.flops,
@@ -516,12 +530,14 @@ class CostEstimate:
             "tokens_per_s": self.tokens_per_s,
             "hours": {
                 "compute": self.compute_hours,
+                "layered_overhead": self.layered_overhead_hours,
                 "setup": self.setup_hours,
                 "on_demand": self.on_demand_hours,
                 "spot": self.spot_hours,
                 "wall": self.wall_hours,
             },
             "vms": self.tasks,
+            "preemption_overhead": self.preemption,
             "shard_bytes": self.shard_bytes,
             "storage_gb_months": self.storage_gb_months,
             "egress_gb": self.egress_gb,
@@ -586,26 +602,124 @@ def fanout_split(job: Job, data: DataCounts, vms: int) -> tuple[int, float]:
     per = job.teacher.samples_per_shard
     shards = {s: -(-c["samples"] // per) for s, c in data.per_split.items()}
     tasks = max(1, min(vms, max(shards.values(), default=1)))
-    total = max(sum(c.get("padded_tokens", c["tokens"]) for c in data.per_split.values()), 1)
+    total = max(sum(c["padded_tokens"] for c in data.per_split.values()), 1)
     busiest = sum(
-        c.get("padded_tokens", c["tokens"]) * -(-shards[s] // tasks) / max(shards[s], 1)
+        c["padded_tokens"] * -(-shards[s] // tasks) / max(shards[s], 1)
         for s, c in data.per_split.items()
     )
     return tasks, min(busiest / total, 1.0) if data.per_split else 1.0
 
 
 def vm_hours(
-    compute_h: float, setup_h: float, tasks: int, busiest: float, opts: CostOptions
+    compute_h: float,
+    setup_h: float,
+    tasks: int,
+    busiest: float,
+    preemption: float,
+    overhead_h: float = 0.0,
+    overhead_busiest_h: float = 0.0,
 ) -> tuple[float, float, float]:
     """(on-demand VM-hours, spot VM-hours, spot wall hours) of ``tasks`` VMs that each pay the
-    setup and split ``compute_h``, the busiest doing the fraction ``busiest`` of it."""
-    on_demand_h = compute_h + tasks * setup_h
-    spot = 1 + opts.preemption_overhead
-    return on_demand_h, on_demand_h * spot, (setup_h + compute_h * busiest) * spot
+    setup and split ``compute_h``, the busiest doing the fraction ``busiest`` of it; a layered
+    run adds ``overhead_h`` (all VMs) and, to the wall time, ``overhead_busiest_h`` (the VM
+    with the most). Spot hours carry the ``preemption`` fraction."""
+    on_demand_h = compute_h + overhead_h + tasks * setup_h
+    spot = 1 + preemption
+    wall = setup_h + compute_h * busiest + overhead_busiest_h
+    return on_demand_h, on_demand_h * spot, wall * spot
+
+
+@dataclass(frozen=True)
+class PassHours:
+    """The hours of one teacher pass on ``tasks`` L4 VMs (:func:`pass_hours`)."""
+
+    flops: float
+    compute: float  # the FLOPs at the sustained rate, all VMs together
+    setup: float  # per VM: boot, driver, image and the checkpoint's read
+    layered: Throughput | None  # the largest chunk's time model (None: resident)
+    overhead: float  # layered: exposed weight streaming + activation I/O, all VMs
+    overhead_busiest: float  # the same, of the VM with the most
+    preemption: float  # spot overhead fraction
+    tasks: int
+    on_demand: float
+    spot: float
+    wall: float
+
+
+def pass_hours(
+    job: Job, p: TeacherProfile, way: Way, data: DataCounts, sustained: float, opts: CostOptions
+) -> PassHours:
+    """Compute, setup, layered overhead, preemption, VM-hours and wall time of ``job``'s
+    teacher pass run ``way`` on ``opts.vms`` VMs at ``sustained`` FLOP/s each."""
+    flops = total_flops(p, data)
+    compute_h = flops / sustained / 3600
+    # every VM reads the whole checkpoint in the job's dtype (also when it quantises it)
+    weights = p.params * DTYPE_BYTES[job.teacher.dtype]
+    setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_STREAM_BYTES_PER_S / 3600
+    tasks, busiest = fanout_split(job, data, opts.vms)
+    tp, per_task = layered_overhead(job, p, way, data, tasks, flops, sustained)
+    preemption = opts.preemption_overhead
+    shard_h = compute_h / max(data.shards, 1)
+    if tp is not None and setup_h + shard_h > 0:  # a preemption loses the chunk in flight
+        preemption *= (setup_h + tp.seconds / 3600 / 2) / (setup_h + shard_h / 2)
+    overhead_h, overhead_busiest_h = sum(per_task) / 3600, max(per_task) / 3600
+    on_demand, spot, wall = vm_hours(
+        compute_h, setup_h, tasks, busiest, preemption, overhead_h, overhead_busiest_h
+    )
+    return PassHours(
+        flops=flops,
+        compute=compute_h,
+        setup=setup_h,
+        layered=tp,
+        overhead=overhead_h,
+        overhead_busiest=overhead_busiest_h,
+        preemption=preemption,
+        tasks=tasks,
+        on_demand=on_demand,
+        spot=spot,
+        wall=wall,
+    )
+
+
+def layered_overhead(
+    job: Job,
+    p: TeacherProfile,
+    way: Way,
+    data: DataCounts,
+    tasks: int,
+    flops: float,
+    sustained: float,
+) -> tuple[Throughput | None, list[float]]:
+    """The layered pass's seconds beyond the compute, per task: task i runs the shards
+    s % tasks == i of each split in chunks of at most ``teacher.chunk_tokens`` (as
+    :func:`distill.teacher.run._targets_by_shard` groups them), and each chunk streams every
+    layer's weights (exposed where prefetch cannot hide it) and moves its activations over the
+    host link twice per layer. Also the time model of the largest chunk (None: resident)."""
+    from distill.teacher.layered import chunk_groups
+
+    per_task = [0.0] * tasks
+    if way.mode != "layered" or data.tokens == 0:
+        return None, per_task
+    t = job.teacher
+    fpt = flops / data.tokens
+
+    def model(tokens: int) -> Throughput:
+        return throughput(p, t.dtype, way, tokens, fpt, sustained)
+
+    largest = 0
+    for sizes in data.shard_tokens.values():
+        for i in range(tasks):
+            mine = sizes[i::tasks]
+            for group in chunk_groups(mine, t.chunk_tokens):
+                chunk = sum(mine[g] for g in group)
+                tp = model(chunk)
+                per_task[i] += tp.exposed_stream_s + tp.activation_io_s
+                largest = max(largest, chunk)
+    return model(largest), per_task
 
 
 def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
-    """Count, size and price one teacher pass of ``job`` on an L4 spot VM."""
+    """Count, size and price one teacher pass of ``job`` on an L4 spot VM (or ``opts.vms``)."""
     from transformers import AutoConfig
 
     from distill import models
@@ -620,47 +734,41 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
     profile = teacher_profile(config, teacher_dir)
     way = plan_l4(job, profile)  # refuse before the (slow) tokenisation
-    memory = way.device
     data = count_data(job, models.load_tokenizer(teacher_dir))
-    flops = total_flops(profile, data)
     calibration = (
         load_calibration(opts.calibration, job, profile, data) if opts.calibration else None
     )
     mfu = calibration.mfu if calibration else (opts.mfu or DEFAULT_MFU)
-    sustained = L4_PEAK_FLOPS[job.teacher.dtype] * mfu
-    compute_h = flops / sustained / 3600
-    layered, overhead_h = _layered_time(job, profile, way, data, flops, sustained)
-    compute_h += overhead_h
-    weights = memory.get("weights", profile.params * DTYPE_BYTES[job.teacher.dtype])
-    setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_LOAD_BYTES_PER_S / 3600
-    tasks, busiest = fanout_split(job, data, opts.vms)
-    on_demand_h, spot_h, wall_h = vm_hours(compute_h, setup_h, tasks, busiest, opts)
+    h = pass_hours(job, profile, way, data, L4_PEAK_FLOPS[job.teacher.dtype] * mfu, opts)
+    busy_h = h.compute + h.overhead
 
     shard_bytes, basis = shard_bytes_estimate(job, data, profile.vocab, opts)
     gb = shard_bytes / GIB
     storage_gb_months = gb * opts.storage_months
     egress_gb = gb * opts.downloads
-    usd = priced(prices, opts, spot_h, on_demand_h, storage_gb_months, egress_gb)
+    usd = priced(prices, opts, h.spot, h.on_demand, storage_gb_months, egress_gb)
     return CostEstimate(
         job=job.name,
         teacher=job.teacher.model,
         dtype=job.teacher.dtype,
         data=data,
         profile=profile,
-        memory=memory,
+        memory=way.device,
         way=way,
-        layered=layered,
-        layered_overhead_hours=overhead_h,
-        flops=flops,
+        layered=h.layered,
+        layered_overhead_hours=h.overhead,
+        layered_overhead_wall_hours=h.overhead_busiest,
+        preemption=h.preemption,
+        flops=h.flops,
         mfu=mfu,
         calibration=calibration,
-        tokens_per_s=data.tokens / (compute_h * 3600) if compute_h > 0 else 0.0,
-        compute_hours=compute_h,
-        setup_hours=setup_h,
-        on_demand_hours=on_demand_h,
-        spot_hours=spot_h,
-        tasks=tasks,
-        wall_hours=wall_h,
+        tokens_per_s=data.tokens / (busy_h * 3600) if busy_h > 0 else 0.0,
+        compute_hours=h.compute,
+        setup_hours=h.setup,
+        on_demand_hours=h.on_demand,
+        spot_hours=h.spot,
+        tasks=h.tasks,
+        wall_hours=h.wall,
         shard_bytes=shard_bytes,
         bytes_basis=basis,
         storage_gb_months=storage_gb_months,
@@ -670,21 +778,6 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         usd=usd,
         mode_setting=job.teacher.mode,
     )
-
-
-def _layered_time(
-    job: Job, p: TeacherProfile, way: Way, data: DataCounts, flops: float, sustained: float
-) -> tuple[Throughput | None, float]:
-    """The layered pass's time model for one chunk, and its hours beyond the compute: each
-    chunk streams every layer's weights once (exposed where prefetch cannot hide it), and
-    every token's activations cross the host link twice per layer."""
-    if way.mode != "layered" or data.tokens == 0:
-        return None, 0.0
-    chunk = min(job.teacher.chunk_tokens, data.tokens)
-    tp = throughput(p, job.teacher.dtype, way, chunk, flops / data.tokens, sustained)
-    chunks = math.ceil(data.tokens / job.teacher.chunk_tokens)
-    io = tp.activation_io_s * data.tokens / chunk
-    return tp, (chunks * tp.exposed_stream_s + io) / 3600
 
 
 def _usd(x: float) -> str:
@@ -708,7 +801,12 @@ def _layered_rows(e: CostEstimate) -> list[tuple[str, str, str]]:
             f"{tp.exposed_stream_s:,.0f} s not hidden by prefetch "
             f"(compute {tp.compute_s:,.0f} s, activation I/O {tp.activation_io_s:,.0f} s)",
         ),
-        ("layered overhead hours", _hours(e.layered_overhead_hours), "included in compute"),
+        (
+            "layered overhead hours",
+            _hours(e.layered_overhead_hours),
+            f"every chunk of each VM's shards; in VM-hours (all {e.tasks} VMs), the busiest "
+            f"VM's {_hours(e.layered_overhead_wall_hours)} h in the wall time",
+        ),
     ]
 
 
@@ -752,11 +850,12 @@ def render_table(e: CostEstimate) -> Any:
             _hours(e.on_demand_hours),
             f"VM-hours of all {e.tasks} VMs" if e.tasks > 1 else "",
         ),
-        ("hours spot", _hours(e.spot_hours), f"+{e.opts.preemption_overhead:.0%} preemption"),
+        ("hours spot", _hours(e.spot_hours), f"+{e.preemption:.0%} preemption"),
         (
             "wall time (spot)",
             _hours(e.wall_hours),
-            f"{e.tasks} VM(s) at once: the busiest VM's setup + shards + preemption",
+            f"{e.tasks} VM(s) at once: the busiest VM's setup + shards (+ layered overhead) "
+            "+ preemption",
         ),
         (
             "$ VM spot",
