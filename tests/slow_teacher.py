@@ -1,8 +1,9 @@
 """A teacher entrypoint for the cloud tests: ``distill-ctl`` with each shard's forward pass
 held for ``SLOW_TEACHER_S`` seconds, so a test can preempt or kill it mid-run reliably.
 
-The teacher code itself is unchanged (the delay wraps ``compute_targets``); the guest runs it
-as ``DISTILL_ENTRYPOINT="python tests/slow_teacher.py teacher"``. ``FAIL_TASK_INDEX=i``: the
+The teacher code itself is unchanged (the delay wraps ``_targets_by_shard``, which both the
+resident and the layered teacher go through); the guest runs it as
+``DISTILL_ENTRYPOINT="python tests/slow_teacher.py teacher"``. ``FAIL_TASK_INDEX=i``: the
 fan-out's Batch task i fails (exit 1, as a CUDA error would) before its first shard.
 """
 
@@ -16,17 +17,17 @@ from distill import cli
 from distill.teacher import run as teacher_mod
 
 DELAY = float(os.environ.get("SLOW_TEACHER_S", "0"))
-_real = teacher_mod.compute_targets
+_real = teacher_mod._targets_by_shard
 
 
-def _slow(*args, **kwargs):
-    out = _real(*args, **kwargs)
-    time.sleep(DELAY)  # the shard's targets exist but are not uploaded yet: "in flight"
-    kwargs.get("on_batch", args[5] if len(args) > 5 else None)(0)  # a stop check after it
-    return out
+def _slow(job, model, chunks, todo, on_batch):
+    for idx, targets in _real(job, model, chunks, todo, on_batch):
+        time.sleep(DELAY)  # the shard's targets exist but are not uploaded yet: "in flight"
+        on_batch(0)  # a stop check after it
+        yield idx, targets
 
 
-teacher_mod.compute_targets = _slow
+teacher_mod._targets_by_shard = _slow
 
 if __name__ == "__main__":
     if os.environ.get("BATCH_TASK_INDEX", "") == os.environ.get("FAIL_TASK_INDEX", "-"):

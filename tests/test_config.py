@@ -165,7 +165,7 @@ def test_fanout_fields(tmp_path):
     for text, needle in (
         ("[cloud]\nvms = 4\n", 'cloud.vms = 4 needs cloud.engine = "batch" (or pass --vms N)'),
         ('[cloud]\nengine = "gke"\n', "cloud.engine = 'gke' is not one of: vm, batch"),
-        ('[cloud]\nengine = "batch"\nvms = 0\n', "cloud.vms"),
+        ('[cloud]\nengine = "batch"\nvms = 0\n', "cloud.vms must be in [1, 1000], got 0"),
     ):
         with pytest.raises(DistillError) as e:
             load_job(write(tmp_path, text))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -30,9 +32,11 @@ from distill.cloud.backend import CloudError, QuotaExceeded, Stockout
 from distill.cloud.controller import CloudOptions, TeacherFailed, teacher_cloud
 from distill.cloud.fanout import FanoutController
 from distill.config import load_job
+from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.store.storage import open_store
-from distill.teacher.run import run_teacher
+from distill.teacher import run as teacher_run
+from distill.teacher.run import Part, run_teacher, split_fingerprints
 
 VMS = 3
 TRAIN_SHARDS = 12  # 48 samples, 4 a shard: task i gets shards i, i+3, i+6, i+9
@@ -122,6 +126,15 @@ def single_vm(tiny_teacher_dir, gcs_server, tmp_path_factory) -> dict[str, Manif
     return {k: v for k, v in run_teacher(load_job(job)).items() if v is not None}
 
 
+def local_fingerprints(j) -> dict[str, str]:
+    """Each split's job fingerprint as a run of ``j`` on this machine computes it."""
+    from distill import models
+
+    teacher_dir = models.resolve_model(j.teacher.model)
+    tok_fp = models.tokenizer_fingerprint(models.load_tokenizer(teacher_dir))
+    return split_fingerprints(j, teacher_dir, tok_fp)
+
+
 def assert_same_as_single(job: Path, ref: dict[str, Manifest]) -> None:
     """Each split: the manifest lists the same shards (names, stats, sha256) as the single run,
     the stored bytes hash to those sha256, and the rest of the manifest matches but its time
@@ -145,28 +158,53 @@ def assert_same_as_single(job: Path, ref: dict[str, Manifest]) -> None:
 
 
 def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(
-    fan_job, single_vm, tmp_path
+    fan_job, single_vm, tmp_path, monkeypatch
 ):
-    """Two parts, each computing its shards (s % 2 == i), then finish_split: the same shards,
-    bytes and manifest as one run; no part writes the manifest; a bad part is refused."""
-    from distill.errors import DistillError
-    from distill.teacher.run import Part, finish_split
+    """Two parts, each computing (and keeping) only its shards (s % 2 == i), then
+    finish_split: the same shards, bytes and manifest as one run; no part writes the manifest;
+    another job's fingerprint is refused; a bad part is refused."""
+    from distill.teacher.run import finish_split
 
     j = load_job(fan_job)
+    fps = local_fingerprints(j)
     train = open_store(f"{j.output}/train")
+    computed: dict[str, list[int]] = {}  # split -> samples held per shard, as computed
+    real = teacher_run._compute_shards
+
+    def spy(job, split, model, chunks, *rest):
+        computed[split] = [len(c) for c in chunks]
+        return real(job, split, model, chunks, *rest)
+
+    monkeypatch.setattr(teacher_run, "_compute_shards", spy)
     assert run_teacher(j, Part(1, 2)) == {"train": None, "eval": None}
+    # the task keeps only its own shards' samples (the others' are dropped after tokenising)
+    assert computed["train"] == [0, 4] * (TRAIN_SHARDS // 2)
     names = set(train.list())
-    assert MANIFEST not in names and finish_split(train, 1.0) is None  # half the shards
+    assert MANIFEST not in names and finish_split(train, fps["train"]) is None  # half
     assert {n for n in names if n.endswith(".tar")} == {
         f"shard-{i:06d}.tar" for i in range(1, TRAIN_SHARDS, 2)
     }
     run_teacher(j, Part(0, 2))
+    assert computed["train"] == [4, 0] * (TRAIN_SHARDS // 2)
+    # every shard is there, but not this job's: refused, no manifest
+    other = "0" * 64
+    with pytest.raises(DistillError, match="partial shard set from a different job or dataset"):
+        finish_split(train, other)
+    assert not train.exists(MANIFEST)
     made = {
-        split: finish_split(open_store(f"{j.output}/{split}"), 1.0) for split in ("train", "eval")
+        split: finish_split(open_store(f"{j.output}/{split}"), fps[split])
+        for split in ("train", "eval")
     }
     for split, m in made.items():
         assert m is not None and m.shards == single_vm[split].shards, split
-        assert open_store(f"{j.output}/{split}").exists(MANIFEST)
+        store = open_store(f"{j.output}/{split}")
+        assert store.exists(MANIFEST)
+        # teacher_seconds: the two tasks' compute time, as each recorded it
+        times = [json.loads(store.read_bytes(n)) for n in store.list("task-seconds/")]
+        assert sorted(t["task"] for t in times) == [0, 1]
+        assert m.teacher_seconds == sum(t["seconds"] for t in times) > 0
+    with pytest.raises(DistillError, match="complete shard set from a different job or dataset"):
+        finish_split(train, other)
     with pytest.raises(DistillError, match="task 2 of 2: the index must be in"):
         Part(2, 2)
 
@@ -213,9 +251,13 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
     assert policy["policy"]["provisioningModel"] == "SPOT" and policy["installGpuDrivers"]
     assert policy["policy"]["machineType"] == "g2-standard-8"
     assert policy["policy"]["accelerators"][0]["type"] == "nvidia-l4"
+    assert policy["policy"]["bootDisk"]["sizeGb"] == "100"  # a tiny teacher: the least
     group = body["taskGroups"][0]
     assert group["taskCount"] == group["parallelism"] == str(VMS)
     spec = group["taskSpec"]
+    # teacher.mode = "auto" is pinned to the estimated way in the tasks' job
+    vm_job = tomllib.loads(spec["runnables"][0]["environment"]["variables"]["DISTILL_JOB_TOML"])
+    assert vm_job["teacher"]["mode"] == "resident" and vm_job["teacher"]["model"] == "model"
     assert spec["maxRetryCount"] == 10 and int(spec["maxRunDuration"].rstrip("s")) >= 3600
     assert spec["lifecyclePolicies"][0] == {
         "action": "RETRY_TASK",
@@ -366,6 +408,91 @@ def test_quota_zero_is_refused(compute, batch, fan_job, tmp_path):
         fanout(fan_job, compute, batch, tmp_path).execute()
     assert len(batch.created) == 1 and nothing_left(batch)
     assert not open_store(f"{load_job(fan_job).output}/train").exists(MANIFEST)
+
+
+def test_more_vms_than_shards_needs_quota_for_the_tasks_only(compute, batch, fan_job, tmp_path):
+    """--vms 20 on a job of 12 shards at most runs 12 tasks: the quota check asks for 12 L4s
+    (12 in quota passes, 11 is refused), and the tasks and VMs are counted as 12."""
+    compute.gpu_quota = 12  # GPUS_ALL_REGIONS
+    compute.region_quotas["us-central1"] = {
+        "NVIDIA_L4_GPUS": 12.0,
+        "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
+    }
+    ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20")
+    ctl.preflight()
+    assert ctl.tasks == TRAIN_SHARDS and ctl.gpus_needed() == TRAIN_SHARDS
+    compute.region_quotas["us-central1"]["NVIDIA_L4_GPUS"] = 11.0
+    with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS"):
+        fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").preflight()
+    assert not batch.created
+
+
+def test_a_big_teacher_gets_a_disk_that_holds_it(compute, batch, fan_job, tmp_path, monkeypatch):
+    """The boot disk (Batch's and the single VM's) is sized from the teacher directory's bytes
+    and the inputs, and the estimate prices that disk."""
+    from distill.cloud import controller
+    from distill.cloud import fanout as fanout_mod
+    from distill.cloud.spec import BOOT_DISK_GB, boot_disk_gb
+
+    def unstaged(job, console):  # the sparse 150 GiB file is not uploaded
+        return job.to_dict(), ()
+
+    for mod in (controller, fanout_mod):
+        monkeypatch.setattr(mod, "stage_inputs", unstaged)
+
+    j = load_job(fan_job)
+    big = tmp_path / "big-teacher"
+    big.mkdir()
+    for f in Path(j.teacher.model).iterdir():
+        (big / f.name).symlink_to(f)
+    with open(big / "model-00002.safetensors", "wb") as f:  # 150 GiB, sparse
+        f.truncate(150 * 2**30)
+    sets = [f'teacher.model="{big}"']
+    ctl = fanout(fan_job, compute, batch, tmp_path, *sets)
+    ctl.preflight()
+    data = sum(Path(p).stat().st_size for p in (j.data.train, j.data.eval))
+    teacher = sum(p.stat().st_size for p in big.iterdir())
+    want = boot_disk_gb(teacher, data)
+    assert want > 150 + 16 > BOOT_DISK_GB and ctl.estimate.opts.boot_disk_gb == want
+    assert ctl.estimate.usd["disk_spot"] > 0
+    body = ctl.make_batch_spec().body()
+    assert body["allocationPolicy"]["instances"][0]["policy"]["bootDisk"] == {"sizeGb": str(want)}
+    single = controller.Controller(
+        load_job(fan_job, sets), options(compute, batch, tmp_path), Console(stderr=True)
+    )
+    single.preflight()
+    assert single.make_spec().boot_disk_gb == want
+
+
+def test_a_rerun_refuses_another_jobs_finished_shards(
+    compute, batch, tiny_teacher_dir, gcs_bucket, single_vm, tmp_path, monkeypatch
+):
+    """The controller died after every task wrote its shards (no manifest yet); the user edits
+    the dataset and reruns with the same output: the shards are another job's, so the rerun is
+    refused instead of finishing them; with the dataset as it was, it writes the manifests and
+    creates no Batch job."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").symlink_to(tiny_teacher_dir)  # named as the VMs name the staged copy
+    job = make_job(
+        tmp_path, Path("model"), f"{gcs_bucket}/run", n_train=48, teacher__samples_per_shard="4"
+    )
+    j = load_job(job)
+    for i in range(VMS):  # the tasks, as the VMs ran them
+        run_teacher(j, Part(i, VMS))
+    train = Path(j.data.train)
+    original = train.read_text()
+    train.write_text(original + original.splitlines()[0] + "\n")
+    with pytest.raises(DistillError, match="partial shard set from a different job or dataset"):
+        fanout(job, compute, batch, tmp_path).execute()
+    assert not batch.created and not open_store(f"{j.output}/train").exists(MANIFEST)
+    train.write_text(original)
+    assert fanout(job, compute, batch, tmp_path).execute() is None
+    assert not batch.created
+    assert_same_as_single(job, single_vm)
+    # the edited dataset, now against the complete set: refused too
+    train.write_text(original + original.splitlines()[0] + "\n")
+    with pytest.raises(DistillError, match="complete shard set from a different job or dataset"):
+        fanout(job, compute, batch, tmp_path).execute()
 
 
 def cli_fanout(job: Path, compute, batch, tmp_path: Path) -> tuple[subprocess.Popen, dict]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from distill.cloud.spec import VmSpec, instance_name, label_value
+from distill.cloud.spec import BOOT_DISK_GB, VmSpec, boot_disk_gb, instance_name, label_value
 from distill.cloud.startup import STARTUP_SCRIPT
 from distill.errors import DistillError
 
@@ -445,6 +445,23 @@ def test_the_teacher_image_cuda_matches_the_driver_the_vm_demands():
     assert torch_index and torch_index.group(1) == TEACHER_CUDA.replace(".", "")
     assert MIN_DRIVER[TEACHER_CUDA] == 570
     assert f"CUDA {TEACHER_CUDA} needs NVIDIA driver {MIN_DRIVER[TEACHER_CUDA]}" in text
+
+
+def test_the_boot_disk_holds_the_staged_checkpoint_and_inputs(tmp_path):
+    """Never below today's 100 GB; a 70B bf16 checkpoint (140 GB) gets a disk with room for it,
+    the inputs, the OS and image (16 GB) and 10 GB at least to spare; the VM is created with
+    that disk."""
+    gib = 2**30
+    assert boot_disk_gb(0, 0) == boot_disk_gb(40 * gib, gib) == BOOT_DISK_GB
+    ckpt, inputs = 140 * 10**9, 5 * gib
+    disk = boot_disk_gb(ckpt, inputs)
+    assert disk * gib >= ckpt + inputs + 26 * gib and disk < 200
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    spec = VmSpec.for_job(
+        job, project="p", image=IMAGE, service_account_email=SA, boot_disk_gb=disk
+    )
+    assert f"--boot-disk-size={disk}GB" in spec.gcloud(tmp_path / "files").argv
 
 
 def test_spec_validation(tmp_path):

@@ -67,6 +67,7 @@ class BatchSpec:
     spot: bool = True
     network: str = "distill"
     subnetwork: str = ""
+    boot_disk_gb: int = BOOT_DISK_GB  # :func:`distill.cloud.spec.boot_disk_gb`
 
     @property
     def region(self) -> str:
@@ -133,7 +134,7 @@ class BatchSpec:
                             "accelerators": [
                                 {"type": ACCELERATOR_TYPE, "count": str(ACCELERATOR_COUNT)}
                             ],
-                            "bootDisk": {"sizeGb": str(BOOT_DISK_GB)},
+                            "bootDisk": {"sizeGb": str(self.boot_disk_gb)},
                         },
                         "installGpuDrivers": True,
                     }
@@ -226,7 +227,6 @@ class BatchApi:
     def get(self, name: str) -> JobState | None:
         """The job's state, or None once it is gone."""
         from google.api_core import exceptions as gex
-        from google.cloud import batch_v1
 
         try:
             with self._errors():
@@ -235,14 +235,7 @@ class BatchApi:
             if isinstance(e.__cause__, gex.NotFound):
                 return None
             raise
-        return JobState(
-            name=job.name,
-            state=batch_v1.JobStatus.State(job.status.state).name,
-            events=[ev.description for ev in job.status.status_events],
-            labels=dict(job.labels),
-            created=job.create_time.isoformat() if job.create_time else "",
-            uid=job.uid,
-        )
+        return _job_state(job)
 
     def tasks(self, name: str) -> list[TaskState]:
         from google.cloud import batch_v1
@@ -285,17 +278,21 @@ class BatchApi:
             parent = f"projects/{self.project}/locations/{region}"
             req = batch_v1.ListJobsRequest(parent=parent, filter=flt)
             jobs = list(self.client.list_jobs(request=req))
-        return [
-            JobState(
-                name=j.name,
-                state=batch_v1.JobStatus.State(j.status.state).name,
-                events=[ev.description for ev in j.status.status_events],
-                labels=dict(j.labels),
-                created=j.create_time.isoformat() if j.create_time else "",
-                uid=j.uid,
-            )
-            for j in jobs
-        ]
+        return [_job_state(j) for j in jobs]
+
+
+def _job_state(job: Any) -> JobState:
+    """A ``batch_v1.Job`` as a :class:`JobState`."""
+    from google.cloud import batch_v1
+
+    return JobState(
+        name=job.name,
+        state=batch_v1.JobStatus.State(job.status.state).name,
+        events=[ev.description for ev in job.status.status_events],
+        labels=dict(job.labels),
+        created=job.create_time.isoformat() if job.create_time else "",
+        uid=job.uid,
+    )
 
 
 def leftover_jobs(

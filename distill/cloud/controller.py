@@ -77,6 +77,7 @@ from distill.cloud.spec import (
     IMAGE_FAMILY,
     IMAGE_PROJECT,
     VmSpec,
+    boot_disk_gb,
     default_subnetwork,
     instance_name,
     job_labels,
@@ -85,7 +86,6 @@ from distill.cloud.spec import (
 )
 from distill.config import Job
 from distill.errors import DistillError
-from distill.format.manifest import MANIFEST
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, open_store
 
@@ -273,7 +273,7 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
         raw["data"][split] = dest
         inputs.append((store.join(name), dest))
     model = job.teacher.model
-    if not model.startswith("builtin:") and not model.startswith("gs://"):
+    if vm_teacher(model) != model:
         src = Path(model).expanduser()
         files = sorted(p for p in src.rglob("*") if p.is_file())
         h = hashlib.sha256()
@@ -283,10 +283,39 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
         prefix = f"inputs/model-{h.hexdigest()[:16]}"
         for p in files:
             upload(f"{prefix}/{p.relative_to(src).as_posix()}", p)
-        raw["teacher"]["model"] = "model"
+        raw["teacher"]["model"] = vm_teacher(model)
         inputs.append((store.join(prefix) + "/", "model"))
     raw.pop("cloud", None)  # the VM needs none of it
     return raw, tuple(inputs)
+
+
+def vm_teacher(model: str) -> str:
+    """``teacher.model`` as the VM's job names it: a local directory is staged as ``model``."""
+    return model if model.startswith(("builtin:", "gs://")) else "model"
+
+
+def expected_fingerprints(job: Job) -> dict[str, str]:
+    """Each split's job fingerprint as the teacher VM computes it (from its job: the staged
+    teacher's name, the same dataset bytes, tokenizer and settings)."""
+    from distill import models
+    from distill.teacher.run import split_fingerprints
+
+    teacher_dir = models.resolve_model(job.teacher.model)
+    tok_fp = models.tokenizer_fingerprint(models.load_tokenizer(teacher_dir))
+    teacher = job.teacher.model_copy(update={"model": vm_teacher(job.teacher.model)})
+    return split_fingerprints(job.model_copy(update={"teacher": teacher}), teacher_dir, tok_fp)
+
+
+def staged_disk_gb(job: Job) -> int:
+    """The boot disk for ``job``'s teacher VM: sized from the teacher directory's bytes (the
+    checkpoint each VM stages) and the datasets' (:func:`~distill.cloud.spec.boot_disk_gb`)."""
+    from distill import models
+    from distill.config import splits
+
+    teacher_dir = models.resolve_model(job.teacher.model)
+    checkpoint = sum(p.stat().st_size for p in teacher_dir.rglob("*") if p.is_file())
+    inputs = sum(p.stat().st_size for p in splits(job).values())
+    return boot_disk_gb(checkpoint, inputs)
 
 
 def vm_job_toml(raw: dict[str, Any]) -> str:
@@ -374,7 +403,7 @@ class Controller:
         self.zone: str | None = None  # where the current VM is
         self.current: Attempt | None = None
         self.progress: BucketProgress | None = None
-        self.gpus = ACCELERATOR_COUNT  # L4s the run needs at once (the preflight's quota check)
+        self.fingerprints: dict[str, str] = {}  # split -> job fingerprint (the preflight's)
 
     # --- 1. checks ------------------------------------------------------------------------
 
@@ -384,11 +413,19 @@ class Controller:
         store.list("inputs/")  # credentials, bucket existence and access
         for z in self.zones:
             self.backend.check_zone(z)
+        # the disk each VM gets (and is priced): the staged checkpoint and inputs
+        cost = dataclasses.replace(self.opts.cost, boot_disk_gb=staged_disk_gb(self.job))
+        self.opts = dataclasses.replace(self.opts, cost=cost)
+        # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
+        self.estimate = estimate_cost(self.job, self.opts.cost)
+        if self.job.teacher.mode == "auto":  # the VM runs the way that was estimated
+            teacher = self.job.teacher.model_copy(update={"mode": self.estimate.way.mode})
+            self.job = self.job.model_copy(update={"teacher": teacher})
         region = region_of(self.zones[0])
-        self.backend.check_project(  # boot image, GPU quota, subnet
+        self.backend.check_project(  # boot image, GPU quota (the L4s used at once), subnet
             Needs(
                 region=region,
-                gpus=self.gpus,
+                gpus=self.gpus_needed(),
                 spot=self.cloud.spot,
                 image_project=IMAGE_PROJECT,
                 image_family=IMAGE_FAMILY,
@@ -396,21 +433,20 @@ class Controller:
                 subnetwork=self.cloud.subnetwork or default_subnetwork(self.cloud.network, region),
             )
         )
-        # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
-        self.estimate = estimate_cost(self.job, self.opts.cost)
-        if self.job.teacher.mode == "auto":  # the VM runs the way that was estimated
-            teacher = self.job.teacher.model_copy(update={"mode": self.estimate.way.mode})
-            self.job = self.job.model_copy(update={"teacher": teacher})
+        self.fingerprints = expected_fingerprints(self.job)
+
+    def gpus_needed(self) -> int:
+        """L4s the run uses at once (the preflight's quota check): one VM's."""
+        return ACCELERATOR_COUNT
 
     def complete(self) -> bool:
+        """Every split has its manifest (refused if one is another job's)."""
+        from distill.teacher.run import stored_manifest
+
         return all(
-            open_store(f"{self.output}/{split}").exists(MANIFEST) for split in self._splits()
+            stored_manifest(open_store(f"{self.output}/{split}"), fp) is not None
+            for split, fp in self.fingerprints.items()
         )
-
-    def _splits(self) -> list[str]:
-        from distill.config import splits
-
-        return list(splits(self.job))
 
     # --- 2. price ---------------------------------------------------------------------------
 
@@ -469,6 +505,7 @@ class Controller:
             status_url=f"{self.output}/{RECORD_PREFIX}/status",
             network=self.cloud.network,
             subnetwork=self.cloud.subnetwork,
+            boot_disk_gb=est.opts.boot_disk_gb,
         )
 
     # --- 4. provision ------------------------------------------------------------------------

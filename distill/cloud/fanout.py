@@ -7,7 +7,8 @@ Task i computes the shards ``s % N == i`` (:class:`distill.teacher.run.Part`), c
 skipping those already in the bucket. This controller (a :class:`Controller`, so the checks,
 price, staging, record and signal handling are the single VM's):
 
-1. checks and prices N VMs (GPU quota for N L4s; ``cost-estimate --vms N``), then asks;
+1. checks and prices the tasks, N capped at the most shards of a split (GPU quota for that
+   many L4s; ``cost-estimate --vms N``), then asks;
 2. if every shard is already in the bucket (an earlier run whose controller died), writes the
    manifest and stops; a live Batch job of this job is adopted, a finished one deleted;
 3. creates the job and watches the bucket (shards done/total, tokens/s, ETA, $ so far from
@@ -76,7 +77,6 @@ class FanoutController(Controller):
         opts = dataclasses.replace(opts, cost=dataclasses.replace(opts.cost, vms=job.cloud.vms))
         super().__init__(job, opts, console, confirm, backend)
         self.vms = job.cloud.vms
-        self.gpus = self.vms
         self.region = region_of(self.zones[0])
         self.job_id = batch_job_id(job.name)
         self.job_path = f"projects/{self.project}/locations/{self.region}/jobs/{self.job_id}"
@@ -84,17 +84,20 @@ class FanoutController(Controller):
         self.batch: str | None = None  # the job's name once created or adopted
         self.attempts: dict[int, Attempt] = {}  # task index -> its current VM
         self.codes_seen: dict[int, int] = {}  # task index -> exit codes already accounted
-        self.t0 = time.monotonic()
 
     # --- the run -------------------------------------------------------------------------
 
     def execute(self) -> CloudRun | None:
         self.console.print(
             f"teacher-cloud: job {self.job.name}, project {self.project}, region "
-            f"{self.region}, Batch job {self.job_id} of {self.vms} task(s)"
+            f"{self.region}, Batch job {self.job_id} (--vms {self.vms})"
         )
         self.preflight()
-        if self.complete() or self.finish():
+        if self.tasks < self.vms:
+            self.console.print(
+                f"{self.tasks} task(s), not {self.vms}: no split has more shards than that"
+            )
+        if self.finish():
             self.console.print(f"[green]{self.output}: every split is complete; nothing to do")
             self._remove_leftover()
             return None
@@ -124,12 +127,13 @@ class FanoutController(Controller):
             image=self.image(),
             service_account_email=self.service_account(),
             zones=tuple(self.zones),
-            tasks=self.estimate.tasks,
+            tasks=self.tasks,
             max_retries=self.cloud.max_preemptions,
             max_run_duration_s=self.max_run_s(self.estimate.wall_hours),
             spot=self.cloud.spot,
             network=self.cloud.network,
             subnetwork=self.cloud.subnetwork,
+            boot_disk_gb=self.estimate.opts.boot_disk_gb,
         )
 
     def _adopt_job(self) -> bool:
@@ -161,12 +165,21 @@ class FanoutController(Controller):
             if not self._delete_job():
                 raise CloudError(f"could not confirm that the Batch job {st.name} is deleted")
 
+    @property
+    def tasks(self) -> int:
+        """The Batch job's tasks: the estimate's, --vms capped at the most shards of a split."""
+        assert self.estimate is not None
+        return self.estimate.tasks
+
+    def gpus_needed(self) -> int:
+        return self.tasks * super().gpus_needed()
+
     def finish(self) -> bool:
-        """Write each split's manifest whose shards are all there; True once all have one."""
-        elapsed = time.monotonic() - self.t0
+        """Write each split's manifest whose shards are all there; True once all have one.
+        Another job's shard set in the output is refused (:func:`finish_split`)."""
         return all(
-            finish_split(open_store(f"{self.output}/{split}"), elapsed) is not None
-            for split in self._splits()
+            finish_split(open_store(f"{self.output}/{split}"), fp) is not None
+            for split, fp in self.fingerprints.items()
         )
 
     # --- watch -----------------------------------------------------------------------------
@@ -333,7 +346,7 @@ class FanoutController(Controller):
                 if eta is not None
                 else "ETA -",
                 f"${self.run.usd:,.4f} spent",
-                f"{running}/{self.vms} VMs running",
+                f"{running}/{self.tasks} VMs running",
             ]
         )
 

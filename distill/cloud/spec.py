@@ -21,6 +21,7 @@ The zone list is for failover: each rendering takes one zone (default: the first
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import tomllib
@@ -51,7 +52,9 @@ GPU_DRIVER = "latest"  # cos-extensions install gpu -- -version=...
 # the VM refuses a driver older than that before it pulls the image.
 TEACHER_CUDA = "12.8"
 MIN_DRIVER = {"12.4": 550, "12.6": 560, "12.8": 570, "12.9": 575, "13.0": 580}
-BOOT_DISK_GB = 100  # COS (~10 GB) + the teacher image (~6 GB) + staged inputs and weights
+BOOT_DISK_GB = 100  # the least: COS (~10 GB) + the teacher image (~6 GB) + inputs and weights
+IMAGE_DISK_GB = 16  # COS and the teacher image
+DISK_MARGIN = 0.2  # scratch shards, logs, the Hugging Face cache's copies; 10 GB at least
 BOOT_DISK_TYPE = "pd-balanced"  # G2 machines take pd-balanced/pd-ssd, not pd-standard
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"  # IAM decides the rest
 DEFAULT_MAX_RUN_S = 12 * 3600
@@ -105,6 +108,14 @@ class GcloudCommand:
         for path, text in self.files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+
+
+def boot_disk_gb(checkpoint_bytes: int, input_bytes: int) -> int:
+    """The boot disk a teacher VM needs: the checkpoint and the inputs it stages there, the OS
+    and image, and a margin; never below :data:`BOOT_DISK_GB`."""
+    staged = (checkpoint_bytes + input_bytes) / 2**30  # a disk's "GB" is a GiB
+    need = IMAGE_DISK_GB + staged + max(10.0, DISK_MARGIN * staged)
+    return max(BOOT_DISK_GB, math.ceil(need))
 
 
 @dataclass(frozen=True)

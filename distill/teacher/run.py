@@ -31,6 +31,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -68,10 +69,11 @@ from distill.teacher.batching import tokenize_split
 from distill.teacher.extract import compute_targets
 from distill.teacher.fit import resolve_way
 from distill.teacher.layered import LayeredTeacher, chunk_groups
-from distill.teacher.stop import StopWatch
+from distill.teacher.stop import Preempted, StopWatch
 
 console = Console(stderr=True)
 PARTS = "parts.json"  # a fan-out task's manifest without its shards: finish_split completes it
+TASK_SECONDS = "task-seconds/"  # a fan-out task attempt's compute time (_put_task_seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +131,14 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
+def split_fingerprints(job: Job, teacher_dir: Path, tok_fp: str) -> dict[str, str]:
+    """Each split's :func:`job_fingerprint`."""
+    return {
+        split: job_fingerprint(job, split, path, teacher_dir, tok_fp)
+        for split, path in splits(job).items()
+    }
+
+
 def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) -> ShardStats:
     """A shard uploaded before a crash but without its sidecar: recompute its stats."""
     local = tmpdir / name
@@ -146,7 +156,7 @@ def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) 
 def run_split(
     job: Job,
     split: str,
-    samples: list[Sample],
+    chunks: list[list[Sample]],
     store: Store,
     model: Any,
     fingerprint: str,
@@ -158,6 +168,7 @@ def run_split(
 ) -> Manifest | None:
     """Produce (or resume) one split's shard set; returns its manifest.
 
+    ``chunks``: the split's samples by shard (:func:`shard_chunks`).
     ``stop`` (preemption, SIGTERM) is checked after every forward batch: the shard in flight
     is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
     ``skipped``: the dataset lines left out as invalid, recorded in the manifest.
@@ -169,8 +180,6 @@ def run_split(
         return complete
     _claim_output(store, fingerprint)
     existing = set(store.list())
-    per = job.teacher.samples_per_shard
-    chunks = [samples[i : i + per] for i in range(0, len(samples), per)]
     spec, codec = job.targets.spec(), job.targets.codec_spec()
     fmt = ShardFormat(codec, spec, _vocab_size(model))
     t0 = time.perf_counter()
@@ -184,9 +193,15 @@ def run_split(
         console.print(f"{split}: task {part.index} of {part.count}: shards {_ranges(mine)}")
         base = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, [], 0.0, skipped)
         _put_parts(store, base, len(chunks))
-    _compute_shards(job, split, model, chunks, mine, stats, out, t0, stop)
+    try:
+        _compute_shards(job, split, model, chunks, mine, stats, out, t0, stop)
+    except Preempted:
+        if part is not None:  # the attempt's finished shards took compute time too
+            _put_task_seconds(store, part, time.perf_counter() - t0)
+        raise
     elapsed = time.perf_counter() - t0
     if part is not None:
+        _put_task_seconds(store, part, elapsed)
         out.cleanup()
         console.print(f"[green]{split}: task {part.index}: {len(mine)} shards in {store.url}")
         return None
@@ -202,6 +217,15 @@ def run_split(
     return manifest
 
 
+def shard_chunks(samples: list[Sample], per: int, part: Part | None) -> list[list[Sample]]:
+    """The split's samples by shard (sample i in shard ``i // per``); with ``part``, the other
+    tasks' shards are left empty, so a fan-out task keeps only the samples it computes."""
+    return [
+        samples[i : i + per] if part is None or part.owns(i // per) else []
+        for i in range(0, len(samples), per)
+    ]
+
+
 def _ranges(idx: list[int]) -> str:
     """``0, 3, 6 ... 45`` for a long list of shard indices."""
     shown = ", ".join(map(str, idx[:3]))
@@ -215,18 +239,30 @@ def _put_parts(store: Store, base: Manifest, n: int) -> None:
         store.put_bytes(PARTS, json.dumps(body, indent=1).encode())
 
 
-def finish_split(store: Store, elapsed: float) -> Manifest | None:
+def _put_task_seconds(store: Store, part: Part, seconds: float) -> None:
+    """This task attempt's compute seconds on the split, one object an attempt (create-only):
+    :func:`finish_split` sums them into the manifest's ``teacher_seconds``."""
+    name = f"{TASK_SECONDS}task-{part.index:04d}-{uuid.uuid4().hex[:12]}.json"
+    body = {"task": part.index, "tasks": part.count, "seconds": seconds}
+    store.put_bytes(name, json.dumps(body).encode())
+
+
+def finish_split(store: Store, fingerprint: str) -> Manifest | None:
     """A fan-out's manifest from ``parts.json`` and the shard sidecars, written (create-only)
     once every shard is in the bucket; None while some are missing (or no task has started).
+    A manifest or ``parts.json`` whose job fingerprint is not ``fingerprint`` (the job as the
+    tasks run it) is refused: another job's shards never become this job's manifest.
 
     The shard stats are the sidecars the tasks wrote, so the manifest lists the same shards
-    with the same bytes as a single run's; ``teacher_seconds`` is the fan-out's wall time."""
+    with the same bytes as a single run's; ``teacher_seconds`` is the tasks' compute time
+    (every attempt's, preempted ones included: the sum of ``task-seconds/``)."""
     names = set(store.list())
     if MANIFEST in names:
-        return Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
+        return stored_manifest(store, fingerprint)
     if PARTS not in names:
         return None
     parts = json.loads(store.read_bytes(PARTS))
+    _same_job(store, "a partial shard set", parts["manifest"].get("job_fingerprint"), fingerprint)
     wanted = [shard_name(i) for i in range(int(parts["shards_total"]))]
     if any(n not in names or sidecar_name(n) not in names for n in wanted):
         return None
@@ -234,7 +270,11 @@ def finish_split(store: Store, elapsed: float) -> Manifest | None:
     raw = {
         **parts["manifest"],
         "shards": shards,
-        "teacher_seconds": elapsed,
+        "teacher_seconds": sum(
+            json.loads(store.read_bytes(n))["seconds"]
+            for n in sorted(names)
+            if n.startswith(TASK_SECONDS)
+        ),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     manifest = Manifest.from_json(json.dumps(raw).encode(), store.join(PARTS))
@@ -243,17 +283,30 @@ def finish_split(store: Store, elapsed: float) -> Manifest | None:
     return manifest
 
 
-def _complete_set(store: Store, split: str, fingerprint: str) -> Manifest | None:
-    """The split's manifest if its shard set is already complete (and from this job)."""
+def stored_manifest(store: Store, fingerprint: str) -> Manifest | None:
+    """The split's manifest if its shard set is complete; refused if it is another job's."""
     if not store.exists(MANIFEST):
         return None
     m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
-    if m.job_fingerprint != fingerprint:
+    _same_job(store, "a complete shard set", m.job_fingerprint, fingerprint)
+    return m
+
+
+def _same_job(store: Store, what: str, found: str | None, fingerprint: str) -> None:
+    """Refuse ``what`` in ``store`` whose job fingerprint is not ``fingerprint``."""
+    if found != fingerprint:
         raise DistillError(
-            f"{store.url} already holds a complete shard set from a different job or "
-            "dataset; choose another job.output (writes are create-only)"
+            f"{store.url} holds {what} from a different job or dataset (job fingerprint "
+            f"{str(found)[:12]}, this job's {fingerprint[:12]}): choose another job.output "
+            "(writes are create-only)"
         )
-    console.print(f"[green]{split}: complete shard set at {store.url}, nothing to do")
+
+
+def _complete_set(store: Store, split: str, fingerprint: str) -> Manifest | None:
+    """The split's manifest if its shard set is already complete (and from this job)."""
+    m = stored_manifest(store, fingerprint)
+    if m is not None:
+        console.print(f"[green]{split}: complete shard set at {store.url}, nothing to do")
     return m
 
 
@@ -263,11 +316,8 @@ def _claim_output(store: Store, fingerprint: str) -> None:
     try:
         store.put_bytes("run.json", run_info)
     except ObjectExists:
-        if json.loads(store.read_bytes("run.json")).get("job_fingerprint") != fingerprint:
-            raise DistillError(
-                f"{store.url} holds a partial shard set from a different job or dataset; "
-                "choose another job.output"
-            ) from None
+        found = json.loads(store.read_bytes("run.json")).get("job_fingerprint")
+        _same_job(store, "a partial shard set", found, fingerprint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,13 +550,14 @@ def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Mani
     tokenized = {}
     for split, path in splits(job).items():  # validate all input before anything is written
         samples, st = tokenize_split(job, path, tokenizer)
-        tokenized[split] = (path, samples, st)
+        tokenized[split] = (path, shard_chunks(samples, job.teacher.samples_per_shard, part), st)
+        del samples  # a fan-out task keeps only its own shards' samples
     prepared = {}
-    for split, (path, samples, st) in tokenized.items():
+    fps = split_fingerprints(job, teacher_dir, tok_fp)
+    for split, (path, chunks, st) in tokenized.items():
         store = open_store(f"{job.output.rstrip('/')}/{split}")
         store.list()  # fails early on a missing bucket or missing credentials
-        fp = job_fingerprint(job, split, path, teacher_dir, tok_fp)
-        prepared[split] = (samples, store, fp, st.invalid_info())
+        prepared[split] = (chunks, store, fps[split], st.invalid_info())
         console.print(
             f"{split}: {st.samples} samples, {st.tokens} tokens ({st.target_tokens} targets)"
             + (f", {st.truncated} truncated" if st.truncated else "")
@@ -522,7 +573,7 @@ def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Mani
     stop.check("teacher")
     return {
         split: run_split(
-            job, split, samples, store, model, fp, tok_fp, teacher_dir, stop, skipped, part
+            job, split, chunks, store, model, fp, tok_fp, teacher_dir, stop, skipped, part
         )
-        for split, (samples, store, fp, skipped) in prepared.items()
+        for split, (chunks, store, fp, skipped) in prepared.items()
     }
