@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -165,6 +166,7 @@ def cost_estimate(
     ] = None,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
+    from distill.cloud.controller import staged_disk_gb
     from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
 
     the_job = _load(job, set_)
@@ -182,6 +184,8 @@ def cost_estimate(
         vms=vms,
     )
     opts.validate()  # before the job is tokenised
+    # the boot disk teacher-cloud will create: sized to the checkpoint and the datasets
+    opts = dataclasses.replace(opts, boot_disk_gb=staged_disk_gb(the_job))
     est = estimate_cost(the_job, opts)
     out.print(render_table(est))
     if json_path:

@@ -291,6 +291,32 @@ def test_cli_table_json_and_one_line_errors(tiny_teacher_dir, tmp_path):
         assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_prices_the_boot_disk_teacher_cloud_creates(tiny_teacher_dir, tmp_path):
+    """cost-estimate prices the disk that each VM needs for the checkpoint it stages (as
+    teacher-cloud sizes it), not a fixed 100 GB."""
+    import shutil
+
+    from distill.cloud.controller import staged_disk_gb
+    from distill.cloud.spec import BOOT_DISK_GB
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_teacher_dir, big)
+    with open(big / "model-00002.safetensors", "wb") as f:  # 150 GiB, sparse
+        f.truncate(150 * 2**30)
+    path = make_job(tmp_path, big)
+    want = staged_disk_gb(load_job(path))
+    assert want > 150 + 16 > BOOT_DISK_GB
+    cmd = [sys.executable, "-m", "distill.cli", "cost-estimate", "--job", str(path)]
+    r = subprocess.run(
+        [*cmd, "--json", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"{want} GB pd-balanced" in r.stdout.replace("\n", " ")
+    small = estimate_cost(load_job(make_job(tmp_path, tiny_teacher_dir)))
+    usd = json.loads((tmp_path / "c.json").read_text())["usd"]
+    assert usd["total_spot"] > small.usd["total_spot"]  # the bigger disk costs more
+
+
 def test_other_target_kinds_are_probed_and_sized(tiny_teacher_dir, tmp_path):
     path = make_job(tmp_path, tiny_teacher_dir)
     topk = estimate_cost(load_job(path))
