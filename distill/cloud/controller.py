@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -90,6 +90,9 @@ from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, open_store
 
 RECORD_PREFIX = "cloud"  # <output>/cloud/run-*.json and <output>/cloud/status/*.json
+
+
+_T = TypeVar("_T")
 
 
 class TeacherFailed(DistillError):
@@ -363,6 +366,34 @@ def signals_held(console: Console) -> Iterator[None]:
             signal.signal(s, h)
 
 
+class Contact:
+    """A watch loop's reads: a blip of the API or the network is retried after a poll, and
+    contact lost for longer than ``grace_s`` raises :class:`CloudError` (the caller tears
+    down ``what``)."""
+
+    def __init__(self, api: str, what: str, grace_s: float, poll_s: float, bar: Progress) -> None:
+        self.api, self.what, self.grace_s, self.poll_s, self.bar = api, what, grace_s, poll_s, bar
+        self.since: float | None = None
+
+    def read(self, fn: Callable[[], _T]) -> _T | None:
+        """``fn()``, or None after a failed read still within the grace period."""
+        try:
+            out = fn()
+        except (DistillError, OSError) as e:
+            self.since = self.since or time.monotonic()
+            if time.monotonic() - self.since > self.grace_s:
+                raise CloudError(
+                    f"lost contact with the {self.api} or the bucket for "
+                    f"{self.grace_s / 60:.0f} min ({e}); {self.what} is being deleted; rerun "
+                    "to resume from the shards in the bucket"
+                ) from e
+            self.bar.console.print(f"[yellow]watch: {e}; retrying[/yellow]")
+            time.sleep(self.poll_s)
+            return None
+        self.since = None
+        return out
+
+
 class Controller:
     """One ``teacher-cloud`` run (see the module docstring)."""
 
@@ -607,38 +638,34 @@ class Controller:
             )
         return "vanished"
 
-    def watch(self, attempt: Attempt) -> str:
-        """Poll until the shard set is complete or this VM ends; returns the outcome."""
-        assert self.progress is not None
-        rate = Rate()
-        last_guest = ""
-        last_status = ""
+    def watch_bar(self) -> Progress:
+        """The watch loops' bar: shards done of the total, then a line of progress info."""
         cols = (
             TextColumn("teacher-cloud"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
         )
-        with Progress(*cols, console=self.console, transient=False) as bar:
-            snap = self.progress.poll()
+        return Progress(*cols, console=self.console, transient=False)
+
+    def watch(self, attempt: Attempt) -> str:
+        """Poll until the shard set is complete or this VM ends; returns the outcome."""
+        progress = self.progress
+        assert progress is not None
+        rate = Rate()
+        last_guest = ""
+        last_status = ""
+        with self.watch_bar() as bar:
+            snap = progress.poll()
             task = bar.add_task("", total=snap.shards_total, completed=snap.shards_done, info="")
-            lost_since: float | None = None
+            contact = Contact("Compute API", "the VM", self.opts.watch_grace_s, self.poll, bar)
             while True:
-                try:
-                    st: VmState | None = self.backend.get(self.name, attempt.zone)
-                    snap = self.progress.poll()
-                    lost_since = None
-                except (DistillError, OSError) as e:  # a blip of the API or the network
-                    lost_since = lost_since or time.monotonic()
-                    if time.monotonic() - lost_since > self.opts.watch_grace_s:
-                        raise CloudError(
-                            f"lost contact with the Compute API or the bucket for "
-                            f"{self.opts.watch_grace_s / 60:.0f} min ({e}); the VM is being "
-                            "deleted; rerun to resume from the shards in the bucket"
-                        ) from e
-                    bar.console.print(f"[yellow]watch: {e}; retrying[/yellow]")
-                    time.sleep(self.poll)
+                got = contact.read(
+                    lambda: (self.backend.get(self.name, attempt.zone), progress.poll())
+                )
+                if got is None:
                     continue
+                st, snap = got
                 if st is not None:
                     attempt.vm_id = attempt.vm_id or st.id
                     if st.status in ("STAGING", "RUNNING"):

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill.cloud.backend import Backend, CloudError, QuotaExceeded, Stockout
 from distill.cloud.batch import (
@@ -44,6 +43,7 @@ from distill.cloud.controller import (
     Attempt,
     CloudOptions,
     CloudRun,
+    Contact,
     Controller,
     TeacherFailed,
     signals_held,
@@ -186,40 +186,28 @@ class FanoutController(Controller):
 
     def watch_job(self) -> None:
         """Poll the job, its tasks and the bucket until every manifest is written."""
-        assert self.progress is not None and self.batch is not None
+        progress, batch = self.progress, self.batch
+        assert progress is not None and batch is not None
         rate = Rate()
-        cols = (
-            TextColumn("teacher-cloud"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
         seen_events = 0
         first_run: float | None = None
         provision_deadline = time.monotonic() + self.cloud.provision_timeout_minutes * 60
-        lost_since: float | None = None
-        with Progress(*cols, console=self.console, transient=False) as bar:
-            snap = self.progress.poll()
+
+        def read() -> tuple[JobState | None, list[TaskState], Snapshot]:
+            st = self.api.get(batch)
+            return st, (self.api.tasks(batch) if st is not None else []), progress.poll()
+
+        with self.watch_bar() as bar:
+            snap = progress.poll()
             bar_task = bar.add_task(
                 "", total=snap.shards_total, completed=snap.shards_done, info=""
             )
+            contact = Contact("Batch API", "the job", self.opts.watch_grace_s, self.poll, bar)
             while True:
-                try:
-                    st = self.api.get(self.batch)
-                    tasks = self.api.tasks(self.batch) if st is not None else []
-                    snap = self.progress.poll()
-                    lost_since = None
-                except (DistillError, OSError) as e:
-                    lost_since = lost_since or time.monotonic()
-                    if time.monotonic() - lost_since > self.opts.watch_grace_s:
-                        raise CloudError(
-                            f"lost contact with the Batch API or the bucket for "
-                            f"{self.opts.watch_grace_s / 60:.0f} min ({e}); the job is being "
-                            "deleted; rerun to resume from the shards in the bucket"
-                        ) from e
-                    bar.console.print(f"[yellow]watch: {e}; retrying[/yellow]")
-                    time.sleep(self.poll)
+                got = contact.read(read)
+                if got is None:
                     continue
+                st, tasks, snap = got
                 for ev in (st.events if st else [])[seen_events:]:
                     bar.console.print(f"{self.job_id}: {ev}")
                 seen_events = len(st.events) if st else 0
