@@ -293,6 +293,18 @@ def child_peak(mode: str, path: Path) -> dict:
 
 
 @pytest.mark.slow
+def _available_memory() -> float:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; infinite where there is none."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return float("inf")
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return float("inf")
+
+
 def test_layered_peak_memory_is_about_a_layer_not_the_model(tmp_path):
     """A ~1B-parameter random Llama (2 GB of bf16 on disk, 4 GB as float32): the layered pass
     grows the process by the layer computing, the one prefetched and the file being read;
@@ -302,6 +314,9 @@ def test_layered_peak_memory_is_about_a_layer_not_the_model(tmp_path):
 
     from distill.teacher.fit import teacher_profile
 
+    free = _available_memory()
+    if free < 8 * 2**30:  # the resident side alone needs ~6 GB; less would measure swapping
+        pytest.skip(f"needs 8 GiB of available memory for the resident side, {free / 2**30:.1f}")
     path = write_random_llama(tmp_path / "big")
     p = teacher_profile(AutoConfig.from_pretrained(path))
     assert 0.95e9 < p.params < 1.1e9
