@@ -87,13 +87,19 @@ def _kl(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(pos, a * diff, 0.0).sum(-1)
 
 
-def _teacher_buckets(t_lp: Tensor, tau: float, tail: bool = True) -> tuple[Tensor, Tensor]:
+def _teacher_buckets(
+    t_lp: Tensor, tau: float, tail: bool = True, empty: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(log p, p) [n, k+1] over S + tail; at ``tau != 1`` softmax([log p_S, log p_tail] / tau).
 
-    ``tail=False``: p_tail = 0 exactly (sampled targets)."""
+    ``tail=False``: p_tail = 0 exactly (sampled targets). ``empty`` [n]: rows whose tail holds
+    no token at all (S is the whole vocabulary): their p_tail is 0 too, whatever rounding left
+    of ``1 - sum p_S`` (an empty bucket contributes nothing, not ``p_tail log(p_tail / 0)``)."""
     p_s = t_lp.exp()
     if tail:
         p_tail = (1.0 - p_s.sum(-1, keepdim=True)).clamp(min=0.0)
+        if empty is not None:
+            p_tail = torch.where(empty[:, None], 0.0, p_tail)
     else:
         p_tail = torch.zeros_like(p_s[:, :1])
     log_p = torch.cat([t_lp, p_tail.log()], dim=-1)  # log 0 = -inf: an empty tail
@@ -132,7 +138,8 @@ def bucket_terms(
         assert a_s is not None and a_t is not None
         log_q = torch.cat([a_s, a_t[:, None]], dim=-1)
         q = log_q.exp()
-        log_p, p = _teacher_buckets(t_lp, tau, tail)
+        # q_tail = 0 exactly: no token outside S (the student's tail logsumexp is over nothing)
+        log_p, p = _teacher_buckets(t_lp, tau, tail, empty=torch.isneginf(a_t.detach()))
         if "forward_kl" in names:
             out["forward_kl"] = _kl(p, log_p, log_q)
         if "reverse_kl" in names:
