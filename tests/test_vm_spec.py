@@ -636,6 +636,7 @@ def test_base_infra_is_least_privilege():
             "google_project_iam_member",
             "${google_project_iam_custom_role.teacher_self_delete.id}",
         ),
+        ("google_project_iam_member", "roles/batch.agentReporter"),
         ("google_project_iam_member", "roles/logging.logWriter"),
         ("google_service_account_iam_member", "roles/iam.serviceAccountUser"),
         ("google_storage_bucket_iam_member", "roles/storage.objectCreator"),
@@ -665,6 +666,44 @@ def test_base_infra_is_least_privilege():
     assert 'extract("/instances/{name}")' in cond and 'extract("/disks/{name}")' in cond
     # the instance name the condition allows is the one VmSpec gives every job
     assert instance_name("anything").startswith("distill-teacher-")
+
+
+def _resources(main: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (_unquote(kind), _unquote(name)): body
+        for block in main["resource"]
+        for kind, named in block.items()
+        for name, body in named.items()
+    }
+
+
+def test_base_infra_gives_the_batch_engine_what_it_needs():
+    """A Batch job needs its API enabled, the agent-reporter role on the job's service account
+    (else: "No VM has agent reporting correctly"), and egress for the driver Batch installs on
+    batch-debian (from NVIDIA's servers: no external IP, so Cloud NAT), for egress only."""
+    from distill.cloud.batch import REQUIRED_APIS, TASK_ROLES
+
+    main = load_hcl(TF / "base" / "main.tf")
+    (local,) = main["locals"]
+    assert set(REQUIRED_APIS) <= {_unquote(a) for a in local["apis"]}
+    resources = _resources(main)
+    sa_roles = {
+        _unquote(body["role"])
+        for (kind, _), body in resources.items()
+        if kind.endswith("_iam_member")
+        and _unquote(body["member"]) == "serviceAccount:${google_service_account.teacher.email}"
+    }
+    assert set(TASK_ROLES) <= sa_roles, set(TASK_ROLES) - sa_roles
+    nat = resources[("google_compute_router_nat", "teacher")]
+    assert _unquote(nat["source_subnetwork_ip_ranges_to_nat"]) == "LIST_OF_SUBNETWORKS"
+    (sub,) = nat["subnetwork"]
+    assert _unquote(sub["name"]) == "${google_compute_subnetwork.teacher.id}"
+    router = resources[("google_compute_router", "teacher")]
+    assert _unquote(router["network"]) == "${google_compute_network.teacher.id}"
+    # egress only: still no ingress rule but the deny-all, and the VMs get no external IP
+    firewalls = [b for (k, _), b in resources.items() if k == "google_compute_firewall"]
+    assert [_unquote(f["direction"]) for f in firewalls] == ["INGRESS"]
+    assert "deny" in firewalls[0] and "allow" not in firewalls[0]
 
 
 def test_dockerfiles_pass_hadolint():

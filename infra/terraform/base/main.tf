@@ -4,8 +4,10 @@
 #   terraform -chdir=infra/terraform/base apply -var project=P -var bucket_name=B
 
 locals {
+  # distill/cloud/batch.py: REQUIRED_APIS (a test keeps the two in step)
   apis = [
     "artifactregistry.googleapis.com",
+    "batch.googleapis.com",
     "compute.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
@@ -138,6 +140,40 @@ resource "google_compute_subnetwork" "teacher" {
   }
 }
 
+# --- Egress only: Cloud NAT for the Batch tasks' NVIDIA driver -----------------------------------
+# The VMs have no external IP. Google's APIs (the bucket, Artifact Registry, Cloud Logging) are
+# reached through Private Google Access; the single VM's driver comes from Google too (COS's
+# cos-extensions). A Batch task's VM (batch-debian) downloads its driver from NVIDIA's servers,
+# which only NAT reaches. NAT carries connections the VMs open; nothing can connect in.
+# Cost (docs/CLOUD.md, "What the network costs"): $0.0014 per VM-hour (at most $0.044/h) and
+# $0.045 per GiB processed, about 0.5 GiB of driver per VM boot.
+
+resource "google_compute_router" "teacher" {
+  count   = var.nat ? 1 : 0
+  name    = "${var.network_name}-${var.region}"
+  region  = var.region
+  network = google_compute_network.teacher.id
+}
+
+resource "google_compute_router_nat" "teacher" {
+  count                              = var.nat ? 1 : 0
+  name                               = "${var.network_name}-${var.region}-nat"
+  router                             = google_compute_router.teacher[0].name
+  region                             = var.region
+  nat_ip_allocate_option             = "AUTO_ONLY"
+  source_subnetwork_ip_ranges_to_nat = "LIST_OF_SUBNETWORKS"
+
+  subnetwork {
+    name                    = google_compute_subnetwork.teacher.id
+    source_ip_ranges_to_nat = ["ALL_IP_RANGES"]
+  }
+
+  log_config {
+    enable = true
+    filter = "ERRORS_ONLY"
+  }
+}
+
 # --- The job's service account and its roles -------------------------------------------------
 
 resource "google_service_account" "teacher" {
@@ -177,6 +213,14 @@ resource "google_artifact_registry_repository_iam_member" "teacher_pulls" {
 resource "google_project_iam_member" "teacher_logs" {
   project = var.project
   role    = "roles/logging.logWriter"
+  member  = "serviceAccount:${google_service_account.teacher.email}"
+}
+
+# A Batch task's VM reports to Batch as the job's service account; without this role Batch fails
+# the job ("No VM has agent reporting correctly within time window").
+resource "google_project_iam_member" "teacher_batch_agent" {
+  project = var.project
+  role    = "roles/batch.agentReporter"
   member  = "serviceAccount:${google_service_account.teacher.email}"
 }
 

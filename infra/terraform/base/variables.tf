@@ -66,3 +66,9 @@ variable "subnet_cidr" {
   type        = string
   default     = "10.42.0.0/24"
 }
+
+variable "nat" {
+  description = "Cloud NAT (egress only) for the teacher subnet: the Batch fan-out's VMs download the NVIDIA driver through it. false: the single-VM path only."
+  type        = bool
+  default     = true
+}
