@@ -138,11 +138,14 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
             }
         },
     )
-    opts = cost.CostOptions(vms=vms)
+    opts = cost.CostOptions(vms=vms, engine="batch" if vms > 1 else "vm")
     job = Job()  # bf16, samples_per_shard = 256, teacher.mode = "auto"
     sustained = cost.L4_PEAK_FLOPS[job.teacher.dtype] * cost.DEFAULT_MFU
     h = cost.pass_hours(job, p, cost.plan_l4(job, p), data, sustained, opts)
-    usd = cost.priced(cost.load_prices(None), opts, h.spot, h.on_demand, 0, 0)
+    prices = cost.load_prices(None)
+    nat_gib = cost.nat_gib(opts, h.tasks, h.preemption)
+    nat = cost.nat_usd(prices, h.spot, h.wall, h.tasks, nat_gib)
+    usd = cost.priced(prices, opts, h.spot, h.on_demand, 0, 0, (nat, 0.0))
     return {
         "vms": h.tasks,
         "teacher_params": p.params,
@@ -151,6 +154,8 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
         "wall_hours": h.wall,
         "vm_hours_spot": h.spot,
         "usd_vm_and_disk_spot": usd["vm_spot"] + usd["disk_spot"],
+        "nat_gib": nat_gib,
+        "usd_nat_spot": usd["nat_spot"],
     }
 
 
@@ -172,7 +177,8 @@ def main() -> None:
         print(
             f"estimate, 1e9 tokens, 7B teacher, {n} VM(s): {e['wall_hours']:,.1f} h wall, "
             f"{e['vm_hours_spot']:,.1f} spot VM-hours, ${e['usd_vm_and_disk_spot']:,.2f} "
-            f"(VM + disk; {e['tokens_per_s_per_vm']:,.0f} tokens/s per L4)"
+            f"(VM + disk; {e['tokens_per_s_per_vm']:,.0f} tokens/s per L4), Cloud NAT "
+            f"${e['usd_nat_spot']:,.2f} ({e['nat_gib']:,.1f} GiB)"
         )
     server = start_server()
     try:

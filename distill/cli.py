@@ -170,6 +170,7 @@ def cost_estimate(
     from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
 
     the_job = _load(job, set_)
+    engine = "batch" if vms is not None else the_job.cloud.engine
     if vms is None:
         vms = the_job.cloud.vms if the_job.cloud.engine == "batch" else 1
     opts = CostOptions(
@@ -182,6 +183,7 @@ def cost_estimate(
         downloads=downloads,
         reference_run=reference_run,
         vms=vms,
+        engine=engine,
     )
     opts.validate()  # before the job is tokenised
     # the boot disk teacher-cloud will create: sized to the checkpoint and the datasets

@@ -288,6 +288,7 @@ class TrainSection(_Table):
 
 ENGINES = ("vm", "batch")
 MAX_VMS = 1000  # tasks of one Batch job (a limit well under Batch's own)
+BATCH_MAX_RETRIES = 10  # Batch's maxRetryCount: "The valid value range is [0, 10]" (task.proto)
 
 
 class CloudSection(_Table):
@@ -321,6 +322,17 @@ class CloudSection(_Table):
             raise ValueError(
                 f'cloud.vms = {self.vms} needs cloud.engine = "batch" (or pass --vms N): '
                 "one VM runs the whole job otherwise"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_retries(self) -> CloudSection:
+        if self.engine == "batch" and self.max_preemptions > BATCH_MAX_RETRIES:
+            raise ValueError(
+                f"cloud.max_preemptions = {self.max_preemptions}: the Batch engine (--vms) "
+                f"retries a task at most {BATCH_MAX_RETRIES} times (Batch's maxRetryCount is "
+                f"0..{BATCH_MAX_RETRIES}); set cloud.max_preemptions to {BATCH_MAX_RETRIES} or "
+                "less"
             )
         return self
 

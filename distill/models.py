@@ -135,7 +135,12 @@ def pick_device(pref: str) -> str:
     if pref == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda" and not torch.cuda.is_available():
-        raise DistillError("device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+        raise DistillError(
+            f"device = 'cuda' but torch {torch.__version__} (CUDA build: "
+            f"{torch.version.cuda or 'none'}) sees no CUDA device: on a teacher VM the GPU driver "
+            "or the container's access to the GPU failed (see the lines above); on this "
+            "machine use device = 'auto' or 'cpu'"
+        )
     return pref
 
 

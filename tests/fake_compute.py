@@ -8,8 +8,10 @@ client (``client_options={"api_endpoint": url}``) and the real gcloud CLI
 - instances: insert, get, list, aggregatedList, delete, getGuestAttributes,
   getSerialPortOutput; zone operations: get, wait, list; acceleratorTypes: get, list;
   images: getFromFamily (an image can be made DEPRECATED/OBSOLETE/DELETED); zones: get;
-  regions: get and projects: get with their GPU quotas (``NVIDIA_L4_GPUS``,
-  ``PREEMPTIBLE_NVIDIA_L4_GPUS``, ``GPUS_ALL_REGIONS``, usage = the live VMs' GPUs);
+  regions: get and projects: get with their quotas (``NVIDIA_L4_GPUS``,
+  ``PREEMPTIBLE_NVIDIA_L4_GPUS``, ``CPUS``, ``PREEMPTIBLE_CPUS``, ``SSD_TOTAL_GB``,
+  ``GPUS_ALL_REGIONS``, ``CPUS_ALL_REGIONS``; usage = the live VMs', a Spot VM's in the
+  preemptible quota where the region grants one);
   subnetworks: get (``subnets``: which exist, their network and Private Google Access);
 - the lifecycle: an insert's operation is PENDING, then RUNNING, then DONE, while the
   instance goes PROVISIONING -> STAGING -> RUNNING; a guest shutdown gives TERMINATED (the
@@ -54,6 +56,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from discovery import problems
 from fake_guest import kill_group, spawn
 
 GuestFactory = Callable[["FakeInstance"], tuple[list[str], dict[str, str]] | None]
@@ -167,6 +170,23 @@ class FakeInstance:
         return sum(int(a.get("acceleratorCount", 0)) for a in accs)
 
     @property
+    def cpus(self) -> int:
+        """vCPUs of the machine type (``g2-standard-8`` -> 8)."""
+        mt = self.body.get("machineType", "").rsplit("/", 1)[-1]
+        return int(mt.rsplit("-", 1)[-1]) if mt.rsplit("-", 1)[-1].isdigit() else 1
+
+    @property
+    def disk_gb(self) -> int:
+        return sum(
+            int(d.get("initializeParams", {}).get("diskSizeGb", 0) or 0)
+            for d in self.body.get("disks", [])
+        )
+
+    @property
+    def spot(self) -> bool:
+        return self.body.get("scheduling", {}).get("provisioningModel") == "SPOT"
+
+    @property
     def termination_action(self) -> str:
         return self.body.get("scheduling", {}).get("instanceTerminationAction", "STOP")
 
@@ -202,9 +222,17 @@ class FakeCompute:
         self.preempt_grace_s = preempt_grace_s
         self.allow_self_delete = allow_self_delete
         # region -> metric -> limit; a Spot L4 uses PREEMPTIBLE_NVIDIA_L4_GPUS if > 0
+        # CPUS / PREEMPTIBLE_CPUS likewise; SSD_TOTAL_GB holds the pd-balanced boot disks
         self.region_quotas: dict[str, dict[str, float]] = {
-            "us-central1": {"NVIDIA_L4_GPUS": 8.0, "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0}
+            "us-central1": {
+                "NVIDIA_L4_GPUS": 8.0,
+                "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
+                "CPUS": 72.0,
+                "PREEMPTIBLE_CPUS": 0.0,
+                "SSD_TOTAL_GB": 4096.0,
+            }
         }
+        self.cpus_all_regions = 512.0
         # (region, name) -> (network, privateIpGoogleAccess)
         self.subnets: dict[tuple[str, str], tuple[str, bool]] = {
             ("us-central1", "distill-us-central1"): ("distill", True),
@@ -498,6 +526,9 @@ class FakeCompute:
 
     def insert(self, project: str, zone: str, body: dict[str, Any]) -> FakeOperation:
         self._check_project_zone(project, zone)
+        wrong = problems("compute.v1", "Instance", body)
+        if wrong:  # the API's own schema: unknown fields, wrong types, values outside an enum
+            raise ApiError(400, f"Invalid value for field 'resource': {'; '.join(wrong)}")
         name = body.get("name", "")
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
             raise ApiError(
@@ -838,10 +869,26 @@ class _ApiHandler(BaseHTTPRequestHandler):
         return {"deprecated": {"state": state, "replacement": f"{base}/{replacement}"}}
 
     def _gpus_in_use(self) -> float:
+        return self._usage()["GPUS_ALL_REGIONS"]
+
+    def _usage(self, region: str | None = None) -> dict[str, float]:
+        """What the live instances (of ``region``) take of each quota, as Compute counts it:
+        a Spot VM takes the preemptible quota where the region grants it, else the standard."""
         with self.stub._lock:
-            return float(
-                sum(i.gpus for i in self.stub.instances.values() if i.status != "TERMINATED")
-            )
+            live = [i for i in self.stub.instances.values() if i.status != "TERMINATED"]
+        limits = self.stub.region_quotas.get(region or "", {})
+        use: dict[str, float] = {"GPUS_ALL_REGIONS": 0.0, "CPUS_ALL_REGIONS": 0.0}
+        for i in live:
+            use["GPUS_ALL_REGIONS"] += i.gpus
+            use["CPUS_ALL_REGIONS"] += i.cpus
+            if region is None or not i.zone.startswith(region + "-"):
+                continue
+            for metric, n in (("NVIDIA_L4_GPUS", i.gpus), ("CPUS", i.cpus)):
+                pre = f"PREEMPTIBLE_{metric}"
+                key = pre if i.spot and limits.get(pre, 0.0) > 0 else metric
+                use[key] = use.get(key, 0.0) + n
+            use["SSD_TOTAL_GB"] = use.get("SSD_TOTAL_GB", 0.0) + i.disk_gb
+        return use
 
     def h_region_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
         self.stub._check_project_zone(p["p"])
@@ -849,22 +896,27 @@ class _ApiHandler(BaseHTTPRequestHandler):
             raise ApiError(
                 404, f"The resource 'projects/{p['p']}/regions/{p['r']}' was not found", "notFound"
             )
-        used = self._gpus_in_use()
+        used = self._usage(p["r"])
         quotas = [
-            {"metric": m, "limit": limit, "usage": used if m == "NVIDIA_L4_GPUS" else 0.0}
+            {"metric": m, "limit": limit, "usage": used.get(m, 0.0)}
             for m, limit in self.stub.region_quotas.get(p["r"], {}).items()
         ]
         return 200, {"kind": "compute#region", "name": p["r"], "status": "UP", "quotas": quotas}
 
     def h_project_get(self, p: dict, q: dict, body: dict) -> tuple[int, dict]:
         self.stub._check_project_zone(p["p"])
+        used = self._usage()
         quotas = [
             {
                 "metric": "GPUS_ALL_REGIONS",
                 "limit": float(self.stub.gpu_quota),
-                "usage": self._gpus_in_use(),
+                "usage": used["GPUS_ALL_REGIONS"],
             },
-            {"metric": "CPUS_ALL_REGIONS", "limit": 512.0, "usage": 0.0},
+            {
+                "metric": "CPUS_ALL_REGIONS",
+                "limit": self.stub.cpus_all_regions,
+                "usage": used["CPUS_ALL_REGIONS"],
+            },
         ]
         return 200, {"kind": "compute#project", "name": p["p"], "quotas": quotas}
 

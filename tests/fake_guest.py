@@ -53,3 +53,17 @@ def kill_group(proc: subprocess.Popen | None, grace: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def stop_container(proc: subprocess.Popen | None, grace: float) -> None:
+    """``docker stop``: SIGTERM to the container's main process alone (its PID 1; its children
+    hear nothing unless it passes the signal on), SIGKILL to all of it after ``grace`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the main process left behind
+    proc.wait()

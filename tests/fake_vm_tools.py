@@ -8,7 +8,12 @@ its argv to ``dir/calls.jsonl``.
 ``docker run`` runs the image's entrypoint as a local process: bind mounts become path
 rewrites (``dst`` -> ``src`` in the arguments and the working directory), ``-e`` variables are
 passed on, ``--entrypoint python3`` is this interpreter, and the teacher image's own entrypoint
-(``distill-ctl teacher``) is ``tests/slow_teacher.py teacher``. Knobs (environment):
+(``distill-ctl teacher``) is ``tests/slow_teacher.py teacher``. As Docker does, the process runs
+as the image's ``USER`` (docker/teacher.Dockerfile's, 10001:10001) unless ``--user`` says
+otherwise, with the image's ``HOME`` (a directory of its own under the fake's root, owned by that
+user): when the tests run as root it drops to that uid/gid with ``setpriv``, so a bind mount the
+user may not write is refused as on a VM. Unprivileged, the fake cannot switch users and runs the
+process as the caller (:data:`ENFORCES_USER` says which). Knobs (environment):
 ``FAKE_PULL_ERROR`` (``docker pull`` prints it and fails), ``FAKE_DRIVER`` (the version
 ``nvidia-smi`` reports; default 570.172.08), ``FAKE_COS_ERROR`` (``cos-extensions`` fails).
 """
@@ -17,11 +22,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Whether ``docker run`` really runs as the image's user (it needs root to switch users).
+ENFORCES_USER = hasattr(os, "geteuid") and os.geteuid() == 0 and bool(shutil.which("setpriv"))
+
+
+def image_user(dockerfile: Path = REPO / "docker" / "teacher.Dockerfile") -> str:
+    """The last ``USER`` of the teacher image (``uid:gid``), as ``docker run`` uses it."""
+    users = [
+        line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("USER ")
+    ]
+    return users[-1] if users else "0:0"
+
 
 _DOCKER = r"""#!__PYTHON__
 import json, os, signal, subprocess, sys
@@ -39,9 +56,10 @@ if args[0] == "pull":
 if args[0] == "stop":
     sys.exit(0)
 assert args[0] == "run", args
-i, mounts, env, entry, workdir = 1, [], {}, None, None
+i, mounts, env, entry, workdir, user = 1, [], {}, None, None, os.environ["FAKE_IMAGE_USER"]
+volumes, devices = [], []
 takes_value = {"--network", "--name", "--stop-timeout", "--volume", "--device", "-e",
-               "--mount", "--workdir", "--entrypoint"}
+               "--mount", "--workdir", "--entrypoint", "--user"}
 while args[i].startswith("-"):
     flag = args[i]
     if flag not in takes_value:
@@ -59,7 +77,24 @@ while args[i].startswith("-"):
         entry = value
     elif flag == "--workdir":
         workdir = value
+    elif flag == "--user":
+        user = value
+    elif flag == "--volume":
+        src, _, dst = value.partition(":")
+        volumes.append((dst.split(":")[0], src))
+    elif flag == "--device":
+        devices.append(value)
 image, rest = args[i], args[i + 1:]
+uid, _, gid = user.partition(":")
+uid, gid = int(uid), int(gid or uid)
+# the image's HOME: its own directory, owned by the image's user (useradd --create-home)
+home = os.path.join(os.environ["FAKE_ROOT"], "image-home", str(uid))
+os.makedirs(home, exist_ok=True)
+if os.geteuid() == 0:
+    os.chown(home, uid, gid)
+env.setdefault("HOME", home)
+env.setdefault("DISTILL_CACHE", os.path.join(home, ".cache", "distill"))
+env.setdefault("HF_HOME", os.path.join(home, ".cache", "huggingface"))
 
 def host(p):
     for dst, src in mounts:
@@ -67,11 +102,20 @@ def host(p):
             return src + p[len(dst):]
     return p
 
+# the GPU reaches the container as COS gives it: the driver's libraries and the device nodes
+if "/usr/local/nvidia/lib64" in [dst for dst, _ in volumes] and any(
+    d.rsplit(":", 1)[-1] == "/dev/nvidia0" for d in devices
+):
+    env["FAKE_GPU"] = "1"
 if entry == "python3":
     argv = [sys.executable]
 else:
     argv = [sys.executable, "__REPO__/tests/slow_teacher.py", "teacher"]
 argv += [host(a) for a in rest]
+if os.geteuid() == 0 and uid != 0 and os.environ.get("FAKE_SETPRIV"):
+    # the container's process runs as the image's user, not as the host's root
+    argv = [os.environ["FAKE_SETPRIV"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "--", *argv]
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the container's process handles it
 child = subprocess.Popen(argv, cwd=host(workdir) if workdir else None,
                          env={**os.environ, **env}, restore_signals=True,
@@ -123,6 +167,9 @@ def make_bin(root: Path) -> dict[str, str]:
     return {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "FAKE_CALLS": str(root / "calls.jsonl"),
+        "FAKE_ROOT": str(root),
+        "FAKE_IMAGE_USER": image_user(),
+        "FAKE_SETPRIV": shutil.which("setpriv") or "",
         "DISTILL_STATE_DIR": str(root / "state"),
         "DISTILL_NVIDIA_DIR": str(nvidia),
         "DISTILL_DEV_DIR": str(dev),

@@ -5,6 +5,11 @@ The teacher code itself is unchanged (the delay wraps ``_targets_by_shard``, whi
 resident and the layered teacher go through); the guest runs it as
 ``DISTILL_ENTRYPOINT="python tests/slow_teacher.py teacher"``. ``FAIL_TASK_INDEX=i``: the
 fan-out's Batch task i fails (exit 1, as a CUDA error would) before its first shard.
+
+The cloud paths ship the job with ``teacher.device = "cuda"``. A stub VM whose container can
+see its "L4" says so with ``FAKE_GPU=1``, and the CPU stands in for it (``teacher.device =
+"cpu"``); without it the teacher runs as asked and fails at once, as on a VM whose container
+does not see the GPU.
 """
 
 from __future__ import annotations
@@ -34,4 +39,6 @@ if __name__ == "__main__":
         print("RuntimeError: CUDA error: an illegal memory access was encountered", flush=True)
         sys.exit(1)
     sys.argv = ["distill-ctl", *sys.argv[1:]]
+    if os.environ.get("FAKE_GPU") == "1":
+        sys.argv += ["--set", 'teacher.device="cpu"']
     cli.main()

@@ -65,7 +65,12 @@ class Guests:
     """What the stub's VMs run: the vm_agent, with a per-test entrypoint and environment."""
 
     def __init__(self) -> None:
-        self.env: dict[str, str] = {"DISTILL_ENTRYPOINT": SLOW, "SLOW_TEACHER_S": "0"}
+        # the stub's VMs have their "L4" (the CPU stands in for it: tests/slow_teacher.py)
+        self.env: dict[str, str] = {
+            "DISTILL_ENTRYPOINT": SLOW,
+            "SLOW_TEACHER_S": "0",
+            "FAKE_GPU": "1",
+        }
 
     def __call__(self, inst) -> tuple[list[str], dict[str, str]]:
         return [sys.executable, "-m", "distill.cloud.vm_agent"], guest_env(**self.env)
@@ -160,6 +165,7 @@ def test_teacher_cloud_runs_and_tears_down(compute, cloud_job, tmp_path):
     md = {i["key"]: i["value"] for i in body["metadata"]["items"]}
     assert "data/train/train.jsonl" in md["distill-job"] and "gs://" in md["distill-inputs"]
     assert 'mode = "resident"' in md["distill-job"]  # "auto" pinned to the estimated way
+    assert 'device = "cuda"' in md["distill-job"]  # no GPU in the container: fail, not crawl
     rec = run_records(cloud_job)
     assert len(rec) == 1 and rec[0]["outcome"] == "done" and rec[0]["vm_seconds"] > 0
     assert rec[0]["actual_usd"] > 0 and rec[0]["estimate"]["usd"]["total_spot"] > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distill.cloud import cost
-from distill.cloud.cost import CostOptions, estimate_cost
+from distill.cloud.cost import CostOptions, estimate_cost, render_table
 from distill.cloud.probe import probe_sample_bytes
 from distill.config import load_job
 from distill.errors import DistillError
@@ -98,8 +98,9 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
     gb = shard_bytes / 2**30
     assert e.usd["storage"] == pytest.approx(gb * 1.0 * 0.020)
     assert e.usd["egress"] == pytest.approx(gb * 0.12)
+    assert e.usd["nat_spot"] == pytest.approx(e.spot_hours * 0.0014)  # the NAT gateway's hours
     total = e.usd["vm_spot"] + e.usd["disk_spot"] + e.usd["storage"] + e.usd["egress"]
-    assert e.usd["total_spot"] == pytest.approx(total)
+    assert e.usd["total_spot"] == pytest.approx(total + e.usd["nat_spot"])
 
     rows = dict(e.assumptions())
     assert "uncalibrated" in rows["MFU (model FLOPs utilisation)"]
@@ -417,6 +418,32 @@ def test_vms_split_the_wall_time_not_the_work(tiny_teacher_dir, tmp_path):
     assert many.to_dict()["vms"] == 3 and many.to_dict()["hours"]["wall"] == many.wall_hours
     with pytest.raises(DistillError, match="--vms must be >= 1"):
         estimate_cost(job, CostOptions(vms=0))
+
+
+def test_cloud_nat_is_priced_for_the_batch_vms_driver(tiny_teacher_dir, tmp_path):
+    """The Batch VMs (batch-debian) download the NVIDIA driver through Cloud NAT: each boot
+    (preemption relaunches too) ~0.5 GiB at $0.045/GiB, plus the gateway's $0.0014 per
+    VM-hour, flat $0.044/h above 32 VMs. The single VM's COS driver comes from Google."""
+    from distill.cloud.cost import nat_usd
+
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))  # 3 train shards
+    vm = estimate_cost(job, CostOptions())
+    fan = estimate_cost(job, CostOptions(vms=3, engine="batch"))
+    assert vm.nat_gb == 0 and vm.usd["nat_spot"] == pytest.approx(vm.spot_hours * 0.0014)
+    assert fan.nat_gb == pytest.approx(0.5 * 3 * 1.15)
+    assert fan.usd["nat_spot"] == pytest.approx(fan.spot_hours * 0.0014 + fan.nat_gb * 0.045)
+    assert fan.usd["nat_on_demand"] == pytest.approx(fan.on_demand_hours * 0.0014 + 0.5 * 3 * 0.045)
+    for e in (vm, fan):
+        u = e.usd
+        parts = u["vm_spot"] + u["disk_spot"] + u["nat_spot"] + u["storage"] + u["egress"]
+        assert u["total_spot"] == pytest.approx(parts)
+    table = {r[0]: r[1:] for r in zip(*(c._cells for c in render_table(fan).columns), strict=True)}
+    assert "1.72 GB" in table["$ network (Cloud NAT)"][1]
+    assert "downloads the NVIDIA driver" in dict(fan.assumptions())["network"]
+    # above 32 VMs the gateway's flat rate, over the wall time
+    prices = fan.prices
+    assert nat_usd(prices, 100.0, 2.0, 50, 0.0) == pytest.approx(2.0 * 0.044)
+    assert nat_usd(prices, 100.0, 2.0, 32, 1.0) == pytest.approx(100 * 0.0014 + 0.045)
 
 
 def test_layered_is_refused_outside_its_families_and_without_safetensors(smol_tokenizer, tmp_path):

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -25,10 +26,19 @@ import pytest
 from fake_batch import FakeBatch
 from fake_compute import FakeCompute
 from rich.console import Console
-from test_cloud import PROJECT, SLOW, assert_exact, guest_env, run_in_thread, run_records
+from test_cloud import (
+    PROJECT,
+    SLOW,
+    assert_exact,
+    guest_env,
+    run_in_thread,
+    run_records,
+    shards_in,
+)
 from test_pipeline import make_job
 
 from distill.cloud.backend import CloudError, QuotaExceeded, Stockout
+from distill.cloud.batch import DRIVER_VERSION, decode_env
 from distill.cloud.controller import CloudOptions, TeacherFailed, teacher_cloud
 from distill.cloud.fanout import FanoutController
 from distill.config import load_job
@@ -220,7 +230,7 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
     t, result = run_in_thread(ctl)
     train = f"{load_job(fan_job).output}/train"
     # task 0: preempted while it boots (before its first shard)
-    assert batch.wait_for(lambda: batch.history and batch.task(0).state == "RUNNING", 120)
+    assert batch.wait_for(lambda: batch.history and batch.task(0).state == "RUNNING", 120), result
     batch.preempt(0)
     # task 1: preempted mid-run, after its first shard
     assert batch.wait_for(lambda: task_shards(train, 1) >= 1, 180)
@@ -245,28 +255,43 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
     log2 = "".join(tasks[2].serial)
     assert "stopped on SIGTERM" in log2 and "train: resuming, 2/4 shards" in log2, log2[-3000:]
     assert "task 0 of 3: shards 0, 3, 6 ... 9 (4)" in "".join(tasks[0].serial)
+    # a task preempted mid-run: its teacher heard the SIGTERM that its container's main process
+    # got (the task passes it on) and stopped cleanly, exit 75, not killed after the grace
+    for i in (1, 2):
+        log = "".join(tasks[i].serial)
+        assert "SIGTERM: passing it to the teacher" in log, log[-3000:]
+        assert "teacher exit code 75 (preempted: retry)" in log, log[-3000:]
     # the job as created: Spot L4 VMs, the driver, the retry policy
     (body,) = batch.created
     policy = body["allocationPolicy"]["instances"][0]
     assert policy["policy"]["provisioningModel"] == "SPOT" and policy["installGpuDrivers"]
     assert policy["policy"]["machineType"] == "g2-standard-8"
-    assert policy["policy"]["accelerators"][0]["type"] == "nvidia-l4"
-    assert policy["policy"]["bootDisk"]["sizeGb"] == "100"  # a tiny teacher: the least
+    (acc,) = policy["policy"]["accelerators"]
+    assert acc["type"] == "nvidia-l4" and acc["driverVersion"] == DRIVER_VERSION
+    disk = policy["policy"]["bootDisk"]
+    assert (disk["image"], disk["sizeGb"]) == ("batch-debian", "100")  # tiny teacher: the least
     group = body["taskGroups"][0]
     assert group["taskCount"] == group["parallelism"] == str(VMS)
     spec = group["taskSpec"]
-    # teacher.mode = "auto" is pinned to the estimated way in the tasks' job
-    vm_job = tomllib.loads(spec["runnables"][0]["environment"]["variables"]["DISTILL_JOB_TOML"])
+    runnable = spec["runnables"][0]
+    assert runnable["container"]["options"] == "--gpus all"  # the L4 inside the container
+    env = runnable["environment"]["variables"]
+    assert env["DISTILL_WATCH_PREEMPTION"] == "1"
+    # teacher.mode = "auto" is pinned to the estimated way in the tasks' job, and the device
+    # to the GPU (a container that cannot see it fails at once)
+    vm_job = tomllib.loads(decode_env(env["DISTILL_JOB_TOML_B64"]))
     assert vm_job["teacher"]["mode"] == "resident" and vm_job["teacher"]["model"] == "model"
+    assert vm_job["teacher"]["device"] == "cuda"
+    assert all("\n" not in v for v in env.values())  # multi-line texts travel as base64
     assert spec["maxRetryCount"] == 10 and int(spec["maxRunDuration"].rstrip("s")) >= 3600
-    assert spec["lifecyclePolicies"][0] == {
-        "action": "RETRY_TASK",
-        "actionCondition": {"exitCodes": [50001, 75]},
-    }
-    assert spec["lifecyclePolicies"][1] == {
-        "action": "FAIL_TASK",
-        "actionCondition": {"exitCodes": [3, 50005]},
-    }
+    # one policy (Batch takes one): retry when the VM went away or the teacher stopped on
+    # the notice; every other exit code fails the task
+    assert spec["lifecyclePolicies"] == [
+        {
+            "action": "RETRY_TASK",
+            "actionCondition": {"exitCodes": [50001, 50002, 50003, 50006, 75]},
+        }
+    ]
     assert body["labels"] == {"distill-job": "job", "managed-by": "distill"}
     # byte for byte what one VM writes
     assert_same_as_single(fan_job, single_vm)
@@ -389,6 +414,83 @@ def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, single_vm
     assert nothing_left(batch) and not open_store(f"{out}2/train").list()
 
 
+def test_a_job_that_never_runs_is_given_up_after_the_provision_timeout(
+    compute, batch, fan_job, tmp_path
+):
+    """Batch failing the job for a stockout reads as "no capacity", not "no task failed"; and
+    a job held QUEUED with no event that says why is deleted at
+    cloud.provision_timeout_minutes (Batch itself would wait 2 days)."""
+    out = load_job(fan_job).output
+    batch.stockouts, batch.stockout_fails = 1, True
+    with pytest.raises(Stockout, match="no L4 capacity for the Batch job .* Batch could not"):
+        fanout(fan_job, compute, batch, tmp_path).execute()
+    assert nothing_left(batch)
+    batch.stockouts, batch.stockout_fails, batch.hold_queued = 0, False, True
+    t0 = time.monotonic()
+    ctl = fanout(
+        fan_job,
+        compute,
+        batch,
+        tmp_path,
+        f'job.output="{out}2"',
+        "cloud.provision_timeout_minutes=0.02",
+    )
+    with pytest.raises(CloudError, match="no task of the Batch job .* started in 0.02 min"):
+        ctl.execute()
+    assert time.monotonic() - t0 < 60
+    assert nothing_left(batch) and not open_store(f"{out}2/train").list()
+
+
+def test_a_job_cancelled_outside_is_reported_and_a_rerun_completes(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    """Someone cancels the job (the console, gcloud): CANCELLATION_IN_PROGRESS and CANCELLED
+    end the watch with that said, instead of a poll that never ends."""
+    guests.env["SLOW_TEACHER_S"] = "0.4"
+    t, result = run_in_thread(fanout(fan_job, compute, batch, tmp_path))
+    train = f"{load_job(fan_job).output}/train"
+    assert batch.wait_for(lambda: shards_in(train) >= 1, 180)
+    batch.cancel(batch.history[0].name)
+    t.join(120)
+    assert not t.is_alive(), "the controller still watches a cancelled job"
+    err = result.get("error")
+    assert isinstance(err, CloudError) and "was cancelled (CANCEL" in str(err), err
+    assert nothing_left(batch)
+    guests.env["SLOW_TEACHER_S"] = "0"
+    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert nothing_left(batch)
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
+
+
+@pytest.mark.parametrize("fault", ["no-gpus-option", "old-driver"])
+def test_a_container_without_the_gpu_fails_in_seconds(
+    compute, batch, fan_job, tmp_path, monkeypatch, fault
+):
+    """The job ships teacher.device = "cuda": a container that does not see the L4 (no
+    `--gpus all`) fails at once instead of running the teacher on the CPU until its max run
+    duration; a driver older than the image's CUDA stops the container before it starts."""
+    from distill.cloud import batch as batch_mod
+
+    if fault == "no-gpus-option":
+        monkeypatch.setattr(batch_mod, "CONTAINER_OPTIONS", "")
+    else:
+        monkeypatch.setattr(batch_mod, "DRIVER_VERSION", "550.54.15")
+    t0 = time.monotonic()
+    with pytest.raises(DistillError) as e:
+        fanout(fan_job, compute, batch, tmp_path).execute()
+    assert time.monotonic() - t0 < 120
+    msg = str(e.value)
+    if fault == "no-gpus-option":
+        assert isinstance(e.value, TeacherFailed) and "the teacher failed" in msg
+        log = "".join(batch.history[0].tasks[0].serial)
+        assert "sees no CUDA device" in log, log[-2000:]
+    else:
+        assert "its container did not start (docker run's exit code 125)" in msg
+    assert nothing_left(batch)
+    assert not open_store(f"{load_job(fan_job).output}/train").list()
+
+
 def test_quota_zero_is_refused(compute, batch, fan_job, tmp_path):
     # the preflight: the region's L4 quota cannot hold 3 VMs; nothing is created
     compute.region_quotas["us-central1"] = {
@@ -403,27 +505,45 @@ def test_quota_zero_is_refused(compute, batch, fan_job, tmp_path):
         "NVIDIA_L4_GPUS": 8.0,
         "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
     }
+    # ... Batch holds the job QUEUED for quota (for 2 days, then fails it): stopped at once
     batch.gpu_quota = 0
+    t0 = time.monotonic()
+    with pytest.raises(QuotaExceeded) as e:
+        fanout(fan_job, compute, batch, tmp_path).execute()
+    assert time.monotonic() - t0 < 120
+    assert "NVIDIA_L4_GPUS is 0" in str(e.value) and "inadequate quotas" in str(e.value)
+    assert len(batch.created) == 1 and nothing_left(batch)
+    # ... or the VMs' creation fails for quota, which fails the job
+    batch.gpu_quota, batch.creation_quota_error = None, True
     with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS is 0.0 in region us-central1"):
         fanout(fan_job, compute, batch, tmp_path).execute()
-    assert len(batch.created) == 1 and nothing_left(batch)
+    assert len(batch.created) == 2 and nothing_left(batch)
     assert not open_store(f"{load_job(fan_job).output}/train").exists(MANIFEST)
 
 
 def test_more_vms_than_shards_needs_quota_for_the_tasks_only(compute, batch, fan_job, tmp_path):
-    """--vms 20 on a job of 12 shards at most runs 12 tasks: the quota check asks for 12 L4s
-    (12 in quota passes, 11 is refused), and the tasks and VMs are counted as 12."""
+    """--vms 20 on a job of 12 shards at most runs 12 tasks: the quota check asks for 12 L4s,
+    96 vCPUs and 12 boot disks (each just enough passes, one less is refused), and the tasks
+    and VMs are counted as 12."""
     compute.gpu_quota = 12  # GPUS_ALL_REGIONS
-    compute.region_quotas["us-central1"] = {
+    enough = {
         "NVIDIA_L4_GPUS": 12.0,
         "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
+        "CPUS": 96.0,  # 12 x g2-standard-8
+        "PREEMPTIBLE_CPUS": 0.0,
+        "SSD_TOTAL_GB": 1200.0,  # 12 x 100 GB pd-balanced
     }
+    compute.region_quotas["us-central1"] = dict(enough)
     ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20")
     ctl.preflight()
-    assert ctl.tasks == TRAIN_SHARDS and ctl.gpus_needed() == TRAIN_SHARDS
-    compute.region_quotas["us-central1"]["NVIDIA_L4_GPUS"] = 11.0
-    with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS"):
-        fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").preflight()
+    assert ctl.tasks == TRAIN_SHARDS and ctl.vms_at_once() == TRAIN_SHARDS
+    for metric, less in (("NVIDIA_L4_GPUS", 11.0), ("CPUS", 95.0), ("SSD_TOTAL_GB", 1199.0)):
+        compute.region_quotas["us-central1"] = {**enough, metric: less}
+        with pytest.raises(QuotaExceeded, match=f"quota: {metric} is {less}"):
+            fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").preflight()
+    # Spot VMs take the preemptible CPU quota where the region grants it room
+    compute.region_quotas["us-central1"] = {**enough, "CPUS": 8.0, "PREEMPTIBLE_CPUS": 96.0}
+    fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").preflight()
     assert not batch.created
 
 
@@ -434,7 +554,7 @@ def test_a_big_teacher_gets_a_disk_that_holds_it(compute, batch, fan_job, tmp_pa
     from distill.cloud import fanout as fanout_mod
     from distill.cloud.spec import BOOT_DISK_GB, boot_disk_gb
 
-    def unstaged(job, console):  # the sparse 150 GiB file is not uploaded
+    def unstaged(job, console, gpu=True):  # the sparse 150 GiB file is not uploaded
         return job.to_dict(), ()
 
     for mod in (controller, fanout_mod):
@@ -456,7 +576,10 @@ def test_a_big_teacher_gets_a_disk_that_holds_it(compute, batch, fan_job, tmp_pa
     assert want > 150 + 16 > BOOT_DISK_GB and ctl.estimate.opts.boot_disk_gb == want
     assert ctl.estimate.usd["disk_spot"] > 0
     body = ctl.make_batch_spec().body()
-    assert body["allocationPolicy"]["instances"][0]["policy"]["bootDisk"] == {"sizeGb": str(want)}
+    assert body["allocationPolicy"]["instances"][0]["policy"]["bootDisk"] == {
+        "image": "batch-debian",
+        "sizeGb": str(want),
+    }
     single = controller.Controller(
         load_job(fan_job, sets), options(compute, batch, tmp_path), Console(stderr=True)
     )

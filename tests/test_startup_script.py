@@ -10,6 +10,9 @@ delete its own VM) and the emulator's JSON API with curl, as it does GCE's on a 
 from __future__ import annotations
 
 import shutil
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,16 +48,28 @@ class ScriptGuests:
         assert self.script.read_text() == STARTUP_SCRIPT
         self.env: dict[str, str] = {"SLOW_TEACHER_S": "0"}
         self.vms: list[Path] = []
+        self.gpu_devices = True  # False: the VM has no /dev/nvidia* (no GPU for the container)
 
     def __call__(self, inst) -> tuple[list[str], dict[str, str]]:
         vm = self.root / f"vm-{inst.id}"
         self.vms.append(vm)
-        return ["bash", str(self.script)], guest_env(**make_bin(vm), **self.env)
+        env = make_bin(vm)
+        if not self.gpu_devices:
+            for d in (vm / "dev").glob("nvidia*"):
+                d.unlink()
+        return ["bash", str(self.script)], guest_env(**env, **self.env)
 
 
 @pytest.fixture
-def guests(tmp_path) -> ScriptGuests:
-    return ScriptGuests(tmp_path)
+def guests() -> Iterator[ScriptGuests]:
+    """The VMs' host directories, traversable by every user like a VM's /var/lib (pytest's
+    tmp_path is not), so the containers run as the image's user reach their bind mounts."""
+    root = Path(tempfile.mkdtemp(prefix="distill-vms-"))
+    root.chmod(0o755)
+    try:
+        yield ScriptGuests(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def status_objects(job: Path) -> dict[str, bytes]:
@@ -79,7 +94,11 @@ def test_the_startup_script_runs_the_teacher_and_deletes_its_vm(
     assert cmds[4:7] == ["docker pull", "docker run", "docker run"]
     assert cmds[7:] in ([], ["shutdown"])
     assert argv[0][1:] == ["install", "gpu", "--", "-version=latest"]
-    teacher = argv[6]
+    stage, teacher = argv[5], argv[6]
+    # staging writes into the root-owned job directory as root; the teacher runs as the
+    # image's USER (the fake docker runs each as Docker would: tests/fake_vm_tools.py)
+    assert stage[stage.index("--user") + 1] == "0:0"
+    assert "--user" not in teacher
     dev, nvidia = vm / "dev", vm / "nvidia"
     for flag, value in (
         ("--device", f"{dev}/nvidia0:/dev/nvidia0"),
@@ -155,3 +174,20 @@ def test_a_preempted_script_vm_is_relaunched_and_loses_nothing(
     statuses = sorted(v.decode() for n, v in objs.items() if n.endswith(".json"))
     assert any('"status": "preempted"' in s for s in statuses), statuses
     assert any('"status": "done"' in s for s in statuses), statuses
+
+
+def test_a_vm_whose_container_cannot_see_the_gpu_fails_in_seconds(
+    compute, guests, cloud_job, tmp_path
+):
+    """The job on the VM says teacher.device = "cuda": without the GPU in its container the
+    teacher stops before any work, and the user reads why, instead of a CPU run billed until
+    the max run duration."""
+    guests.gpu_devices = False
+    t0 = time.monotonic()
+    with pytest.raises(TeacherFailed) as e:
+        controller(cloud_job, compute, tmp_path).execute()
+    assert time.monotonic() - t0 < 120
+    assert "sees no CUDA device" in str(e.value), str(e.value)
+    assert no_vm_left(compute)
+    job = load_job(cloud_job)
+    assert not [n for n in open_store(f"{job.output}/train").list() if n.endswith(".tar")]

@@ -85,7 +85,8 @@ class PreflightFailed(CloudError):
 
 @dataclass(frozen=True)
 class Needs:
-    """What one teacher VM needs from the project, checked before anything is uploaded."""
+    """What the teacher's VMs need from the project, checked before anything is uploaded:
+    ``gpus``, ``cpus`` and ``disk_gb`` (pd-balanced) are the totals of the VMs run at once."""
 
     region: str
     gpus: int
@@ -94,38 +95,83 @@ class Needs:
     image_family: str
     network: str
     subnetwork: str
+    cpus: int = 0
+    disk_gb: int = 0
+
+
+Quotas = dict[str, tuple[float, float]]  # metric -> (limit, usage)
+
+
+def _refusal(
+    project: str,
+    kind: str,
+    metric: str,
+    have: tuple[float, float],
+    where: str,
+    need: str,
+    also: str = "",
+) -> str:
+    limit, usage = have
+    return (
+        f"{kind} quota: {metric} is {limit} {where}{also}, {usage:g} in use, so {need} cannot "
+        f"start. Request an increase at "
+        f"https://console.cloud.google.com/iam-admin/quotas?project={project} (metric "
+        f"{metric}), or use fewer VMs (--vms), then rerun; nothing was spent"
+    )
 
 
 def quota_refusal(
     project: str,
     needs: Needs,
-    regional: dict[str, tuple[float, float]],
+    regional: Quotas,
     all_regions: tuple[float, float],
+    global_cpus: tuple[float, float] | None = None,
 ) -> str | None:
-    """Why the quotas (metric -> (limit, usage)) leave no room for the VM's GPUs, or None.
+    """Why the quotas leave no room for the VMs, or None.
 
-    A Spot L4 uses PREEMPTIBLE_NVIDIA_L4_GPUS where the region grants it, else NVIDIA_L4_GPUS
-    (Compute Engine's GPU quota docs); every GPU also counts against GPUS_ALL_REGIONS."""
+    GPUs: a Spot L4 uses PREEMPTIBLE_NVIDIA_L4_GPUS where the region grants it room, else
+    NVIDIA_L4_GPUS (Compute Engine's GPU quota docs); every GPU also counts against
+    GPUS_ALL_REGIONS. vCPUs likewise: PREEMPTIBLE_CPUS where granted, else CPUS, and
+    CPUS_ALL_REGIONS; a family quota the region reports (G2_CPUS) too. The pd-balanced boot
+    disks count against SSD_TOTAL_GB. A metric the region does not report is not checked,
+    except the L4s (none reported: none granted)."""
     none = (0.0, 0.0)
-    checks = [("NVIDIA_L4_GPUS", regional.get("NVIDIA_L4_GPUS", none), f"in {needs.region}")]
+
+    def room(q: tuple[float, float], n: float) -> bool:
+        return q[0] - q[1] >= n
+
     pre = regional.get("PREEMPTIBLE_NVIDIA_L4_GPUS", none)
-    if needs.spot and pre[0] - pre[1] >= needs.gpus:
-        checks = []  # the preemptible quota has room: the standard one is not used
-    checks.append(("GPUS_ALL_REGIONS", all_regions, "globally"))
-    for metric, (limit, usage), where in checks:
-        if limit - usage < needs.gpus:
+    vms = f"{needs.gpus} L4 VM(s)" if needs.gpus != 1 else "the L4 VM"
+    if not (needs.spot and room(pre, needs.gpus)):
+        std = regional.get("NVIDIA_L4_GPUS", none)
+        if not room(std, needs.gpus):
             also = (
                 f" (PREEMPTIBLE_NVIDIA_L4_GPUS there: {pre[0]:g}, {pre[1]:g} in use)"
-                if needs.spot and metric == "NVIDIA_L4_GPUS"
+                if needs.spot
                 else ""
             )
-            return (
-                f"GPU quota: {metric} is {limit} {where}{also}, {usage:g} in use, so no L4 VM "
-                f"can start. Request an increase at "
-                f"https://console.cloud.google.com/iam-admin/quotas?project={project} (metric "
-                f"{metric}{' or PREEMPTIBLE_NVIDIA_L4_GPUS' if also else ''}), then rerun; "
-                "nothing was spent"
-            )
+            metric = "NVIDIA_L4_GPUS" + (" or PREEMPTIBLE_NVIDIA_L4_GPUS" if needs.spot else "")
+            why = _refusal(project, "GPU", "NVIDIA_L4_GPUS", std, f"in {needs.region}", vms, also)
+            return why.replace("(metric NVIDIA_L4_GPUS)", f"(metric {metric})")
+    if not room(all_regions, needs.gpus):
+        return _refusal(project, "GPU", "GPUS_ALL_REGIONS", all_regions, "globally", vms)
+    if needs.cpus:
+        cpus = f"{vms} ({needs.cpus} vCPUs)"
+        pre_cpus = regional.get("PREEMPTIBLE_CPUS", none)
+        spot_fits = needs.spot and room(pre_cpus, needs.cpus)
+        std = regional.get("CPUS")
+        if not spot_fits and std is not None and not room(std, needs.cpus):
+            return _refusal(project, "CPU", "CPUS", std, f"in {needs.region}", cpus)
+        for metric in ("G2_CPUS",):  # a family quota, where the region reports one
+            if metric in regional and not room(regional[metric], needs.cpus):
+                where = f"in {needs.region}"
+                return _refusal(project, "CPU", metric, regional[metric], where, cpus)
+        if global_cpus is not None and not room(global_cpus, needs.cpus):
+            return _refusal(project, "CPU", "CPUS_ALL_REGIONS", global_cpus, "globally", cpus)
+    ssd = regional.get("SSD_TOTAL_GB")
+    if needs.disk_gb and ssd is not None and not room(ssd, needs.disk_gb):
+        disks = f"the boot disks of {vms} ({needs.disk_gb} GB of pd-balanced)"
+        return _refusal(project, "disk", "SSD_TOTAL_GB", ssd, f"in {needs.region}", disks)
     return None
 
 
@@ -160,16 +206,34 @@ class Backend(Protocol):
 # --- errors -----------------------------------------------------------------------------------
 
 
+_QUOTA_TEXTS = (
+    # Compute: "Quota 'NVIDIA_L4_GPUS' exceeded.  Limit: 1.0 in region us-central1."
+    # Batch: "... creation failed: Quota NVIDIA_L4_GPUS exceeded. Limit: 1.0 in region R"
+    re.compile(
+        r"Quota '?([A-Z0-9_]+)'? exceeded\.\s+Limit: ([\d.]+)(?: in (?:region|zone) ([\w-]+))?"
+    ),
+    # Batch, a job held in QUEUED: "... due to inadequate quotas [Quota: NVIDIA_L4_GPUS,
+    # limit: 1, usage: 0, wanted: 3.]"
+    re.compile(r"\[Quota: ([A-Z0-9_]+), limit: ([\d.]+)()"),
+)
+
+
 def quota_message(project: str, text: str) -> str:
-    pattern = r"Quota '([A-Z0-9_]+)' exceeded\.\s+Limit: ([\d.]+)(?: in region ([\w-]+))?"
-    m = re.search(pattern, text)
-    metric, limit, region = (m.group(1), m.group(2), m.group(3)) if m else ("?", "?", None)
-    where = f"in region {region}" if region else "globally"
+    """A quota refusal, any of Compute's and Batch's wordings, with the fix."""
+    metric, limit, region = "?", "?", None
+    for pattern in _QUOTA_TEXTS:
+        m = pattern.search(text)
+        if m:
+            metric, limit, region = m.group(1), m.group(2), m.group(3) or None
+            break
+    where = f"in region {region}" if region else "globally" if "ALL_REGIONS" in metric else ""
     return (
-        f"GPU quota: {metric} is {limit} {where}, so no L4 VM can start ({text.strip()}). "
-        f"Request an increase at https://console.cloud.google.com/iam-admin/quotas?project="
-        f"{project} (metric {metric}; a Spot L4 also needs PREEMPTIBLE_NVIDIA_L4_GPUS or "
-        "NVIDIA_L4_GPUS in the region), then rerun; nothing was spent"
+        f"quota: {metric} is {limit}{' ' + where if where else ''}, too little for the "
+        f"teacher's VMs ({text.strip()}). Request an increase at "
+        f"https://console.cloud.google.com/iam-admin/quotas?project={project} (metric "
+        f"{metric}; a Spot L4 VM needs PREEMPTIBLE_NVIDIA_L4_GPUS or NVIDIA_L4_GPUS, 8 CPUS or "
+        "PREEMPTIBLE_CPUS and its boot disk's SSD_TOTAL_GB in the region), or use fewer VMs "
+        "(--vms), then rerun; nothing was spent"
     )
 
 
@@ -363,7 +427,13 @@ class GceBackend:
             proj = self.projects.get(project=self.project, **self._read)
         quotas = {q.metric: (q.limit, q.usage) for q in region.quotas}
         glob = {q.metric: (q.limit, q.usage) for q in proj.quotas}
-        why = quota_refusal(self.project, needs, quotas, glob.get("GPUS_ALL_REGIONS", (0.0, 0.0)))
+        why = quota_refusal(
+            self.project,
+            needs,
+            quotas,
+            glob.get("GPUS_ALL_REGIONS", (0.0, 0.0)),
+            glob.get("CPUS_ALL_REGIONS"),
+        )
         if why:
             raise QuotaExceeded(why)
         self._check_subnet(needs)

@@ -2,23 +2,34 @@
 
 One job, one task group of N tasks (``parallelism`` N), each a container runnable with the
 teacher image running :mod:`distill.cloud.batch_task` on its own Spot ``g2-standard-8`` with
-one L4 (``installGpuDrivers``). Task i computes the shards ``s % N == i``
-(``BATCH_TASK_INDEX`` / ``BATCH_TASK_COUNT``, which Batch sets). A preempted task (Batch's
-exit code 50001, or the teacher's own :data:`EXIT_PREEMPTED` when it stopped on the notice)
-is retried up to ``maxRetryCount`` times, on a new VM, and resumes from the bucket; any other
-exit is mapped to :data:`EXIT_TASK_FAILED`, which fails the task. ``maxRunDuration`` bounds
-each attempt (Batch's exit code 50005 fails the task too: a hung teacher is not retried).
-Batch deletes its VMs itself; the job carries the labels ``gc`` finds it by.
+one L4. Task i computes the shards ``s % N == i`` (``BATCH_TASK_INDEX`` /
+``BATCH_TASK_COUNT``, which Batch sets). The VMs boot ``batch-debian`` with the NVIDIA driver
+installed by Batch (``installGpuDrivers``, the version pinned by :data:`DRIVER_VERSION`,
+fetched from NVIDIA through the network's Cloud NAT); the container gets the GPU with
+``--gpus all``, as on any Docker host with the NVIDIA container toolkit.
+
+Batch takes one lifecycle policy (task.proto: "Currently we only support one lifecycle
+policy"), and a RETRY_TASK policy retries the codes it lists and fails every other one. Ours
+lists :data:`RETRY_CODES`: the VM went away under the task (Batch's 50001 preemption, 50002 no
+VM updates, 50003 VM rebooted, 50006 VM recreated) or the teacher stopped on the preemption
+notice (:data:`~distill.cloud.preemption.EXIT_PREEMPTED`). Such a task runs again on a new VM,
+up to ``maxRetryCount`` times (at most :data:`MAX_RETRY_COUNT`), and resumes from the bucket.
+Anything else fails the task at once: the teacher's error (the task exits
+:data:`EXIT_TASK_FAILED`), a container that did not start, an attempt past ``maxRunDuration``
+(50005, a hung teacher) or an unresponsive task (50004). Batch deletes its VMs itself; the job
+carries the labels ``gc`` finds it by.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from distill.cloud.backend import CloudError, QuotaExceeded, Stockout, quota_message
-from distill.cloud.preemption import EXIT_PREEMPTED
+from distill.cloud.preemption import EXIT_PREEMPTED, WATCH_ENV
 from distill.cloud.spec import (
     ACCELERATOR_COUNT,
     ACCELERATOR_TYPE,
@@ -28,19 +39,81 @@ from distill.cloud.spec import (
     job_labels,
     region_of,
 )
+from distill.config import BATCH_MAX_RETRIES
+from distill.errors import DistillError
 
-EXIT_VM_PREEMPTED = 50001  # Batch's reserved exit code: the task's Spot VM was preempted
-# Batch retries any exit code that no lifecycle policy names: the task maps every exit but 0
-# and EXIT_PREEMPTED to this one (after logging the teacher's), which fails the task at once
+# Batch's reserved exit codes (docs: troubleshooting#reserved-exit-codes)
+EXIT_VM_PREEMPTED = 50001  # the task's Spot VM was preempted
+EXIT_VM_NO_UPDATES = 50002  # Batch no longer receives the VM's updates
+EXIT_VM_REBOOTED = 50003  # the VM rebooted during the task
+EXIT_UNRESPONSIVE = 50004  # the VM and the task are unresponsive
+EXIT_MAX_RUN = 50005  # the attempt ran past maxRunDuration (a hung teacher: not retried)
+EXIT_VM_RECREATED = 50006  # the VM was recreated during the task
+# The one lifecycle policy: RETRY_TASK on these, every other non-zero exit fails the task.
+RETRY_CODES = (
+    EXIT_VM_PREEMPTED,
+    EXIT_VM_NO_UPDATES,
+    EXIT_VM_REBOOTED,
+    EXIT_VM_RECREATED,
+    EXIT_PREEMPTED,
+)
+VM_GONE_CODES = frozenset(RETRY_CODES) - {EXIT_PREEMPTED}
+MAX_RETRY_COUNT = BATCH_MAX_RETRIES  # task.proto: maxRetryCount's valid range is [0, 10]
+# The task maps every teacher exit but 0 and EXIT_PREEMPTED to this one (after logging the
+# teacher's), so the controller can tell "the teacher failed" from "the container never ran"
 EXIT_TASK_FAILED = 3
-# Batch's reserved exit code: the attempt ran past maxRunDuration (a hung teacher: not retried)
-EXIT_MAX_RUN = 50005
-JOB_ENV = "DISTILL_JOB_TOML"  # the task's job file (TOML text)
-INPUTS_ENV = "DISTILL_INPUTS"  # gs://SRC DEST lines, as the VM's distill-inputs metadata
+BOOT_IMAGE = "batch-debian"  # Batch's Debian image: its driver install + NVIDIA container toolkit
+CONTAINER_OPTIONS = "--gpus all"  # the L4 inside the teacher's container
+# The NVIDIA driver Batch installs (Accelerator.driverVersion): the R570 branch, the oldest that
+# the teacher image's CUDA 12.8 supports (spec.MIN_DRIVER; a test keeps the two in step).
+DRIVER_VERSION = "570.172.08"
+# What a Batch job needs of the project (infra/terraform/base provides it; a test checks):
+# the APIs enabled, and the roles of the job's service account. Without batch.agentReporter,
+# Batch fails the job: "No VM has agent reporting correctly within time window".
+REQUIRED_APIS = (
+    "artifactregistry.googleapis.com",
+    "batch.googleapis.com",
+    "compute.googleapis.com",
+    "logging.googleapis.com",
+    "storage.googleapis.com",
+)
+TASK_ROLES = (
+    "roles/artifactregistry.reader",
+    "roles/batch.agentReporter",
+    "roles/logging.logWriter",
+    "roles/storage.objectCreator",
+    "roles/storage.objectViewer",
+)
+JOB_ENV = "DISTILL_JOB_TOML_B64"  # the task's job file (TOML text, base64)
+INPUTS_ENV = "DISTILL_INPUTS_B64"  # gs://SRC DEST lines, as the VM's distill-inputs (base64)
 TASK_MODULE = "distill.cloud.batch_task"
 # Batch's status events name VM creation failures by these codes (in the description)
 STOCKOUT_EVENT = "CODE_GCE_ZONE_RESOURCE_POOL_EXHAUSTED"
 QUOTA_EVENT = "CODE_GCE_QUOTA_EXCEEDED"
+# ... and a job held in QUEUED for quota (Batch fails it after 2 days), or a VM creation refused
+# for quota, in the troubleshooting page's words
+QUOTA_WORDS = (
+    QUOTA_EVENT,
+    "due to inadequate quota",
+    re.compile(r"Quota '?[A-Z0-9_]+'? exceeded"),
+)
+STOCKOUT_WORDS = (
+    STOCKOUT_EVENT,
+    "ZONE_RESOURCE_POOL_EXHAUSTED",
+    "does not have enough resources available",
+)
+LIVE = ("QUEUED", "SCHEDULED", "RUNNING")
+# A job in one of these will not run a task again: Batch ended it, or it is being cancelled
+ENDED = ("SUCCEEDED", "FAILED", "CANCELLATION_IN_PROGRESS", "CANCELLED")
+
+
+def encode_env(text: str) -> str:
+    """Multi-line text (the job TOML, the inputs list) as one base64 line for an env var."""
+    return base64.b64encode(text.encode()).decode()
+
+
+def decode_env(value: str) -> str:
+    return base64.b64decode(value.encode(), validate=True).decode()
 
 
 def batch_job_id(job_name: str) -> str:
@@ -69,6 +142,13 @@ class BatchSpec:
     subnetwork: str = ""
     boot_disk_gb: int = BOOT_DISK_GB  # :func:`distill.cloud.spec.boot_disk_gb`
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_retries <= MAX_RETRY_COUNT:
+            raise DistillError(
+                f"cloud.max_preemptions = {self.max_retries}: a Batch task is retried at most "
+                f"{MAX_RETRY_COUNT} times (maxRetryCount is 0..{MAX_RETRY_COUNT})"
+            )
+
     @property
     def region(self) -> str:
         return region_of(self.zones[0])
@@ -89,11 +169,14 @@ class BatchSpec:
                 "imageUri": self.image,
                 "entrypoint": "python",
                 "commands": ["-m", TASK_MODULE],
+                "options": CONTAINER_OPTIONS,
             },
             "environment": {
                 "variables": {
-                    JOB_ENV: self.job_toml,
-                    INPUTS_ENV: "\n".join(f"{s} {d}" for s, d in self.inputs),
+                    JOB_ENV: encode_env(self.job_toml),
+                    INPUTS_ENV: encode_env("".join(f"{s} {d}\n" for s, d in self.inputs)),
+                    # the teacher also stops on the metadata server's preemption notice
+                    WATCH_ENV: "1",
                 }
             },
         }
@@ -110,14 +193,8 @@ class BatchSpec:
                         "lifecyclePolicies": [
                             {
                                 "action": "RETRY_TASK",
-                                "actionCondition": {
-                                    "exitCodes": [EXIT_VM_PREEMPTED, EXIT_PREEMPTED]
-                                },
-                            },
-                            {
-                                "action": "FAIL_TASK",
-                                "actionCondition": {"exitCodes": [EXIT_TASK_FAILED, EXIT_MAX_RUN]},
-                            },
+                                "actionCondition": {"exitCodes": list(RETRY_CODES)},
+                            }
                         ],
                     },
                 }
@@ -132,9 +209,16 @@ class BatchSpec:
                             "machineType": MACHINE_TYPE,
                             "provisioningModel": "SPOT" if self.spot else "STANDARD",
                             "accelerators": [
-                                {"type": ACCELERATOR_TYPE, "count": str(ACCELERATOR_COUNT)}
+                                {
+                                    "type": ACCELERATOR_TYPE,
+                                    "count": str(ACCELERATOR_COUNT),
+                                    "driverVersion": DRIVER_VERSION,
+                                }
                             ],
-                            "bootDisk": {"sizeGb": str(self.boot_disk_gb)},
+                            "bootDisk": {
+                                "image": BOOT_IMAGE,
+                                "sizeGb": str(self.boot_disk_gb),
+                            },
                         },
                         "installGpuDrivers": True,
                     }
@@ -172,7 +256,9 @@ class TaskState:
 @dataclass
 class JobState:
     name: str
-    state: str  # QUEUED | SCHEDULED | RUNNING | SUCCEEDED | FAILED | DELETION_IN_PROGRESS
+    # QUEUED | SCHEDULED | RUNNING | SUCCEEDED | FAILED | DELETION_IN_PROGRESS |
+    # CANCELLATION_IN_PROGRESS | CANCELLED
+    state: str
     events: list[str]  # the status events' descriptions, oldest first
     labels: dict[str, str]
     created: str
@@ -270,15 +356,13 @@ class BatchApi:
                 raise
 
     def list(self, region: str, labels: dict[str, str]) -> list[JobState]:
-        """This project's jobs in ``region`` that carry ``labels``."""
-        from google.cloud import batch_v1
-
-        flt = " AND ".join(f'labels.{k}="{v}"' for k, v in sorted(labels.items()))
+        """This project's jobs in ``region`` that carry ``labels``. Every job of the region is
+        listed and the labels matched here: the list filter's syntax for labels is not
+        documented, and a filter the API reads otherwise would hide a job left running."""
         with self._errors():
             parent = f"projects/{self.project}/locations/{region}"
-            req = batch_v1.ListJobsRequest(parent=parent, filter=flt)
-            jobs = list(self.client.list_jobs(request=req))
-        return [_job_state(j) for j in jobs]
+            jobs = [_job_state(j) for j in self.client.list_jobs(parent=parent)]
+        return [j for j in jobs if all(j.labels.get(k) == v for k, v in labels.items())]
 
 
 def _job_state(job: Any) -> JobState:
@@ -303,12 +387,17 @@ def leftover_jobs(
     return api, api.list(region, labels)
 
 
+def _says(text: str, words: tuple[str | re.Pattern[str], ...]) -> bool:
+    return any(w.search(text) if isinstance(w, re.Pattern) else w in text for w in words)
+
+
 def allocation_error(project: str, events: list[str]) -> CloudError | None:
-    """A VM creation failure in the job's status events: quota (fatal), or a stockout."""
+    """A VM allocation failure in the job's status events, the newest first: quota (a job held
+    in QUEUED for quota, or a VM creation refused for it; fatal), or a stockout."""
     for text in reversed(events):
-        if QUOTA_EVENT in text:
+        if _says(text, QUOTA_WORDS):
             return QuotaExceeded(quota_message(project, text))
-        if STOCKOUT_EVENT in text:
+        if _says(text, STOCKOUT_WORDS):
             return Stockout(text)
     return None
 

@@ -1,18 +1,24 @@
 """One Batch task of a fan-out, inside the teacher image: ``python -m distill.cloud.batch_task``.
 
-1. write the job file from ``DISTILL_JOB_TOML``, stage ``DISTILL_INPUTS`` (as the single VM's
-   startup does: :func:`distill.cloud.vm_agent.stage_inputs`);
+1. write the job file from ``DISTILL_JOB_TOML_B64``, stage ``DISTILL_INPUTS_B64`` (as the single
+   VM's startup does: :func:`distill.cloud.vm_agent.stage_inputs`); both are base64, so the
+   multi-line texts pass through Batch's environment as one line each;
 2. run the teacher (``distill-ctl teacher --job job.toml``; ``DISTILL_ENTRYPOINT`` overrides
    it) with Batch's ``BATCH_TASK_INDEX`` / ``BATCH_TASK_COUNT``: it computes only its shards;
-3. exit 0, :data:`~distill.cloud.preemption.EXIT_PREEMPTED` (Batch retries the task on a new
-   VM) or :data:`~distill.cloud.batch.EXIT_TASK_FAILED` for anything else (Batch fails it;
-   the teacher's own exit code is logged first).
+3. exit 0, :data:`~distill.cloud.preemption.EXIT_PREEMPTED` (the one lifecycle policy
+   retries it on a new VM) or :data:`~distill.cloud.batch.EXIT_TASK_FAILED` for anything else
+   (a code the policy does not list: Batch fails the task; the teacher's own exit code is
+   logged first).
 
-SIGTERM (the VM's soft-off on preemption) reaches the teacher, which stops cleanly.
+This process is the container's main process: when the VM goes away (a preemption's
+soft-off), ``docker stop`` sends SIGTERM to it alone. It passes the signal on to the teacher,
+which stops after the batch in flight and exits 75; the teacher also watches the metadata
+server's preemption notice (``DISTILL_WATCH_PREEMPTION=1``, set by the job).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -21,22 +27,27 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distill.cloud.batch import EXIT_TASK_FAILED, INPUTS_ENV, JOB_ENV
+from distill.cloud.batch import EXIT_TASK_FAILED, INPUTS_ENV, JOB_ENV, decode_env
 from distill.cloud.preemption import EXIT_PREEMPTED
 from distill.cloud.vm_agent import ENTRYPOINT_ENV, log, stage_inputs
 
 
 def main() -> int:
-    job_text = os.environ.get(JOB_ENV, "")
+    task = f"task {os.environ.get('BATCH_TASK_INDEX', '?')}/{os.environ.get('BATCH_TASK_COUNT')}"
+    try:
+        job_text = decode_env(os.environ.get(JOB_ENV, ""))
+        inputs = decode_env(os.environ.get(INPUTS_ENV, ""))
+    except ValueError as e:
+        log(f"{task}: {JOB_ENV} / {INPUTS_ENV} are not base64 text: {e}")
+        return EXIT_TASK_FAILED
     if not job_text:
-        log(f"no {JOB_ENV} in the task's environment")
+        log(f"{task}: no {JOB_ENV} in the task's environment")
         return EXIT_TASK_FAILED
     job_dir = Path(tempfile.mkdtemp(prefix="distill-task-")) / "job"
     job_dir.mkdir(parents=True)
     (job_dir / "job.toml").write_text(job_text)
-    task = f"task {os.environ.get('BATCH_TASK_INDEX', '?')}/{os.environ.get('BATCH_TASK_COUNT')}"
     try:
-        stage_inputs(os.environ.get(INPUTS_ENV, ""), job_dir)
+        stage_inputs(inputs, job_dir)
     except SystemExit as e:
         log(f"{task}: {e.code}")
         return EXIT_TASK_FAILED
@@ -48,8 +59,13 @@ def main() -> int:
     ]
     log(f"{task}: running {shlex.join(entry)} --job job.toml")
     child = subprocess.Popen([*entry, "--job", str(job_dir / "job.toml")], cwd=job_dir)
-    # the soft-off's SIGTERM reaches the teacher (same process group): wait for it
-    signal.signal(signal.SIGTERM, lambda *_: log(f"{task}: SIGTERM: waiting for the teacher"))
+
+    def forward(signum: int, frame: object) -> None:
+        log(f"{task}: SIGTERM: passing it to the teacher and waiting for it to stop")
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
     rc = child.wait()
     if rc in (0, EXIT_PREEMPTED):
         log(f"{task}: teacher exit code {rc} ({'done' if rc == 0 else 'preempted: retry'})")

@@ -76,6 +76,7 @@ from distill.cloud.spec import (
     DEFAULT_MAX_RUN_S,
     IMAGE_FAMILY,
     IMAGE_PROJECT,
+    MACHINE_VCPUS,
     VmSpec,
     boot_disk_gb,
     default_subnetwork,
@@ -250,12 +251,16 @@ def make_backend(opts: CloudOptions, project: str) -> Backend:
 # --- staging --------------------------------------------------------------------------------
 
 
-def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+def stage_inputs(
+    job: Job, console: Console, gpu: bool = True
+) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
     """Upload the dataset (and a local teacher directory) under ``<output>/inputs/``.
 
     Returns the VM's job table (paths pointing at the staged copies) and the
     ``(gs://src, dest)`` pairs for the VM spec. Names are content-addressed and writes are
-    create-only, so a rerun uploads nothing twice."""
+    create-only, so a rerun uploads nothing twice. ``gpu``: the job runs on an L4, so it says
+    ``teacher.device = "cuda"``: a VM whose GPU the teacher cannot see fails in seconds instead
+    of running on the CPU, billed, until its max run duration."""
     from distill.config import splits
 
     store = open_store(job.output.rstrip("/"))
@@ -288,6 +293,8 @@ def stage_inputs(job: Job, console: Console) -> tuple[dict[str, Any], tuple[tupl
             upload(f"{prefix}/{p.relative_to(src).as_posix()}", p)
         raw["teacher"]["model"] = vm_teacher(model)
         inputs.append((store.join(prefix) + "/", "model"))
+    if gpu:
+        raw["teacher"]["device"] = "cuda"
     raw.pop("cloud", None)  # the VM needs none of it
     return raw, tuple(inputs)
 
@@ -453,22 +460,25 @@ class Controller:
             teacher = self.job.teacher.model_copy(update={"mode": self.estimate.way.mode})
             self.job = self.job.model_copy(update={"teacher": teacher})
         region = region_of(self.zones[0])
-        self.backend.check_project(  # boot image, GPU quota (the L4s used at once), subnet
+        vms = self.vms_at_once()
+        self.backend.check_project(  # boot image, quotas (the VMs run at once), subnet
             Needs(
                 region=region,
-                gpus=self.gpus_needed(),
+                gpus=vms * ACCELERATOR_COUNT,
                 spot=self.cloud.spot,
                 image_project=IMAGE_PROJECT,
                 image_family=IMAGE_FAMILY,
                 network=self.cloud.network,
                 subnetwork=self.cloud.subnetwork or default_subnetwork(self.cloud.network, region),
+                cpus=vms * MACHINE_VCPUS,
+                disk_gb=vms * self.opts.cost.boot_disk_gb,
             )
         )
         self.fingerprints = expected_fingerprints(self.job)
 
-    def gpus_needed(self) -> int:
-        """L4s the run uses at once (the preflight's quota check): one VM's."""
-        return ACCELERATOR_COUNT
+    def vms_at_once(self) -> int:
+        """VMs the run uses at once (the preflight's quota check): one."""
+        return 1
 
     def complete(self) -> bool:
         """Every split has its manifest (refused if one is another job's)."""
@@ -519,7 +529,7 @@ class Controller:
     def make_spec(self) -> VmSpec:
         est = self.estimate
         assert est is not None
-        raw, inputs = stage_inputs(self.job, self.console)
+        raw, inputs = stage_inputs(self.job, self.console, gpu=self.opts.backend == "gce")
         max_run_s = self.max_run_s(est.spot_hours)
         image, sa = self.image(), self.service_account()
         return VmSpec(

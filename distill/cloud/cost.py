@@ -78,6 +78,10 @@ class Prices:
     boot_disk_per_gb_month: float = 0.10  # pd-balanced
     storage_per_gb_month: float = 0.020  # Cloud Storage Standard, regional
     egress_per_gb: float = 0.12  # internet egress (premium tier, first TB), no free tier counted
+    # Cloud NAT (infra/terraform/base: the Batch VMs' driver download), cloud.google.com/nat/pricing
+    nat_per_vm_hour: float = 0.0014  # per VM using the gateway, up to 32 VMs
+    nat_max_per_hour: float = 0.044  # the gateway's hourly charge with more than 32 VMs
+    nat_per_gb: float = 0.045  # data processed, in or out
 
 
 _PRICE_NUMBERS = tuple(f.name for f in dataclasses.fields(Prices) if f.type in ("float", float))
@@ -354,6 +358,7 @@ class CostOptions:
     boot_disk_gb: int = BOOT_DISK_GB  # the VM spec's
     reference_run: str | None = None  # a shard set (path or gs://) to take bytes/target from
     vms: int = 1  # teacher-cloud --vms N: N tasks of one Batch job split the shards
+    engine: str = "vm"  # "batch": each VM boot downloads the NVIDIA driver through Cloud NAT
 
     def validate(self) -> None:
         if self.mfu is not None and not 0 < self.mfu <= 1:
@@ -370,6 +375,8 @@ class CostOptions:
                 raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
         if self.vms < 1:
             raise DistillError(f"--vms must be >= 1, got {self.vms}")
+        if self.engine not in ("vm", "batch"):
+            raise DistillError(f"engine {self.engine!r}: one of vm, batch")
         if self.downloads < 0 or self.boot_disk_gb <= 0:
             raise DistillError("--downloads must be >= 0 and the boot disk > 0 GB")
 
@@ -401,6 +408,7 @@ class CostEstimate:
     bytes_basis: str
     storage_gb_months: float
     egress_gb: float
+    nat_gb: float  # through Cloud NAT (the Batch VMs' driver downloads)
     prices: Prices
     opts: CostOptions
     usd: dict[str, float]
@@ -492,6 +500,16 @@ class CostEstimate:
                 f"internet ${p.egress_per_gb}/GB, {o.downloads} full download(s) by the "
                 "student; free tier not counted",
             ),
+            (
+                "network",
+                f"Cloud NAT ${p.nat_per_vm_hour}/VM-hour (${p.nat_max_per_hour}/h above "
+                f"{NAT_CAP_VMS} VMs) + ${p.nat_per_gb}/GB processed: "
+                + (
+                    f"each Batch VM boot downloads the NVIDIA driver (~{DRIVER_DOWNLOAD_GIB} GB)"
+                    if o.engine == "batch"
+                    else "the single VM's driver comes from Google (no NAT traffic)"
+                ),
+            ),
             ("GB", "2^30 bytes, as Google bills"),
         ]
 
@@ -541,6 +559,7 @@ class CostEstimate:
             "shard_bytes": self.shard_bytes,
             "storage_gb_months": self.storage_gb_months,
             "egress_gb": self.egress_gb,
+            "nat_gb": self.nat_gb,
             "usd": self.usd,
             "prices": dataclasses.asdict(self.prices),
             "options": {
@@ -572,6 +591,28 @@ def shard_bytes_estimate(
     return int(per_target * data.target_tokens), f"{per_target:,.1f} bytes/target token, {basis}"
 
 
+# The NVIDIA driver a Batch VM (batch-debian) downloads at boot through Cloud NAT: the R570
+# data-center .run installer (~0.4 GiB) and its build dependencies from apt
+DRIVER_DOWNLOAD_GIB = 0.5
+NAT_CAP_VMS = 32  # above this many VMs, Cloud NAT charges the gateway's flat hourly rate
+
+
+def nat_gib(opts: CostOptions, tasks: int, preemption: float) -> float:
+    """GiB through Cloud NAT: the driver, once per Batch VM boot (a preempted task boots a new
+    VM: the spot overhead fraction more); the single VM's COS driver comes from Google."""
+    if opts.engine != "batch":
+        return 0.0
+    return DRIVER_DOWNLOAD_GIB * tasks * (1 + preemption)
+
+
+def nat_usd(prices: Prices, vm_h: float, wall_h: float, tasks: int, gib: float) -> float:
+    """Cloud NAT: the VMs' hours (the flat gateway rate above 32 VMs) and the GiB processed."""
+    hourly = (
+        wall_h * prices.nat_max_per_hour if tasks > NAT_CAP_VMS else vm_h * prices.nat_per_vm_hour
+    )
+    return hourly + gib * prices.nat_per_gb
+
+
 def priced(
     prices: Prices,
     opts: CostOptions,
@@ -579,8 +620,10 @@ def priced(
     on_demand_h: float,
     storage_gb_months: float,
     egress_gb: float,
+    nat: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, float]:
-    """USD per item (VM and boot disk, spot and on demand; storage; egress) and the totals."""
+    """USD per item (VM and boot disk, spot and on demand; storage; egress; Cloud NAT, spot
+    and on demand) and the totals."""
     disk_per_h = opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH
     usd = {
         "vm_spot": spot_h * prices.vm_spot_per_hour,
@@ -589,10 +632,14 @@ def priced(
         "disk_on_demand": on_demand_h * disk_per_h,
         "storage": storage_gb_months * prices.storage_per_gb_month,
         "egress": egress_gb * prices.egress_per_gb,
+        "nat_spot": nat[0],
+        "nat_on_demand": nat[1],
     }
     shared = usd["storage"] + usd["egress"]
-    usd["total_spot"] = usd["vm_spot"] + usd["disk_spot"] + shared
-    usd["total_on_demand"] = usd["vm_on_demand"] + usd["disk_on_demand"] + shared
+    usd["total_spot"] = usd["vm_spot"] + usd["disk_spot"] + usd["nat_spot"] + shared
+    usd["total_on_demand"] = (
+        usd["vm_on_demand"] + usd["disk_on_demand"] + usd["nat_on_demand"] + shared
+    )
     return usd
 
 
@@ -746,7 +793,13 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     gb = shard_bytes / GIB
     storage_gb_months = gb * opts.storage_months
     egress_gb = gb * opts.downloads
-    usd = priced(prices, opts, h.spot, h.on_demand, storage_gb_months, egress_gb)
+    gib_nat = nat_gib(opts, h.tasks, h.preemption)
+    on_demand_wall = h.wall / (1 + h.preemption)
+    nat = (
+        nat_usd(prices, h.spot, h.wall, h.tasks, gib_nat),
+        nat_usd(prices, h.on_demand, on_demand_wall, h.tasks, nat_gib(opts, h.tasks, 0.0)),
+    )
+    usd = priced(prices, opts, h.spot, h.on_demand, storage_gb_months, egress_gb, nat)
     return CostEstimate(
         job=job.name,
         teacher=job.teacher.model,
@@ -773,6 +826,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         bytes_basis=basis,
         storage_gb_months=storage_gb_months,
         egress_gb=egress_gb,
+        nat_gb=gib_nat,
         prices=prices,
         opts=opts,
         usd=usd,
@@ -868,7 +922,8 @@ def render_table(e: CostEstimate) -> Any:
         ("shard bytes", f"{e.shard_bytes / GIB:.3f} GB", ""),
         ("$ storage", _usd(e.usd["storage"]), f"{e.storage_gb_months:.3f} GB-months"),
         ("$ egress", _usd(e.usd["egress"]), f"{e.egress_gb:.3f} GB"),
-        ("$ total (spot)", _usd(e.usd["total_spot"]), "VM + disk + storage + egress"),
+        ("$ network (Cloud NAT)", _usd(e.usd["nat_spot"]), f"spot hours, {e.nat_gb:.2f} GB"),
+        ("$ total (spot)", _usd(e.usd["total_spot"]), "VM + disk + NAT + storage + egress"),
         ("$ total (on-demand)", _usd(e.usd["total_on_demand"]), ""),
     ]
     for r in rows:

@@ -1,8 +1,9 @@
 """``teacher-cloud --vms N``: one teacher job over N Spot L4 VMs, as one Google Cloud Batch job.
 
 Batch does what the single-VM controller does by hand: it creates the VMs (Spot, the GPU
-driver installed), runs the teacher image, retries a preempted task on a new VM
-(``lifecyclePolicies``, ``maxRetryCount`` = ``cloud.max_preemptions``) and deletes its VMs.
+driver installed), runs the teacher image, retries a preempted task on a new VM (the one
+RETRY_TASK lifecycle policy, ``maxRetryCount`` = ``cloud.max_preemptions``, at most 10) and
+deletes its VMs.
 Task i computes the shards ``s % N == i`` (:class:`distill.teacher.run.Part`), create-only,
 skipping those already in the bucket. This controller (a :class:`Controller`, so the checks,
 price, staging, record and signal handling are the single VM's):
@@ -29,9 +30,14 @@ from rich.console import Console
 
 from distill.cloud.backend import Backend, CloudError, QuotaExceeded, Stockout
 from distill.cloud.batch import (
+    ENDED,
     EXIT_MAX_RUN,
     EXIT_TASK_FAILED,
+    EXIT_UNRESPONSIVE,
     EXIT_VM_PREEMPTED,
+    LIVE,
+    RETRY_CODES,
+    VM_GONE_CODES,
     BatchApi,
     BatchSpec,
     JobState,
@@ -50,7 +56,6 @@ from distill.cloud.controller import (
     stage_inputs,
     vm_job_toml,
 )
-from distill.cloud.preemption import EXIT_PREEMPTED
 from distill.cloud.progress import Rate, Snapshot
 from distill.cloud.spec import region_of
 from distill.config import Job
@@ -59,7 +64,9 @@ from distill.format.shards import shard_name
 from distill.store.storage import open_store
 from distill.teacher.run import finish_split, sidecar_name
 
-LIVE = ("QUEUED", "SCHEDULED", "RUNNING")
+# docker run's own exit codes: the container never ran the task (docker/runtime error, the
+# entrypoint not executable or not found)
+CONTAINER_NOT_STARTED = (125, 126, 127)
 
 
 class FanoutController(Controller):
@@ -74,7 +81,8 @@ class FanoutController(Controller):
         backend: Backend | None = None,
         api: BatchApi | None = None,
     ) -> None:
-        opts = dataclasses.replace(opts, cost=dataclasses.replace(opts.cost, vms=job.cloud.vms))
+        cost = dataclasses.replace(opts.cost, vms=job.cloud.vms, engine="batch")
+        opts = dataclasses.replace(opts, cost=cost)
         super().__init__(job, opts, console, confirm, backend)
         self.vms = job.cloud.vms
         self.region = region_of(self.zones[0])
@@ -171,8 +179,8 @@ class FanoutController(Controller):
         assert self.estimate is not None
         return self.estimate.tasks
 
-    def gpus_needed(self) -> int:
-        return self.tasks * super().gpus_needed()
+    def vms_at_once(self) -> int:
+        return self.tasks  # parallelism = taskCount
 
     def finish(self) -> bool:
         """Write each split's manifest whose shards are all there; True once all have one.
@@ -225,28 +233,59 @@ class FanoutController(Controller):
                         "rerun to compute the missing shards"
                     )
                 self._check_allocation(st, first_run, provision_deadline)
-                if st.state in ("SUCCEEDED", "FAILED"):
-                    self._ended(st, tasks, snap)
+                if st.state in ENDED:
+                    self._ended(st, tasks, snap, first_run)
                 time.sleep(self.poll)
 
     def _check_allocation(self, st: JobState, first_run: float | None, deadline: float) -> None:
-        """Quota refused: stop now. No capacity: Batch keeps trying, until our deadline."""
+        """Quota refused (a VM creation, or the job held in QUEUED for it): stop now. Until a
+        task runs, whatever holds the job (no capacity, a queue) is waited out only until
+        ``cloud.provision_timeout_minutes``: Batch itself would keep a job QUEUED for 2 days."""
         err = allocation_error(self.project, st.events)
         if isinstance(err, QuotaExceeded):
             raise err
-        if isinstance(err, Stockout) and first_run is None:
-            assert self.run is not None
-            if not self.run.stockouts:
-                self.run.stockouts.append(self.region)
-            if time.monotonic() > deadline:
-                raise Stockout(
-                    f"no L4 capacity for the Batch job in {', '.join(self.zones)} for "
-                    f"{self.cloud.provision_timeout_minutes:g} min: try later or another region "
-                    "(cloud.zones), or raise cloud.provision_timeout_minutes; the job is deleted"
-                )
+        if first_run is not None:
+            return
+        assert self.run is not None
+        if isinstance(err, Stockout) and not self.run.stockouts:
+            self.run.stockouts.append(self.region)
+        if time.monotonic() <= deadline:
+            return
+        wait = f"{self.cloud.provision_timeout_minutes:g} min"
+        if isinstance(err, Stockout):
+            raise Stockout(
+                f"no L4 capacity for the Batch job in {', '.join(self.zones)} for {wait}: try "
+                "later or another region (cloud.zones), or raise "
+                "cloud.provision_timeout_minutes; the job is deleted"
+            )
+        last = st.events[-1] if st.events else "no event"
+        raise CloudError(
+            f"no task of the Batch job {self.job_id} started in {wait} (job {st.state}; its "
+            f"last event: {last}): raise cloud.provision_timeout_minutes to wait longer; the "
+            "job is deleted, and a rerun computes only the missing shards"
+        )
 
-    def _ended(self, st: JobState, tasks: list[TaskState], snap: Snapshot) -> None:
-        """The job ended without every shard: name the failed tasks and their missing shards."""
+    def _ended(
+        self, st: JobState, tasks: list[TaskState], snap: Snapshot, first_run: float | None
+    ) -> None:
+        """The job ended without every shard: why no VM came (the allocation events, first),
+        a cancellation, or the failed tasks and their missing shards."""
+        err = allocation_error(self.project, st.events)
+        if err is not None and first_run is None and not any(t.exit_codes for t in tasks):
+            if isinstance(err, Stockout):
+                raise Stockout(
+                    f"no L4 capacity for the Batch job in {', '.join(self.zones)}: Batch could "
+                    f"not create its VMs and ended the job {st.state} ({err}); try later or "
+                    "another region (cloud.zones); nothing ran"
+                )
+            raise err
+        missing_n = snap.shards_total - snap.shards_done
+        if st.state.startswith("CANCEL"):
+            raise CloudError(
+                f"the Batch job {self.batch} was cancelled ({st.state}) outside this command "
+                f"(the console, or `gcloud batch jobs cancel`) with {missing_n} of "
+                f"{snap.shards_total} shards missing; rerun to compute only the missing shards"
+            )
         failed = [t for t in tasks if t.state == "FAILED"]
         missing = self._missing()
         lines = []
@@ -267,7 +306,7 @@ class FanoutController(Controller):
         )
         raise err(
             f"the Batch job {self.batch} ended {st.state} with "
-            f"{snap.shards_total - snap.shards_done} of {snap.shards_total} shards missing:\n"
+            f"{missing_n} of {snap.shards_total} shards missing:\n"
             f"{detail}\nthe task logs: `gcloud logging read 'labels.job_uid=\"{st.uid}\"' "
             f"--project {self.project}`; rerun to compute only the missing shards"
         )
@@ -292,10 +331,12 @@ class FanoutController(Controller):
                 if cur is None or cur._t_ended is not None:  # began and ended between polls
                     cur = self._new_attempt(t.index)
                 cur.mark_ended()
-                if code in (EXIT_VM_PREEMPTED, EXIT_PREEMPTED):
+                if code in RETRY_CODES:
                     cur.outcome = "preempted"
                     self.run.preemptions += 1
-                    console.print(f"[yellow]task {t.index} was preempted (exit code {code})")
+                    lost = code in VM_GONE_CODES and code != EXIT_VM_PREEMPTED
+                    what = "lost its VM" if lost else "was preempted"
+                    console.print(f"[yellow]task {t.index} {what} (exit code {code})")
                 else:
                     cur.outcome = "failed"
                     console.print(f"[red]task {t.index} failed (exit code {code})[/red]")
@@ -376,14 +417,26 @@ class FanoutController(Controller):
 
 def _why(last: list[int], attempts: int, max_preemptions: int) -> str:
     """Why a task failed, from its last exit code."""
-    if last == [EXIT_TASK_FAILED]:
+    code = last[0] if last else None
+    if code == EXIT_TASK_FAILED:
         return "the teacher failed"
-    if last == [EXIT_MAX_RUN]:
+    if code == EXIT_MAX_RUN:
         return (
             "it ran past its max run duration (a hung teacher? raise cloud.max_run_hours if "
             "it was only slow)"
         )
-    return (
-        f"preempted {attempts} time(s), its retries (cloud.max_preemptions = "
-        f"{max_preemptions}) exhausted"
-    )
+    if code == EXIT_UNRESPONSIVE:
+        return "its VM and task stopped responding (Batch's exit code 50004)"
+    if code in CONTAINER_NOT_STARTED:
+        return (
+            f"its container did not start (docker run's exit code {code}): see the task log; "
+            "an NVIDIA driver older than the image's CUDA stops it this way"
+        )
+    if code in RETRY_CODES:
+        return (
+            f"preempted {attempts} time(s) (or its VM lost), its retries "
+            f"(cloud.max_preemptions = {max_preemptions}) exhausted"
+        )
+    if code is None:
+        return "it never ran"
+    return f"exit code {code}, not the teacher's own: see the task log"

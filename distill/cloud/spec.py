@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 MACHINE_TYPE = "g2-standard-8"  # 8 vCPU, 32 GB, one NVIDIA L4 (24 GB)
+MACHINE_VCPUS = 8  # what each VM takes of the CPUS (or PREEMPTIBLE_CPUS) quota
 ACCELERATOR_TYPE = "nvidia-l4"
 DEFAULT_ZONES = ("us-central1-a", "us-central1-b", "us-central1-c")
 # Container-Optimized OS: Docker, Private Google Access friendly, and the documented

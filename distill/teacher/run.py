@@ -544,6 +544,7 @@ def run_teacher(job: Job, part: Part | None = None) -> dict[str, Manifest | None
 
 
 def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Manifest | None]:
+    models.pick_device(job.teacher.device)  # no GPU where one is asked for: fail before any work
     teacher_dir = models.resolve_model(job.teacher.model)
     tokenizer = models.load_tokenizer(teacher_dir)
     tok_fp = models.tokenizer_fingerprint(tokenizer)

@@ -84,7 +84,9 @@ main() {  # every step that can fail; its output is the log
 
   if attr distill-inputs >"$STATE/inputs" 2>/dev/null && [[ -s $STATE/inputs ]]; then
     report status staging
-    docker run --rm --network host --entrypoint python3 \
+    # The job directory is root's (this script's); the image runs as its own USER (10001),
+    # which may not write here: staging runs as root, the teacher then reads (a+rX, below).
+    docker run --rm --network host --user 0:0 --entrypoint python3 \
       --mount "type=bind,src=$STATE,dst=/state" "$image" \
       -m distill.cloud.vm_agent stage /state/inputs /state/job
   fi
