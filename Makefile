@@ -21,7 +21,7 @@ SKIP_BUILD ?= 0
 help:
 	@echo "make demo         teacher -> shards in a local GCS emulator -> student -> eval (CPU, 10-20 min)"
 	@echo "make test         the test suite (CPU, no cloud)"
-	@echo "make lint         ruff, and the layer contract (import-linter, pyproject.toml)"
+	@echo "make lint         ruff, the layer contracts (import-linter) and mypy over distill/cloud"
 	@echo "make teacher      distill-ctl teacher --job \$$JOB (on this machine)"
 	@echo "make teacher-cloud  build + push the teacher image, then distill-ctl teacher-cloud --job \$$JOB"
 	@echo "                  (OUTPUT=gs://..., PROJECT=, IMAGE=, SKIP_BUILD=1, BACKEND=local, CLOUD_ARGS=...)"
@@ -52,6 +52,7 @@ lint: install
 	$(BIN)/ruff check distill tests bench
 	$(BIN)/ruff format --check distill tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 teacher: install
 	$(BIN)/distill-ctl teacher --job $(JOB)

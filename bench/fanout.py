@@ -1,7 +1,7 @@
 """Fan-out on the Batch stub: the wall time of one job over N tasks against 1 task, side by side.
 
 Both runs are the whole ``teacher-cloud --vms N`` path: the real controller and
-google-cloud-batch client, the Batch stub (tests/fake_batch.py) whose tasks run the real task
+google-cloud-batch client, the Batch stub (tests/fakes/batch.py) whose tasks run the real task
 entrypoint and teacher as local processes, fake-gcs-server, the same job (a tiny random
 teacher with SmolLM2's tokenizer; the demo data). A VM's GPU time is simulated: each shard's
 forward pass is held ``--shard-seconds`` (tests/slow_teacher.py), so N local processes can
@@ -42,14 +42,13 @@ def machine() -> str:
 
 def run_fanout(vms: int, work: Path, teacher: Path, bucket: str, shard_s: float) -> dict[str, Any]:
     """One ``teacher-cloud --vms vms`` run on the stubs; its wall time and shards per task."""
-    from fake_batch import FakeBatch
-    from fake_compute import FakeCompute
+    from fakes.batch import FakeBatch
+    from fakes.compute import FakeCompute
+    from helpers import PROJECT, SLOW, guest_env, make_job
     from rich.console import Console
-    from test_cloud import PROJECT, SLOW, guest_env
-    from test_pipeline import make_job
 
-    from distill.cloud.controller import CloudOptions
-    from distill.cloud.fanout import FanoutController
+    from distill.cloud.fanout import BatchEngine
+    from distill.cloud.session import CloudOptions, Session
     from distill.config import load_job
     from distill.store.storage import open_store
 
@@ -80,11 +79,10 @@ def run_fanout(vms: int, work: Path, teacher: Path, bucket: str, shard_s: float)
         )
         job = load_job(path, ['cloud.engine="batch"', f"cloud.vms={vms}"])
         log = io.StringIO()
-        ctl = FanoutController(job, opts, Console(file=log, width=200))
-        ctl.preflight()  # the estimate tokenises the data: not part of the job's wall time
-        ctl.preflight = lambda: None  # type: ignore[method-assign]
+        ctl = BatchEngine(Session(job, opts, Console(file=log, width=200)))
+        plan = ctl.session.preflight()  # it tokenises the data: not part of the job's wall time
         t0 = time.perf_counter()
-        run = ctl.execute()
+        run = ctl.run(plan)
         wall = time.perf_counter() - t0
         assert run is not None and run.outcome == "done", log.getvalue()[-2000:]
         per_task = []

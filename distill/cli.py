@@ -166,8 +166,8 @@ def cost_estimate(
     ] = None,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
-    from distill.cloud.controller import staged_disk_gb
     from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
+    from distill.cloud.staging import staged_disk_gb
 
     the_job = _load(job, set_)
     engine = "batch" if vms is not None else the_job.cloud.engine
@@ -307,9 +307,9 @@ def teacher_cloud(
 ) -> None:
     """Run the teacher on an L4 spot VM (or N, --vms): estimate, confirm, provision, watch,
     tear down."""
-    from distill.cloud.controller import CloudOptions
-    from distill.cloud.controller import teacher_cloud as run_cloud
     from distill.cloud.cost import CostOptions
+    from distill.cloud.run import teacher_cloud as run_cloud
+    from distill.cloud.session import CloudOptions
 
     opts = CloudOptions(
         backend=backend,
@@ -339,7 +339,8 @@ def gc(
     batch_endpoint: BatchEndpointOpt = None,
 ) -> None:
     """List teacher VMs and Batch jobs left behind (label managed-by=distill); delete them."""
-    from distill.cloud.controller import CloudOptions, collect_garbage
+    from distill.cloud.gc import collect_garbage
+    from distill.cloud.session import CloudOptions
 
     opts = CloudOptions(
         backend=backend,

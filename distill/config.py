@@ -45,7 +45,7 @@ _VPC_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def region_of(zone: str) -> str:
-    """us-central1-a -> us-central1 (as distill/cloud/spec.py reads zones)."""
+    """us-central1-a -> us-central1: the one reading of a zone (the cloud code imports it)."""
     m = _ZONE.match(zone)
     if not m:
         raise DistillError(f"invalid zone {zone!r}: expected e.g. us-central1-a")

@@ -1,11 +1,34 @@
-"""Shared checks of a decoded sample against what was encoded (test_codec, test_legacy)."""
+"""Shared checks of a decoded sample against what was encoded, and the synthetic shard sets
+written by earlier versions with the arrays they were written from (test_codec, test_legacy)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
 from distill.format.shards import TargetSample
 from distill.format.spec import TargetSpec
+
+OLD = Path(__file__).resolve().parent / "data" / "old_shards"
+SYNTHETIC = OLD / "synthetic"
+SETS = json.loads((SYNTHETIC / "index.json").read_text())["sets"]
+FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs", "target_counts")
+# the names the fixtures' arrays.npz files (written before the rename) give these fields
+OLD_NAMES = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts")
+STORED = dict(zip(FIELDS, OLD_NAMES, strict=True))
+
+
+def synthetic_set(name: str) -> tuple[TargetSpec, dict, int, list[TargetSample]]:
+    """A synthetic set's (spec, codec info, vocab, the samples its shard was written from)."""
+    info = SETS[name]
+    with np.load(SYNTHETIC / name / "arrays.npz") as z:
+        samples = [
+            TargetSample(str(key), *(z.get(f"{i:02d}.{STORED[f]}") for f in FIELDS))
+            for i, key in enumerate(z["keys"])
+        ]
+    return TargetSpec(**info["targets"]), info["codec"], info["vocab_size"], samples
 
 
 def rows(s: TargetSample) -> list[dict[int, tuple[float, int]]]:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes.compute import FakeCompute
+from helpers import PROJECT, Guests, make_job
 
 # --- Local GCS emulator (fake-gcs-server) -------------------------------------------------
 
@@ -101,3 +103,32 @@ def tiny_teacher_dir(smol_tokenizer, tmp_path_factory) -> Path:
 def tiny_student_dir(smol_tokenizer, tmp_path_factory) -> Path:
     """An unrelated random 2-layer student with the same vocab (far from the teacher)."""
     return _tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("tiny-student"), 2, 0.02, 1)
+
+
+# --- The cloud tests' stub VMs and job ------------------------------------------------------
+
+
+@pytest.fixture
+def guests() -> Guests:
+    return Guests()
+
+
+@pytest.fixture
+def compute(guests, gcs_bucket):
+    stub = FakeCompute(project=PROJECT, guest=guests, step_s=0.05, preempt_grace_s=10.0)
+    stub.start()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+@pytest.fixture
+def cloud_job(tiny_teacher_dir, gcs_bucket, tmp_path) -> Path:
+    return make_job(
+        tmp_path,
+        tiny_teacher_dir,
+        f"{gcs_bucket}/run",
+        n_train=48,
+        teacher__samples_per_shard="4",
+    )

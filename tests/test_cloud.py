@@ -1,5 +1,5 @@
 """teacher-cloud end to end without a cloud: the real google-cloud-compute client against the
-Compute stub (tests/fake_compute.py), whose "VMs" run the real startup logic
+Compute stub (tests/fakes/compute.py), whose "VMs" run the real startup logic
 (distill/cloud/vm_agent.py) and the real teacher entrypoint against fake-gcs-server.
 
 Every fault test ends with the two promises of issue #5: no VM is left, and the stored
@@ -20,141 +20,43 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_compute import FakeCompute, InsertError
+from fakes.compute import FakeCompute, InsertError
+from helpers import (
+    NAME,
+    PROJECT,
+    REPO,
+    SLOW,
+    assert_exact,
+    controller,
+    no_vm_left,
+    run_in_thread,
+    run_records,
+    shards_in,
+    wait_guest_running,
+)
 from rich.console import Console
-from test_pipeline import dataset_keys, make_job, stored_keys
 
-from distill.cloud.backend import (
+from distill.cloud.backend import Needs, quota_refusal
+from distill.cloud.errors import (
     CloudError,
-    Needs,
     NoAccelerator,
     PreflightFailed,
     QuotaExceeded,
     Stockout,
-    quota_refusal,
+    TeacherFailed,
 )
-from distill.cloud.controller import CloudOptions, Controller, TeacherFailed
+from distill.cloud.session import CloudOptions, Session
+from distill.cloud.vm import VmEngine
 from distill.config import load_job
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST
 from distill.store.storage import open_store
 
-REPO = Path(__file__).resolve().parents[1]
-PROJECT = "distill-test"
-NAME = "distill-teacher-job"
-SLOW = f"{sys.executable} {REPO / 'tests' / 'slow_teacher.py'} teacher"
-
-
-def guest_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k in ("PATH", "HOME", "STORAGE_EMULATOR_HOST", "DISTILL_CACHE", "TMPDIR")
-    }
-    return {
-        **env,
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **extra,
-    }
-
-
-class Guests:
-    """What the stub's VMs run: the vm_agent, with a per-test entrypoint and environment."""
-
-    def __init__(self) -> None:
-        # the stub's VMs have their "L4" (the CPU stands in for it: tests/slow_teacher.py)
-        self.env: dict[str, str] = {
-            "DISTILL_ENTRYPOINT": SLOW,
-            "SLOW_TEACHER_S": "0",
-            "FAKE_GPU": "1",
-        }
-
-    def __call__(self, inst) -> tuple[list[str], dict[str, str]]:
-        return [sys.executable, "-m", "distill.cloud.vm_agent"], guest_env(**self.env)
-
-
-@pytest.fixture
-def guests() -> Guests:
-    return Guests()
-
-
-@pytest.fixture
-def compute(guests, gcs_bucket):
-    stub = FakeCompute(project=PROJECT, guest=guests, step_s=0.05, preempt_grace_s=10.0)
-    stub.start()
-    try:
-        yield stub
-    finally:
-        stub.stop()
-
-
-@pytest.fixture
-def cloud_job(tiny_teacher_dir, gcs_bucket, tmp_path) -> Path:
-    return make_job(
-        tmp_path,
-        tiny_teacher_dir,
-        f"{gcs_bucket}/run",
-        n_train=48,
-        teacher__samples_per_shard="4",
-    )
-
-
-def controller(job: Path, compute: FakeCompute, tmp_path: Path, *sets: str) -> Controller:
-    j = load_job(job, list(sets))
-    opts = CloudOptions(
-        backend="gce",
-        endpoint=compute.url,
-        project=PROJECT,
-        yes=True,
-        poll_seconds=0.1,
-        state_dir=tmp_path / "cloud",
-    )
-    return Controller(j, opts, Console(stderr=True, width=200))
-
-
-def assert_exact(job: Path, tmp_path: Path) -> None:
-    """Every split's manifest lists exactly the dataset's samples, each once."""
-    j = load_job(job)
-    for split in ("train", "eval"):
-        keys = stored_keys(f"{j.output}/{split}", tmp_path)
-        assert keys == dataset_keys(tmp_path / f"{split}.jsonl"), split
-
-
-def no_vm_left(compute: FakeCompute, timeout: float = 30.0) -> bool:
-    return compute.wait_for(lambda: not compute.live(), timeout)
-
-
-def run_in_thread(ctl: Controller) -> tuple[threading.Thread, dict]:
-    result: dict = {}
-
-    def target() -> None:
-        try:
-            result["run"] = ctl.execute()
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            result["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, result
-
-
-def shards_in(url: str) -> int:
-    return sum(1 for n in open_store(url).list() if n.endswith(".tar"))
-
-
-def run_records(job: Path) -> list[dict]:
-    store = open_store(f"{load_job(job).output}/cloud")
-    return [json.loads(store.read_bytes(n)) for n in store.list() if n.startswith("run-")]
-
-
 # --- the happy path and preemptions -----------------------------------------------------------
 
 
 def test_teacher_cloud_runs_and_tears_down(compute, cloud_job, tmp_path):
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     assert run is not None and run.outcome == "done" and len(run.attempts) == 1
     assert no_vm_left(compute)
     assert_exact(cloud_job, tmp_path)
@@ -173,7 +75,7 @@ def test_teacher_cloud_runs_and_tears_down(compute, cloud_job, tmp_path):
     events = [e for _, n, e in compute.events if n == NAME]
     assert "deleted" in events
     # A rerun finds the complete shard set and creates nothing.
-    assert controller(cloud_job, compute, tmp_path).execute() is None
+    assert controller(cloud_job, compute, tmp_path).run() is None
     assert len(compute.inserted) == 1
 
 
@@ -236,12 +138,14 @@ def test_an_api_outage_while_watching_is_ridden_out(compute, guests, cloud_job, 
     ctl = controller(
         cloud_job, compute, tmp_path, 'job.output="' + load_job(cloud_job).output + '2"'
     )
-    ctl.opts.watch_grace_s = 0.5
-    ctl.backend._read["retry"] = ctl.backend._read["retry"].with_timeout(2.0)
+    ctl.session.opts.watch_grace_s = 0.5
+    ctl.session.backend._read["retry"] = ctl.session.backend._read["retry"].with_timeout(2.0)
     t, result = run_in_thread(ctl)
     wait_guest_running(compute)
     compute.failures = 10**6
-    assert compute.wait_for(lambda: ctl.run.outcome == "failed", 60)  # the watcher gave up
+    assert compute.wait_for(
+        lambda: ctl.record is not None and ctl.record.outcome == "failed", 60
+    )  # the watcher gave up
     time.sleep(1.0)  # the teardown meets the outage too, and keeps trying
     compute.failures = 0  # the outage ends
     t.join(120)
@@ -251,7 +155,7 @@ def test_an_api_outage_while_watching_is_ridden_out(compute, guests, cloud_job, 
 
 def test_stockout_fails_over_to_the_next_zone(compute, cloud_job, tmp_path):
     compute.stockout("us-central1-a")
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     zones = [re.search(r"zones/([^/]+)/", b["machineType"]).group(1) for b in compute.inserted]
     assert zones == ["us-central1-a", "us-central1-b"]
     assert run.stockouts == ["us-central1-a"] and run.attempts[0].zone == "us-central1-b"
@@ -264,7 +168,7 @@ def test_every_zone_stocked_out_gives_up_with_nothing_left(compute, cloud_job, t
         compute.stockout(z)
     ctl = controller(cloud_job, compute, tmp_path, "cloud.provision_timeout_minutes=0.01")
     with pytest.raises(Stockout, match="no L4 capacity in us-central1-a, us-central1-b"):
-        ctl.execute()
+        ctl.run()
     assert len(compute.inserted) == 3 and not compute.live()
     assert run_records(cloud_job)[0]["outcome"] == "failed"
 
@@ -285,7 +189,7 @@ def test_every_zone_stocked_out_gives_up_with_nothing_left(compute, cloud_job, t
 def test_other_stockout_shapes_fail_over_too(compute, cloud_job, tmp_path, error):
     """Operation errors by code and synchronous HTTP errors by their reason, not message."""
     compute.fail_inserts("us-central1-a", error)
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     assert run.stockouts == ["us-central1-a"] and run.attempts[0].zone == "us-central1-b"
     assert no_vm_left(compute)
     assert_exact(cloud_job, tmp_path)
@@ -299,7 +203,7 @@ def test_already_exists_then_a_stockout_fails_over(compute, cloud_job, tmp_path)
         InsertError("alreadyExists", f"The resource '{NAME}' already exists", 409, True),
     )
     compute.stockout("us-central1-a", times=1)  # the re-create finds no capacity
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     assert run.stockouts == ["us-central1-a"] and run.attempts[0].zone == "us-central1-b"
     assert no_vm_left(compute)
     assert_exact(cloud_job, tmp_path)
@@ -318,7 +222,7 @@ def test_billing_disabled_is_a_billing_error(compute, cloud_job, tmp_path):
         ),
     )
     with pytest.raises(CloudError) as e:
-        controller(cloud_job, compute, tmp_path).execute()
+        controller(cloud_job, compute, tmp_path).run()
     msg = str(e.value)
     assert msg.startswith(f"billing is not enabled for project {PROJECT}")
     assert "billing/linkedaccount" in msg and "API is not enabled" not in msg
@@ -356,7 +260,7 @@ def test_gpu_quota_is_checked_before_any_upload(compute, cloud_job, tmp_path, qu
         compute.gpu_quota = 0
     sets = [] if spot else ["cloud.spot=false"]
     with pytest.raises(QuotaExceeded) as e:
-        controller(cloud_job, compute, tmp_path, *sets).execute()
+        controller(cloud_job, compute, tmp_path, *sets).run()
     msg = str(e.value)
     assert needle in msg, msg
     assert f"iam-admin/quotas?project={PROJECT}" in msg and "nothing was spent" in msg
@@ -372,7 +276,7 @@ def test_quota_refused_at_insert_says_how_to_fix_it(compute, cloud_job, tmp_path
         ),
     )
     with pytest.raises(QuotaExceeded) as e:
-        controller(cloud_job, compute, tmp_path).execute()
+        controller(cloud_job, compute, tmp_path).run()
     msg = str(e.value)
     assert "GPUS_ALL_REGIONS" in msg and "1.0 globally" in msg
     assert f"iam-admin/quotas?project={PROJECT}" in msg
@@ -437,7 +341,7 @@ def test_preflight_refuses_what_the_vm_could_not_boot_with(
 ):
     setup(compute)
     with pytest.raises(PreflightFailed) as e:
-        controller(cloud_job, compute, tmp_path, *sets).execute()
+        controller(cloud_job, compute, tmp_path, *sets).run()
     msg = str(e.value)
     assert needle in msg and msg.endswith("nothing was spent"), msg
     if "Private Google Access" in msg:
@@ -451,25 +355,25 @@ def test_refused_before_anything_is_created(compute, cloud_job, tmp_path, monkey
     with pytest.raises(NoAccelerator, match="us-central1-f does not offer nvidia-l4"):
         controller(
             cloud_job, compute, tmp_path, 'cloud.zones=["us-central1-a","us-central1-f"]'
-        ).execute()
+        ).run()
     # a project that is not there
     j = load_job(cloud_job)
     opts = CloudOptions(backend="gce", endpoint=compute.url, project="nope", yes=True)
     with pytest.raises(CloudError, match="project nope not found"):
-        Controller(j, opts, Console(stderr=True)).execute()
+        VmEngine(Session(j, opts, Console(stderr=True))).run()
     # no project at all
     for var in ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DISTILL_NO_GCLOUD_CONFIG", "1")
     with pytest.raises(CloudError, match="no Google Cloud project"):
-        Controller(j, CloudOptions(backend="gce", endpoint=compute.url), Console()).execute()
+        VmEngine(Session(j, CloudOptions(backend="gce", endpoint=compute.url), Console())).run()
     # no credentials (the real client, no endpoint override)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
     with pytest.raises(CloudError, match="no Google Cloud credentials"):
-        Controller(j, CloudOptions(backend="gce", project=PROJECT), Console()).execute()
+        VmEngine(Session(j, CloudOptions(backend="gce", project=PROJECT), Console())).run()
     # the teacher cannot fit the L4: refused with the estimate, before any VM
     with pytest.raises(DistillError, match="does not fit"):
-        controller(cloud_job, compute, tmp_path, "teacher.batch_tokens=400000000").execute()
+        controller(cloud_job, compute, tmp_path, "teacher.batch_tokens=400000000").run()
     # job.output must be in a bucket
     with pytest.raises(DistillError, match="must be a gs:// URL"):
         controller(cloud_job, compute, tmp_path, f'job.output="{tmp_path / "out"}"')
@@ -506,7 +410,7 @@ def test_bucket_without_access_is_refused(compute, cloud_job, tmp_path, monkeypa
     try:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
         with pytest.raises(DistillError, match="permission denied .* storage.objects.list"):
-            controller(cloud_job, compute, tmp_path).execute()
+            controller(cloud_job, compute, tmp_path).run()
     finally:
         server.shutdown()
     assert compute.inserted == []
@@ -514,11 +418,11 @@ def test_bucket_without_access_is_refused(compute, cloud_job, tmp_path, monkeypa
 
 def test_budget_and_confirmation(compute, cloud_job, tmp_path):
     with pytest.raises(CloudError, match="above cloud.budget_usd"):
-        controller(cloud_job, compute, tmp_path, "cloud.budget_usd=0.0001").execute()
+        controller(cloud_job, compute, tmp_path, "cloud.budget_usd=0.0001").run()
     ctl = controller(cloud_job, compute, tmp_path)
-    ctl.opts.yes = False
+    ctl.session.opts.yes = False
     with pytest.raises(DistillError, match="confirm with --yes"):
-        ctl.execute()  # no terminal in tests: never starts without --yes
+        ctl.run()  # no terminal in tests: never starts without --yes
     assert compute.inserted == []
 
 
@@ -530,7 +434,7 @@ def test_teacher_failure_is_reported_and_the_vm_deleted(compute, guests, cloud_j
         f"{sys.executable} -c \"import sys; print('CUDA error: out of memory'); sys.exit(3)\""
     )
     with pytest.raises(TeacherFailed, match="exit code 3(.|\n)*CUDA error: out of memory"):
-        controller(cloud_job, compute, tmp_path).execute()
+        controller(cloud_job, compute, tmp_path).run()
     assert no_vm_left(compute)
     assert run_records(cloud_job)[0]["outcome"] == "failed"
 
@@ -567,13 +471,6 @@ def cli_controller(job: Path, compute: FakeCompute, tmp_path: Path, *extra: str)
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_guest_running(compute: FakeCompute, timeout: float = 120) -> None:
-    assert compute.wait_for(
-        lambda: any(i.guest_attributes.get("distill/status") == "running" for i in compute.live()),
-        timeout,
-    ), "no VM reached the teacher"
 
 
 def sigkill_when_running(proc: subprocess.Popen, compute: FakeCompute) -> None:
@@ -615,7 +512,7 @@ def test_controller_sigkill_vm_finishes_and_deletes_itself(compute, guests, clou
 def test_rerun_adopts_a_running_vm(compute, guests, cloud_job, tmp_path):
     guests.env["SLOW_TEACHER_S"] = "0.5"
     sigkill_when_running(cli_controller(cloud_job, compute, tmp_path), compute)
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     assert len(compute.inserted) == 1  # watched the orphan, created nothing
     assert run.outcome == "done"
     assert no_vm_left(compute)
@@ -635,7 +532,7 @@ def test_dead_man_switch_then_resume(compute, guests, cloud_job, tmp_path):
     assert not open_store(f"{out}/train").exists(MANIFEST)
     compute.max_run_scale = 1.0
     guests.env["SLOW_TEACHER_S"] = "0"
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     assert run.outcome == "done" and no_vm_left(compute)
     assert_exact(cloud_job, tmp_path)
 
@@ -659,7 +556,7 @@ def test_gc_deletes_a_stopped_leftover(compute, guests, cloud_job, tmp_path):
 
 
 def test_cost_report_shows_actual_beside_estimate(compute, cloud_job, tmp_path):
-    controller(cloud_job, compute, tmp_path).execute()
+    controller(cloud_job, compute, tmp_path).run()
     r = subprocess.run(
         [
             sys.executable,
@@ -819,7 +716,7 @@ def test_local_backend_cli_end_to_end(cloud_job, tmp_path):
 
 
 def test_local_backend_preemption(cloud_job, tmp_path, monkeypatch):
-    from distill.cloud.backend import LocalBackend
+    from distill.cloud.local import LocalBackend
 
     monkeypatch.setenv("DISTILL_ENTRYPOINT", SLOW)
     monkeypatch.setenv("SLOW_TEACHER_S", "0.4")
@@ -836,10 +733,10 @@ def test_local_backend_preemption(cloud_job, tmp_path, monkeypatch):
             time.sleep(1.0)
         rmtree(path, *a, **k)
 
-    monkeypatch.setattr("distill.cloud.backend.shutil.rmtree", slow_rmtree)
+    monkeypatch.setattr("distill.cloud.local.shutil.rmtree", slow_rmtree)
     j = load_job(cloud_job)
     opts = CloudOptions(backend="local", yes=True, poll_seconds=0.1, state_dir=tmp_path)
-    ctl = Controller(j, opts, Console(stderr=True, width=200), backend=backend)
+    ctl = VmEngine(Session(j, opts, Console(stderr=True, width=200), backend=backend))
     t, result = run_in_thread(ctl)
     train = f"{j.output}/train"
     deadline = time.monotonic() + 120

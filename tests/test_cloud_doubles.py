@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from discovery import problems
-from fake_batch import FakeBatch, FakeJob, FakeTask
-from fake_compute import FakeCompute
+from fakes.batch import FakeBatch, FakeJob, FakeTask
+from fakes.compute import FakeCompute
+from fakes.discovery import problems
 
-from distill.cloud.backend import CloudError, GceBackend
 from distill.cloud.batch import MAX_RETRY_COUNT, RETRY_CODES, BatchApi, BatchSpec
+from distill.cloud.errors import CloudError
+from distill.cloud.gce import GceBackend
 from distill.cloud.spec import VmSpec
 from distill.config import load_job
 from distill.errors import DistillError

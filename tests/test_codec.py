@@ -430,7 +430,7 @@ V2_REAL_SHA256 = {  # the real SmolLM2 sets' decoded samples: log8 + zstd, f16 (
 def test_packed_v2_bytes_are_unchanged(tmp_path, name):
     """A fixed sample set (tests/data/old_shards/synthetic) encodes to the same bytes as
     before the codec's functions were split: shard sha256s recorded at 70f08f6."""
-    from test_legacy import synthetic_set
+    from codec_checks import synthetic_set
 
     spec, codec, vocab, samples = synthetic_set(name)
     c = Codec(

@@ -297,8 +297,8 @@ def test_cli_prices_the_boot_disk_teacher_cloud_creates(tiny_teacher_dir, tmp_pa
     teacher-cloud sizes it), not a fixed 100 GB."""
     import shutil
 
-    from distill.cloud.controller import staged_disk_gb
     from distill.cloud.spec import BOOT_DISK_GB
+    from distill.cloud.staging import staged_disk_gb
 
     big = tmp_path / "big"
     shutil.copytree(tiny_teacher_dir, big)

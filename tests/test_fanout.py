@@ -1,7 +1,7 @@
 """teacher-cloud --vms N end to end without a cloud: the real google-cloud-batch client against
-the Batch stub (tests/fake_batch.py), whose tasks run the real task entrypoint
+the Batch stub (tests/fakes/batch.py), whose tasks run the real task entrypoint
 (distill/cloud/batch_task.py) and the real teacher as local processes against fake-gcs-server;
-the preflight's checks go to the Compute stub (tests/fake_compute.py).
+the preflight's checks go to the Compute stub (tests/fakes/compute.py).
 
 Every test ends with the promises of issue #13: no Batch job and no task VM is left, and the
 stored sample set is exactly the dataset, each sample once; where the set completes (after a
@@ -23,24 +23,26 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fake_batch import FakeBatch
-from fake_compute import FakeCompute
-from rich.console import Console
-from test_cloud import (
+from fakes.batch import FakeBatch
+from fakes.compute import FakeCompute
+from helpers import (
     PROJECT,
     SLOW,
     assert_exact,
     guest_env,
+    make_job,
     run_in_thread,
     run_records,
     shards_in,
 )
-from test_pipeline import make_job
+from rich.console import Console
 
-from distill.cloud.backend import CloudError, QuotaExceeded, Stockout
 from distill.cloud.batch import DRIVER_VERSION, decode_env
-from distill.cloud.controller import CloudOptions, TeacherFailed, teacher_cloud
-from distill.cloud.fanout import FanoutController
+from distill.cloud.errors import CloudError, QuotaExceeded, Stockout, TeacherFailed
+from distill.cloud.fanout import BatchEngine
+from distill.cloud.run import teacher_cloud
+from distill.cloud.session import CloudOptions, Session
+from distill.cloud.vm import VmEngine
 from distill.config import load_job
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
@@ -105,9 +107,10 @@ def options(compute: FakeCompute, batch: FakeBatch, tmp_path: Path) -> CloudOpti
     )
 
 
-def fanout(job: Path, compute, batch, tmp_path: Path, *sets: str) -> FanoutController:
+def fanout(job: Path, compute, batch, tmp_path: Path, *sets: str) -> BatchEngine:
     j = load_job(job, ['cloud.engine="batch"', f"cloud.vms={VMS}", *sets])
-    return FanoutController(j, options(compute, batch, tmp_path), Console(stderr=True, width=200))
+    session = Session(j, options(compute, batch, tmp_path), Console(stderr=True, width=200))
+    return BatchEngine(session)
 
 
 def nothing_left(batch: FakeBatch, timeout: float = 30.0) -> bool:
@@ -298,7 +301,7 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
     (rec,) = run_records(fan_job)
     assert rec["outcome"] == "done" and rec["preemptions"] == 4 and rec["actual_usd"] > 0
     # a rerun finds the complete set and creates nothing
-    assert fanout(fan_job, compute, batch, tmp_path).execute() is None
+    assert fanout(fan_job, compute, batch, tmp_path).run() is None
     assert len(batch.created) == 1
 
 
@@ -310,7 +313,7 @@ def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(
 ):
     guests.env["FAIL_TASK_INDEX"] = "1"
     with pytest.raises(TeacherFailed) as e:
-        fanout(fan_job, compute, batch, tmp_path).execute()
+        fanout(fan_job, compute, batch, tmp_path).run()
     msg = str(e.value)
     assert "task 1 (projects/distill-test/locations/us-central1/jobs/distill-teacher-job" in msg
     assert "the teacher failed (exit codes 3)" in msg
@@ -321,7 +324,7 @@ def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(
     assert "CUDA error" in "".join(batch.task(1).serial)
     # the rerun: tasks 0 and 2 find their shards; only task 1's are computed
     del guests.env["FAIL_TASK_INDEX"]
-    run = fanout(fan_job, compute, batch, tmp_path).execute()
+    run = fanout(fan_job, compute, batch, tmp_path).run()
     assert run.outcome == "done" and len(batch.created) == 2 and nothing_left(batch)
     logs = ["".join(t.serial) for t in batch.history[1].tasks]
     assert "train: resuming, 4/4 shards" in logs[0] and "train: resuming, 4/4" in logs[2]
@@ -348,7 +351,7 @@ def test_retries_exhausted_by_preemptions_names_the_task(
     assert run_records(fan_job)[0]["outcome"] == "failed"
     # the rerun computes task 2's missing shards only, and the set is exact
     guests.env["SLOW_TEACHER_S"] = "0"
-    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert fanout(fan_job, compute, batch, tmp_path).run().outcome == "done"
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
     assert_same_as_single(fan_job, single_vm)
@@ -363,14 +366,14 @@ def test_a_hung_task_is_stopped_by_its_max_run_duration(
     batch.max_run_scale = 12 / 3600  # the 1 h max run duration passes in 12 s
     ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.max_run_hours=1")
     with pytest.raises(TeacherFailed, match="ran past its max run duration") as e:
-        ctl.execute()
+        ctl.run()
     assert "exit codes 50005" in str(e.value)
     assert batch.created[0]["taskGroups"][0]["taskSpec"]["maxRunDuration"] == "3600s"
     assert [t.attempts for t in batch.history[0].tasks] == [1] * VMS  # not retried
     assert nothing_left(batch)
     batch.max_run_scale = 1.0
     guests.env["SLOW_TEACHER_S"] = "0"
-    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert fanout(fan_job, compute, batch, tmp_path).run().outcome == "done"
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
     assert_same_as_single(fan_job, single_vm)
@@ -393,7 +396,7 @@ def test_a_batch_api_outage_while_watching_is_ridden_out(
 
 def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, single_vm, tmp_path):
     batch.stockouts = 3  # Batch retries the allocation; then capacity comes
-    run = fanout(fan_job, compute, batch, tmp_path).execute()
+    run = fanout(fan_job, compute, batch, tmp_path).run()
     assert run.outcome == "done" and run.stockouts == ["us-central1"]
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
@@ -410,7 +413,7 @@ def test_stockout_waits_then_runs_or_gives_up(compute, batch, fan_job, single_vm
         "cloud.provision_timeout_minutes=0.02",
     )
     with pytest.raises(Stockout, match="no L4 capacity for the Batch job"):
-        ctl.execute()
+        ctl.run()
     assert nothing_left(batch) and not open_store(f"{out}2/train").list()
 
 
@@ -423,7 +426,7 @@ def test_a_job_that_never_runs_is_given_up_after_the_provision_timeout(
     out = load_job(fan_job).output
     batch.stockouts, batch.stockout_fails = 1, True
     with pytest.raises(Stockout, match="no L4 capacity for the Batch job .* Batch could not"):
-        fanout(fan_job, compute, batch, tmp_path).execute()
+        fanout(fan_job, compute, batch, tmp_path).run()
     assert nothing_left(batch)
     batch.stockouts, batch.stockout_fails, batch.hold_queued = 0, False, True
     t0 = time.monotonic()
@@ -436,7 +439,7 @@ def test_a_job_that_never_runs_is_given_up_after_the_provision_timeout(
         "cloud.provision_timeout_minutes=0.02",
     )
     with pytest.raises(CloudError, match="no task of the Batch job .* started in 0.02 min"):
-        ctl.execute()
+        ctl.run()
     assert time.monotonic() - t0 < 60
     assert nothing_left(batch) and not open_store(f"{out}2/train").list()
 
@@ -457,7 +460,7 @@ def test_a_job_cancelled_outside_is_reported_and_a_rerun_completes(
     assert isinstance(err, CloudError) and "was cancelled (CANCEL" in str(err), err
     assert nothing_left(batch)
     guests.env["SLOW_TEACHER_S"] = "0"
-    assert fanout(fan_job, compute, batch, tmp_path).execute().outcome == "done"
+    assert fanout(fan_job, compute, batch, tmp_path).run().outcome == "done"
     assert nothing_left(batch)
     assert_exact(fan_job, tmp_path)
     assert_same_as_single(fan_job, single_vm)
@@ -478,7 +481,7 @@ def test_a_container_without_the_gpu_fails_in_seconds(
         monkeypatch.setattr(batch_mod, "DRIVER_VERSION", "550.54.15")
     t0 = time.monotonic()
     with pytest.raises(DistillError) as e:
-        fanout(fan_job, compute, batch, tmp_path).execute()
+        fanout(fan_job, compute, batch, tmp_path).run()
     assert time.monotonic() - t0 < 120
     msg = str(e.value)
     if fault == "no-gpus-option":
@@ -498,7 +501,7 @@ def test_quota_zero_is_refused(compute, batch, fan_job, tmp_path):
         "PREEMPTIBLE_NVIDIA_L4_GPUS": 0.0,
     }
     with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS"):
-        fanout(fan_job, compute, batch, tmp_path).execute()
+        fanout(fan_job, compute, batch, tmp_path).run()
     assert not batch.created
     # Batch's own refusal (quota taken between the check and the job): the job is deleted
     compute.region_quotas["us-central1"] = {
@@ -509,14 +512,14 @@ def test_quota_zero_is_refused(compute, batch, fan_job, tmp_path):
     batch.gpu_quota = 0
     t0 = time.monotonic()
     with pytest.raises(QuotaExceeded) as e:
-        fanout(fan_job, compute, batch, tmp_path).execute()
+        fanout(fan_job, compute, batch, tmp_path).run()
     assert time.monotonic() - t0 < 120
     assert "NVIDIA_L4_GPUS is 0" in str(e.value) and "inadequate quotas" in str(e.value)
     assert len(batch.created) == 1 and nothing_left(batch)
     # ... or the VMs' creation fails for quota, which fails the job
     batch.gpu_quota, batch.creation_quota_error = None, True
     with pytest.raises(QuotaExceeded, match="NVIDIA_L4_GPUS is 0.0 in region us-central1"):
-        fanout(fan_job, compute, batch, tmp_path).execute()
+        fanout(fan_job, compute, batch, tmp_path).run()
     assert len(batch.created) == 2 and nothing_left(batch)
     assert not open_store(f"{load_job(fan_job).output}/train").exists(MANIFEST)
 
@@ -534,31 +537,22 @@ def test_more_vms_than_shards_needs_quota_for_the_tasks_only(compute, batch, fan
         "SSD_TOTAL_GB": 1200.0,  # 12 x 100 GB pd-balanced
     }
     compute.region_quotas["us-central1"] = dict(enough)
-    ctl = fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20")
-    ctl.preflight()
-    assert ctl.tasks == TRAIN_SHARDS and ctl.vms_at_once() == TRAIN_SHARDS
+    plan = fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").session.preflight()
+    assert plan.vms == plan.estimate.tasks == TRAIN_SHARDS
     for metric, less in (("NVIDIA_L4_GPUS", 11.0), ("CPUS", 95.0), ("SSD_TOTAL_GB", 1199.0)):
         compute.region_quotas["us-central1"] = {**enough, metric: less}
         with pytest.raises(QuotaExceeded, match=f"quota: {metric} is {less}"):
-            fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").preflight()
+            fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").session.preflight()
     # Spot VMs take the preemptible CPU quota where the region grants it room
     compute.region_quotas["us-central1"] = {**enough, "CPUS": 8.0, "PREEMPTIBLE_CPUS": 96.0}
-    fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").preflight()
+    fanout(fan_job, compute, batch, tmp_path, "cloud.vms=20").session.preflight()
     assert not batch.created
 
 
 def test_a_big_teacher_gets_a_disk_that_holds_it(compute, batch, fan_job, tmp_path, monkeypatch):
     """The boot disk (Batch's and the single VM's) is sized from the teacher directory's bytes
     and the inputs, and the estimate prices that disk."""
-    from distill.cloud import controller
-    from distill.cloud import fanout as fanout_mod
     from distill.cloud.spec import BOOT_DISK_GB, boot_disk_gb
-
-    def unstaged(job, console, gpu=True):  # the sparse 150 GiB file is not uploaded
-        return job.to_dict(), ()
-
-    for mod in (controller, fanout_mod):
-        monkeypatch.setattr(mod, "stage_inputs", unstaged)
 
     j = load_job(fan_job)
     big = tmp_path / "big-teacher"
@@ -569,22 +563,22 @@ def test_a_big_teacher_gets_a_disk_that_holds_it(compute, batch, fan_job, tmp_pa
         f.truncate(150 * 2**30)
     sets = [f'teacher.model="{big}"']
     ctl = fanout(fan_job, compute, batch, tmp_path, *sets)
-    ctl.preflight()
+    plan = ctl.session.preflight()
     data = sum(Path(p).stat().st_size for p in (j.data.train, j.data.eval))
     teacher = sum(p.stat().st_size for p in big.iterdir())
     want = boot_disk_gb(teacher, data)
-    assert want > 150 + 16 > BOOT_DISK_GB and ctl.estimate.opts.boot_disk_gb == want
-    assert ctl.estimate.usd["disk_spot"] > 0
-    body = ctl.make_batch_spec().body()
+    assert want > 150 + 16 > BOOT_DISK_GB and plan.estimate.opts.boot_disk_gb == want
+    assert plan.estimate.usd["disk_spot"] > 0
+    vm_toml = '[job]\nname = "job"\n'  # the sparse 150 GiB file is not staged
+    body = ctl.batch_spec(plan, vm_toml, ()).body()
     assert body["allocationPolicy"]["instances"][0]["policy"]["bootDisk"] == {
         "image": "batch-debian",
         "sizeGb": str(want),
     }
-    single = controller.Controller(
-        load_job(fan_job, sets), options(compute, batch, tmp_path), Console(stderr=True)
+    single = VmEngine(
+        Session(load_job(fan_job, sets), options(compute, batch, tmp_path), Console(stderr=True))
     )
-    single.preflight()
-    assert single.make_spec().boot_disk_gb == want
+    assert single.spec(single.session.preflight(), vm_toml, ()).boot_disk_gb == want
 
 
 def test_a_rerun_refuses_another_jobs_finished_shards(
@@ -606,16 +600,16 @@ def test_a_rerun_refuses_another_jobs_finished_shards(
     original = train.read_text()
     train.write_text(original + original.splitlines()[0] + "\n")
     with pytest.raises(DistillError, match="partial shard set from a different job or dataset"):
-        fanout(job, compute, batch, tmp_path).execute()
+        fanout(job, compute, batch, tmp_path).run()
     assert not batch.created and not open_store(f"{j.output}/train").exists(MANIFEST)
     train.write_text(original)
-    assert fanout(job, compute, batch, tmp_path).execute() is None
+    assert fanout(job, compute, batch, tmp_path).run() is None
     assert not batch.created
     assert_same_as_single(job, single_vm)
     # the edited dataset, now against the complete set: refused too
     train.write_text(original + original.splitlines()[0] + "\n")
     with pytest.raises(DistillError, match="complete shard set from a different job or dataset"):
-        fanout(job, compute, batch, tmp_path).execute()
+        fanout(job, compute, batch, tmp_path).run()
 
 
 def cli_fanout(job: Path, compute, batch, tmp_path: Path) -> tuple[subprocess.Popen, dict]:
@@ -700,7 +694,7 @@ def test_gc_deletes_a_leftover_batch_job(compute, tmp_path):
     """A Batch job left with distill's labels (its tasks still running): gc lists it, asks
     (nothing deleted without consent), then deletes it and waits until it is gone."""
     from distill.cloud.batch import BatchApi, BatchSpec
-    from distill.cloud.controller import collect_garbage
+    from distill.cloud.gc import collect_garbage
 
     def sleeper(runnable: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         return [sys.executable, "-c", "import time; time.sleep(600)"], guest_env()

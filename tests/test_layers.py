@@ -15,7 +15,9 @@ import pytest
     "modules",
     [
         "distill.cli, distill.config",  # every command parses its job file through these
-        "distill.cloud.controller, distill.cloud.vm_agent",  # gc, teacher-cloud, the VM agent
+        # teacher-cloud, gc
+        "distill.cloud.run, distill.cloud.session, distill.cloud.vm, distill.cloud.gc",
+        "distill.cloud.vm_agent, distill.cloud.batch_task",  # the VM agent, a Batch task
         "distill.format.shards, distill.format.manifest, distill.store.cache",
         "distill.data.dataset",
     ],

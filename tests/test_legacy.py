@@ -13,33 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from codec_checks import assert_entries_within_bounds, rows
+from codec_checks import (
+    FIELDS,
+    OLD,
+    SETS,
+    STORED,
+    SYNTHETIC,
+    assert_entries_within_bounds,
+    rows,
+    synthetic_set,
+)
 
 from distill.errors import DistillError
 from distill.format.codec import Codec, ShardFormat
 from distill.format.legacy import decode_packed as decode_v1
 from distill.format.manifest import Manifest
 from distill.format.shards import TargetSample, read_shard, write_shard
-from distill.format.spec import TargetSpec
-
-OLD = Path(__file__).resolve().parent / "data" / "old_shards"
-SYNTHETIC = OLD / "synthetic"
-SETS = json.loads((SYNTHETIC / "index.json").read_text())["sets"]
-FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs", "target_counts")
-# the names the fixtures' arrays.npz files (written before the rename) give these fields
-OLD_NAMES = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_counts")
-STORED = dict(zip(FIELDS, OLD_NAMES, strict=True))
-
-
-def synthetic_set(name: str) -> tuple[TargetSpec, dict, int, list[TargetSample]]:
-    """A synthetic set's (spec, codec info, vocab, the samples its shard was written from)."""
-    info = SETS[name]
-    with np.load(SYNTHETIC / name / "arrays.npz") as z:
-        samples = [
-            TargetSample(str(key), *(z.get(f"{i:02d}.{STORED[f]}") for f in FIELDS))
-            for i, key in enumerate(z["keys"])
-        ]
-    return TargetSpec(**info["targets"]), info["codec"], info["vocab_size"], samples
 
 
 def assert_same(a: TargetSample, b: TargetSample) -> None:

@@ -9,67 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import dataset, dataset_keys, make_job, stored_keys
 
 from distill.config import load_job
 from distill.errors import DistillError
-from distill.format.manifest import MANIFEST, Manifest
-from distill.format.shards import read_shard
+from distill.format.manifest import MANIFEST
 from distill.store.storage import BucketNotFound, open_store
 from distill.student import train as train_mod
 from distill.student.train import train
 from distill.teacher import run as teacher_mod
 from distill.teacher.run import run_teacher
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def dataset(tmp_path: Path, name: str, src: str, n: int) -> Path:
-    lines = (REPO / "data" / "demo" / src).read_text().splitlines()[:n]
-    p = tmp_path / name
-    p.write_text("\n".join(lines) + "\n")
-    return p
-
-
-def make_job(tmp_path: Path, model: Path, output: str, n_train: int = 96, **extra: str) -> Path:
-    train_p = dataset(tmp_path, "train.jsonl", "train.jsonl", n_train)
-    eval_p = dataset(tmp_path, "eval.jsonl", "eval.jsonl", 24)
-    sections = {
-        "job": f'output = "{output}"\nseed = 1',
-        "teacher": f'model = "{model}"\ndtype = "float32"\nbatch_tokens = 1024\n'
-        "head_chunk = 64\nsamples_per_shard = 16",
-        "data": f'train = "{train_p}"\neval = "{eval_p}"\nmax_length = 128\ntruncation = "right"',
-        "targets": "k = 8",
-        "student": 'init = "teacher-layers"\nlayers = 2',
-        "train": f'run_dir = "{tmp_path / "run"}"\ncache_dir = "{tmp_path / "cache"}"\n'
-        "batch_size = 8\nlr = 1e-2\nwarmup_steps = 2\ncheckpoint_every = 4\nepochs = 2",
-    }
-    for key, value in extra.items():
-        section, field = key.split("__")
-        kept = [x for x in sections[section].splitlines() if not x.startswith(f"{field} =")]
-        sections[section] = "\n".join([*kept, f"{field} = {value}"])
-    path = tmp_path / "job.toml"
-    path.write_text("".join(f"[{s}]\n{body}\n\n" for s, body in sections.items()))
-    return path
-
-
-def dataset_keys(path: Path) -> list[str]:
-    return [f"{path.stem}-{i + 1:07d}" for i, line in enumerate(path.read_text().splitlines())]
-
-
-def stored_keys(url: str, tmp_path: Path) -> list[str]:
-    """Every sample key in the shard set that the manifest lists, read back from the bucket."""
-    store = open_store(url)
-    m = Manifest.from_json(store.read_bytes(MANIFEST), url)
-    keys = []
-    for s in m.shards:
-        local = tmp_path / "check" / url.replace("/", "_") / s.name
-        store.download(s.name, local)
-        keys += [x.key for x in read_shard(local)]
-    return keys
 
 
 def test_teacher_train_eval_through_gcs(tiny_teacher_dir, tiny_student_dir, gcs_bucket, tmp_path):

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_pipeline import dataset_keys, make_job, stored_keys
+from helpers import dataset_keys, make_job, stored_keys
 
 from distill.config import load_job
 from distill.format.manifest import MANIFEST

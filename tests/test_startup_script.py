@@ -2,7 +2,7 @@
 
 Each stub VM runs distill/cloud/scripts/startup.sh with bash; the host commands a
 Container-Optimized OS VM has (docker, cos-extensions, mount, docker-credential-gcr, shutdown)
-are the fakes of tests/fake_vm_tools.py, and ``docker run`` runs the real teacher entrypoint
+are the fakes of tests/fakes/vm_tools.py, and ``docker run`` runs the real teacher entrypoint
 against fake-gcs-server. The script reaches the stub's metadata server, the stub's Compute API (to
 delete its own VM) and the emulator's JSON API with curl, as it does GCE's on a VM.
 """
@@ -16,12 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_vm_tools import calls, make_bin
-from test_cloud import (  # noqa: F401 - fixtures
+from fakes.vm_tools import calls, make_bin
+from helpers import (
     NAME,
     assert_exact,
-    cloud_job,
-    compute,
     controller,
     guest_env,
     no_vm_left,
@@ -29,7 +27,7 @@ from test_cloud import (  # noqa: F401 - fixtures
     shards_in,
 )
 
-from distill.cloud.controller import TeacherFailed
+from distill.cloud.errors import TeacherFailed
 from distill.cloud.startup import SCRIPTS, STARTUP_SCRIPT
 from distill.config import load_job
 from distill.store.storage import open_store
@@ -96,7 +94,7 @@ def test_the_startup_script_runs_the_teacher_and_deletes_its_vm(
     assert argv[0][1:] == ["install", "gpu", "--", "-version=latest"]
     stage, teacher = argv[5], argv[6]
     # staging writes into the root-owned job directory as root; the teacher runs as the
-    # image's USER (the fake docker runs each as Docker would: tests/fake_vm_tools.py)
+    # image's USER (the fake docker runs each as Docker would: tests/fakes/vm_tools.py)
     assert stage[stage.index("--user") + 1] == "0:0"
     assert "--user" not in teacher
     dev, nvidia = vm / "dev", vm / "nvidia"

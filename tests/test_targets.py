@@ -413,7 +413,7 @@ def test_k_must_be_below_the_vocab_and_good_settings_load():
 
 
 def test_teacher_sample_packed_is_reproducible_and_trains(tiny_teacher_dir, tmp_path):
-    from test_pipeline import make_job
+    from helpers import make_job
 
     from distill.config import load_job
     from distill.format.manifest import MANIFEST, Manifest

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from distill.cloud.backend import CloudError, QuotaExceeded, Stockout, quota_message
+from distill.cloud.errors import CloudError, QuotaExceeded, Stockout, quota_message
 from distill.cloud.preemption import EXIT_PREEMPTED, WATCH_ENV
 from distill.cloud.spec import (
     ACCELERATOR_COUNT,

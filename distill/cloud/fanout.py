@@ -1,15 +1,14 @@
 """``teacher-cloud --vms N``: one teacher job over N Spot L4 VMs, as one Google Cloud Batch job.
 
-Batch does what the single-VM controller does by hand: it creates the VMs (Spot, the GPU
-driver installed), runs the teacher image, retries a preempted task on a new VM (the one
-RETRY_TASK lifecycle policy, ``maxRetryCount`` = ``cloud.max_preemptions``, at most 10) and
-deletes its VMs.
-Task i computes the shards ``s % N == i`` (:class:`distill.teacher.run.Part`), create-only,
-skipping those already in the bucket. This controller (a :class:`Controller`, so the checks,
-price, staging, record and signal handling are the single VM's):
+Batch does what the single-VM engine does by hand: it creates the VMs (Spot, the GPU driver
+installed), runs the teacher image, retries a preempted task on a new VM (the one RETRY_TASK
+lifecycle policy, ``maxRetryCount`` = ``cloud.max_preemptions``, at most 10) and deletes its
+VMs. Task i computes the shards ``s % N == i`` (:class:`distill.teacher.run.Part`),
+create-only, skipping those already in the bucket. This engine shares the single VM's
+session (:mod:`distill.cloud.session`: checks, price, staging, record, signal handling):
 
-1. checks and prices the tasks, N capped at the most shards of a split (GPU quota for that
-   many L4s; ``cost-estimate --vms N``), then asks;
+1. checks and prices the tasks, N capped at the most shards of a split (quotas for that many
+   VMs; ``cost-estimate --vms N``), then asks;
 2. if every shard is already in the bucket (an earlier run whose controller died), writes the
    manifest and stops; a live Batch job of this job is adopted, a finished one deleted;
 3. creates the job and watches the bucket (shards done/total, tokens/s, ETA, $ so far from
@@ -22,13 +21,10 @@ price, staging, record and signal handling are the single VM's):
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
 
 from rich.console import Console
 
-from distill.cloud.backend import Backend, CloudError, QuotaExceeded, Stockout
 from distill.cloud.batch import (
     ENDED,
     EXIT_MAX_RUN,
@@ -45,20 +41,12 @@ from distill.cloud.batch import (
     allocation_error,
     batch_job_id,
 )
-from distill.cloud.controller import (
-    Attempt,
-    CloudOptions,
-    CloudRun,
-    Contact,
-    Controller,
-    TeacherFailed,
-    signals_held,
-    stage_inputs,
-    vm_job_toml,
-)
-from distill.cloud.progress import Rate, Snapshot
-from distill.cloud.spec import region_of
-from distill.config import Job
+from distill.cloud.errors import CloudError, QuotaExceeded, Stockout, TeacherFailed
+from distill.cloud.progress import BucketProgress, Rate, Snapshot
+from distill.cloud.records import Attempt, CloudRun
+from distill.cloud.retry import Backoff, retry_until
+from distill.cloud.session import Contact, Plan, Session, signals_held, watch_bar
+from distill.config import region_of
 from distill.errors import DistillError
 from distill.format.shards import shard_name
 from distill.store.storage import open_store
@@ -67,135 +55,164 @@ from distill.teacher.run import finish_split, sidecar_name
 # docker run's own exit codes: the container never ran the task (docker/runtime error, the
 # entrypoint not executable or not found)
 CONTAINER_NOT_STARTED = (125, 126, 127)
+DELETE_BACKOFF = Backoff(first=0.2, factor=2.0, cap=10.0)
 
 
-class FanoutController(Controller):
+class BatchEngine:
     """One ``teacher-cloud`` run on Google Cloud Batch (see the module docstring)."""
 
-    def __init__(
-        self,
-        job: Job,
-        opts: CloudOptions,
-        console: Console | None = None,
-        confirm: Callable[[str], bool] | None = None,
-        backend: Backend | None = None,
-        api: BatchApi | None = None,
-    ) -> None:
-        cost = dataclasses.replace(opts.cost, vms=job.cloud.vms, engine="batch")
-        opts = dataclasses.replace(opts, cost=cost)
-        super().__init__(job, opts, console, confirm, backend)
-        self.vms = job.cloud.vms
-        self.region = region_of(self.zones[0])
-        self.job_id = batch_job_id(job.name)
-        self.job_path = f"projects/{self.project}/locations/{self.region}/jobs/{self.job_id}"
-        self.api = api or BatchApi(self.project, endpoint=opts.batch_endpoint)
-        self.batch: str | None = None  # the job's name once created or adopted
-        self.attempts: dict[int, Attempt] = {}  # task index -> its current VM
-        self.codes_seen: dict[int, int] = {}  # task index -> exit codes already accounted
+    def __init__(self, session: Session, api: BatchApi | None = None) -> None:
+        self.session = session
+        self.job_id = batch_job_id(session.job.name)
+        self.api = api or BatchApi(session.project, endpoint=session.opts.batch_endpoint)
+        self.record: CloudRun | None = None  # the run's record, once priced (for watchers)
 
-    # --- the run -------------------------------------------------------------------------
+    def job_path(self, plan: Plan) -> str:
+        return f"projects/{plan.project}/locations/{plan.region}/jobs/{self.job_id}"
 
-    def execute(self) -> CloudRun | None:
-        self.console.print(
-            f"teacher-cloud: job {self.job.name}, project {self.project}, region "
-            f"{self.region}, Batch job {self.job_id} (--vms {self.vms})"
+    def batch_spec(
+        self, plan: Plan, job_toml: str, inputs: tuple[tuple[str, str], ...]
+    ) -> BatchSpec:
+        """The Batch job that runs ``plan``'s job file over ``plan.vms`` tasks."""
+        cloud = plan.cloud
+        return BatchSpec(
+            project=plan.project,
+            job_name=plan.job.name,
+            job_toml=job_toml,
+            inputs=inputs,
+            image=plan.image,
+            service_account_email=plan.service_account,
+            zones=plan.zones,
+            tasks=plan.vms,
+            max_retries=cloud.max_preemptions,
+            max_run_duration_s=plan.max_run_s(plan.estimate.wall_hours),
+            spot=cloud.spot,
+            network=cloud.network,
+            subnetwork=cloud.subnetwork,
+            boot_disk_gb=plan.estimate.opts.boot_disk_gb,
         )
-        self.preflight()
-        if self.tasks < self.vms:
-            self.console.print(
-                f"{self.tasks} task(s), not {self.vms}: no split has more shards than that"
-            )
-        if self.finish():
-            self.console.print(f"[green]{self.output}: every split is complete; nothing to do")
-            self._remove_leftover()
+
+    def run(self, plan: Plan | None = None) -> CloudRun | None:
+        """The whole run; its record (None when there was nothing to do). ``plan``: one
+        :meth:`~distill.cloud.session.Session.preflight` already made (else it is made)."""
+        s = self.session
+        vms = s.job.cloud.vms
+        s.console.print(
+            f"teacher-cloud: job {s.job.name}, project {s.project}, region "
+            f"{region_of(s.job.cloud.zones[0])}, Batch job {self.job_id} (--vms {vms})"
+        )
+        plan = plan or s.preflight()
+        if plan.vms < vms:
+            s.console.print(f"{plan.vms} task(s), not {vms}: no split has more shards than that")
+        if finish(plan):
+            s.console.print(f"[green]{plan.output}: every split is complete; nothing to do")
+            self._remove_leftover(plan)
             return None
-        adopted = self._adopt_job()
-        if not adopted:
-            self.price_and_confirm()
-        assert self.estimate is not None
-        self.run = self.new_record(self.job_id)
-        self.progress = self.bucket_progress()
+        adopted = self._adopt_job(plan)
+        if adopted is None:
+            s.price_and_confirm(plan)
+        self.record = s.new_record(plan, self.job_id)
+        live = _BatchRun(self, plan, self.record, s.bucket_progress(plan))
+        live.batch = adopted
 
         def body() -> None:
-            if not adopted:
-                self.batch = self.api.create(self.make_batch_spec())
-                self.console.print(f"created Batch job {self.batch}")
-            self.watch_job()
+            if adopted is None:
+                live.batch = self.api.create(self.batch_spec(plan, *s.stage(plan)))
+                s.console.print(f"created Batch job {live.batch}")
+            live.watch_job()
 
-        return self.supervised(body)
+        return s.supervise(live.record, plan, body, live.teardown, lambda: live.current)
 
-    def make_batch_spec(self) -> BatchSpec:
-        assert self.estimate is not None
-        raw, inputs = stage_inputs(self.job, self.console)
-        return BatchSpec(
-            project=self.project,
-            job_name=self.job.name,
-            job_toml=vm_job_toml(raw),
-            inputs=inputs,
-            image=self.image(),
-            service_account_email=self.service_account(),
-            zones=tuple(self.zones),
-            tasks=self.tasks,
-            max_retries=self.cloud.max_preemptions,
-            max_run_duration_s=self.max_run_s(self.estimate.wall_hours),
-            spot=self.cloud.spot,
-            network=self.cloud.network,
-            subnetwork=self.cloud.subnetwork,
-            boot_disk_gb=self.estimate.opts.boot_disk_gb,
-        )
-
-    def _adopt_job(self) -> bool:
-        """A live Batch job of this job (a controller that died): watch it, create nothing.
-        A finished one is deleted (its ID is this job's) and waited for."""
-        st = self.api.get(self.job_path)
+    def _adopt_job(self, plan: Plan) -> str | None:
+        """A live Batch job of this job (a controller that died): its name, to watch it and
+        create nothing. A finished one is deleted (its ID is this job's) and waited for."""
+        st = self.api.get(self.job_path(plan))
         if st is None:
-            return False
+            return None
         if st.state in LIVE:
-            self.console.print(
+            self.session.console.print(
                 f"Batch job {st.name} is already {st.state} (an earlier teacher-cloud ended "
                 "without deleting it): watching it"
             )
-            self.batch = st.name
-            return True
-        self.console.print(f"deleting the finished Batch job {st.name} ({st.state})")
-        self.batch = st.name
-        self._delete_job()
-        self.batch = None
-        return False
+            return st.name
+        self.session.console.print(f"deleting the finished Batch job {st.name} ({st.state})")
+        self.delete_job(st.name)
+        return None
 
-    def _remove_leftover(self) -> None:
+    def _remove_leftover(self, plan: Plan) -> None:
         """The shard sets are complete: a job of this job still there (its controller died)
         has nothing left to do: delete it."""
-        st = self.api.get(self.job_path)
+        st = self.api.get(self.job_path(plan))
         if st is not None:
-            self.console.print(f"deleting the leftover Batch job {st.name} ({st.state})")
-            self.batch = st.name
-            if not self._delete_job():
+            self.session.console.print(f"deleting the leftover Batch job {st.name} ({st.state})")
+            if not self.delete_job(st.name):
                 raise CloudError(f"could not confirm that the Batch job {st.name} is deleted")
+
+    def delete_job(self, name: str) -> bool:
+        """Delete the job ``name``, retrying errors with backoff; True once it is gone."""
+        console = self.session.console
+        asked = False
+
+        def one_try() -> bool | None:
+            nonlocal asked
+            st = self.api.get(name)
+            if st is None:
+                return True
+            if not asked or st.state != "DELETION_IN_PROGRESS":
+                console.print(f"deleting Batch job {name}")
+                self.api.delete(name)
+                asked = True
+            return None
+
+        gone = retry_until(
+            one_try,
+            self.session.opts.teardown_timeout_s,
+            DELETE_BACKOFF,
+            on_error=lambda e: console.print(f"[red]teardown: {e}; retrying[/red]"),
+        )
+        return bool(gone)
+
+
+def finish(plan: Plan) -> bool:
+    """Write each split's manifest whose shards are all there; True once all have one.
+    Another job's shard set in the output is refused (:func:`finish_split`)."""
+    return all(
+        finish_split(open_store(f"{plan.output}/{split}"), fp) is not None
+        for split, fp in plan.fingerprints.items()
+    )
+
+
+class _BatchRun:
+    """A run's state from the price on: its plan, record, progress, Batch job and tasks."""
+
+    def __init__(
+        self, engine: BatchEngine, plan: Plan, record: CloudRun, progress: BucketProgress
+    ) -> None:
+        self.engine, self.plan, self.record, self.progress = engine, plan, record, progress
+        self.session = engine.session
+        self.api = engine.api
+        self.console = engine.session.console
+        self.job_id = engine.job_id
+        self.poll = engine.session.poll
+        self.project = plan.project
+        self.zones = plan.zones
+        self.region = plan.region
+        self.cloud = plan.cloud
+        self.batch: str | None = None  # the job's name once created or adopted
+        self.attempts: dict[int, Attempt] = {}  # task index -> its current VM
+        self.codes_seen: dict[int, int] = {}  # task index -> exit codes already accounted
+        self.current: Attempt | None = None
 
     @property
     def tasks(self) -> int:
-        """The Batch job's tasks: the estimate's, --vms capped at the most shards of a split."""
-        assert self.estimate is not None
-        return self.estimate.tasks
+        return self.plan.vms
 
-    def vms_at_once(self) -> int:
-        return self.tasks  # parallelism = taskCount
-
-    def finish(self) -> bool:
-        """Write each split's manifest whose shards are all there; True once all have one.
-        Another job's shard set in the output is refused (:func:`finish_split`)."""
-        return all(
-            finish_split(open_store(f"{self.output}/{split}"), fp) is not None
-            for split, fp in self.fingerprints.items()
-        )
-
-    # --- watch -----------------------------------------------------------------------------
+    # --- watch -------------------------------------------------------------------------------
 
     def watch_job(self) -> None:
         """Poll the job, its tasks and the bucket until every manifest is written."""
         progress, batch = self.progress, self.batch
-        assert progress is not None and batch is not None
+        assert batch is not None
         rate = Rate()
         seen_events = 0
         first_run: float | None = None
@@ -205,12 +222,13 @@ class FanoutController(Controller):
             st = self.api.get(batch)
             return st, (self.api.tasks(batch) if st is not None else []), progress.poll()
 
-        with self.watch_bar() as bar:
+        with watch_bar(self.console) as bar:
             snap = progress.poll()
             bar_task = bar.add_task(
                 "", total=snap.shards_total, completed=snap.shards_done, info=""
             )
-            contact = Contact("Batch API", "the job", self.opts.watch_grace_s, self.poll, bar)
+            grace = self.session.opts.watch_grace_s
+            contact = Contact("Batch API", "the job", grace, self.poll, bar)
             while True:
                 got = contact.read(read)
                 if got is None:
@@ -224,7 +242,7 @@ class FanoutController(Controller):
                     first_run = time.monotonic()
                 tps, eta = rate.update(snap) if first_run is not None else (0.0, None)
                 bar.update(bar_task, completed=snap.shards_done, info=self._info(snap, tps, eta))
-                if snap.shards_done >= snap.shards_total and self.finish():
+                if snap.shards_done >= snap.shards_total and finish(self.plan):
                     self._end_attempts("done")
                     return
                 if st is None:
@@ -246,9 +264,8 @@ class FanoutController(Controller):
             raise err
         if first_run is not None:
             return
-        assert self.run is not None
-        if isinstance(err, Stockout) and not self.run.stockouts:
-            self.run.stockouts.append(self.region)
+        if isinstance(err, Stockout) and not self.record.stockouts:
+            self.record.stockouts.append(self.region)
         if time.monotonic() <= deadline:
             return
         wait = f"{self.cloud.provision_timeout_minutes:g} min"
@@ -299,12 +316,12 @@ class FanoutController(Controller):
                 + (", ".join(f"{sp}/{s}" for sp, s in mine[:8]) + (" ..." if len(mine) > 8 else ""))
             )
         detail = "\n".join(lines) or f"  (job {st.state}, no task failed)"
-        err = (
+        kind: type[DistillError] = (
             TeacherFailed
             if any(set(t.exit_codes[-1:]) & {EXIT_TASK_FAILED, EXIT_MAX_RUN} for t in failed)
             else CloudError
         )
-        raise err(
+        raise kind(
             f"the Batch job {self.batch} ended {st.state} with "
             f"{missing_n} of {snap.shards_total} shards missing:\n"
             f"{detail}\nthe task logs: `gcloud logging read 'labels.job_uid=\"{st.uid}\"' "
@@ -313,7 +330,6 @@ class FanoutController(Controller):
 
     def _missing(self) -> list[tuple[str, int]]:
         """(split, shard index) of each shard not yet in the bucket."""
-        assert self.progress is not None
         out = []
         for split, (total, _) in self.progress.totals.items():
             names = set(self.progress.stores[split].list())
@@ -324,16 +340,15 @@ class FanoutController(Controller):
         """Each task's VM attempts (billed while RUNNING), preemptions and failures: an
         attempt ends with an exit code in the task's status events (a retry can start before
         the next poll, so the codes, not the states seen, count the attempts)."""
-        assert self.run is not None
         for t in tasks:
             cur = self.attempts.get(t.index)
             for code in t.exit_codes[self.codes_seen.get(t.index, 0) :]:
-                if cur is None or cur._t_ended is not None:  # began and ended between polls
+                if cur is None or not cur.in_progress:  # began and ended between polls
                     cur = self._new_attempt(t.index)
                 cur.mark_ended()
                 if code in RETRY_CODES:
                     cur.outcome = "preempted"
-                    self.run.preemptions += 1
+                    self.record.preemptions += 1
                     lost = code in VM_GONE_CODES and code != EXIT_VM_PREEMPTED
                     what = "lost its VM" if lost else "was preempted"
                     console.print(f"[yellow]task {t.index} {what} (exit code {code})")
@@ -341,7 +356,7 @@ class FanoutController(Controller):
                     cur.outcome = "failed"
                     console.print(f"[red]task {t.index} failed (exit code {code})[/red]")
             self.codes_seen[t.index] = len(t.exit_codes)
-            live = cur is not None and cur._t_ended is None
+            live = cur is not None and cur.in_progress
             if t.state == "RUNNING" and not live:
                 self._new_attempt(t.index)
             elif t.state == "SUCCEEDED" and live:
@@ -350,23 +365,21 @@ class FanoutController(Controller):
                 cur.outcome = "done"
 
     def _new_attempt(self, index: int) -> Attempt:
-        assert self.run is not None
-        a = Attempt(n=len(self.run.attempts) + 1, zone=f"task {index}")
+        a = Attempt(n=len(self.record.attempts) + 1, zone=f"task {index}")
         a.mark_running()
         self.attempts[index] = a
-        self.run.attempts.append(a)
+        self.record.attempts.append(a)
         self.current = a
         return a
 
     def _end_attempts(self, outcome: str) -> None:
         for a in self.attempts.values():
-            if a._t_ended is None:
+            if a.in_progress:
                 a.mark_ended()
                 a.outcome = a.outcome or outcome
 
     def _info(self, snap: Snapshot, tps: float, eta: float | None) -> str:
-        assert self.run is not None
-        running = sum(1 for a in self.attempts.values() if a._t_ended is None)
+        running = sum(1 for a in self.attempts.values() if a.in_progress)
         return " · ".join(
             [
                 f"shards {snap.shards_done}/{snap.shards_total}",
@@ -374,7 +387,7 @@ class FanoutController(Controller):
                 f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
                 if eta is not None
                 else "ETA -",
-                f"${self.run.usd:,.4f} spent",
+                f"${self.record.usd:,.4f} spent",
                 f"{running}/{self.tasks} VMs running",
             ]
         )
@@ -386,33 +399,13 @@ class FanoutController(Controller):
         if self.batch is None:
             return
         with signals_held(self.console):
-            if not self._delete_job():
+            if not self.engine.delete_job(self.batch):
                 self.console.print(
                     f"[red bold]could not confirm that the Batch job {self.batch} is deleted: "
                     f"run `distill-ctl gc --yes` or `gcloud batch jobs delete {self.job_id} "
                     f"--location {self.region} --project {self.project}` now"
                 )
         self._end_attempts("interrupted")
-
-    def _delete_job(self) -> bool:
-        """Delete ``self.batch``, retrying errors with backoff; True once it is gone."""
-        assert self.batch is not None
-        deadline = time.monotonic() + self.opts.teardown_timeout_s
-        pause, asked = 0.2, False
-        while time.monotonic() < deadline:
-            try:
-                st = self.api.get(self.batch)
-                if st is None:
-                    return True
-                if not asked or st.state != "DELETION_IN_PROGRESS":
-                    self.console.print(f"deleting Batch job {self.batch}")
-                    self.api.delete(self.batch)
-                    asked = True
-            except (DistillError, OSError) as e:
-                self.console.print(f"[red]teardown: {e}; retrying[/red]")
-            time.sleep(pause)
-            pause = min(pause * 2, 10.0)
-        return False
 
 
 def _why(last: list[int], attempts: int, max_preemptions: int) -> str:

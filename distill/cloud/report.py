@@ -1,6 +1,6 @@
 """``distill-ctl cost-report``: what each teacher-cloud run cost, beside its estimate.
 
-Reads the run records that :mod:`distill.cloud.controller` writes (create-only) to
+Reads the run records that :mod:`distill.cloud.session` writes (create-only) to
 ``<job.output>/cloud/run-*.json``: the attempts (zone, VM seconds, outcome), preemptions,
 stockouts, the actual VM cost at the run's price table, and the estimate made before it.
 """

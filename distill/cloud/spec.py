@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.cloud.startup import SHUTDOWN_SCRIPT, STARTUP_SCRIPT
+from distill.config import region_of
 from distill.errors import DistillError
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ MAX_METADATA_TOTAL = 512 * 1024
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # RFC 1035, as instance names
 _LABEL_KEY = re.compile(r"^[a-z][-_a-z0-9]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[-_a-z0-9]{0,63}$")
-_ZONE = re.compile(r"^([a-z]+-[a-z]+\d+)-[a-z]$")
 
 
 def label_value(text: str) -> str:
@@ -89,13 +89,6 @@ def default_subnetwork(network: str, region: str) -> str:
     """The subnet a network has in ``region``: ``default`` in the auto-mode ``default`` VPC,
     else ``<network>-<region>`` as infra/terraform/base names it."""
     return "default" if network == "default" else f"{network}-{region}"
-
-
-def region_of(zone: str) -> str:
-    m = _ZONE.match(zone)
-    if not m:
-        raise DistillError(f"invalid zone {zone!r}: expected e.g. us-central1-a")
-    return m.group(1)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 :mod:`distill.cloud.startup` is the bash script a real VM runs at boot. This module does the
 same steps, in the same order, for the two places where the "VM" is a process on this
 machine: the ``local`` backend (``distill-ctl teacher-cloud --backend local``) and the guests
-of the Compute stub (``tests/fake_compute.py``) in tests:
+of the Compute stub (``tests/fakes/compute.py``) in tests:
 
 1. read the job file from instance metadata ``distill-job`` (report ``starting``);
 2. stage ``distill-inputs`` (``gs://SRC DEST`` per line; a SRC ending in ``/`` is a prefix);

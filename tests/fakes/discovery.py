@@ -3,7 +3,7 @@
 google-api-python-client ships the discovery document of every Google API
 (``googleapiclient/discovery_cache/documents/<api>.<version>.json``): each resource's fields,
 their JSON types and formats, and the values every enum allows. The cloud stubs
-(tests/fake_compute.py, tests/fake_batch.py) run each request body through :func:`problems`
+(tests/fakes/compute.py, tests/fakes/batch.py) run each request body through :func:`problems`
 and answer 400 where the real API would refuse it: an unknown field, a wrong type, a value
 outside an enum. google-cloud-compute's messages hold enums as plain strings, so nothing else
 checks that a ``provisioningModel`` or a disk type's enum value exists.

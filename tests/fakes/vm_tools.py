@@ -27,7 +27,7 @@ import stat
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Whether ``docker run`` really runs as the image's user (it needs root to switch users).
 ENFORCES_USER = hasattr(os, "geteuid") and os.geteuid() == 0 and bool(shutil.which("setpriv"))
 

@@ -41,7 +41,6 @@ through this API (with the bearer token the metadata server gave it) is allowed 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import re
@@ -56,8 +55,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from discovery import problems
-from fake_guest import kill_group, spawn
+from fakes.discovery import problems
+from fakes.guest import kill_group, spawn
+from fakes.http import JsonApi, StubError, reply, serve
 
 GuestFactory = Callable[["FakeInstance"], tuple[list[str], dict[str, str]] | None]
 DEFAULT_ZONES = {
@@ -72,7 +72,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class ApiError(Exception):
+class ApiError(StubError):
     """An HTTP error in the Compute API's JSON error shape."""
 
     def __init__(self, status: int, message: str, reason: str = "invalid", domain: str = "global"):
@@ -259,14 +259,10 @@ class FakeCompute:
     # --- control (tests) --------------------------------------------------------------------
 
     def start(self) -> str:
-        handler = type("Handler", (_ApiHandler,), {"stub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        for target in (self._server.serve_forever, self._tick_loop):
-            t = threading.Thread(target=target, daemon=True, name=f"fake-compute-{target.__name__}")
-            t.start()
-            self._threads.append(t)
+        self._server, self.url = serve(_ApiHandler, self)
+        t = threading.Thread(target=self._tick_loop, daemon=True, name="fake-compute-tick")
+        t.start()
+        self._threads.append(t)
         return self.url
 
     def stop(self) -> None:
@@ -663,64 +659,14 @@ def _filtered(items: list[dict[str, Any]], text: str | None) -> list[dict[str, A
     return [i for i in items if all(str(value(i, f)) == v for f, v in terms)]
 
 
-def _reply(
-    h: BaseHTTPRequestHandler,
-    status: int,
-    data: bytes,
-    ctype: str,
-    headers: dict[str, str] | None = None,
-) -> None:
-    """One HTTP response; a client that went away (a killed guest) is not an error."""
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        h.send_response(status)
-        h.send_header("Content-Type", ctype)
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-
-class _ApiHandler(BaseHTTPRequestHandler):
+class _ApiHandler(JsonApi):
     stub: FakeCompute
-    protocol_version = "HTTP/1.1"
+    routes = _ROUTES
 
-    def log_message(self, *args: object) -> None:  # quiet
-        pass
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        _reply(self, status, json.dumps(body).encode(), "application/json; charset=UTF-8")
-
-    def _dispatch(self, method: str) -> None:
-        url = urlparse(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        self.stub.requests.append((method, url.path))
-        if self.stub.failures > 0:  # an outage: the API answers 503 for a while
-            self.stub.failures -= 1
-            self._send(503, ApiError(503, "Backend Error", "backendError").body())
-            return
-        for m, pattern, handler in _ROUTES:
-            match = pattern.match(url.path)
-            if m == method and match:
-                try:
-                    body = json.loads(raw) if raw else {}
-                    status, out = getattr(self, "h_" + handler)(match.groupdict(), query, body)
-                except ApiError as e:
-                    status, out = e.status, e.body()
-                self._send(status, out)
-                return
-        self._send(404, ApiError(404, f"no such method: {method} {url.path}").body())
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        if status == 503:
+            return ApiError(503, "Backend Error", "backendError").body()
+        return ApiError(status, message).body()
 
     # handlers: (path params, query, body) -> (status, json)
 
@@ -952,13 +898,13 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, text: str, ctype: str = "application/text") -> None:
-        _reply(self, status, text.encode(), ctype, {"Metadata-Flavor": "Google"})
+        reply(self, status, text.encode(), ctype, {"Metadata-Flavor": "Google"})
 
     def _route(self, method: str) -> None:
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if self.headers.get("Metadata-Flavor") != "Google":
-            self._send(403, "Missing required header: Metadata-Flavor")
+            self.send_json(403, "Missing required header: Metadata-Flavor")
             return
         path = url.path.removeprefix("/computeMetadata/v1/")
         inst = self.inst
@@ -966,38 +912,38 @@ class _MetadataHandler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             key = path.removeprefix("instance/guest-attributes/")
             inst.guest_attributes[key] = self.rfile.read(length).decode()
-            self._send(200, "")
+            self.send_json(200, "")
             return
         if method != "GET":
-            self._send(405, "method not allowed")
+            self.send_json(405, "method not allowed")
             return
         if path == "instance/preempted":
             with inst.changed:
                 if q.get("wait_for_change") == "true" and not inst.preempted:
                     inst.changed.wait(timeout=float(q.get("timeout_sec", 60)))
-            self._send(200, "TRUE" if inst.preempted else "FALSE")
+            self.send_json(200, "TRUE" if inst.preempted else "FALSE")
         elif path.startswith("instance/attributes/"):
             key = path.removeprefix("instance/attributes/")
             md = inst.metadata
             if key in md:
-                self._send(200, md[key])
+                self.send_json(200, md[key])
             else:
-                self._send(404, "not found")
+                self.send_json(404, "not found")
         elif path == "instance/name":
-            self._send(200, inst.name)
+            self.send_json(200, inst.name)
         elif path == "instance/id":
-            self._send(200, inst.id)
+            self.send_json(200, inst.id)
         elif path == "instance/zone":
-            self._send(200, f"projects/123456789/zones/{inst.zone}")
+            self.send_json(200, f"projects/123456789/zones/{inst.zone}")
         elif path == "project/project-id":
-            self._send(200, self.stub.project)
+            self.send_json(200, self.stub.project)
         elif path == "instance/service-accounts/default/token":
             tok = {"access_token": inst.token, "expires_in": 3599, "token_type": "Bearer"}
-            self._send(200, json.dumps(tok), "application/json")
+            self.send_json(200, json.dumps(tok), "application/json")
         elif path in ("", "instance/"):
-            self._send(200, "ok")
+            self.send_json(200, "ok")
         else:
-            self._send(404, "not found")
+            self.send_json(404, "not found")
 
     def do_GET(self) -> None:
         self._route("GET")

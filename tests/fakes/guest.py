@@ -1,6 +1,6 @@
 """What the cloud stubs' "machines" run: a local process group, its output as the serial
 console, and the two-step stop of a VM going away (SIGTERM to the group, SIGKILL after a
-grace period). Shared by tests/fake_compute.py (VMs) and tests/fake_batch.py (Batch tasks).
+grace period). Shared by tests/fakes/compute.py (VMs) and tests/fakes/batch.py (Batch tasks).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ fan-out: ``projects.locations.jobs`` create, get, list (``filter`` on labels), d
 ``jobs.taskGroups.tasks`` list; ``operations`` get. JSON shapes are the API's (camelCase,
 int64 as strings, enums by name; errors as ``{"error": {"code", "message", "status"}}``).
 
-Every request body is checked against Batch's discovery document (tests/discovery.py) and
+Every request body is checked against Batch's discovery document (tests/fakes/discovery.py) and
 the rules task.proto states: ``maxRetryCount`` in [0, 10], at most one lifecycle policy.
 
 The lifecycle, as Batch runs it:
@@ -18,7 +18,7 @@ The lifecycle, as Batch runs it:
   after ``queue_limit_s`` (Batch: 2 days); ``creation_quota_error`` instead makes the VM
   creation fail for quota (``CODE_GCE_QUOTA_EXCEEDED``), which fails the job;
 - each task is PENDING -> ASSIGNED -> RUNNING -> SUCCEEDED | FAILED on its own "VM": a local
-  process group (tests/fake_guest.py) running the container runnable through ``guest``, with
+  process group (tests/fakes/guest.py) running the container runnable through ``guest``, with
   the runnable's environment plus ``BATCH_TASK_INDEX``, ``BATCH_TASK_COUNT`` and
   ``BATCH_TASK_RETRY_ATTEMPT``;
 - the VM has a GPU when the instance policy asks for one with ``installGpuDrivers``; the
@@ -56,12 +56,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
-from discovery import problems
-from fake_guest import kill_group, spawn, stop_container
+from fakes.discovery import problems
+from fakes.guest import kill_group, spawn, stop_container
+from fakes.http import JsonApi, StubError, serve
 
 EXIT_VM_PREEMPTED = 50001  # Batch's reserved exit codes
 EXIT_MAX_RUN = 50005
@@ -79,16 +79,18 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class ApiError(Exception):
+class ApiError(StubError):
+    """An HTTP error in Google's JSON error shape (``code``, ``message``, ``status``)."""
+
     STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 503: "UNAVAILABLE"}
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.status, self.message = status, message
 
     def body(self) -> dict[str, Any]:
-        status = self.STATUS.get(self.code, "UNKNOWN")
-        return {"error": {"code": self.code, "message": self.message, "status": status}}
+        name = self.STATUS.get(self.status, "UNKNOWN")
+        return {"error": {"code": self.status, "message": self.message, "status": name}}
 
 
 @dataclass
@@ -173,6 +175,7 @@ class FakeBatch:
         self.queue_limit_s = QUEUE_LIMIT_S  # QUEUED this long (for quota): the job fails
         self.hold_queued = False  # every job stays QUEUED, with no event
         self.failures = 0  # the next N API requests answer 503
+        self.requests: list[tuple[str, str]] = []  # (method, path)
         self.max_run_scale = 1.0  # < 1 shortens maxRunDuration (tests of a hung task)
         self._lock = threading.RLock()
         self._ops = itertools.count(1)
@@ -182,11 +185,7 @@ class FakeBatch:
     # --- control (tests) --------------------------------------------------------------------
 
     def start(self) -> str:
-        handler = type("Handler", (_Handler,), {"stub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server, self.url = serve(_Handler, self)
         return self.url
 
     def stop(self) -> None:
@@ -594,56 +593,18 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 ]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonApi):
+    """Bodies are read as the API's Job message (unknown fields are a 400, enums sent as
+    numbers, as the REST client does, read by their names)."""
+
     stub: FakeBatch
-    protocol_version = "HTTP/1.1"
+    routes = _ROUTES
 
-    def log_message(self, *args: object) -> None:
-        pass
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return ApiError(status, message).body()
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _dispatch(self, method: str) -> None:
-        """Route a request; a body is read as the API's Job message (unknown fields are a 400,
-        enums sent as numbers, as the REST client does, read by their names)."""
-        url = urlparse(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if self.stub.failures > 0:
-            self.stub.failures -= 1
-            self._send(503, ApiError(503, "The service is currently unavailable.").body())
-            return
-        path = unquote(url.path)
-        for m, pattern, handler in _ROUTES:
-            match = pattern.match(path)
-            if m == method and match:
-                try:
-                    body = _as_job(raw) if raw else {}
-                    status, out = getattr(self, "h_" + handler)(match.groupdict(), query, body)
-                except ApiError as e:
-                    status, out = e.code, e.body()
-                self._send(status, out)
-                return
-        self._send(404, ApiError(404, f"no such method: {method} {path}").body())
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    def read_body(self, raw: bytes) -> dict[str, Any]:
+        return _as_job(raw) if raw else {}
 
     def _job(self, name: str) -> FakeJob:
         with self.stub._lock:
