@@ -167,7 +167,8 @@ def cost_estimate(
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
     from distill.cloud.controller import staged_disk_gb
-    from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
+    from distill.cloud.cost import CostOptions, estimate_cost
+    from distill.cloud.cost_table import render_table, write_estimate
 
     the_job = _load(job, set_)
     engine = "batch" if vms is not None else the_job.cloud.engine

@@ -61,14 +61,10 @@ from distill.cloud.backend import (
     VmState,
 )
 from distill.cloud.batch import BatchApi, JobState, leftover_jobs
-from distill.cloud.cost import (
-    HOURS_PER_MONTH,
-    CostEstimate,
-    CostOptions,
-    estimate_cost,
-    render_table,
-)
+from distill.cloud.cost import CostEstimate, CostOptions, estimate_cost
+from distill.cloud.cost_table import render_table
 from distill.cloud.preemption import in_main_thread
+from distill.cloud.prices import HOURS_PER_MONTH
 from distill.cloud.progress import BucketProgress, Rate, Snapshot
 from distill.cloud.report import estimated_vm_usd
 from distill.cloud.spec import (
