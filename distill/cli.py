@@ -38,7 +38,8 @@ CalibrationOpt = Annotated[
     Path | None, typer.Option(help="JSON with tokens_per_s, model and gpu measured on an L4.")
 ]
 PricesOpt = Annotated[
-    Path | None, typer.Option(help="TOML/JSON overriding fields of the price table.")
+    Path | None,
+    typer.Option(help="TOML/JSON overriding prices of distill/hardware/l4.toml (any subset)."),
 ]
 
 

@@ -10,11 +10,12 @@ batches) or a stated assumption that a flag or a file overrides. Following a job
    refused when none the job allows fits): :mod:`distill.teacher.fit`, :mod:`.l4`;
 2. the data, counted as the teacher will batch it: :mod:`.counting`;
 3. the MFU, assumed or calibrated from a run measured on an L4: :mod:`.calibration`;
-4. the hours (compute, setup, layered overhead, preemption, N VMs) and the dollars (VM, boot
-   disk, storage, egress, Cloud NAT), a pure model of those numbers: :mod:`.pricing`, at the
-   dated prices of distill/hardware/l4.toml or ``--prices FILE``: :mod:`.prices`;
+4. the hours (compute, setup, layered overhead, preemption, N VMs), a pure model of those
+   numbers: :mod:`.pricing`;
 5. the shard bytes, measured on a reference run or probed: :mod:`.shard_bytes`;
-6. the table and the JSON: :mod:`.cost_table`.
+6. the dollars (VM, boot disk, storage, egress, Cloud NAT): :mod:`.pricing`, at the dated
+   prices of distill/hardware/l4.toml or ``--prices FILE`` (:mod:`.prices`);
+7. the table and the JSON: :mod:`.cost_table`.
 
 The names callers import from here (options, the price table, the model) stay importable.
 """
