@@ -294,8 +294,8 @@ class Throughput:
 
 
 def flops_per_token(p: TeacherProfile, max_length: int, target_share: float = 1.0) -> float:
-    """Forward FLOPs per token (cost.py's formula, with context max_length / 2 and the head
-    at ``target_share`` of the positions)."""
+    """Forward FLOPs per token (the cost estimate's formula, distill/cloud/counting.py, with
+    context max_length / 2 and the head at ``target_share`` of the positions)."""
     return (
         2 * p.non_embedding_params
         + 2 * p.layers * p.q_dim * max_length / 2
