@@ -10,7 +10,8 @@ machine's cores. Prints N tasks' wall time, 1 task's, their ratio, the shards ea
 wrote, and checks that both runs stored the same shard bytes.
 
 Also prints the model estimate of issue #13 (docs/CLOUD.md): 1B tokens through a 7B teacher
-on 1 and on 100 Spot L4 VMs, from distill/cloud/cost.py's own formulas and prices.
+on 1 and on 100 Spot L4 VMs, from the cost estimate's own model (distill/cloud/pricing.py)
+and prices (distill/hardware/l4.toml).
 
     python bench/fanout.py [--vms 4] [--shard-seconds 1.0] [--json bench/results/fanout.json]
 """
@@ -100,12 +101,16 @@ def run_fanout(vms: int, work: Path, teacher: Path, bucket: str, shard_s: float)
 
 def scenario_estimate(vms: int) -> dict[str, Any]:
     """Issue #13's estimate: 1e9 tokens through a 7B teacher (Qwen2.5-7B's architecture, bf16)
-    on ``vms`` Spot L4 VMs, through cost.py's own :func:`~distill.cloud.cost.pass_hours` and
-    prices."""
+    on ``vms`` Spot L4 VMs, through the cost estimate's own hours and price model
+    (:func:`~distill.cloud.pricing.pass_hours`, distill/hardware/l4.toml's prices)."""
     from transformers import Qwen2Config
 
-    from distill.cloud import cost
+    from distill.cloud.counting import DataCounts
+    from distill.cloud.l4 import DEFAULT_MFU, L4_PEAK_FLOPS, plan_l4
+    from distill.cloud.prices import load_prices
+    from distill.cloud.pricing import CostOptions, nat_gib, nat_usd, pass_hours, priced
     from distill.config import Job
+    from distill.teacher.fit import teacher_profile
 
     tokens, length = 1_000_000_000, 512  # average sample: 512 tokens, half of them targets
     samples = tokens // length
@@ -119,8 +124,8 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
         num_key_value_heads=4,
         tie_word_embeddings=False,
     )
-    p = cost.teacher_profile(config)
-    data = cost.DataCounts(
+    p = teacher_profile(config)
+    data = DataCounts(
         samples=samples,
         shards=-(-samples // 256),
         tokens=tokens,
@@ -136,14 +141,14 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
             }
         },
     )
-    opts = cost.CostOptions(vms=vms, engine="batch" if vms > 1 else "vm")
+    opts = CostOptions(vms=vms, engine="batch" if vms > 1 else "vm")
     job = Job()  # bf16, samples_per_shard = 256, teacher.mode = "auto"
-    sustained = cost.L4_PEAK_FLOPS[job.teacher.dtype] * cost.DEFAULT_MFU
-    h = cost.pass_hours(job, p, cost.plan_l4(job, p), data, sustained, opts)
-    prices = cost.load_prices(None)
-    nat_gib = cost.nat_gib(opts, h.tasks, h.preemption)
-    nat = cost.nat_usd(prices, h.spot, h.wall, h.tasks, nat_gib)
-    usd = cost.priced(prices, opts, h.spot, h.on_demand, 0, 0, (nat, 0.0))
+    sustained = L4_PEAK_FLOPS[job.teacher.dtype] * DEFAULT_MFU
+    h = pass_hours(job, p, plan_l4(job, p), data, sustained, opts)
+    prices = load_prices(None)
+    gib = nat_gib(opts, h.tasks, h.preemption)
+    nat = nat_usd(prices, h.spot, h.wall, h.tasks, gib)
+    usd = priced(prices, opts, h.spot, h.on_demand, 0, 0, (nat, 0.0))
     return {
         "vms": h.tasks,
         "teacher_params": p.params,
@@ -152,7 +157,7 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
         "wall_hours": h.wall,
         "vm_hours_spot": h.spot,
         "usd_vm_and_disk_spot": usd["vm_spot"] + usd["disk_spot"],
-        "nat_gib": nat_gib,
+        "nat_gib": gib,
         "usd_nat_spot": usd["nat_spot"],
     }
 

@@ -38,7 +38,8 @@ CalibrationOpt = Annotated[
     Path | None, typer.Option(help="JSON with tokens_per_s, model and gpu measured on an L4.")
 ]
 PricesOpt = Annotated[
-    Path | None, typer.Option(help="TOML/JSON overriding fields of the price table.")
+    Path | None,
+    typer.Option(help="TOML/JSON overriding prices of distill/hardware/l4.toml (any subset)."),
 ]
 
 
@@ -166,7 +167,8 @@ def cost_estimate(
     ] = None,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
-    from distill.cloud.cost import CostOptions, estimate_cost, render_table, write_estimate
+    from distill.cloud.cost import CostOptions, estimate_cost
+    from distill.cloud.cost_table import render_table, write_estimate
     from distill.cloud.staging import staged_disk_gb
 
     the_job = _load(job, set_)

@@ -32,9 +32,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from distill.cloud.backend import Backend, Needs
-from distill.cloud.cost import HOURS_PER_MONTH, CostEstimate, CostOptions, estimate_cost
+from distill.cloud.cost import CostEstimate, CostOptions, estimate_cost
 from distill.cloud.errors import CloudError
 from distill.cloud.preemption import in_main_thread
+from distill.cloud.prices import HOURS_PER_MONTH
 from distill.cloud.progress import BucketProgress
 from distill.cloud.records import RECORD_PREFIX, Attempt, CloudRun, utc_now
 from distill.cloud.spec import (
@@ -331,7 +332,7 @@ class Session:
     # --- 2. price -------------------------------------------------------------------------------
 
     def price_and_confirm(self, plan: Plan) -> None:
-        from distill.cloud.cost import render_table
+        from distill.cloud.cost_table import render_table
 
         est = plan.estimate
         self.console.print(render_table(est))

@@ -33,19 +33,21 @@ from typing import TYPE_CHECKING, Any
 from distill.cloud.startup import SHUTDOWN_SCRIPT, STARTUP_SCRIPT
 from distill.config import region_of
 from distill.errors import DistillError
+from distill.hardware import l4
 
 if TYPE_CHECKING:
     from google.cloud import compute_v1
     from rich.console import Console
 
-MACHINE_TYPE = "g2-standard-8"  # 8 vCPU, 32 GB, one NVIDIA L4 (24 GB)
-MACHINE_VCPUS = 8  # what each VM takes of the CPUS (or PREEMPTIBLE_CPUS) quota
-ACCELERATOR_TYPE = "nvidia-l4"
+# The machine and its GPU: distill/hardware/l4.toml (g2-standard-8: 8 vCPU, 32 GB, one L4)
+MACHINE_TYPE = l4().machine.type
+MACHINE_VCPUS = l4().machine.vcpus  # what each VM takes of the CPUS (or PREEMPTIBLE_CPUS) quota
+ACCELERATOR_TYPE = l4().gpu.accelerator_type
+ACCELERATOR_COUNT = l4().machine.gpus  # one L4 per VM
 DEFAULT_ZONES = ("us-central1-a", "us-central1-b", "us-central1-c")
 # Container-Optimized OS: Docker, Private Google Access friendly, and the documented
 # `cos-extensions install gpu` driver install (docs/CLOUD.md, "Boot path"). The preflight looks
 # the family up (images.getFromFamily) and refuses a deprecated or missing image.
-ACCELERATOR_COUNT = 1  # one L4 per VM
 IMAGE_PROJECT = "cos-cloud"
 IMAGE_FAMILY = "cos-stable"
 GPU_DRIVER = "latest"  # cos-extensions install gpu -- -version=...
@@ -54,10 +56,10 @@ GPU_DRIVER = "latest"  # cos-extensions install gpu -- -version=...
 # the VM refuses a driver older than that before it pulls the image.
 TEACHER_CUDA = "12.8"
 MIN_DRIVER = {"12.4": 550, "12.6": 560, "12.8": 570, "12.9": 575, "13.0": 580}
-BOOT_DISK_GB = 100  # the least: COS (~10 GB) + the teacher image (~6 GB) + inputs and weights
+BOOT_DISK_GB = l4().machine.boot_disk_min_gb  # the least: COS + the teacher image + inputs
 IMAGE_DISK_GB = 16  # COS and the teacher image
 DISK_MARGIN = 0.2  # scratch shards, logs, the Hugging Face cache's copies; 10 GB at least
-BOOT_DISK_TYPE = "pd-balanced"  # G2 machines take pd-balanced/pd-ssd, not pd-standard
+BOOT_DISK_TYPE = l4().machine.boot_disk_type  # G2 takes pd-balanced/pd-ssd, not pd-standard
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"  # IAM decides the rest
 DEFAULT_MAX_RUN_S = 12 * 3600
 NETWORK = "distill"  # infra/terraform/base: a VPC without ingress, Private Google Access on

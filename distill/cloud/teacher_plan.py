@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from distill.cloud.cost import DEFAULT_MFU, L4_PEAK_FLOPS, L4_VM_RAM_BYTES
+from distill.cloud.l4 import DEFAULT_MFU, L4_PEAK_FLOPS, L4_VM_RAM_BYTES
 from distill.config import Job, parse_bytes
 from distill.errors import DistillError
 from distill.teacher.fit import (

@@ -24,6 +24,7 @@ from typing import Any
 
 from distill.config import Job
 from distill.errors import DistillError
+from distill.hardware import l4
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,8 +32,10 @@ CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + cuBLAS workspace, outside tor
 ALLOCATOR_MARGIN = 0.05  # fragmentation headroom kept free
 # bytes per weight of the quantised linear layers (nf4: 4 bits + one fp32 absmax per 64)
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
-WEIGHTS_STREAM_BYTES_PER_S = 200e6  # weights read from the disk: the load (cost.py), layered
-HOST_LINK_BYTES_PER_S = 12e9  # layered: activations host <-> GPU (PCIe 4.0 x16, in practice)
+# the L4 VM's rates (distill/hardware/l4.toml): weights read from the disk (the load in the
+# cost estimate, the layered pass's streaming) and activations host <-> GPU (layered)
+WEIGHTS_STREAM_BYTES_PER_S = l4().machine.disk_read_bytes_per_s
+HOST_LINK_BYTES_PER_S = l4().machine.host_link_bytes_per_s
 HOST_MARGIN_BYTES = 4 * GIB  # host memory kept for the OS, the tokenised data, shard encoding
 
 
@@ -291,8 +294,8 @@ class Throughput:
 
 
 def flops_per_token(p: TeacherProfile, max_length: int, target_share: float = 1.0) -> float:
-    """Forward FLOPs per token (cost.py's formula, with context max_length / 2 and the head
-    at ``target_share`` of the positions)."""
+    """Forward FLOPs per token (the cost estimate's formula, distill/cloud/counting.py, with
+    context max_length / 2 and the head at ``target_share`` of the positions)."""
     return (
         2 * p.non_embedding_params
         + 2 * p.layers * p.q_dim * max_length / 2

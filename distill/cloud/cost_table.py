@@ -1,0 +1,220 @@
+"""``cost-estimate``'s output: the table (numbers, then every assumption as a row) and the
+JSON file (:func:`write_estimate`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distill.cloud.l4 import L4_NAME, L4_PEAK_FLOPS, l4_usable_bytes
+from distill.cloud.prices import NAT_CAP_VMS
+from distill.cloud.pricing import DRIVER_DOWNLOAD_GIB
+from distill.cloud.spec import BOOT_DISK_TYPE
+from distill.errors import DistillError
+from distill.teacher.fit import GIB, HOST_LINK_BYTES_PER_S, WEIGHTS_STREAM_BYTES_PER_S
+
+if TYPE_CHECKING:
+    from distill.cloud.cost import CostEstimate
+
+
+def render_table(e: CostEstimate) -> Any:
+    """A rich table: the numbers, then every assumption as a row."""
+    from rich.table import Table
+
+    t = Table(title=f"teacher pass cost: job {e.job} on {e.tasks} x L4 ({e.prices.region})")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    t.add_column("how")
+    d, pr = e.data, e.profile
+    mem = sum(e.memory.values())
+    rows = [
+        (
+            "samples",
+            f"{d.samples:,}",
+            ", ".join(f"{k} {v['samples']:,}" for k, v in d.per_split.items()),
+        ),
+        ("tokens", f"{d.tokens:,}", "teacher tokenizer, all splits"),
+        ("target tokens", f"{d.target_tokens:,}", "positions whose next token is assistant's"),
+        ("padded tokens", f"{d.padded_tokens:,}", "the teacher's token-budget batches"),
+        (
+            "teacher params",
+            f"{pr.params / 1e6:,.1f} M",
+            f"{pr.non_embedding_params / 1e6:,.1f} M non-embedding (meta device)",
+        ),
+        ("FLOPs per token", f"{e.flops_per_token:.3g}", f"total {e.flops:.3g}"),
+        ("teacher mode", e.way.label(), f"teacher.mode = {e.mode_setting!r}"),
+        ("GPU memory", f"{mem / GIB:.2f} GiB", f"of {l4_usable_bytes() / GIB:.1f} GiB usable"),
+        *_layered_rows(e),
+        (
+            "throughput",
+            f"{e.tokens_per_s:,.0f} tok/s",
+            f"MFU {e.mfu:.2f}" + ("" if e.calibration else ", uncalibrated"),
+        ),
+        ("compute hours", hours_text(e.compute_hours), ""),
+        ("setup hours", hours_text(e.setup_hours), ""),
+        (
+            "hours on-demand",
+            hours_text(e.on_demand_hours),
+            f"VM-hours of all {e.tasks} VMs" if e.tasks > 1 else "",
+        ),
+        ("hours spot", hours_text(e.spot_hours), f"+{e.preemption:.0%} preemption"),
+        (
+            "wall time (spot)",
+            hours_text(e.wall_hours),
+            f"{e.tasks} VM(s) at once: the busiest VM's setup + shards (+ layered overhead) "
+            "+ preemption",
+        ),
+        (
+            "$ VM spot",
+            _usd(e.usd["vm_spot"]),
+            f"${e.prices.vm_spot_per_hour:.3f}/h as of {e.prices.as_of}: spot prices change "
+            "(up to once a day); --prices FILE to use today's",
+        ),
+        ("$ VM on-demand", _usd(e.usd["vm_on_demand"]), ""),
+        ("$ boot disk", _usd(e.usd["disk_spot"]), "spot hours"),
+        ("shard bytes", f"{e.shard_bytes / GIB:.3f} GB", ""),
+        ("$ storage", _usd(e.usd["storage"]), f"{e.storage_gb_months:.3f} GB-months"),
+        ("$ egress", _usd(e.usd["egress"]), f"{e.egress_gb:.3f} GB"),
+        ("$ network (Cloud NAT)", _usd(e.usd["nat_spot"]), f"spot hours, {e.nat_gb:.2f} GB"),
+        ("$ total (spot)", _usd(e.usd["total_spot"]), "VM + disk + NAT + storage + egress"),
+        ("$ total (on-demand)", _usd(e.usd["total_on_demand"]), ""),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    t.add_section()
+    for name, value in e.assumptions():
+        t.add_row(f"assumption: {name}", "", value)
+    return t
+
+
+def _layered_rows(e: CostEstimate) -> list[tuple[str, str, str]]:
+    tp = e.layered
+    if tp is None:
+        return []
+    return [
+        ("host memory", f"{e.way.host / GIB:.2f} GiB", "layered: the chunk's activations"),
+        (
+            "weight streaming",
+            f"{tp.stream_share:.1%} of time",
+            f"{tp.stream_s:,.0f} s per chunk of {tp.chunk_tokens:,} tokens, "
+            f"{tp.exposed_stream_s:,.0f} s not hidden by prefetch "
+            f"(compute {tp.compute_s:,.0f} s, activation I/O {tp.activation_io_s:,.0f} s)",
+        ),
+        (
+            "layered overhead hours",
+            hours_text(e.layered_overhead_hours),
+            f"every chunk of each VM's shards; in VM-hours (all {e.tasks} VMs), the busiest "
+            f"VM's {hours_text(e.layered_overhead_wall_hours)} h in the wall time",
+        ),
+    ]
+
+
+def assumption_rows(e: CostEstimate) -> list[tuple[str, str]]:
+    """(assumption, value and source) rows, every one stated."""
+    p, o = e.prices, e.opts
+    peak = L4_PEAK_FLOPS[e.dtype]
+    if e.calibration:
+        cal = e.calibration
+        mfu = (
+            f"{e.mfu:.3f}, calibrated: {cal.model} at {cal.tokens_per_s:,.0f} tokens/s "
+            f"on {cal.gpu} ({cal.path})"
+        )
+    else:
+        mfu = f"{e.mfu:.2f} ({'--mfu' if o.mfu is not None else 'assumed'}; uncalibrated)"
+    return [
+        ("GPU", f"1 x {L4_NAME}, {peak / 1e12:.1f} TFLOP/s dense {e.dtype} peak (datasheet)"),
+        ("MFU (model FLOPs utilisation)", mfu),
+        (
+            "FLOPs formula",
+            "padded tokens x (2 x non-embedding params + 2 x layers x ctx x d_attn) "
+            "+ target tokens x 2 x hidden x vocab (LM head only at target positions)",
+        ),
+        (
+            "setup",
+            f"{o.setup_minutes:g} min boot/driver/image pull + the {e.dtype} checkpoint "
+            f"read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s",
+        ),
+        (
+            "VMs",
+            f"{e.tasks} (--vms {o.vms}): VM i computes the shards s % {e.tasks} == i, "
+            "each VM pays its own setup; wall time is the busiest VM's",
+        ),
+        ("preemption overhead (spot)", _preemption_basis(e)),
+        *(
+            [
+                (
+                    "layered pass",
+                    f"weights read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s once per "
+                    "chunk, prefetched under the previous layer's compute; activations cross "
+                    f"the host link at {HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s twice per layer; "
+                    "each VM's chunks are its own shards of each split, chunk_tokens at most",
+                )
+            ]
+            if e.layered
+            else []
+        ),
+        ("prices", f"as of {p.as_of}; {p.source}"),
+        ("price sources", "; ".join(f"{group}: {basis}" for group, basis in p.basis.items())),
+        ("machine", f"{p.machine}, {p.region}"),
+        (
+            "VM price",
+            f"spot ${p.vm_spot_per_hour:.3f}/h, on-demand ${p.vm_on_demand_per_hour:.3f}/h",
+        ),
+        (
+            "boot disk",
+            f"{o.boot_disk_gb} GB {BOOT_DISK_TYPE} at ${p.boot_disk_per_gb_month}/GB-month",
+        ),
+        ("shard bytes", e.bytes_basis),
+        (
+            "storage",
+            f"GCS Standard ${p.storage_per_gb_month}/GB-month, kept {o.storage_months:g} "
+            "month(s); operations not counted",
+        ),
+        (
+            "egress",
+            f"internet ${p.egress_per_gb}/GB, {o.downloads} full download(s) by the "
+            "student; free tier not counted",
+        ),
+        (
+            "network",
+            f"Cloud NAT ${p.nat_per_vm_hour}/VM-hour (${p.nat_max_per_hour}/h above "
+            f"{NAT_CAP_VMS} VMs) + ${p.nat_per_gb}/GB processed: "
+            + (
+                f"each Batch VM boot downloads the NVIDIA driver (~{DRIVER_DOWNLOAD_GIB} GB)"
+                if o.engine == "batch"
+                else "the single VM's driver comes from Google (no NAT traffic)"
+            ),
+        ),
+        ("GB", "2^30 bytes, as Google bills"),
+    ]
+
+
+def _preemption_basis(e: CostEstimate) -> str:
+    base = f"{e.opts.preemption_overhead:.0%} of hours (work since the last shard + re-setup)"
+    if e.layered is None:
+        return base
+    return (
+        f"{e.preemption:.0%}: layered, a preemption loses the chunk in flight "
+        f"(up to {hours_text(e.layered.seconds / 3600)} h), not a shard, so {base} is scaled "
+        "by (setup + chunk / 2) / (setup + shard / 2); on Spot a smaller "
+        "teacher.chunk_tokens loses less (and streams the weights more often)"
+    )
+
+
+def write_estimate(e: CostEstimate, path: Path) -> None:
+    """``cost-estimate --json PATH``: the numbers as JSON (:meth:`CostEstimate.to_dict`)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(e.to_dict(), indent=2) + "\n")
+    except OSError as err:
+        raise DistillError(f"--json {path}: cannot write ({err.strerror})") from None
+
+
+def _usd(x: float) -> str:
+    return f"{x:,.2f}" if x >= 0.995 else f"{x:.4f}"
+
+
+def hours_text(h: float) -> str:
+    """Hours as the table prints them (minutes too below 10 h)."""
+    return f"{h:,.2f}" if h >= 10 else f"{h:.3f} ({h * 60:,.1f} min)"
