@@ -52,6 +52,8 @@ from distill.errors import DistillError
 from distill.format.manifest import MANIFEST
 from distill.store.storage import open_store
 
+pytestmark = pytest.mark.wire
+
 # --- the happy path and preemptions -----------------------------------------------------------
 
 

@@ -53,6 +53,8 @@ from distill.teacher.run import Part, run_teacher, split_fingerprints
 VMS = 3
 TRAIN_SHARDS = 12  # 48 samples, 4 a shard: task i gets shards i, i+3, i+6, i+9
 
+pytestmark = pytest.mark.wire
+
 
 class TaskGuests:
     """What the stub's task VMs run: the teacher image's command, as a local process."""

@@ -32,9 +32,12 @@ from distill.cloud.startup import SCRIPTS, STARTUP_SCRIPT
 from distill.config import load_job
 from distill.store.storage import open_store
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("curl") is None, reason="the VM's startup script talks to the APIs with curl"
-)
+pytestmark = [
+    pytest.mark.wire,
+    pytest.mark.skipif(
+        shutil.which("curl") is None, reason="the VM's startup script talks to the APIs with curl"
+    ),
+]
 
 
 class ScriptGuests:
