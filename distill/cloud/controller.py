@@ -87,6 +87,7 @@ from distill.cloud.spec import (
 )
 from distill.config import Job
 from distill.errors import DistillError
+from distill.shardset import split_fingerprints, stored_manifest
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, open_store
 
@@ -307,8 +308,7 @@ def vm_teacher(model: str) -> str:
 def expected_fingerprints(job: Job) -> dict[str, str]:
     """Each split's job fingerprint as the teacher VM computes it (from its job: the staged
     teacher's name, the same dataset bytes, tokenizer and settings)."""
-    from distill import models
-    from distill.teacher.run import split_fingerprints
+    from distill import models  # the tokenizer's fingerprint needs the tokenizer
 
     teacher_dir = models.resolve_model(job.teacher.model)
     tok_fp = models.tokenizer_fingerprint(models.load_tokenizer(teacher_dir))
@@ -482,8 +482,6 @@ class Controller:
 
     def complete(self) -> bool:
         """Every split has its manifest (refused if one is another job's)."""
-        from distill.teacher.run import stored_manifest
-
         return all(
             stored_manifest(open_store(f"{self.output}/{split}"), fp) is not None
             for split, fp in self.fingerprints.items()

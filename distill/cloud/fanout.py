@@ -4,7 +4,7 @@ Batch does what the single-VM controller does by hand: it creates the VMs (Spot,
 driver installed), runs the teacher image, retries a preempted task on a new VM (the one
 RETRY_TASK lifecycle policy, ``maxRetryCount`` = ``cloud.max_preemptions``, at most 10) and
 deletes its VMs.
-Task i computes the shards ``s % N == i`` (:class:`distill.teacher.run.Part`), create-only,
+Task i computes the shards ``s % N == i`` (:class:`distill.shardset.Part`), create-only,
 skipping those already in the bucket. This controller (a :class:`Controller`, so the checks,
 price, staging, record and signal handling are the single VM's):
 
@@ -61,8 +61,8 @@ from distill.cloud.spec import region_of
 from distill.config import Job
 from distill.errors import DistillError
 from distill.format.shards import shard_name
+from distill.shardset import finish_split, sidecar_name
 from distill.store.storage import open_store
-from distill.teacher.run import finish_split, sidecar_name
 
 # docker run's own exit codes: the container never ran the task (docker/runtime error, the
 # entrypoint not executable or not found)
