@@ -180,9 +180,9 @@ def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(
     computed: dict[str, list[int]] = {}  # split -> samples held per shard, as computed
     real = teacher_run._compute_shards
 
-    def spy(job, split, model, chunks, *rest):
-        computed[split] = [len(c) for c in chunks]
-        return real(job, split, model, chunks, *rest)
+    def spy(ctx, *rest):
+        computed[ctx.split] = [len(c) for c in ctx.chunks]
+        return real(ctx, *rest)
 
     monkeypatch.setattr(teacher_run, "_compute_shards", spy)
     assert run_teacher(j, Part(1, 2)) == {"train": None, "eval": None}

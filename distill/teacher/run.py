@@ -24,13 +24,15 @@ shard is in the bucket.
 
 The bucket side of all this (object names, ``run.json``, ``parts.json``, ``task-seconds/``,
 the job fingerprint, the manifest's completion rule) is :mod:`distill.shardset`, which imports
-no torch: the cloud controllers read it without loading a model.
+no torch: the cloud controllers read it without loading a model. Each split runs from one
+:class:`SplitContext`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -99,48 +101,67 @@ def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) 
     return dataclasses.replace(stats, name=name)
 
 
-def run_split(
-    job: Job,
-    split: str,
-    chunks: list[list[Sample]],
-    store: Store,
-    model: Any,
-    fingerprint: str,
-    tok_fp: str,
-    teacher_dir: Path,
-    stop: StopWatch | None = None,
-    skipped: dict[str, Any] | None = None,
-    part: Part | None = None,
-) -> Manifest | None:
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitContext:
+    """One split's teacher run, built once by :func:`run_teacher` and passed down whole.
+
+    ``chunks``: the split's samples by shard (:func:`shard_chunks`). ``stop`` (preemption,
+    SIGTERM) is checked after every forward batch. ``skipped``: the dataset lines left out as
+    invalid, recorded in the manifest. ``part``: compute only this fan-out task's shards and
+    write ``parts.json``, not the manifest.
+    """
+
+    job: Job
+    split: str
+    chunks: list[list[Sample]]
+    store: Store
+    model: Any  # a transformers model on its device, or a LayeredTeacher
+    fingerprint: str  # the split's job fingerprint (distill.shardset.job_fingerprint)
+    tok_fp: str  # the tokenizer's fingerprint
+    teacher_dir: Path
+    stop: StopWatch | None = None
+    skipped: dict[str, Any] | None = None
+    part: Part | None = None
+
+    @functools.cached_property
+    def fmt(self) -> ShardFormat:
+        """How the shards are encoded: the job's codec and targets, the model's vocabulary."""
+        t = self.job.targets
+        return ShardFormat(t.codec_spec(), t.spec(), _vocab_size(self.model))
+
+    @property
+    def mine(self) -> list[int]:
+        """The shard indices this run computes: all, or the part's ``s % N == i``."""
+        part = self.part
+        return [i for i in range(len(self.chunks)) if part is None or part.owns(i)]
+
+
+def run_split(ctx: SplitContext) -> Manifest | None:
     """Produce (or resume) one split's shard set; returns its manifest.
 
-    ``chunks``: the split's samples by shard (:func:`shard_chunks`).
-    ``stop`` (preemption, SIGTERM) is checked after every forward batch: the shard in flight
-    is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
-    ``skipped``: the dataset lines left out as invalid, recorded in the manifest.
-    ``part``: compute only this task's shards and write ``parts.json``, not the manifest
-    (returns None; :func:`finish_split` writes it once every task's shards are there).
+    On ``ctx.stop`` the shard in flight is abandoned, finished shards' uploads complete, and
+    :class:`Preempted` is raised. With ``ctx.part``, returns None: the task's shards and
+    ``parts.json`` are written, and :func:`~distill.shardset.finish_split` writes the manifest
+    once every task's shards are there.
     """
-    complete = _complete_set(store, split, fingerprint)
+    split, store, part = ctx.split, ctx.store, ctx.part
+    complete = _complete_set(store, split, ctx.fingerprint)
     if complete is not None:
         return complete
-    claim_output(store, fingerprint)
+    claim_output(store, ctx.fingerprint)
     existing = set(store.list())
-    spec, codec = job.targets.spec(), job.targets.codec_spec()
-    fmt = ShardFormat(codec, spec, _vocab_size(model))
     t0 = time.perf_counter()
-    out = _SplitOutput(store, fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
-    mine = [i for i in range(len(chunks)) if part is None or part.owns(i)]
-    stats = _shards_done(out, len(chunks), existing, mine)
+    out = _SplitOutput(store, ctx.fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
+    mine = ctx.mine
+    stats = _shards_done(out, len(ctx.chunks), existing, mine)
     done = sum(1 for i in mine if stats[i] is not None)
     if done:
         console.print(f"{split}: resuming, {done}/{len(mine)} shards already in {store.url}")
     if part is not None:
         console.print(f"{split}: task {part.index} of {part.count}: shards {_ranges(mine)}")
-        base = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, [], 0.0, skipped)
-        put_parts(store, base, len(chunks))
+        put_parts(store, _manifest(ctx, [], 0.0), len(ctx.chunks))
     try:
-        _compute_shards(job, split, model, chunks, mine, stats, out, t0, stop)
+        _compute_shards(ctx, stats, out, t0)
     except Preempted:
         if part is not None:  # the attempt's finished shards took compute time too
             put_task_seconds(store, part, time.perf_counter() - t0)
@@ -151,7 +172,7 @@ def run_split(
         out.cleanup()
         console.print(f"[green]{split}: task {part.index}: {len(mine)} shards in {store.url}")
         return None
-    manifest = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, stats, elapsed, skipped)
+    manifest = _manifest(ctx, stats, elapsed)
     # A concurrent run may have finished first; its manifest describes the same shards.
     with contextlib.suppress(ObjectExists):
         store.put_bytes(MANIFEST, manifest.to_json())
@@ -285,19 +306,12 @@ def _targets_by_shard(
 
 
 def _compute_shards(
-    job: Job,
-    split: str,
-    model: Any,
-    chunks: list[list[Sample]],
-    mine: list[int],
-    stats: list[ShardStats | None],
-    out: _SplitOutput,
-    t0: float,
-    stop: StopWatch | None,
+    ctx: SplitContext, stats: list[ShardStats | None], out: _SplitOutput, t0: float
 ) -> None:
-    """Compute the shards of ``mine`` that ``stats`` lacks and fill them in; a shard uploads
-    during the next."""
-    todo = [i for i in mine if stats[i] is None]
+    """Compute the shards of ``ctx.mine`` that ``stats`` lacks and fill them in; a shard
+    uploads during the next. ``t0``: the run's start (the bar's tokens/s)."""
+    split, chunks = ctx.split, ctx.chunks
+    todo = [i for i in ctx.mine if stats[i] is None]
     todo_tokens = sum(len(s.input_ids) for i in todo for s in chunks[i])
     pending: list[tuple[int, Future[ShardStats]]] = []
     with (
@@ -305,8 +319,8 @@ def _compute_shards(
         _progress_bar(split) as bar,
     ):
         task = bar.add_task("", total=todo_tokens, rate="-")
-        on_batch = _on_batch(bar, task, split, t0, stop)
-        for idx, targets in _targets_by_shard(job, model, chunks, todo, on_batch):
+        on_batch = _on_batch(bar, task, split, t0, ctx.stop)
+        for idx, targets in _targets_by_shard(ctx.job, ctx.model, chunks, todo, on_batch):
             pending.append((idx, pool.submit(out.upload, idx, targets)))
             # Bound memory: at most one shard waits for its upload while the next is computed.
             while len(pending) > 1:
@@ -345,24 +359,15 @@ def _on_batch(
     return on_batch
 
 
-def _manifest(
-    job: Job,
-    split: str,
-    fmt: ShardFormat,
-    fingerprint: str,
-    tok_fp: str,
-    teacher_dir: Path,
-    stats: list[ShardStats | None],
-    elapsed: float,
-    skipped: dict[str, Any] | None,
-) -> Manifest:
+def _manifest(ctx: SplitContext, stats: list[ShardStats | None], elapsed: float) -> Manifest:
     """The split's manifest over its finished shards."""
+    job, fmt = ctx.job, ctx.fmt
     spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
     return Manifest(
-        split=split,
+        split=ctx.split,
         teacher=job.teacher.model,
-        teacher_config_sha256=sha256_file(teacher_dir / "config.json"),
-        tokenizer_fingerprint=tok_fp,
+        teacher_config_sha256=sha256_file(ctx.teacher_dir / "config.json"),
+        tokenizer_fingerprint=ctx.tok_fp,
         vocab_size=vocab,
         target_kind=spec.kind,
         width=spec.width,  # columns of the decoded [N, width] arrays; kind parameters: `targets`
@@ -374,13 +379,13 @@ def _manifest(
             **({"target_counts": "uint16"} if spec.sampled else {}),
         },
         max_length=job.data.max_length,
-        job_fingerprint=fingerprint,
+        job_fingerprint=ctx.fingerprint,
         shards=[s for s in stats if s is not None],
         teacher_seconds=elapsed,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         codec=codec.info(),
         targets=spec.info(),
-        skipped_lines=skipped or {},
+        skipped_lines=ctx.skipped or {},
     )
 
 
@@ -436,7 +441,19 @@ def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Mani
     stop.check("teacher")
     return {
         split: run_split(
-            job, split, chunks, store, model, fp, tok_fp, teacher_dir, stop, skipped, part
+            SplitContext(
+                job=job,
+                split=split,
+                chunks=chunks,
+                store=store,
+                model=model,
+                fingerprint=fp,
+                tok_fp=tok_fp,
+                teacher_dir=teacher_dir,
+                stop=stop,
+                skipped=skipped,
+                part=part,
+            )
         )
         for split, (chunks, store, fp, skipped) in prepared.items()
     }
