@@ -22,10 +22,10 @@ Every KD arm (the sparse kinds and full-online) uses the same loss weights: ``fo
 exactly the quantity the sparse kinds estimate. The sparse kinds' targets come from
 ``distill.teacher.run.run_teacher`` (one teacher pass per kind into a local shard set, packed
 v2 blocks with zstd, exact values in ``--values``, default ``log8``). The full-online arm
-also goes through ``distill.student.train.train``: :func:`online_kd` swaps the loop's
-``StudentBody`` for one that also runs the teacher on the batch, and its
-``chunked_distill_loss`` for :func:`full_kl_loss`; the loop itself (loader, data order, AdamW,
-warmup + cosine, clipping) is the one the other arms run.
+also goes through ``distill.student.train.train``, with the ``Components`` that
+:func:`online_kd` makes: a ``StudentBody`` that also runs the teacher on the batch, and
+:func:`full_kl_loss` as the loss (passed in, nothing patched); the loop itself (loader, data
+order, AdamW, warmup + cosine, clipping) is the one the other arms run.
 
 Held-out metrics over the response-token positions of ``data/demo/eval.jsonl`` (position t
 with token t+1 written by the assistant; p the teacher's full softmax, q the student's):
@@ -76,7 +76,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,22 +286,20 @@ class OnlineStats:
     calls: int = 0
 
 
-@contextlib.contextmanager
-def online_kd(teacher: Any, chunk: int) -> Iterator[OnlineStats]:
-    """Make ``distill.student.train.train`` distill from the live teacher's full distribution.
+def online_kd(teacher: Any, chunk: int) -> tuple[dtrain.Components, OnlineStats]:
+    """What makes ``distill.student.train.train`` distill from the live teacher's full
+    distribution: its components (``train(job, components)``) and what they measure.
 
-    Within the block, the loop's ``StudentBody`` also runs the teacher on each batch (no grad)
-    and keeps its final hidden states at the target positions, and the loop's
-    ``chunked_distill_loss`` is replaced by :func:`full_kl_loss` on them (the stored sparse
-    targets of the shard set are ignored). Single process only.
+    The body is the loop's ``StudentBody`` that also runs the teacher on each batch (no grad)
+    and keeps its final hidden states at the target positions; the loss is
+    :func:`full_kl_loss` on them (the stored sparse targets of the shard set are ignored).
+    Single process only.
     """
     stats = OnlineStats()
-    timer = [0.0]
     pending: list[Tensor] = []
-    base_body, base_loss = dtrain.StudentBody, dtrain.chunked_distill_loss
     t_weight = teacher.get_output_embeddings().weight
 
-    class TeacherAndStudentBody(base_body):  # type: ignore[misc, valid-type]
+    class TeacherAndStudentBody(dtrain.StudentBody):
         def forward(self, batch: Any) -> Tensor:
             hidden = super().forward(batch)
             t0 = time.perf_counter()
@@ -322,7 +320,7 @@ def online_kd(teacher: Any, chunk: int) -> Iterator[OnlineStats]:
         t_logprobs: Tensor,
         labels: Tensor,
         weights: LossWeights,
-        chunk_: int = chunk,
+        chunk: int = chunk,
         tail: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if len(pending) != 1:
@@ -331,16 +329,12 @@ def online_kd(teacher: Any, chunk: int) -> Iterator[OnlineStats]:
         if t_rows.shape[0] != hidden.shape[0]:
             raise RuntimeError("online_kd: teacher and student target rows differ")
         stats.calls += 1
-        return full_kl_loss(hidden, weight, t_rows, t_weight, labels, weights, chunk_, timer)
-
-    dtrain.StudentBody = TeacherAndStudentBody  # type: ignore[misc]
-    dtrain.chunked_distill_loss = loss  # type: ignore[assignment]
-    try:
-        yield stats
-    finally:
-        dtrain.StudentBody = base_body  # type: ignore[misc]
-        dtrain.chunked_distill_loss = base_loss
+        timer = [0.0]  # the teacher's head inside the loss
+        out = full_kl_loss(hidden, weight, t_rows, t_weight, labels, weights, chunk, timer)
         stats.teacher_seconds += timer[0]
+        return out
+
+    return dtrain.Components(body=TeacherAndStudentBody, loss=loss), stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,13 +593,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         job = jobs.get(arm.name) or arm_job(base, arm, shared_targets, args.workdir)
         shutil.rmtree(dtrain.run_dir(job), ignore_errors=True)  # a fresh run, never a resume
         log(f"[train {i}/{len(arms)}] {arm.name}: {job.loss.active()}")
-        ctx = online_kd(teacher, job.train.loss_chunk) if arm.online else contextlib.nullcontext()
-        with ctx as stats:
-            summary = dtrain.train(job)
+        components, stats = online_kd(teacher, job.train.loss_chunk) if arm.online else (None, None)
+        summary = dtrain.train(job, components)
         if arm.online and (stats is None or stats.calls == 0):
-            raise RuntimeError(
-                "online_kd: distill.student.train.train never called the patched loss"
-            )
+            raise RuntimeError("online_kd: distill.student.train.train never called its loss")
         student = models.load_model(Path(summary["student_dir"]), "float32", device)
         metrics = evaluate_full(student, held, args.eval_chunk)
         del student

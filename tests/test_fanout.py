@@ -46,9 +46,10 @@ from distill.cloud.vm import VmEngine
 from distill.config import load_job
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
+from distill.shardset import Part, finish_split, split_fingerprints
 from distill.store.storage import open_store
 from distill.teacher import run as teacher_run
-from distill.teacher.run import Part, run_teacher, split_fingerprints
+from distill.teacher.run import run_teacher
 
 VMS = 3
 TRAIN_SHARDS = 12  # 48 samples, 4 a shard: task i gets shards i, i+3, i+6, i+9
@@ -178,17 +179,15 @@ def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(
     """Two parts, each computing (and keeping) only its shards (s % 2 == i), then
     finish_split: the same shards, bytes and manifest as one run; no part writes the manifest;
     another job's fingerprint is refused; a bad part is refused."""
-    from distill.teacher.run import finish_split
-
     j = load_job(fan_job)
     fps = local_fingerprints(j)
     train = open_store(f"{j.output}/train")
     computed: dict[str, list[int]] = {}  # split -> samples held per shard, as computed
     real = teacher_run._compute_shards
 
-    def spy(job, split, model, chunks, *rest):
-        computed[split] = [len(c) for c in chunks]
-        return real(job, split, model, chunks, *rest)
+    def spy(ctx, *rest):
+        computed[ctx.split] = [len(c) for c in ctx.chunks]
+        return real(ctx, *rest)
 
     monkeypatch.setattr(teacher_run, "_compute_shards", spy)
     assert run_teacher(j, Part(1, 2)) == {"train": None, "eval": None}

@@ -188,8 +188,9 @@ def test_layered_run_resumes_exactly_after_a_kill_mid_chunk(
 def test_layered_fanout_tasks_equal_a_resident_single_run(tiny_teacher_dir, tmp_path):
     """A layered teacher run as 3 fan-out tasks (each its own shards s % 3 == i, in its own
     chunks), then finish_split: the same shard bytes as one resident run."""
+    from distill.shardset import Part, finish_split
     from distill.store.storage import open_store
-    from distill.teacher.run import Part, finish_split, run_teacher
+    from distill.teacher.run import run_teacher
 
     resident = run_teacher(layered_job(tmp_path, tiny_teacher_dir, tmp_path / "r", "resident"))
     job = layered_job(tmp_path, tiny_teacher_dir, tmp_path / "f", "layered")

@@ -235,6 +235,37 @@ def test_training_resumes_exactly_after_a_kill(tiny_teacher_dir, tmp_path, monke
         train(resumed)
 
 
+def test_train_takes_its_body_and_loss_as_components(tiny_teacher_dir, tmp_path):
+    """The loop's body and loss are injected (bench/quality.py's online arm passes its own):
+    spies that delegate to the defaults see every micro-batch, and the run trains exactly the
+    weights the defaults train."""
+    from distill.student.losses import chunked_distill_loss
+
+    path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "o"), n_train=32)
+    run_teacher(load_job(path))
+    plain = train(load_job(path, [f'train.run_dir="{tmp_path / "a"}"', "train.epochs=1"]))
+    calls = {"body": 0, "loss": 0}
+
+    class CountingBody(train_mod.StudentBody):
+        def forward(self, batch):
+            calls["body"] += 1
+            return super().forward(batch)
+
+    def counting_loss(*args, **kwargs):
+        calls["loss"] += 1
+        return chunked_distill_loss(*args, **kwargs)
+
+    job = load_job(path, [f'train.run_dir="{tmp_path / "b"}"', "train.epochs=1"])
+    injected = train(job, train_mod.Components(body=CountingBody, loss=counting_loss))
+    assert injected["steps"] == plain["steps"] == 4  # 32 samples, batches of 8
+    assert calls == {"body": 4, "loss": 4}
+    assert injected["final_loss"] == plain["final_loss"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[train]\nlr = "fast"\n')

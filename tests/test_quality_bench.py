@@ -131,13 +131,17 @@ def test_arms_and_jobs(quality, tmp_path: Path) -> None:
         assert j.data.max_samples == 32
 
 
-def test_online_kd_patch_restores(quality) -> None:
+def test_online_kd_injects_its_components_and_patches_nothing(quality) -> None:
+    """The online arm's body and loss are passed to ``train(job, components)``; the training
+    module keeps its own (the defaults every other arm and ``distill-ctl train`` use)."""
     from distill.student import train as dtrain
 
     body, loss = dtrain.StudentBody, dtrain.chunked_distill_loss
     teacher = torch.nn.Module()
     teacher.get_output_embeddings = lambda: torch.nn.Linear(2, 3, bias=False)
-    with quality.online_kd(teacher, 4):
-        assert dtrain.StudentBody is not body
-        assert dtrain.chunked_distill_loss is not loss
+    components, stats = quality.online_kd(teacher, 4)
+    assert components.body is not body and issubclass(components.body, body)
+    assert components.loss is not loss
     assert dtrain.StudentBody is body and dtrain.chunked_distill_loss is loss
+    assert dtrain.Components() == dtrain.Components(body=body, loss=loss)
+    assert (stats.calls, stats.teacher_seconds) == (0, 0.0)

@@ -3,7 +3,7 @@
 Batch does what the single-VM engine does by hand: it creates the VMs (Spot, the GPU driver
 installed), runs the teacher image, retries a preempted task on a new VM (the one RETRY_TASK
 lifecycle policy, ``maxRetryCount`` = ``cloud.max_preemptions``, at most 10) and deletes its
-VMs. Task i computes the shards ``s % N == i`` (:class:`distill.teacher.run.Part`),
+VMs. Task i computes the shards ``s % N == i`` (:class:`distill.shardset.Part`),
 create-only, skipping those already in the bucket. This engine shares the single VM's
 session (:mod:`distill.cloud.session`: checks, price, staging, record, signal handling):
 
@@ -49,8 +49,8 @@ from distill.cloud.session import Contact, Plan, Session, signals_held, watch_ba
 from distill.config import region_of
 from distill.errors import DistillError
 from distill.format.shards import shard_name
+from distill.shardset import finish_split, sidecar_name
 from distill.store.storage import open_store
-from distill.teacher.run import finish_split, sidecar_name
 
 # docker run's own exit codes: the container never ran the task (docker/runtime error, the
 # entrypoint not executable or not found)

@@ -1,7 +1,7 @@
 """How far the teacher is, read from the bucket: shard sidecars and manifests.
 
 The teacher writes ``shard-NNNNNN.tar``, then its stats sidecar ``shard-NNNNNN.json``, per
-shard, and ``manifest.json`` last, per split (see :mod:`distill.teacher.run`). The controller
+shard, and ``manifest.json`` last, per split (see :mod:`distill.shardset`). The controller
 never talks to the VM for progress: it lists the bucket, so what it shows is what a new VM
 would resume from.
 """
@@ -9,14 +9,12 @@ would resume from.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 
 from distill.format.manifest import MANIFEST
+from distill.shardset import is_sidecar
 from distill.store.storage import Store, open_store
-
-_SIDECAR = re.compile(r"^shard-\d{6}\.json$")
 
 
 @dataclass
@@ -43,7 +41,7 @@ class BucketProgress:
         for split, store in self.stores.items():
             names = set(store.list())
             complete &= MANIFEST in names
-            for name in sorted(n for n in names if _SIDECAR.match(n)):
+            for name in sorted(n for n in names if is_sidecar(n)):
                 key = (split, name)
                 if key not in self._tokens:
                     try:

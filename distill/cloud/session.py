@@ -50,6 +50,7 @@ from distill.cloud.spec import (
 from distill.cloud.staging import expected_fingerprints, stage_inputs, staged_disk_gb, vm_job_toml
 from distill.config import Job
 from distill.errors import DistillError
+from distill.shardset import stored_manifest
 from distill.store.storage import open_store
 
 T = TypeVar("T")
@@ -322,8 +323,6 @@ class Session:
 
     def complete(self, plan: Plan) -> bool:
         """Every split has its manifest (refused if one is another job's)."""
-        from distill.teacher.run import stored_manifest
-
         return all(
             stored_manifest(open_store(f"{plan.output}/{split}"), fp) is not None
             for split, fp in plan.fingerprints.items()

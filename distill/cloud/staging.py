@@ -16,6 +16,7 @@ from rich.console import Console
 
 from distill.cloud.spec import boot_disk_gb
 from distill.config import Job
+from distill.shardset import split_fingerprints
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, open_store
 
@@ -76,8 +77,7 @@ def vm_teacher(model: str) -> str:
 def expected_fingerprints(job: Job) -> dict[str, str]:
     """Each split's job fingerprint as the teacher VM computes it (from its job: the staged
     teacher's name, the same dataset bytes, tokenizer and settings)."""
-    from distill import models
-    from distill.teacher.run import split_fingerprints
+    from distill import models  # the tokenizer's fingerprint needs the tokenizer
 
     teacher_dir = models.resolve_model(job.teacher.model)
     tok_fp = models.tokenizer_fingerprint(models.load_tokenizer(teacher_dir))

@@ -4,6 +4,10 @@ Per step: student body -> hidden states at target positions -> chunked LM head +
 -> AdamW with warmup and cosine decay. Checkpoints hold the model, optimizer, scheduler and
 the data position (epoch, batches done), so a killed run resumes where it stopped. The final
 student is a Hugging Face directory (model + tokenizer) at ``<run_dir>/student``.
+
+The student's body and the loss are :class:`Components` of the loop, passed to :func:`train`
+(torchtune-style: injected, never patched); the defaults are what ``distill-ctl train`` runs,
+and bench/quality.py's online arm passes its own.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from rich.console import Console
@@ -32,7 +36,7 @@ from rich.progress import (
 )
 
 from distill import models
-from distill.config import Job
+from distill.config import Job, LossWeights
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.store.cache import ShardCache
@@ -165,6 +169,38 @@ class StudentBody(torch.nn.Module):
         ).last_hidden_state
 
 
+class LossFn(Protocol):
+    """The loop's loss, :func:`~distill.student.losses.chunked_distill_loss`'s signature: the
+    student's hidden states at the target rows and its LM head weight, the stored targets and
+    the ground-truth labels -> (total, the detached mean of each term); ``total``
+    backpropagates to ``hidden`` and ``weight``."""
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        t_ids: torch.Tensor,
+        t_logprobs: torch.Tensor,
+        labels: torch.Tensor,
+        weights: LossWeights,
+        chunk: int = ...,
+        tail: bool = ...,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The parts of the loop a caller may replace, injected into :func:`train`.
+
+    ``body``: the student model -> the module whose forward maps a :class:`Batch` to the last
+    hidden states (what DDP wraps); ``loss``: a :class:`LossFn`, called once per micro-batch
+    with the hidden states at the target positions. The defaults train from stored targets.
+    """
+
+    body: Callable[[Any], torch.nn.Module] = StudentBody
+    loss: LossFn = chunked_distill_loss
+
+
 def _make_train_loader(job: Job, rank: int, world: int) -> ShardLoader:
     loader = make_loader(job, "train", shuffle=True, rank=rank, world=world)
     if job.train.packing:
@@ -202,6 +238,7 @@ class Run:
     tokenizer: Any
     model: Any
     body: torch.nn.Module
+    loss: LossFn
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     total: int
@@ -236,13 +273,14 @@ class Meter:
     peak_mem: int = 0
 
 
-def train(job: Job) -> dict[str, Any]:
+def train(job: Job, components: Components | None = None) -> dict[str, Any]:
     """Train (or resume) the student; returns a summary.
 
     Under ``torchrun`` (WORLD_SIZE > 1) it runs DDP: rank r trains on the r-th slice of every
-    global batch, rank 0 logs, evaluates and saves.
+    global batch, rank 0 logs, evaluates and saves. ``components``: the body and the loss
+    (default: :class:`Components`'s, training from the stored targets).
     """
-    run, pos = setup(job)
+    run, pos = setup(job, components)
     meter = Meter(t_start=time.perf_counter())
     data = global_batches(run.loader, job.train.grad_accum, pos.epoch, pos.batches_in_epoch)
     try:
@@ -267,14 +305,15 @@ def train(job: Job) -> dict[str, Any]:
     return finish(run, pos, meter)
 
 
-def setup(job: Job) -> tuple[Run, Position]:
+def setup(job: Job, components: Components | None = None) -> tuple[Run, Position]:
     """Processes, loaders, the student, optimizer and schedule; resumes from the checkpoint."""
+    parts = components or Components()
     rank, world, device = distributed.setup(job.train.device)
     out = run_dir(job)
     out.mkdir(parents=True, exist_ok=True)
     loader = _make_train_loader(job, rank, world)
     tokenizer, model = _load_student(job, out, loader, main=rank == 0, device=device)
-    body = _wrap_body(model, world, device)
+    body = _wrap_body(parts.body(model), world, device)
     opt = build_optimizer(
         model.parameters(),
         job.train.optimizer,
@@ -311,6 +350,7 @@ def setup(job: Job) -> tuple[Run, Position]:
         tokenizer=tokenizer,
         model=model,
         body=body,
+        loss=parts.loss,
         opt=opt,
         sched=sched,
         total=total,
@@ -351,9 +391,8 @@ def _load_student(
     return tokenizer, model
 
 
-def _wrap_body(model: Any, world: int, device: str) -> torch.nn.Module:
+def _wrap_body(body: torch.nn.Module, world: int, device: str) -> torch.nn.Module:
     """The student's body, under DDP when there are several processes."""
-    body: torch.nn.Module = StudentBody(model)
     if world > 1:
         body = torch.nn.parallel.DistributedDataParallel(
             body, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None
@@ -438,7 +477,7 @@ def _forward_backward(
     with ctx:
         with run.autocast:
             hidden = run.body(b)
-        loss, terms = chunked_distill_loss(
+        loss, terms = run.loss(
             hidden[b.target_mask],
             run.weight,
             b.t_ids,

@@ -17,21 +17,25 @@ writes are create-only, each shard gets a stats sidecar, and the manifest is wri
 rerun skips complete shards, so no sample is dropped or duplicated.
 
 Fan-out (Google Cloud Batch): task ``i`` of ``N`` (``BATCH_TASK_INDEX`` / ``BATCH_TASK_COUNT``,
-or :class:`Part`) computes only the shards ``s`` with ``s % N == i``, with no coordination.
-A task writes ``parts.json`` (the manifest without its shards, create-only) instead of the
-manifest; :func:`finish_split` writes the manifest once every shard is in the bucket.
+or :class:`~distill.shardset.Part`) computes only the shards ``s`` with ``s % N == i``, with
+no coordination. A task writes ``parts.json`` (the manifest without its shards, create-only)
+instead of the manifest; :func:`~distill.shardset.finish_split` writes the manifest once every
+shard is in the bucket.
+
+The bucket side of all this (object names, ``run.json``, ``parts.json``, ``task-seconds/``,
+the job fingerprint, the manifest's completion rule) is :mod:`distill.shardset`, which imports
+no torch: the cloud controllers read it without loading a model. Each split runs from one
+:class:`SplitContext`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import functools
 import json
-import os
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -63,6 +67,15 @@ from distill.format.shards import (
     shard_name,
     write_shard,
 )
+from distill.shardset import (
+    Part,
+    claim_output,
+    put_parts,
+    put_task_seconds,
+    sidecar_name,
+    split_fingerprints,
+    stored_manifest,
+)
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, Store, open_store
 from distill.teacher.batching import tokenize_split
@@ -72,71 +85,6 @@ from distill.teacher.layered import LayeredTeacher, chunk_groups
 from distill.teacher.stop import Preempted, StopWatch
 
 console = Console(stderr=True)
-PARTS = "parts.json"  # a fan-out task's manifest without its shards: finish_split completes it
-TASK_SECONDS = "task-seconds/"  # a fan-out task attempt's compute time (_put_task_seconds)
-
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """Task ``index`` of ``count``: it computes the shards ``s`` with ``s % count == index``."""
-
-    index: int
-    count: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.index < self.count:
-            raise DistillError(
-                f"task {self.index} of {self.count}: the index must be in [0, count) "
-                "(BATCH_TASK_INDEX / BATCH_TASK_COUNT)"
-            )
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.count == self.index
-
-    @classmethod
-    def from_env(cls) -> Part | None:
-        """The Batch task's part (``BATCH_TASK_INDEX``/``BATCH_TASK_COUNT``), else None."""
-        index, count = os.environ.get("BATCH_TASK_INDEX"), os.environ.get("BATCH_TASK_COUNT")
-        if index is None and count is None:
-            return None
-        try:
-            return cls(int(index or ""), int(count or ""))
-        except ValueError:
-            raise DistillError(
-                f"BATCH_TASK_INDEX={index!r}, BATCH_TASK_COUNT={count!r}: both must be integers"
-            ) from None
-
-
-def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_fp: str) -> str:
-    """Everything that decides a shard set's bytes; a rerun must match it to resume."""
-    keys = {
-        "split": split,
-        "dataset_sha256": sha256_file(dataset),
-        "teacher": job.teacher.model,
-        "teacher_config_sha256": sha256_file(teacher_dir / "config.json"),
-        "tokenizer": tok_fp,
-        "dtype": job.teacher.dtype,
-        "targets": job.targets.fingerprint(),
-        "data": {
-            # on_invalid is left out: it decides whether a run may go on, not what a valid
-            # line's bytes are (the dataset's sha256 already covers its lines)
-            k: v
-            for k, v in job.data.model_dump().items()
-            if k not in ("train", "eval", "on_invalid")
-        },
-        "samples_per_shard": job.teacher.samples_per_shard,
-        # quantised weights give other targets; teacher.mode does not (same batches, same ops)
-        **({"quantize": job.teacher.quantize} if job.teacher.quantize != "none" else {}),
-    }
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
-
-
-def split_fingerprints(job: Job, teacher_dir: Path, tok_fp: str) -> dict[str, str]:
-    """Each split's :func:`job_fingerprint`."""
-    return {
-        split: job_fingerprint(job, split, path, teacher_dir, tok_fp)
-        for split, path in splits(job).items()
-    }
 
 
 def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) -> ShardStats:
@@ -153,59 +101,78 @@ def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) 
     return dataclasses.replace(stats, name=name)
 
 
-def run_split(
-    job: Job,
-    split: str,
-    chunks: list[list[Sample]],
-    store: Store,
-    model: Any,
-    fingerprint: str,
-    tok_fp: str,
-    teacher_dir: Path,
-    stop: StopWatch | None = None,
-    skipped: dict[str, Any] | None = None,
-    part: Part | None = None,
-) -> Manifest | None:
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitContext:
+    """One split's teacher run, built once by :func:`run_teacher` and passed down whole.
+
+    ``chunks``: the split's samples by shard (:func:`shard_chunks`). ``stop`` (preemption,
+    SIGTERM) is checked after every forward batch. ``skipped``: the dataset lines left out as
+    invalid, recorded in the manifest. ``part``: compute only this fan-out task's shards and
+    write ``parts.json``, not the manifest.
+    """
+
+    job: Job
+    split: str
+    chunks: list[list[Sample]]
+    store: Store
+    model: Any  # a transformers model on its device, or a LayeredTeacher
+    fingerprint: str  # the split's job fingerprint (distill.shardset.job_fingerprint)
+    tok_fp: str  # the tokenizer's fingerprint
+    teacher_dir: Path
+    stop: StopWatch | None = None
+    skipped: dict[str, Any] | None = None
+    part: Part | None = None
+
+    @functools.cached_property
+    def fmt(self) -> ShardFormat:
+        """How the shards are encoded: the job's codec and targets, the model's vocabulary."""
+        t = self.job.targets
+        return ShardFormat(t.codec_spec(), t.spec(), _vocab_size(self.model))
+
+    @property
+    def mine(self) -> list[int]:
+        """The shard indices this run computes: all, or the part's ``s % N == i``."""
+        part = self.part
+        return [i for i in range(len(self.chunks)) if part is None or part.owns(i)]
+
+
+def run_split(ctx: SplitContext) -> Manifest | None:
     """Produce (or resume) one split's shard set; returns its manifest.
 
-    ``chunks``: the split's samples by shard (:func:`shard_chunks`).
-    ``stop`` (preemption, SIGTERM) is checked after every forward batch: the shard in flight
-    is abandoned, finished shards' uploads complete, and :class:`Preempted` is raised.
-    ``skipped``: the dataset lines left out as invalid, recorded in the manifest.
-    ``part``: compute only this task's shards and write ``parts.json``, not the manifest
-    (returns None; :func:`finish_split` writes it once every task's shards are there).
+    On ``ctx.stop`` the shard in flight is abandoned, finished shards' uploads complete, and
+    :class:`Preempted` is raised. With ``ctx.part``, returns None: the task's shards and
+    ``parts.json`` are written, and :func:`~distill.shardset.finish_split` writes the manifest
+    once every task's shards are there.
     """
-    complete = _complete_set(store, split, fingerprint)
+    split, store, part = ctx.split, ctx.store, ctx.part
+    complete = _complete_set(store, split, ctx.fingerprint)
     if complete is not None:
         return complete
-    _claim_output(store, fingerprint)
+    claim_output(store, ctx.fingerprint)
     existing = set(store.list())
-    spec, codec = job.targets.spec(), job.targets.codec_spec()
-    fmt = ShardFormat(codec, spec, _vocab_size(model))
     t0 = time.perf_counter()
-    out = _SplitOutput(store, fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
-    mine = [i for i in range(len(chunks)) if part is None or part.owns(i)]
-    stats = _shards_done(out, len(chunks), existing, mine)
+    out = _SplitOutput(store, ctx.fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
+    mine = ctx.mine
+    stats = _shards_done(out, len(ctx.chunks), existing, mine)
     done = sum(1 for i in mine if stats[i] is not None)
     if done:
         console.print(f"{split}: resuming, {done}/{len(mine)} shards already in {store.url}")
     if part is not None:
         console.print(f"{split}: task {part.index} of {part.count}: shards {_ranges(mine)}")
-        base = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, [], 0.0, skipped)
-        _put_parts(store, base, len(chunks))
+        put_parts(store, _manifest(ctx, [], 0.0), len(ctx.chunks))
     try:
-        _compute_shards(job, split, model, chunks, mine, stats, out, t0, stop)
+        _compute_shards(ctx, stats, out, t0)
     except Preempted:
         if part is not None:  # the attempt's finished shards took compute time too
-            _put_task_seconds(store, part, time.perf_counter() - t0)
+            put_task_seconds(store, part, time.perf_counter() - t0)
         raise
     elapsed = time.perf_counter() - t0
     if part is not None:
-        _put_task_seconds(store, part, elapsed)
+        put_task_seconds(store, part, elapsed)
         out.cleanup()
         console.print(f"[green]{split}: task {part.index}: {len(mine)} shards in {store.url}")
         return None
-    manifest = _manifest(job, split, fmt, fingerprint, tok_fp, teacher_dir, stats, elapsed, skipped)
+    manifest = _manifest(ctx, stats, elapsed)
     # A concurrent run may have finished first; its manifest describes the same shards.
     with contextlib.suppress(ObjectExists):
         store.put_bytes(MANIFEST, manifest.to_json())
@@ -232,92 +199,12 @@ def _ranges(idx: list[int]) -> str:
     return shown + (f" ... {idx[-1]}" if len(idx) > 3 else "") + f" ({len(idx)})"
 
 
-def _put_parts(store: Store, base: Manifest, n: int) -> None:
-    """``parts.json`` (create-only): the manifest but its shards, and how many there are."""
-    body = {"shards_total": n, "manifest": json.loads(base.to_json())}
-    with contextlib.suppress(ObjectExists):  # every task writes the same content
-        store.put_bytes(PARTS, json.dumps(body, indent=1).encode())
-
-
-def _put_task_seconds(store: Store, part: Part, seconds: float) -> None:
-    """This task attempt's compute seconds on the split, one object an attempt (create-only):
-    :func:`finish_split` sums them into the manifest's ``teacher_seconds``."""
-    name = f"{TASK_SECONDS}task-{part.index:04d}-{uuid.uuid4().hex[:12]}.json"
-    body = {"task": part.index, "tasks": part.count, "seconds": seconds}
-    store.put_bytes(name, json.dumps(body).encode())
-
-
-def finish_split(store: Store, fingerprint: str) -> Manifest | None:
-    """A fan-out's manifest from ``parts.json`` and the shard sidecars, written (create-only)
-    once every shard is in the bucket; None while some are missing (or no task has started).
-    A manifest or ``parts.json`` whose job fingerprint is not ``fingerprint`` (the job as the
-    tasks run it) is refused: another job's shards never become this job's manifest.
-
-    The shard stats are the sidecars the tasks wrote, so the manifest lists the same shards
-    with the same bytes as a single run's; ``teacher_seconds`` is the tasks' compute time
-    (every attempt's, preempted ones included: the sum of ``task-seconds/``)."""
-    names = set(store.list())
-    if MANIFEST in names:
-        return stored_manifest(store, fingerprint)
-    if PARTS not in names:
-        return None
-    parts = json.loads(store.read_bytes(PARTS))
-    _same_job(store, "a partial shard set", parts["manifest"].get("job_fingerprint"), fingerprint)
-    wanted = [shard_name(i) for i in range(int(parts["shards_total"]))]
-    if any(n not in names or sidecar_name(n) not in names for n in wanted):
-        return None
-    shards = [json.loads(store.read_bytes(sidecar_name(n))) for n in wanted]
-    raw = {
-        **parts["manifest"],
-        "shards": shards,
-        "teacher_seconds": sum(
-            json.loads(store.read_bytes(n))["seconds"]
-            for n in sorted(names)
-            if n.startswith(TASK_SECONDS)
-        ),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    manifest = Manifest.from_json(json.dumps(raw).encode(), store.join(PARTS))
-    with contextlib.suppress(ObjectExists):  # another controller finished it first
-        store.put_bytes(MANIFEST, manifest.to_json())
-    return manifest
-
-
-def stored_manifest(store: Store, fingerprint: str) -> Manifest | None:
-    """The split's manifest if its shard set is complete; refused if it is another job's."""
-    if not store.exists(MANIFEST):
-        return None
-    m = Manifest.from_json(store.read_bytes(MANIFEST), store.join(MANIFEST))
-    _same_job(store, "a complete shard set", m.job_fingerprint, fingerprint)
-    return m
-
-
-def _same_job(store: Store, what: str, found: str | None, fingerprint: str) -> None:
-    """Refuse ``what`` in ``store`` whose job fingerprint is not ``fingerprint``."""
-    if found != fingerprint:
-        raise DistillError(
-            f"{store.url} holds {what} from a different job or dataset (job fingerprint "
-            f"{str(found)[:12]}, this job's {fingerprint[:12]}): choose another job.output "
-            "(writes are create-only)"
-        )
-
-
 def _complete_set(store: Store, split: str, fingerprint: str) -> Manifest | None:
     """The split's manifest if its shard set is already complete (and from this job)."""
     m = stored_manifest(store, fingerprint)
     if m is not None:
         console.print(f"[green]{split}: complete shard set at {store.url}, nothing to do")
     return m
-
-
-def _claim_output(store: Store, fingerprint: str) -> None:
-    """Write ``run.json`` (create-only), or check that a partial set there is this job's."""
-    run_info = json.dumps({"job_fingerprint": fingerprint}).encode()
-    try:
-        store.put_bytes("run.json", run_info)
-    except ObjectExists:
-        found = json.loads(store.read_bytes("run.json")).get("job_fingerprint")
-        _same_job(store, "a partial shard set", found, fingerprint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,10 +243,6 @@ class _SplitOutput:
         for f in self.tmp.iterdir():
             f.unlink()
         self.tmp.rmdir()
-
-
-def sidecar_name(name: str) -> str:
-    return name.replace(".tar", ".json")
 
 
 def _shards_done(
@@ -423,19 +306,12 @@ def _targets_by_shard(
 
 
 def _compute_shards(
-    job: Job,
-    split: str,
-    model: Any,
-    chunks: list[list[Sample]],
-    mine: list[int],
-    stats: list[ShardStats | None],
-    out: _SplitOutput,
-    t0: float,
-    stop: StopWatch | None,
+    ctx: SplitContext, stats: list[ShardStats | None], out: _SplitOutput, t0: float
 ) -> None:
-    """Compute the shards of ``mine`` that ``stats`` lacks and fill them in; a shard uploads
-    during the next."""
-    todo = [i for i in mine if stats[i] is None]
+    """Compute the shards of ``ctx.mine`` that ``stats`` lacks and fill them in; a shard
+    uploads during the next. ``t0``: the run's start (the bar's tokens/s)."""
+    split, chunks = ctx.split, ctx.chunks
+    todo = [i for i in ctx.mine if stats[i] is None]
     todo_tokens = sum(len(s.input_ids) for i in todo for s in chunks[i])
     pending: list[tuple[int, Future[ShardStats]]] = []
     with (
@@ -443,8 +319,8 @@ def _compute_shards(
         _progress_bar(split) as bar,
     ):
         task = bar.add_task("", total=todo_tokens, rate="-")
-        on_batch = _on_batch(bar, task, split, t0, stop)
-        for idx, targets in _targets_by_shard(job, model, chunks, todo, on_batch):
+        on_batch = _on_batch(bar, task, split, t0, ctx.stop)
+        for idx, targets in _targets_by_shard(ctx.job, ctx.model, chunks, todo, on_batch):
             pending.append((idx, pool.submit(out.upload, idx, targets)))
             # Bound memory: at most one shard waits for its upload while the next is computed.
             while len(pending) > 1:
@@ -483,24 +359,15 @@ def _on_batch(
     return on_batch
 
 
-def _manifest(
-    job: Job,
-    split: str,
-    fmt: ShardFormat,
-    fingerprint: str,
-    tok_fp: str,
-    teacher_dir: Path,
-    stats: list[ShardStats | None],
-    elapsed: float,
-    skipped: dict[str, Any] | None,
-) -> Manifest:
+def _manifest(ctx: SplitContext, stats: list[ShardStats | None], elapsed: float) -> Manifest:
     """The split's manifest over its finished shards."""
+    job, fmt = ctx.job, ctx.fmt
     spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
     return Manifest(
-        split=split,
+        split=ctx.split,
         teacher=job.teacher.model,
-        teacher_config_sha256=sha256_file(teacher_dir / "config.json"),
-        tokenizer_fingerprint=tok_fp,
+        teacher_config_sha256=sha256_file(ctx.teacher_dir / "config.json"),
+        tokenizer_fingerprint=ctx.tok_fp,
         vocab_size=vocab,
         target_kind=spec.kind,
         width=spec.width,  # columns of the decoded [N, width] arrays; kind parameters: `targets`
@@ -512,13 +379,13 @@ def _manifest(
             **({"target_counts": "uint16"} if spec.sampled else {}),
         },
         max_length=job.data.max_length,
-        job_fingerprint=fingerprint,
+        job_fingerprint=ctx.fingerprint,
         shards=[s for s in stats if s is not None],
         teacher_seconds=elapsed,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         codec=codec.info(),
         targets=spec.info(),
-        skipped_lines=skipped or {},
+        skipped_lines=ctx.skipped or {},
     )
 
 
@@ -574,7 +441,19 @@ def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Mani
     stop.check("teacher")
     return {
         split: run_split(
-            job, split, chunks, store, model, fp, tok_fp, teacher_dir, stop, skipped, part
+            SplitContext(
+                job=job,
+                split=split,
+                chunks=chunks,
+                store=store,
+                model=model,
+                fingerprint=fp,
+                tok_fp=tok_fp,
+                teacher_dir=teacher_dir,
+                stop=stop,
+                skipped=skipped,
+                part=part,
+            )
         )
         for split, (chunks, store, fp, skipped) in prepared.items()
     }
