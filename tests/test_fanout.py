@@ -87,14 +87,9 @@ def compute(gcs_bucket):
 
 
 @pytest.fixture
-def fan_job(tiny_teacher_dir, gcs_bucket, tmp_path) -> Path:
-    return make_job(
-        tmp_path,
-        tiny_teacher_dir,
-        f"{gcs_bucket}/run",
-        n_train=48,
-        teacher__samples_per_shard="4",
-    )
+def fan_job(cloud_job) -> Path:
+    """The single VM's test job (48 train samples, 4 a shard), run as a fan-out."""
+    return cloud_job
 
 
 def options(compute: FakeCompute, batch: FakeBatch, tmp_path: Path) -> CloudOptions:
