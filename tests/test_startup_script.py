@@ -81,7 +81,7 @@ def status_objects(job: Path) -> dict[str, bytes]:
 def test_the_startup_script_runs_the_teacher_and_deletes_its_vm(
     compute, guests, cloud_job, tmp_path
 ):
-    run = controller(cloud_job, compute, tmp_path).execute()
+    run = controller(cloud_job, compute, tmp_path).run()
     assert run is not None and run.outcome == "done"
     assert no_vm_left(compute)
     assert_exact(cloud_job, tmp_path)
@@ -146,7 +146,7 @@ def test_a_failure_before_the_teacher_reaches_the_user(
     """No driver, an old driver, a pull denied: the user sees the line that says why."""
     guests.env[knob] = value
     with pytest.raises(TeacherFailed) as e:
-        controller(cloud_job, compute, tmp_path).execute()
+        controller(cloud_job, compute, tmp_path).run()
     msg = str(e.value)
     assert needle in msg and "distill-startup: finished with exit code" in msg
     assert "/cloud/status/distill-teacher-job-" in msg  # where the whole log is
@@ -186,7 +186,7 @@ def test_a_vm_whose_container_cannot_see_the_gpu_fails_in_seconds(
     guests.gpu_devices = False
     t0 = time.monotonic()
     with pytest.raises(TeacherFailed) as e:
-        controller(cloud_job, compute, tmp_path).execute()
+        controller(cloud_job, compute, tmp_path).run()
     assert time.monotonic() - t0 < 120
     assert "sees no CUDA device" in str(e.value), str(e.value)
     assert no_vm_left(compute)

@@ -904,7 +904,7 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if self.headers.get("Metadata-Flavor") != "Google":
-            self.send_json(403, "Missing required header: Metadata-Flavor")
+            self._send(403, "Missing required header: Metadata-Flavor")
             return
         path = url.path.removeprefix("/computeMetadata/v1/")
         inst = self.inst
@@ -912,38 +912,38 @@ class _MetadataHandler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             key = path.removeprefix("instance/guest-attributes/")
             inst.guest_attributes[key] = self.rfile.read(length).decode()
-            self.send_json(200, "")
+            self._send(200, "")
             return
         if method != "GET":
-            self.send_json(405, "method not allowed")
+            self._send(405, "method not allowed")
             return
         if path == "instance/preempted":
             with inst.changed:
                 if q.get("wait_for_change") == "true" and not inst.preempted:
                     inst.changed.wait(timeout=float(q.get("timeout_sec", 60)))
-            self.send_json(200, "TRUE" if inst.preempted else "FALSE")
+            self._send(200, "TRUE" if inst.preempted else "FALSE")
         elif path.startswith("instance/attributes/"):
             key = path.removeprefix("instance/attributes/")
             md = inst.metadata
             if key in md:
-                self.send_json(200, md[key])
+                self._send(200, md[key])
             else:
-                self.send_json(404, "not found")
+                self._send(404, "not found")
         elif path == "instance/name":
-            self.send_json(200, inst.name)
+            self._send(200, inst.name)
         elif path == "instance/id":
-            self.send_json(200, inst.id)
+            self._send(200, inst.id)
         elif path == "instance/zone":
-            self.send_json(200, f"projects/123456789/zones/{inst.zone}")
+            self._send(200, f"projects/123456789/zones/{inst.zone}")
         elif path == "project/project-id":
-            self.send_json(200, self.stub.project)
+            self._send(200, self.stub.project)
         elif path == "instance/service-accounts/default/token":
             tok = {"access_token": inst.token, "expires_in": 3599, "token_type": "Bearer"}
-            self.send_json(200, json.dumps(tok), "application/json")
+            self._send(200, json.dumps(tok), "application/json")
         elif path in ("", "instance/"):
-            self.send_json(200, "ok")
+            self._send(200, "ok")
         else:
-            self.send_json(404, "not found")
+            self._send(404, "not found")
 
     def do_GET(self) -> None:
         self._route("GET")
