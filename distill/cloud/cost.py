@@ -7,9 +7,11 @@ batches) or a stated assumption that a flag or a file overrides. The table print
 - compute: FLOPs = padded tokens x (2 x non-embedding params + 2 x layers x ctx x d_attn)
   + target tokens x 2 x hidden x vocab (the LM head runs only at target positions);
 - time: FLOPs / (L4 peak x MFU); the MFU is assumed (0.35) or calibrated from a benchmark
-  measured on an L4; plus VM boot/setup minutes and the weights' load; spot hours carry a
-  preemption overhead (lost work since the last shard + re-setup; layered: since the start of
-  the chunk in flight, so the overhead is scaled by the chunk's time);
+  measured on an L4 (or on another GPU whose peak the file states: the same MFU is assumed on
+  the L4, i.e. its throughput scaled by the FLOP ratio); plus VM boot/setup minutes and the
+  weights' load; spot hours carry a preemption overhead (lost work since the last shard +
+  re-setup; layered: since the start of the chunk in flight, so the overhead is scaled by the
+  chunk's time);
 - money: VM hours x a dated price table (spot and on-demand), the boot disk, shard storage
   in GB-months at the GCS Standard price, and internet egress for the student's download.
 
@@ -215,7 +217,18 @@ class Calibration:
     model: str
     gpu: str
     tokens_per_s: float
-    mfu: float  # achieved: tokens/s x FLOPs per token / peak
+    mfu: float  # achieved: tokens/s x FLOPs per token / the measuring GPU's peak
+    peak_flops: float = L4_PEAK_FLOPS["bfloat16"]  # that GPU's dense peak at the run's dtype
+    on_l4: bool = True  # False: measured on another GPU, scaled to the L4 by the FLOP ratio
+
+
+def _positive(raw: dict[str, Any], key: str) -> float | None:
+    v = raw.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise DistillError(f"{key} must be > 0, got {v!r}")
+    return float(v)
 
 
 def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> Calibration:
@@ -225,6 +238,10 @@ def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> 
     Its FLOPs per token are ``flops_per_token`` if given, else computed from the named model's
     config with the job's padding and attention context and the run's target share (its
     ``tokens``/``target_tokens`` if given, else the job's).
+
+    A run on another GPU (``gpu`` not an L4) needs ``gpu_peak_flops``, that GPU's dense peak
+    FLOP/s at the run's ``dtype``: its MFU is measured against that peak and assumed on the L4,
+    i.e. its throughput is scaled by the FLOP ratio (bench/gpu/check.py writes such a file).
     """
     raw = _read_table(path, "calibration file")
     tps = raw.get("tokens_per_s", raw.get("ours_tokens_per_s"))
@@ -235,14 +252,21 @@ def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> 
         raise DistillError(f"{path}: needs 'model', the teacher the throughput was measured with")
     machine = raw.get("machine") if isinstance(raw.get("machine"), dict) else {}
     gpu = raw.get("gpu") or raw.get("cuda_device") or machine.get("cuda_device") or ""
-    if not isinstance(gpu, str) or "L4" not in re.split(r"[^A-Z0-9]+", gpu.upper()):
+    on_l4 = isinstance(gpu, str) and "L4" in re.split(r"[^A-Z0-9]+", gpu.upper())
+    try:
+        other_peak = _positive(raw, "gpu_peak_flops")
+    except DistillError as e:
+        raise DistillError(f"{path}: {e}") from None
+    if not isinstance(gpu, str) or not gpu or (not on_l4 and other_peak is None):
         raise DistillError(
             f"{path}: measured on {gpu or 'an unnamed device'!r}, not an {L4_NAME} "
-            "(set 'gpu' to the device name, e.g. \"NVIDIA L4\")"
+            "(set 'gpu' to the device name, e.g. \"NVIDIA L4\"; a run on another GPU also needs "
+            "'gpu_peak_flops', its dense peak FLOP/s at the run's dtype, to be scaled to the L4)"
         )
     dtype = raw.get("dtype", job.teacher.dtype)
     if dtype not in L4_PEAK_FLOPS:
         raise DistillError(f"{path}: dtype {dtype!r} is not one of {', '.join(L4_PEAK_FLOPS)}")
+    peak = L4_PEAK_FLOPS[dtype] if on_l4 or other_peak is None else other_peak
     if "flops_per_token" in raw:
         fpt = raw["flops_per_token"]
         if isinstance(fpt, bool) or not isinstance(fpt, int | float) or not fpt > 0:
@@ -256,13 +280,14 @@ def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> 
         ctx = c.attention_token_ctx / max(c.padded_tokens, 1)
         fpt = pad * (2 * cp.non_embedding_params + 2 * cp.layers * cp.q_dim * ctx)
         fpt += share * 2 * cp.hidden * cp.vocab
-    mfu = float(tps) * float(fpt) / L4_PEAK_FLOPS[dtype]
+    mfu = float(tps) * float(fpt) / peak
     if not 0 < mfu <= 1:
         raise DistillError(
-            f"{path}: {tps:,.0f} tokens/s of {model} means MFU {mfu:.2f} on an L4, which is "
-            "impossible; check tokens_per_s, model and flops_per_token"
+            f"{path}: {tps:,.0f} tokens/s of {model} means MFU {mfu:.2f} on "
+            f"{'an L4' if on_l4 else gpu}, which is impossible; check tokens_per_s, model and "
+            "flops_per_token" + ("" if on_l4 else " and gpu_peak_flops")
         )
-    return Calibration(path, model, gpu, float(tps), mfu)
+    return Calibration(path, model, gpu, float(tps), mfu, peak, on_l4)
 
 
 def _profile_of(model: str, where: Path) -> TeacherProfile:
@@ -442,6 +467,12 @@ class CostEstimate:
                 f"{self.mfu:.3f}, calibrated: {cal.model} at {cal.tokens_per_s:,.0f} tokens/s "
                 f"on {cal.gpu} ({cal.path})"
             )
+            if not cal.on_l4:
+                mfu += (
+                    f"; measured on {cal.gpu}, not an L4: scaled to the L4 by the FLOP ratio "
+                    f"({peak / 1e12:.1f} / {cal.peak_flops / 1e12:.1f} TFLOP/s dense peak), "
+                    "i.e. the same MFU is assumed"
+                )
         else:
             mfu = f"{self.mfu:.2f} ({'--mfu' if o.mfu is not None else 'assumed'}; uncalibrated)"
         return [
@@ -545,6 +576,8 @@ class CostEstimate:
             "flops_per_token": self.flops_per_token,
             "mfu": self.mfu,
             "calibrated": self.calibration is not None,
+            "calibration_gpu": None if self.calibration is None else self.calibration.gpu,
+            "calibration_scaled": self.calibration is not None and not self.calibration.on_l4,
             "tokens_per_s": self.tokens_per_s,
             "hours": {
                 "compute": self.compute_hours,
@@ -864,6 +897,12 @@ def _layered_rows(e: CostEstimate) -> list[tuple[str, str, str]]:
     ]
 
 
+def _mfu_note(cal: Calibration | None) -> str:
+    if cal is None:
+        return ", uncalibrated"
+    return "" if cal.on_l4 else f", measured on {cal.gpu}, scaled by the FLOP ratio"
+
+
 def render_table(e: CostEstimate) -> Any:
     """A rich table: the numbers, then every assumption as a row."""
     from rich.table import Table
@@ -895,7 +934,7 @@ def render_table(e: CostEstimate) -> Any:
         (
             "throughput",
             f"{e.tokens_per_s:,.0f} tok/s",
-            f"MFU {e.mfu:.2f}" + ("" if e.calibration else ", uncalibrated"),
+            f"MFU {e.mfu:.2f}" + _mfu_note(e.calibration),
         ),
         ("compute hours", _hours(e.compute_hours), ""),
         ("setup hours", _hours(e.setup_hours), ""),
