@@ -124,6 +124,37 @@ def test_a_failed_or_stopped_step_loses_nothing_of_the_others(tmp_path):
     assert "| env | ok |" in summary
 
 
+def test_a_failed_measurement_fails_its_step_after_the_others(tmp_path):
+    """A step records a failed measurement and goes on; check() then fails it, naming it."""
+    import steps
+
+    r = steps.Result(tmp_path / "r.json")
+    for where in ("student ours 896", "student liger 896"):
+        try:
+            raise ValueError(f"boom in {where}")
+        except ValueError:
+            assert r.failed(where) == f"ValueError: boom in {where}"
+    r["hidden_2048"] = {"sides": {"ours": {"tokens_per_s": 1.0}}}  # measured after them
+    with pytest.raises(RuntimeError, match=r"2 measurement\(s\) failed \(student ours 896, "):
+        r.check()
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["failures"]) == 2 and saved["hidden_2048"]["sides"]["ours"]
+    steps.Result(None).check()  # nothing failed: nothing raised
+
+
+def test_gpu_peaks_match_the_names_torch_reports():
+    import steps
+
+    assert steps.gpu_peak("NVIDIA H100 80GB HBM3")[1]["bfloat16"] == 989.4e12  # SXM
+    assert steps.gpu_peak("NVIDIA H100 PCIe")[1]["bfloat16"] == 756e12
+    assert steps.gpu_peak("NVIDIA H100 NVL")[1]["bfloat16"] == 835e12
+    assert steps.gpu_peak("NVIDIA H200")[1]["float32"] == 66.9e12
+    from distill.cloud.cost import L4_PEAK_FLOPS
+
+    assert steps.gpu_peak("NVIDIA L4")[1] == L4_PEAK_FLOPS
+    assert steps.gpu_peak("NVIDIA A10G") is None
+
+
 # --- the wheels ---------------------------------------------------------------------------------
 
 

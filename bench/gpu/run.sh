@@ -12,7 +12,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 start=$(date +%s)
-PY=${PYTHON:-$(command -v python3 || command -v python)}
+if [ -z "${PYTHON:-}" ]; then  # the first interpreter that has torch
+  for c in python3 python python3.12; do
+    if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PYTHON=$c; break; fi
+  done
+fi
+PY=$(command -v "${PYTHON:-python3}")
 WHEELS=${GPU_WHEELS:-build/gpu-wheels}
 SITE=${GPU_SITE:-$PWD/build/gpu-site}
 OUT=${OUT:-$PWD/build/gpu-out}

@@ -166,6 +166,24 @@ class Result:
         self.data.setdefault("notes", []).append(text)
         self.flush()
 
+    def failed(self, where: str) -> str:
+        """Record the exception being handled (the step goes on with its other measurements,
+        and :meth:`check` fails it at the end); returns its last line."""
+        import traceback
+
+        text = traceback.format_exc(limit=6)
+        self.data.setdefault("failures", []).append({"where": where, "traceback": text[-2000:]})
+        self.flush()
+        return text.strip().splitlines()[-1][:300]
+
+    def check(self) -> None:
+        """Fail the step if a measurement failed (the others' numbers are kept)."""
+        failures = self.data.get("failures") or []
+        if failures:
+            last = failures[-1]["traceback"].strip().splitlines()[-1]
+            where = ", ".join(f["where"] for f in failures)
+            raise RuntimeError(f"{len(failures)} measurement(s) failed ({where}): {last}")
+
     def flush(self) -> None:
         if self.path is None:
             return
@@ -349,7 +367,7 @@ def _liger(device: str) -> tuple[Any, str]:
         from importlib import metadata
 
         from liger_kernel.transformers import LigerFusedLinearKLDivLoss
-    except ImportError as e:
+    except Exception as e:  # not installed, or not importable with this torch/transformers
         return None, f"skipped: liger-kernel is not importable ({first_line(e)})"
     return (
         LigerFusedLinearKLDivLoss(reduction="batchmean"),
@@ -475,12 +493,18 @@ def step_student(p: Params, r: Result) -> None:
                 row["sides"][side] = {"skipped": "out of time"}
             else:
                 fn = _student_side(side, cfg["chunk"], liger, ss)
-                row["sides"][side] = _measure(fn, inputs, cfg["repeats"], device)
+                try:
+                    row["sides"][side] = _measure(fn, inputs, cfg["repeats"], device)
+                except Exception:
+                    row["sides"][side] = {"error": r.failed(f"student {side} {hidden}")}
+                    inputs[0].grad = inputs[1].grad = None
+                    free(device)
             r.flush()
         row["check"] = _same_loss(row["sides"])
         r.flush()
         del inputs
         free(device)
+    r.check()
 
 
 # --- teacher: the teacher pass -----------------------------------------------------------------
@@ -654,8 +678,13 @@ def step_teacher(p: Params, r: Result) -> None:
         if p.left() < 40:
             r.note(f"{name}: out of time")
             continue
-        _teacher_model(p, cfg, name, samples, job, r)
+        try:
+            _teacher_model(p, cfg, name, samples, job, r)
+        except Exception:
+            (r.data.get(name) or {})["error"] = r.failed(f"teacher {name}")
+            r.flush()
         free(p.device)
+    r.check()
 
 
 # --- layered: a teacher that does not fit ------------------------------------------------------
@@ -711,12 +740,10 @@ def _layered_run(
 
 def step_layered(p: Params, r: Result) -> None:
     """The layered pass on a checkpoint larger than the memory it is given."""
-    import numpy as np
     import torch
 
     from distill import models
     from distill.format.spec import TargetSpec
-    from distill.teacher.extract import compute_targets
 
     cfg = p.sizes("layered")
     device, dtype = p.device, cfg["dtype"]
@@ -754,9 +781,10 @@ def step_layered(p: Params, r: Result) -> None:
             r["resident_under_cap"] = "loaded: the cap does not bind"
             del m
         except Exception as e:
-            if not is_oom(e):
-                raise
-            r["resident_under_cap"] = f"does not fit, as intended ({first_line(e)[:160]})"
+            if is_oom(e):
+                r["resident_under_cap"] = f"does not fit, as intended ({first_line(e)[:160]})"
+            else:
+                r["resident_under_cap"] = "failed: " + r.failed("resident under the cap")
         free(device)
     else:
         r["cap_bytes"] = None
@@ -767,7 +795,12 @@ def step_layered(p: Params, r: Result) -> None:
             if p.left() < 25:
                 r.note(f"layered at chunk_tokens {chunk_tokens}: out of time")
                 continue
-            results = _layered_run(p, r, ckpt, shards, sizes, spec, chunk_tokens)
+            try:
+                results = _layered_run(p, r, ckpt, shards, sizes, spec, chunk_tokens)
+            except Exception:
+                r[f"layered_{chunk_tokens}"] = {"error": r.failed(f"layered {chunk_tokens}")}
+                free(device)
+                continue
             if first is None:
                 first = results
     finally:
@@ -775,7 +808,27 @@ def step_layered(p: Params, r: Result) -> None:
             torch.cuda.set_per_process_memory_fraction(1.0)
     if p.left() < 20:
         r.note("resident (uncapped) comparison: out of time")
-        return
+    else:
+        try:
+            _resident_against(p, r, ckpt, shards, spec, first)
+        except Exception:
+            r["resident"] = {"error": r.failed("resident")}
+    free(device)
+    r.check()
+
+
+def _resident_against(
+    p: Params, r: Result, ckpt: Path, shards: list[list[Any]], spec: Any, first: list[Any] | None
+) -> None:
+    """The resident pass without a cap (load included): ``r["resident"]``, the layered passes'
+    ratios to it, and the targets' agreement with the first layered pass."""
+    import numpy as np
+
+    from distill import models
+    from distill.teacher.extract import compute_targets
+
+    cfg, device = p.sizes("layered"), p.device
+    dtype, tokens = cfg["dtype"], sum(len(s.input_ids) for g in shards for s in g)
     holder: dict[str, Any] = {}
 
     def resident() -> None:
@@ -803,12 +856,11 @@ def step_layered(p: Params, r: Result) -> None:
             - np.concatenate([t.target_logprobs for t in got])
         )
         r["agreement"] = {"ids_equal": float(ids.mean()), "max_logprob_diff": float(diff.max())}
-        for key, v in list(r.data.items()):
-            if key.startswith("layered_"):
-                v["tokens_per_s_ratio"] = v["tokens_per_s"] / m["tokens_per_s"]
-        r.flush()
+    for key, v in list(r.data.items()):
+        if key.startswith("layered_") and "tokens_per_s" in v:
+            v["tokens_per_s_ratio"] = v["tokens_per_s"] / m["tokens_per_s"]
+    r.flush()
     holder.clear()
-    free(device)
 
 
 # --- calibration -------------------------------------------------------------------------------

@@ -267,7 +267,9 @@ def _layered(results: dict[str, Any]) -> list[str]:
     ]
     res = r.get("resident", {})
     for k, v in r.items():
-        if k.startswith("layered_") and isinstance(v, dict):
+        if k.startswith("layered_") and isinstance(v, dict) and "error" in v:
+            out.append(f"| layered, chunk_tokens {k[8:]} | {v['error'][:120]} | | | | | |")
+        elif k.startswith("layered_") and isinstance(v, dict):
             tps = v.get("tokens_per_s")
             out.append(
                 f"| layered, chunk_tokens {num(v.get('chunk_tokens'))} | "
@@ -275,7 +277,9 @@ def _layered(results: dict[str, Any]) -> list[str]:
                 f" | {gib(v.get('peak_bytes'))} | {v.get('chunks')} | "
                 f"{num(v.get('wait_share'), '.1%')} | {num(v.get('read_share'), '.1%')} |"
             )
-    if res:
+    if res.get("error"):
+        out.append(f"| resident, no cap | {res['error'][:120]} | | | | | |")
+    elif res:
         out.append(
             f"| resident, no cap (load {num(res.get('load_seconds'), '.1f')} s incl.) | "
             f"{num(res.get('tokens_per_s'))} | 1.00x | {gib(res.get('peak_bytes'))} | | | |"
