@@ -110,7 +110,7 @@ def test_a_failed_or_stopped_step_loses_nothing_of_the_others(tmp_path):
         "--steps",
         "student,teacher,env",
         "--cap",
-        "student=2",
+        "student=3",
         env={FAULT_ENV: "student:hang,teacher:error"},
     )
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
