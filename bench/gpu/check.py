@@ -405,6 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [s for s in args.steps if s not in STEPS]
         if unknown:
             p.error(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
+        if "env" not in args.steps and any("env" in NEEDS.get(s, ()) for s in args.steps):
+            args.steps.insert(0, "env")  # the GPU's peak FLOP/s: the MFU's denominator
     return args
 
 
