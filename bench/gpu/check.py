@@ -241,7 +241,10 @@ class Check:
                 proc.wait()
                 rc = None
         tests = parse_junit(junit) if junit.is_file() else parse_verbose(out_txt.read_text())
-        records = [json.loads(x) for x in read_lines(record)]
+        records = []
+        for line in read_lines(record):
+            with contextlib.suppress(ValueError):  # a line cut short by a kill
+                records.append(json.loads(line))
         counts: dict[str, int] = {}
         for t in tests:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
