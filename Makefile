@@ -6,7 +6,7 @@ JOB    ?= jobs/demo.toml
 # Converted models and caches stay inside the checkout unless the user says otherwise.
 export DISTILL_CACHE ?= $(CURDIR)/.cache/distill
 
-.PHONY: help install demo test lint teacher teacher-cloud train-local eval bench clean
+.PHONY: help install demo test lint teacher teacher-cloud train-local eval bench gpu-wheels gpu-check clean
 
 # make teacher-cloud: where the teacher image goes (Artifact Registry, infra/terraform/base).
 # PROJECT defaults to gcloud's; the tag is a hash of what goes into the image, so a changed
@@ -27,6 +27,8 @@ help:
 	@echo "                  (OUTPUT=gs://..., PROJECT=, IMAGE=, SKIP_BUILD=1, BACKEND=local, CLOUD_ARGS=...)"
 	@echo "make train-local  train + eval the student: in its container with the GPU, else natively"
 	@echo "make bench        bench/teacher_pass.py"
+	@echo "make gpu-wheels   the wheels (+ SmolLM2's tokenizer) a lent GPU machine lacks -> build/gpu-wheels"
+	@echo "make gpu-check    bench/gpu/run.sh here (OUT=build/gpu-out; CHECK_ARGS=\"--device cpu --tiny\")"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +77,20 @@ train-local: install
 
 bench: install
 	$(BIN)/python bench/teacher_pass.py --json bench/results/teacher_pass.json
+
+# The GPU check (README "GPU check", bench/gpu/): what bench/gpu/run.sh installs on a bare
+# device machine (CPython 3.12, manylinux x86-64, pinned as constraints.txt says), bitsandbytes
+# slimmed to the CUDA versions torch may have, and SmolLM2's tokenizer files, into an ignored
+# folder under the size budget (the whole working tree travels with the call: 64 MiB).
+GPU_WHEELS ?= build/gpu-wheels
+gpu-wheels: install
+	$(BIN)/python bench/gpu/wheels.py download --dest $(GPU_WHEELS)
+
+# The same check on this machine (a GPU, or CHECK_ARGS="--device cpu --tiny --inline"), with
+# the venv's packages (no wheels installed).
+gpu-check: install
+	PYTHON=$(BIN)/python GPU_WHEELS=/nonexistent OUT=$(or $(OUT),$(CURDIR)/build/gpu-out) \
+	  bash bench/gpu/run.sh $(CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -35,7 +35,11 @@ MfuOpt = Annotated[
     float | None, typer.Option(help="Model FLOPs utilisation on the L4 (default 0.35).")
 ]
 CalibrationOpt = Annotated[
-    Path | None, typer.Option(help="JSON with tokens_per_s, model and gpu measured on an L4.")
+    Path | None,
+    typer.Option(
+        help="JSON with tokens_per_s, model and gpu measured on an L4 (another GPU: add "
+        "gpu_peak_flops, and the MFU is scaled to the L4 by the FLOP ratio)."
+    ),
 ]
 PricesOpt = Annotated[
     Path | None,

@@ -210,6 +210,56 @@ def test_calibration_file(tiny_teacher_dir, tmp_path):
         estimate_cost(job, CostOptions(calibration=cal, mfu=0.3))
 
 
+def test_calibration_measured_on_another_gpu_is_scaled_by_the_flop_ratio(
+    tiny_teacher_dir, tmp_path
+):
+    """bench/gpu/check.py's file: measured on an H100, with that GPU's dense peak. Its MFU is
+    measured against the H100's peak and assumed on the L4 (throughput x 121 / 989.4)."""
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))
+    base = estimate_cost(job)
+    h100 = 989.4e12
+    tps = 0.2 * h100 / base.flops_per_token  # 20% MFU on the H100
+    raw = {
+        "tokens_per_s": tps,
+        "model": "SmolLM2-135M shape, random weights",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "gpu_peak_flops": h100,
+        "dtype": "bfloat16",
+        "flops_per_token": base.flops_per_token,
+    }
+    cal = tmp_path / "h100.json"
+    cal.write_text(json.dumps(raw))
+    e = estimate_cost(job, CostOptions(calibration=cal))
+    assert e.mfu == pytest.approx(0.2)
+    assert e.tokens_per_s == pytest.approx(tps * 121e12 / h100)
+    assert e.compute_hours == pytest.approx(base.compute_hours * 0.35 / 0.2)
+    assert e.calibration is not None and not e.calibration.on_l4
+    row = dict(e.assumptions())["MFU (model FLOPs utilisation)"]
+    assert "measured on NVIDIA H100 80GB HBM3, not an L4" in row
+    assert "scaled to the L4 by the FLOP ratio (121.0 / 989.4 TFLOP/s" in row
+    out = e.to_dict()
+    assert out["calibration_scaled"] is True and out["calibration_gpu"] == raw["gpu"]
+    table = {
+        r[0]: r[2] for r in zip(*(c._cells for c in cost.render_table(e).columns), strict=True)
+    }
+    assert "scaled by the FLOP ratio" in table["throughput"]
+
+    # an L4 file ignores gpu_peak_flops (the datasheet's L4 peak is the one)
+    cal.write_text(json.dumps({**raw, "gpu": "NVIDIA L4", "tokens_per_s": tps * 121e12 / h100}))
+    e = estimate_cost(job, CostOptions(calibration=cal))
+    assert e.mfu == pytest.approx(0.2) and e.calibration.on_l4
+    assert "not an L4" not in dict(e.assumptions())["MFU (model FLOPs utilisation)"]
+    for bad, match in (
+        ({**raw, "gpu_peak_flops": 0}, "gpu_peak_flops must be > 0"),
+        ({**raw, "gpu_peak_flops": "989e12"}, "gpu_peak_flops must be > 0"),
+        ({**raw, "gpu_peak_flops": 1e12}, "impossible.*gpu_peak_flops"),
+        ({k: v for k, v in raw.items() if k != "gpu_peak_flops"}, "needs 'gpu_peak_flops'"),
+    ):
+        cal.write_text(json.dumps(bad))
+        with pytest.raises(DistillError, match=match):
+            estimate_cost(job, CostOptions(calibration=cal))
+
+
 def seventy_b(smol_tokenizer, dest: Path, safetensors: bool = True) -> Path:
     """A 70B-class config (140 GB of bf16 weights); only meta tensors are ever built. A
     stand-in model.safetensors: the layered way needs the checkpoint to be safetensors."""

@@ -1,10 +1,15 @@
-"""``--calibration FILE``: the MFU a run measured on an L4 achieved, applied to the job."""
+"""``--calibration FILE``: the MFU a measured run achieved, applied to the job on the L4.
+
+Measured on an L4, or on another GPU whose dense peak the file states (``gpu_peak_flops``):
+its MFU is then measured against that peak and assumed on the L4, i.e. its throughput is
+scaled by the FLOP ratio (bench/gpu/check.py writes such a file), and the estimate says so."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distill.cloud.counting import DataCounts
 from distill.cloud.l4 import L4_NAME, L4_PEAK_FLOPS
@@ -20,7 +25,18 @@ class Calibration:
     model: str
     gpu: str
     tokens_per_s: float
-    mfu: float  # achieved: tokens/s x FLOPs per token / peak
+    mfu: float  # achieved: tokens/s x FLOPs per token / the measuring GPU's peak
+    peak_flops: float = L4_PEAK_FLOPS["bfloat16"]  # that GPU's dense peak at the run's dtype
+    on_l4: bool = True  # False: measured on another GPU, scaled to the L4 by the FLOP ratio
+
+
+def _positive(raw: dict[str, Any], key: str) -> float | None:
+    v = raw.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise DistillError(f"{key} must be > 0, got {v!r}")
+    return float(v)
 
 
 def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> Calibration:
@@ -30,6 +46,9 @@ def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> 
     Its FLOPs per token are ``flops_per_token`` if given, else computed from the named model's
     config with the job's padding and attention context and the run's target share (its
     ``tokens``/``target_tokens`` if given, else the job's).
+
+    A run on another GPU (``gpu`` not an L4) needs ``gpu_peak_flops``, that GPU's dense peak
+    FLOP/s at the run's ``dtype``: its MFU is measured against that peak and assumed on the L4.
     """
     raw = read_table(path, "calibration file")
     tps = raw.get("tokens_per_s", raw.get("ours_tokens_per_s"))
@@ -41,14 +60,21 @@ def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> 
     machine_raw = raw.get("machine")
     machine = machine_raw if isinstance(machine_raw, dict) else {}
     gpu = raw.get("gpu") or raw.get("cuda_device") or machine.get("cuda_device") or ""
-    if not isinstance(gpu, str) or "L4" not in re.split(r"[^A-Z0-9]+", gpu.upper()):
+    on_l4 = isinstance(gpu, str) and "L4" in re.split(r"[^A-Z0-9]+", gpu.upper())
+    try:
+        other_peak = _positive(raw, "gpu_peak_flops")
+    except DistillError as e:
+        raise DistillError(f"{path}: {e}") from None
+    if not isinstance(gpu, str) or not gpu or (not on_l4 and other_peak is None):
         raise DistillError(
             f"{path}: measured on {gpu or 'an unnamed device'!r}, not an {L4_NAME} "
-            "(set 'gpu' to the device name, e.g. \"NVIDIA L4\")"
+            "(set 'gpu' to the device name, e.g. \"NVIDIA L4\"; a run on another GPU also needs "
+            "'gpu_peak_flops', its dense peak FLOP/s at the run's dtype, to be scaled to the L4)"
         )
     dtype = raw.get("dtype", job.teacher.dtype)
     if dtype not in L4_PEAK_FLOPS:
         raise DistillError(f"{path}: dtype {dtype!r} is not one of {', '.join(L4_PEAK_FLOPS)}")
+    peak = L4_PEAK_FLOPS[dtype] if on_l4 or other_peak is None else other_peak
     if "flops_per_token" in raw:
         fpt = raw["flops_per_token"]
         if isinstance(fpt, bool) or not isinstance(fpt, int | float) or not fpt > 0:
@@ -62,13 +88,14 @@ def load_calibration(path: Path, job: Job, p: TeacherProfile, c: DataCounts) -> 
         ctx = c.attention_token_ctx / max(c.padded_tokens, 1)
         fpt = pad * (2 * cp.non_embedding_params + 2 * cp.layers * cp.q_dim * ctx)
         fpt += share * 2 * cp.hidden * cp.vocab
-    mfu = float(tps) * float(fpt) / L4_PEAK_FLOPS[dtype]
+    mfu = float(tps) * float(fpt) / peak
     if not 0 < mfu <= 1:
         raise DistillError(
-            f"{path}: {tps:,.0f} tokens/s of {model} means MFU {mfu:.2f} on an L4, which is "
-            "impossible; check tokens_per_s, model and flops_per_token"
+            f"{path}: {tps:,.0f} tokens/s of {model} means MFU {mfu:.2f} on "
+            f"{'an L4' if on_l4 else gpu}, which is impossible; check tokens_per_s, model and "
+            "flops_per_token" + ("" if on_l4 else " and gpu_peak_flops")
         )
-    return Calibration(path, model, gpu, float(tps), mfu)
+    return Calibration(path, model, gpu, float(tps), mfu, peak, on_l4)
 
 
 def _profile_of(model: str, where: Path) -> TeacherProfile:

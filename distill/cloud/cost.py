@@ -9,7 +9,8 @@ batches) or a stated assumption that a flag or a file overrides. Following a job
 1. the teacher's profile, and the way it runs on one L4 (resident, quantised or layered;
    refused when none the job allows fits): :mod:`distill.teacher.fit`, :mod:`.l4`;
 2. the data, counted as the teacher will batch it: :mod:`.counting`;
-3. the MFU, assumed or calibrated from a run measured on an L4: :mod:`.calibration`;
+3. the MFU, assumed or calibrated from a measured run (on an L4, or on another GPU scaled by
+   the FLOP ratio): :mod:`.calibration`;
 4. the hours (compute, setup, layered overhead, preemption, N VMs), a pure model of those
    numbers: :mod:`.pricing`;
 5. the shard bytes, measured on a reference run or probed: :mod:`.shard_bytes`;
@@ -246,6 +247,8 @@ class CostEstimate:
             "flops_per_token": self.flops_per_token,
             "mfu": self.mfu,
             "calibrated": self.calibration is not None,
+            "calibration_gpu": None if self.calibration is None else self.calibration.gpu,
+            "calibration_scaled": self.calibration is not None and not self.calibration.on_l4,
             "tokens_per_s": self.tokens_per_s,
             "hours": {
                 "compute": self.compute_hours,

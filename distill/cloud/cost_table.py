@@ -15,6 +15,7 @@ from distill.errors import DistillError
 from distill.teacher.fit import GIB, HOST_LINK_BYTES_PER_S, WEIGHTS_STREAM_BYTES_PER_S
 
 if TYPE_CHECKING:
+    from distill.cloud.calibration import Calibration
     from distill.cloud.cost import CostEstimate
 
 
@@ -49,7 +50,7 @@ def render_table(e: CostEstimate) -> Any:
         (
             "throughput",
             f"{e.tokens_per_s:,.0f} tok/s",
-            f"MFU {e.mfu:.2f}" + ("" if e.calibration else ", uncalibrated"),
+            f"MFU {e.mfu:.2f}" + _mfu_note(e.calibration),
         ),
         ("compute hours", hours_text(e.compute_hours), ""),
         ("setup hours", hours_text(e.setup_hours), ""),
@@ -110,6 +111,12 @@ def _layered_rows(e: CostEstimate) -> list[tuple[str, str, str]]:
     ]
 
 
+def _mfu_note(cal: Calibration | None) -> str:
+    if cal is None:
+        return ", uncalibrated"
+    return "" if cal.on_l4 else f", measured on {cal.gpu}, scaled by the FLOP ratio"
+
+
 def assumption_rows(e: CostEstimate) -> list[tuple[str, str]]:
     """(assumption, value and source) rows, every one stated."""
     p, o = e.prices, e.opts
@@ -120,6 +127,12 @@ def assumption_rows(e: CostEstimate) -> list[tuple[str, str]]:
             f"{e.mfu:.3f}, calibrated: {cal.model} at {cal.tokens_per_s:,.0f} tokens/s "
             f"on {cal.gpu} ({cal.path})"
         )
+        if not cal.on_l4:
+            mfu += (
+                f"; measured on {cal.gpu}, not an L4: scaled to the L4 by the FLOP ratio "
+                f"({peak / 1e12:.1f} / {cal.peak_flops / 1e12:.1f} TFLOP/s dense peak), "
+                "i.e. the same MFU is assumed"
+            )
     else:
         mfu = f"{e.mfu:.2f} ({'--mfu' if o.mfu is not None else 'assumed'}; uncalibrated)"
     return [
