@@ -1,8 +1,11 @@
 """What a teacher VM needs before it starts: its inputs in the bucket, its job file.
 
-The dataset (and a local teacher directory) are uploaded once under ``<output>/inputs/``,
-content-addressed and create-only; the VM's job file points at the staged copies, names the
-staged teacher as the VM computes its fingerprint, and asks for the GPU.
+A local dataset (and a local teacher directory) are uploaded once under ``<output>/inputs/``,
+content-addressed and create-only; a ``gs://`` dataset is not copied: the VM reads it from its
+bucket. The VM's job file points at the staged copies (or the ``gs://`` URL), carries each
+split's dataset digest (``data.dataset_sha256``: the VM fingerprints its job without reading
+the dataset), names the staged teacher as the VM computes its fingerprint, and asks for the
+GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from rich.console import Console
 from distill.cloud.spec import boot_disk_gb
 from distill.config import Job
 from distill.shardset import split_fingerprints
+from distill.sources import digest, is_remote, list_files, staged_bytes
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, open_store
 
@@ -44,12 +48,21 @@ def stage_inputs(
 
     raw = job.to_dict()
     inputs: list[tuple[str, str]] = []
-    for split, path in splits(job).items():
-        name = f"inputs/{sha256_file(path)[:16]}-{path.name}"
-        upload(name, path)
-        dest = f"data/{split}/{path.name}"  # the same file name: sample keys use its stem
-        raw["data"][split] = dest
-        inputs.append((store.join(name), dest))
+    raw["data"]["dataset_sha256"] = {}
+    for split, spec in splits(job).items():
+        files = list_files(spec)
+        # the VM fingerprints its job with the controller's digest, reading no dataset byte
+        raw["data"]["dataset_sha256"][split] = digest(spec, files)
+        if is_remote(spec):  # read by the VM from its bucket, as it is
+            raw["data"][split] = spec
+            continue
+        for f in files:
+            path = Path(f.url)
+            name = f"inputs/{sha256_file(path)[:16]}-{path.name}"
+            upload(name, path)
+            # the same file name (sample keys use its stem); several files keep their layout
+            inputs.append((store.join(name), f"data/{split}/{f.name}"))
+        raw["data"][split] = f"data/{split}/{files[0].name}" if len(files) == 1 else f"data/{split}"
     model = job.teacher.model
     if vm_teacher(model) != model:
         src = Path(model).expanduser()
@@ -93,7 +106,7 @@ def staged_disk_gb(job: Job) -> int:
 
     teacher_dir = models.resolve_model(job.teacher.model)
     checkpoint = sum(p.stat().st_size for p in teacher_dir.rglob("*") if p.is_file())
-    inputs = sum(p.stat().st_size for p in splits(job).values())
+    inputs = sum(staged_bytes(list_files(spec)) for spec in splits(job).values())
     return boot_disk_gb(checkpoint, inputs)
 
 
