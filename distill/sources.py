@@ -158,15 +158,15 @@ def digest(spec: str, files: list[SourceFile] | None = None) -> str:
     bucket's content hash and size (``gs://``, read from the listing)."""
     files = list_files(spec) if files is None else files
     if len(files) == 1 and not files[0].remote and not is_remote(spec):
-        return _sha256(Path(files[0].url))
+        return file_sha256(Path(files[0].url))
     h = hashlib.sha256()
     for f in files:
-        content = f"{f.content_hash}:{f.size}" if f.remote else _sha256(Path(f.url))
+        content = f"{f.content_hash}:{f.size}" if f.remote else file_sha256(Path(f.url))
         h.update(f"{f.name}\t{content}\n".encode())
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """A local file's sha256, read once per (path, size, mtime) in this process: the preflight
     and the staging both need it."""
     st = path.stat()

@@ -119,9 +119,7 @@ def test_colliding_keys_and_empty_selections_are_refused(tmp_path):
 def test_parquet_bad_input_names_file_column_row_and_row_group(smol_tokenizer, tmp_path):
     p = tmp_path / "t.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), p)
-    with pytest.raises(
-        DistillError, match=r"t.parquet: expected a 'messages' column .*: text$"
-    ):
+    with pytest.raises(DistillError, match=r"t.parquet: expected a 'messages' column .*: text$"):
         tokenize_file(p, smol_tokenizer, 128)
     pq.write_table(pa.table({"prompt": [1, 2], "response": ["a", "b"]}), p)
     with pytest.raises(DistillError, match="t.parquet: column 'prompt' is int64, expected string"):

@@ -20,8 +20,7 @@ from rich.console import Console
 from distill.cloud.spec import boot_disk_gb
 from distill.config import Job
 from distill.shardset import split_fingerprints
-from distill.sources import digest, is_remote, list_files, staged_bytes
-from distill.store.cache import sha256_file
+from distill.sources import digest, file_sha256, is_remote, list_files, staged_bytes
 from distill.store.storage import ObjectExists, open_store
 
 
@@ -58,7 +57,7 @@ def stage_inputs(
             continue
         for f in files:
             path = Path(f.url)
-            name = f"inputs/{sha256_file(path)[:16]}-{path.name}"
+            name = f"inputs/{file_sha256(path)[:16]}-{path.name}"
             upload(name, path)
             # the same file name (sample keys use its stem); several files keep their layout
             inputs.append((store.join(name), f"data/{split}/{f.name}"))
@@ -66,13 +65,13 @@ def stage_inputs(
     model = job.teacher.model
     if vm_teacher(model) != model:
         src = Path(model).expanduser()
-        files = sorted(p for p in src.rglob("*") if p.is_file())
+        model_files = sorted(p for p in src.rglob("*") if p.is_file())
         h = hashlib.sha256()
-        for p in files:
+        for p in model_files:
             h.update(f"{p.relative_to(src)}\0{p.stat().st_size}\0".encode())
         h.update((src / "config.json").read_bytes())
         prefix = f"inputs/model-{h.hexdigest()[:16]}"
-        for p in files:
+        for p in model_files:
             upload(f"{prefix}/{p.relative_to(src).as_posix()}", p)
         raw["teacher"]["model"] = vm_teacher(model)
         inputs.append((store.join(prefix) + "/", "model"))

@@ -10,10 +10,14 @@ written by the assistant (its content and end-of-turn token): those are the toke
 learns to predict. Truncation is explicit: ``error`` refuses an over-long sample, ``right``
 keeps its first ``max_length`` tokens.
 
-Invalid lines (not UTF-8, malformed JSON, a wrong shape, nothing to learn) are all found in one
-read, before any model is loaded: ``on_invalid = "error"`` refuses the file and lists every bad
-line (the first :data:`MAX_REPORTED`, then a count); ``"skip"`` leaves them out and counts them.
-Sample keys stay line-based either way, so skipping a line never renames another sample.
+Invalid lines (not UTF-8, malformed JSON, a wrong shape, nothing to learn) are all found before
+any model is loaded: ``on_invalid = "error"`` refuses the file and lists every bad line (the
+first :data:`MAX_REPORTED`, then a count); ``"skip"`` leaves them out and counts them. Sample
+keys stay line-based either way, so skipping a line never renames another sample.
+
+This module holds the one-sample pieces (:func:`render` is the reference); files in every
+format, the shard rule and the batched, multi-process tokenising are
+:mod:`~distill.data.records`, :mod:`~distill.data.prepare` and :mod:`~distill.data.encode`.
 """
 
 from __future__ import annotations

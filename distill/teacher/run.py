@@ -12,9 +12,12 @@ A teacher bigger than the device runs layered (``teacher.mode``, distill/teacher
 consecutive shards are computed together, ``teacher.chunk_tokens`` at a time, each shard
 batched exactly as here, so the shards, the resume rule and the manifest are the same.
 
-Resumable by construction: sample i always lands in shard ``i // samples_per_shard``, shard
+Resumable by construction: record i of the dataset (its non-blank lines and rows, in file
+order) always lands in shard ``i // samples_per_shard`` (:mod:`distill.data.prepare`), shard
 writes are create-only, each shard gets a stats sidecar, and the manifest is written last. A
-rerun skips complete shards, so no sample is dropped or duplicated.
+rerun skips complete shards, so no sample is dropped or duplicated. Only the shards a run
+computes have their records checked and tokenised (on every core, before the model loads), into
+a token store on local disk that the shards are read from.
 
 Fan-out (Google Cloud Batch): task ``i`` of ``N`` (``BATCH_TASK_INDEX`` / ``BATCH_TASK_COUNT``,
 or :class:`~distill.shardset.Part`) computes only the shards ``s`` with ``s % N == i``, with
