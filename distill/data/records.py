@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,11 @@ def _open(f: DataFile) -> IO[bytes]:
 def _lines(f: DataFile) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of each non-blank line; a line of only Unicode whitespace is
     blank too (as ``str.strip`` says)."""
+    broken: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    if f.compression == "zstd":
+        import zstandard
+
+        broken += (zstandard.ZstdError,)
     try:
         with _open(f) as fh:
             for n, raw in enumerate(fh, start=1):
@@ -173,12 +179,8 @@ def _lines(f: DataFile) -> Iterator[tuple[int, bytes]]:
                 if not s or (s[0] >= 0x80 and not raw.decode("utf-8", "replace").strip()):
                     continue
                 yield n, raw
-    except (OSError, EOFError) as e:  # a truncated or corrupt gzip / zstd stream
+    except broken as e:  # a truncated or corrupt gzip / zstd stream
         raise DistillError(f"{f.shown}: cannot read ({e})") from None
-    except Exception as e:  # zstandard.ZstdError
-        if type(e).__name__ == "ZstdError":
-            raise DistillError(f"{f.shown}: cannot read ({e})") from None
-        raise
 
 
 # --- Parquet -----------------------------------------------------------------------------------
