@@ -5,7 +5,8 @@ One split's shard set is a directory (``<job.output>/<split>/``) of create-only 
 - ``run.json``: the job fingerprint of the run that claimed the directory
   (:func:`claim_output`); a rerun of another job is refused (:func:`check_same_job`);
 - ``shard-NNNNNN.tar`` and its stats sidecar ``shard-NNNNNN.json`` (:func:`sidecar_name`),
-  written in that order, so a sidecar means its shard is complete;
+  written in that order, so a sidecar means its shard is complete; before them, where some of
+  the shard's lines were left out as invalid, ``skipped-NNNNNN.json`` (:func:`put_skipped`);
 - a fan-out (Google Cloud Batch, task ``i`` of ``N``: :class:`Part`) adds ``parts.json`` (the
   manifest without its shards, :func:`put_parts`) and one ``task-seconds/`` object per task
   attempt (:func:`put_task_seconds`); :func:`finish_split` turns them and the sidecars into
