@@ -165,3 +165,35 @@ def test_parts_with_skipped_lines_write_the_single_run_shards_and_manifest(
     assert made.skipped_lines == single.skipped_lines
     stored = Manifest.from_json(store.read_bytes(MANIFEST), "m")
     assert stored.skipped_lines == single.skipped_lines
+
+
+def test_a_part_reads_only_the_parquet_row_groups_it_needs(smol_tokenizer, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"prompt": f"q{i}", "response": "" if i in (10, 31) else f"answer {i}"} for i in range(60)
+    ]
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), p, row_group_size=7)  # groups across shards
+    f = DataFile(p.name, p, str(p))
+    read: list[int] = []
+    real = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *a, **k):
+        read.append(i)
+        return real(self, i, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    rules = Rules(128, "right", on_invalid="skip")
+    part = prepare([f], f.shown, smol_tokenizer, rules, 10, lambda i: (i // 10) % 2 == 1, workers=1)
+    # shards 1, 3, 5: rows 10-19, 30-39, 50-59 live in row groups 1-2, 4-5, 7-8
+    assert sorted(set(read)) == [1, 2, 4, 5, 7, 8]
+    whole = prepare([f], f.shown, smol_tokenizer, rules, 10, workers=1)
+    for s in range(6):
+        want = [x.key for x in whole.chunks()[s]] if s % 2 else []
+        assert [x.key for x in part.chunks()[s]] == want
+    assert [len(c) for c in part.chunks()] == [0, 9, 0, 9, 0, 10]
+    assert part.skipped_in(1) == [11] and part.skipped_in(3) == [32]
+    part.close()
+    whole.close()

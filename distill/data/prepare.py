@@ -69,6 +69,7 @@ class Prepared:
     store: TokenStore
     stats: TokenizeStats
     skipped: dict[int, int | str] = field(default_factory=dict)
+    _by_shard: dict[int, list[int | str]] | None = field(default=None, init=False, repr=False)
 
     @property
     def shards(self) -> int:
@@ -79,8 +80,11 @@ class Prepared:
 
     def skipped_in(self, shard: int) -> list[int | str]:
         """The records of ``shard`` left out as invalid, as the manifest names them."""
-        lo, hi = shard * self.per, (shard + 1) * self.per
-        return [v for i, v in sorted(self.skipped.items()) if lo <= i < hi]
+        if self._by_shard is None:
+            self._by_shard = {}
+            for i, v in sorted(self.skipped.items()):
+                self._by_shard.setdefault(i // self.per, []).append(v)
+        return self._by_shard.get(shard, [])
 
     def close(self) -> None:
         self.store.close()
@@ -143,7 +147,7 @@ def prepare(
         if bad and rules.on_invalid == "error":
             raise DistillError(list_bad_lines(Path(shown), _errors(bad)))
         skip = {i for i, _, _ in bad}
-        keep = Select(lambda i: i not in skip and (owns is None or owns(i)), rules.max_samples)
+        keep = Select(owns, rules.max_samples, skip)
         store = TokenStore([f.stem for f in files], scratch)
         try:
             stats, token_bad = _encode(enc, files, keep, per, rules, store)

@@ -78,21 +78,33 @@ class DataFile:
 
 
 class Select:
-    """Which of a split's records (numbered from 0) to read: ``owns(i)`` and below ``stop``."""
+    """Which of a split's records (numbered from 0) to read: those ``owns`` says (a rule
+    constant over each run of ``granule`` records: a shard), below ``stop``, not in
+    ``exclude``."""
 
-    def __init__(self, owns: Callable[[int], bool] | None = None, stop: int = 0) -> None:
-        self.owns, self.stop = owns, stop
+    def __init__(
+        self,
+        owns: Callable[[int], bool] | None = None,
+        stop: int = 0,
+        exclude: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
+        self.owns, self.stop, self.exclude = owns, stop, exclude
 
     def __contains__(self, i: int) -> bool:
-        return (not self.stop or i < self.stop) and (self.owns is None or self.owns(i))
+        return (
+            (not self.stop or i < self.stop)
+            and (self.owns is None or self.owns(i))
+            and i not in self.exclude
+        )
 
     def any_in(self, lo: int, hi: int, step: int = 1) -> bool:
-        """Whether some record in ``[lo, hi)`` is selected (``step``: the owner's granule)."""
+        """Whether some record in ``[lo, hi)`` may be selected (``step``: the granule of
+        ``owns``; excluded records are not looked at)."""
         if self.stop:
             hi = min(hi, self.stop)
-        if self.owns is None:
-            return lo < hi
-        return any(self.owns(i) for i in range(lo - lo % step, hi, step)) and lo < hi
+        if lo >= hi:
+            return False
+        return self.owns is None or any(self.owns(i) for i in range(lo - lo % step, hi, step))
 
 
 @dataclass(frozen=True)
