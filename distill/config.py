@@ -12,6 +12,7 @@ problem becomes one line of a :class:`DistillError` naming the file and the fiel
 
 from __future__ import annotations
 
+import glob
 import itertools
 import re
 import tomllib
@@ -87,6 +88,12 @@ def _subnet_name(name: str) -> str:
     return _vpc_name(name) if name else name  # "" = the default subnet name
 
 
+def _sha256(digest: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError("expected a sha256 digest: 64 lowercase hex digits")
+    return digest
+
+
 def _run_hours(hours: float) -> float:
     if hours and not 30 / 3600 <= hours <= 120 * 24:
         raise ValueError("must be 0 (the default limit) or in [30 s, 120 days]")
@@ -157,12 +164,18 @@ class TeacherSection(_Table):
 
 
 class DataSection(_Table):
+    # a JSONL (.gz, .zst) or Parquet file, a directory or a glob of them, local or gs://
     train: str = ""
     eval: str = ""
     max_length: PositiveInt = 512
     truncation: Literal[TRUNCATION] = "error"
     max_samples: int = 0  # 0 = all
     on_invalid: Literal[ON_INVALID] = "error"  # error (list every bad line, stop) | skip
+    # written by teacher-cloud into the VM's job: each split's dataset digest as the
+    # controller computed it, so a VM fingerprints its job without reading the dataset
+    dataset_sha256: dict[Literal["train", "eval"], Annotated[str, AfterValidator(_sha256)]] = Field(
+        default_factory=dict
+    )
 
 
 class LossWeights(_Table):
@@ -404,6 +417,19 @@ class Job(_Table):
             return path
         return (self.path.parent / path).resolve() if (self.path.parent / path).exists() else path
 
+    def resolve_data(self, spec: str) -> str:
+        """``data.train`` / ``data.eval``: ``gs://`` as is; a local path as :meth:`resolve`
+        says; a relative glob against the job file's directory when it matches there."""
+        if spec.startswith("gs://") or "://" in spec:
+            return spec
+        if not any(c in spec for c in "*?["):
+            return str(self.resolve(spec))
+        pattern = Path(spec).expanduser()
+        if pattern.is_absolute() or self.path is None:
+            return str(pattern)
+        there = self.path.parent / pattern
+        return str(there) if glob.glob(str(there), recursive=True) else str(pattern)
+
     def to_dict(self) -> dict[str, Any]:
         """The job as the tables of its file (``job_table`` as ``[job]``)."""
         return self.model_dump(by_alias=True)
@@ -561,12 +587,14 @@ def parse_bytes(text: str | int) -> int:
         raise DistillError(f"cannot parse a size from {text!r} (use e.g. 12GiB)") from None
 
 
-def splits(job: Job) -> dict[str, Path]:
+def splits(job: Job) -> dict[str, str]:
+    """Each split's dataset as the job names it: a ``gs://`` URL as written, a local path or
+    glob resolved against the job file's directory (:meth:`Job.resolve_data`)."""
     out = {}
     for name in ("train", "eval"):
         p = getattr(job.data, name)
         if p:
-            out[name] = job.resolve(p)
+            out[name] = job.resolve_data(p)
     if "train" not in out:
         raise DistillError(f"{job.path}: data.train is not set")
     return out

@@ -5,7 +5,8 @@ One split's shard set is a directory (``<job.output>/<split>/``) of create-only 
 - ``run.json``: the job fingerprint of the run that claimed the directory
   (:func:`claim_output`); a rerun of another job is refused (:func:`check_same_job`);
 - ``shard-NNNNNN.tar`` and its stats sidecar ``shard-NNNNNN.json`` (:func:`sidecar_name`),
-  written in that order, so a sidecar means its shard is complete;
+  written in that order, so a sidecar means its shard is complete; before them, where some of
+  the shard's lines were left out as invalid, ``skipped-NNNNNN.json`` (:func:`put_skipped`);
 - a fan-out (Google Cloud Batch, task ``i`` of ``N``: :class:`Part`) adds ``parts.json`` (the
   manifest without its shards, :func:`put_parts`) and one ``task-seconds/`` object per task
   attempt (:func:`put_task_seconds`); :func:`finish_split` turns them and the sidecars into
@@ -29,17 +30,21 @@ import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from distill.config import Job, splits
+from distill.data.dataset import MAX_REPORTED
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.format.shards import shard_name
+from distill.sources import digest
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, Store
 
 RUN_INFO = "run.json"  # the job fingerprint of the run that claimed the directory
 PARTS = "parts.json"  # a fan-out task's manifest without its shards: finish_split completes it
 TASK_SECONDS = "task-seconds/"  # a fan-out task attempt's compute time (put_task_seconds)
+SKIPPED = "skipped-"  # skipped-NNNNNN.json: a shard's lines left out as invalid (put_skipped)
 _SIDECAR = re.compile(r"^shard-\d{6}\.json$")
 
 
@@ -74,14 +79,25 @@ class Part:
             ) from None
 
 
-def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_fp: str) -> str:
+SHARDING = "record-ranges"  # shard s: records [s * per, (s + 1) * per) (distill.data.prepare)
+
+
+def job_fingerprint(job: Job, split: str, dataset: str, teacher_dir: Path, tok_fp: str) -> str:
     """Everything that decides a shard set's bytes; a rerun must match it to resume.
 
+    ``dataset``: the split's data (:func:`distill.config.splits`); its digest is the job's
+    ``data.dataset_sha256`` (the controller's, in a VM's job) or :func:`distill.sources.digest`.
     ``tok_fp``: the tokenizer's fingerprint (:func:`distill.models.tokenizer_fingerprint`,
-    which needs the tokenizer loaded); the rest is hashed from the job and files."""
+    which needs the tokenizer loaded); the rest is hashed from the job and files.
+
+    With ``data.on_invalid = "skip"`` the shard rule is named too: a skipped line leaves a
+    hole in its shard (records by range), where earlier versions moved the later samples up,
+    so a partial set of the other rule is refused instead of mixed. Without skipping, both
+    rules give the same shards and the fingerprint is unchanged."""
+    data_digest = dict(job.data.dataset_sha256).get(split) or digest(dataset)
     keys = {
         "split": split,
-        "dataset_sha256": sha256_file(dataset),
+        "dataset_sha256": data_digest,
         "teacher": job.teacher.model,
         "teacher_config_sha256": sha256_file(teacher_dir / "config.json"),
         "tokenizer": tok_fp,
@@ -89,14 +105,15 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
         "targets": job.targets.fingerprint(),
         "data": {
             # on_invalid is left out: it decides whether a run may go on, not what a valid
-            # line's bytes are (the dataset's sha256 already covers its lines)
+            # line's bytes are (the dataset's digest already covers its lines)
             k: v
             for k, v in job.data.model_dump().items()
-            if k not in ("train", "eval", "on_invalid")
+            if k not in ("train", "eval", "on_invalid", "dataset_sha256")
         },
         "samples_per_shard": job.teacher.samples_per_shard,
         # quantised weights give other targets; teacher.mode does not (same batches, same ops)
         **({"quantize": job.teacher.quantize} if job.teacher.quantize != "none" else {}),
+        **({"sharding": SHARDING} if job.data.on_invalid == "skip" else {}),
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
@@ -104,14 +121,35 @@ def job_fingerprint(job: Job, split: str, dataset: Path, teacher_dir: Path, tok_
 def split_fingerprints(job: Job, teacher_dir: Path, tok_fp: str) -> dict[str, str]:
     """Each split's :func:`job_fingerprint`."""
     return {
-        split: job_fingerprint(job, split, path, teacher_dir, tok_fp)
-        for split, path in splits(job).items()
+        split: job_fingerprint(job, split, spec, teacher_dir, tok_fp)
+        for split, spec in splits(job).items()
     }
 
 
 def sidecar_name(name: str) -> str:
     """``shard-NNNNNN.json``: the stats sidecar of shard ``name`` (``shard-NNNNNN.tar``)."""
     return name.replace(".tar", ".json")
+
+
+def skipped_name(idx: int) -> str:
+    """``skipped-NNNNNN.json``: the lines of shard ``idx`` left out as invalid (only where some
+    were), written before the shard, so a complete shard's skipped lines are in the bucket."""
+    return f"{SKIPPED}{idx:06d}.json"
+
+
+def put_skipped(store: Store, idx: int, lines: list[int | str]) -> None:
+    """Record shard ``idx``'s skipped lines (create-only; every run writes the same)."""
+    body = json.dumps({"count": len(lines), "first_lines": lines[:MAX_REPORTED]}).encode()
+    with contextlib.suppress(ObjectExists):
+        store.put_bytes(skipped_name(idx), body)
+
+
+def skipped_lines(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``skipped_lines`` from each shard's record, in shard order: their count
+    and the first :data:`MAX_REPORTED` lines (empty when none were skipped)."""
+    count = sum(int(r["count"]) for r in per_shard)
+    first = [x for r in per_shard for x in r["first_lines"]][:MAX_REPORTED]
+    return {"count": count, "first_lines": first} if count else {}
 
 
 def is_sidecar(name: str) -> bool:
@@ -185,9 +223,11 @@ def finish_split(store: Store, fingerprint: str) -> Manifest | None:
     if any(n not in names or sidecar_name(n) not in names for n in wanted):
         return None
     shards = [json.loads(store.read_bytes(sidecar_name(n))) for n in wanted]
+    skipped = [json.loads(store.read_bytes(n)) for n in sorted(names) if n.startswith(SKIPPED)]
     raw = {
         **parts["manifest"],
         "shards": shards,
+        "skipped_lines": skipped_lines(skipped),
         "teacher_seconds": sum(
             json.loads(store.read_bytes(n))["seconds"]
             for n in sorted(names)

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from distill.cloud.spec import (
     region_of,
 )
 from distill.cloud.staging import expected_fingerprints, stage_inputs, staged_disk_gb, vm_job_toml
-from distill.config import Job
+from distill.config import Job, splits
 from distill.errors import DistillError
 from distill.shardset import stored_manifest
 from distill.store.storage import open_store
@@ -284,6 +285,7 @@ class Session:
         """Everything that can be refused before spending anything; the plan it leaves."""
         job, cloud = self.job, self.job.cloud
         open_store(self.output).list("inputs/")  # credentials, bucket existence and access
+        check_datasets(job)  # every line's JSON, shape and roles, on every core: no tokenizer
         for z in cloud.zones:
             self.backend.check_zone(z)
         # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
@@ -436,3 +438,17 @@ class Session:
             f"{run.vm_seconds / 60:,.1f} VM-minutes, ${run.usd:,.4f} "
             f"(VM + disk estimated ${run.estimated_usd:,.4f})"
         )
+
+
+def check_datasets(job: Job) -> None:
+    """The whole-file checks of every split (:func:`distill.data.prepare.check`), read from
+    where the job names it (a ``gs://`` split from its bucket), before anything is spent; the
+    checks that need tokens run on the VMs, each on its own shards."""
+    from distill.data.prepare import Rules, check
+    from distill.sources import open_split
+
+    d = job.data
+    rules = Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid)
+    with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
+        for split, spec in splits(job).items():
+            check(open_split(spec, Path(tmp) / split), spec, rules)

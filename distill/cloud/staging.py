@@ -1,8 +1,11 @@
 """What a teacher VM needs before it starts: its inputs in the bucket, its job file.
 
-The dataset (and a local teacher directory) are uploaded once under ``<output>/inputs/``,
-content-addressed and create-only; the VM's job file points at the staged copies, names the
-staged teacher as the VM computes its fingerprint, and asks for the GPU.
+A local dataset (and a local teacher directory) are uploaded once under ``<output>/inputs/``,
+content-addressed and create-only; a ``gs://`` dataset is not copied: the VM reads it from its
+bucket. The VM's job file points at the staged copies (or the ``gs://`` URL), carries each
+split's dataset digest (``data.dataset_sha256``: the VM fingerprints its job without reading
+the dataset), names the staged teacher as the VM computes its fingerprint, and asks for the
+GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from rich.console import Console
 from distill.cloud.spec import boot_disk_gb
 from distill.config import Job
 from distill.shardset import split_fingerprints
-from distill.store.cache import sha256_file
+from distill.sources import digest, file_sha256, is_remote, list_files, staged_bytes
 from distill.store.storage import ObjectExists, open_store
 
 
@@ -44,22 +47,31 @@ def stage_inputs(
 
     raw = job.to_dict()
     inputs: list[tuple[str, str]] = []
-    for split, path in splits(job).items():
-        name = f"inputs/{sha256_file(path)[:16]}-{path.name}"
-        upload(name, path)
-        dest = f"data/{split}/{path.name}"  # the same file name: sample keys use its stem
-        raw["data"][split] = dest
-        inputs.append((store.join(name), dest))
+    raw["data"]["dataset_sha256"] = {}
+    for split, spec in splits(job).items():
+        files = list_files(spec)
+        # the VM fingerprints its job with the controller's digest, reading no dataset byte
+        raw["data"]["dataset_sha256"][split] = digest(spec, files)
+        if is_remote(spec):  # read by the VM from its bucket, as it is
+            raw["data"][split] = spec
+            continue
+        for f in files:
+            path = Path(f.url)
+            name = f"inputs/{file_sha256(path)[:16]}-{path.name}"
+            upload(name, path)
+            # the same file name (sample keys use its stem); several files keep their layout
+            inputs.append((store.join(name), f"data/{split}/{f.name}"))
+        raw["data"][split] = f"data/{split}/{files[0].name}" if len(files) == 1 else f"data/{split}"
     model = job.teacher.model
     if vm_teacher(model) != model:
         src = Path(model).expanduser()
-        files = sorted(p for p in src.rglob("*") if p.is_file())
+        model_files = sorted(p for p in src.rglob("*") if p.is_file())
         h = hashlib.sha256()
-        for p in files:
+        for p in model_files:
             h.update(f"{p.relative_to(src)}\0{p.stat().st_size}\0".encode())
         h.update((src / "config.json").read_bytes())
         prefix = f"inputs/model-{h.hexdigest()[:16]}"
-        for p in files:
+        for p in model_files:
             upload(f"{prefix}/{p.relative_to(src).as_posix()}", p)
         raw["teacher"]["model"] = vm_teacher(model)
         inputs.append((store.join(prefix) + "/", "model"))
@@ -93,7 +105,7 @@ def staged_disk_gb(job: Job) -> int:
 
     teacher_dir = models.resolve_model(job.teacher.model)
     checkpoint = sum(p.stat().st_size for p in teacher_dir.rglob("*") if p.is_file())
-    inputs = sum(p.stat().st_size for p in splits(job).values())
+    inputs = sum(staged_bytes(list_files(spec)) for spec in splits(job).values())
     return boot_disk_gb(checkpoint, inputs)
 
 

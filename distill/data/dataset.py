@@ -10,16 +10,19 @@ written by the assistant (its content and end-of-turn token): those are the toke
 learns to predict. Truncation is explicit: ``error`` refuses an over-long sample, ``right``
 keeps its first ``max_length`` tokens.
 
-Invalid lines (not UTF-8, malformed JSON, a wrong shape, nothing to learn) are all found in one
-read, before any model is loaded: ``on_invalid = "error"`` refuses the file and lists every bad
-line (the first :data:`MAX_REPORTED`, then a count); ``"skip"`` leaves them out and counts them.
-Sample keys stay line-based either way, so skipping a line never renames another sample.
+Invalid lines (not UTF-8, malformed JSON, a wrong shape, nothing to learn) are all found before
+any model is loaded: ``on_invalid = "error"`` refuses the file and lists every bad line (the
+first :data:`MAX_REPORTED`, then a count); ``"skip"`` leaves them out and counts them. Sample
+keys stay line-based either way, so skipping a line never renames another sample.
+
+This module holds the one-sample pieces (:func:`render` is the reference); files in every
+format, the shard rule and the batched, multi-process tokenising are
+:mod:`~distill.data.records`, :mod:`~distill.data.prepare` and :mod:`~distill.data.encode`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +150,11 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], gen_prompt: bool) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], where: str) -> Sample:
-    """Render with the chat template; mask the characters each assistant turn adds."""
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template's text of ``messages`` and the character spans each assistant turn
+    adds (its content and end-of-turn token)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DistillError("the teacher's tokenizer has no chat template; cannot render chats")
     text = _render(tokenizer, messages, False)
@@ -164,6 +170,13 @@ def render(tokenizer: Any, messages: list[dict[str, str]], where: str) -> Sample
                 "conversation; cannot locate assistant tokens"
             )
         spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], where: str) -> Sample:
+    """Render with the chat template; mask the characters each assistant turn adds (one
+    sample; :mod:`distill.data.encode` does the same for a block of samples at once)."""
+    text, spans = assistant_spans(tokenizer, messages, where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
@@ -173,8 +186,8 @@ def render(tokenizer: Any, messages: list[dict[str, str]], where: str) -> Sample
     return Sample(key="", input_ids=ids, loss_mask=mask)
 
 
-def sample_key(path: Path, line: int) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+def key(stem: str, line: int) -> str:
+    """A sample's key: ``<file stem>-<line or row number>``."""
     return f"{stem}-{line:07d}"
 
 
@@ -186,64 +199,14 @@ def tokenize_file(
     max_samples: int = 0,
     stats: TokenizeStats | None = None,
     on_invalid: str = "error",
+    workers: int = 0,
 ) -> list[Sample]:
-    """Read, validate and tokenize a whole JSONL file (all errors surface before any work)."""
-    if on_invalid not in ON_INVALID:
-        raise DistillError(f"data.on_invalid = {on_invalid!r}: one of {', '.join(ON_INVALID)}")
-    stats = stats if stats is not None else TokenizeStats()
-    samples: list[Sample] = []
-    errors: list[LineError] = []
-    for n, obj in read_jsonl(path):
-        try:
-            if isinstance(obj, LineError):
-                raise obj
-            s, truncated = _tokenize_line(path, n, obj, tokenizer, max_length, truncation)
-        except LineError as e:
-            errors.append(e)
-            continue
-        stats.truncated += int(truncated)
-        stats.samples += 1
-        stats.tokens += len(s.input_ids)
-        stats.target_tokens += s.n_targets
-        samples.append(s)
-        if max_samples and len(samples) >= max_samples:
-            break
-    if errors and on_invalid == "error":
-        raise DistillError(list_bad_lines(path, errors))
-    stats.invalid += len(errors)
-    stats.invalid_lines += [e.line for e in errors][: MAX_REPORTED - len(stats.invalid_lines)]
-    if not samples:
-        raise DistillError(
-            f"{path}: no samples" + (f" ({len(errors)} invalid lines skipped)" if errors else "")
-        )
-    return samples
+    """Read, validate and tokenize a whole JSONL (or ``.gz``, ``.zst``, Parquet) file; all
+    errors surface before any work. ``workers``: processes (default: every core for a large
+    file; :mod:`distill.data.prepare`)."""
+    from distill.data.prepare import Rules, tokenize_files
+    from distill.data.records import DataFile
 
-
-def _tokenize_line(
-    path: Path, n: int, obj: dict[str, Any], tokenizer: Any, max_length: int, truncation: str
-) -> tuple[Sample, bool]:
-    """One parsed line -> (sample, truncated), or a :class:`LineError` saying what is wrong."""
-    where = f"{path}:{n}"
-    try:
-        s = render(tokenizer, to_messages(obj, where), where)
-    except DistillError as e:
-        if str(e).startswith(where):
-            raise LineError(str(e), n) from None
-        raise  # not about this line (e.g. no chat template): stop at once
-    s.key = sample_key(path, n)
-    truncated = len(s.input_ids) > max_length
-    if truncated:
-        if truncation == "error":
-            raise LineError(
-                f"{where}: {len(s.input_ids)} tokens > data.max_length={max_length} "
-                '(raise data.max_length, or set data.truncation = "right")',
-                n,
-            )
-        s.input_ids, s.loss_mask = s.input_ids[:max_length], s.loss_mask[:max_length]
-    if s.n_targets == 0:
-        raise LineError(
-            f"{where}: no assistant tokens left after truncation to {max_length} tokens "
-            "(raise data.max_length or shorten the prompt)",
-            n,
-        )
-    return s, truncated
+    rules = Rules(max_length, truncation, max_samples, on_invalid)
+    f = DataFile(Path(path).name, Path(path), str(path))
+    return tokenize_files([f], str(path), tokenizer, rules, stats, workers)

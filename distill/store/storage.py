@@ -14,6 +14,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -61,6 +62,17 @@ def _tmp_sibling(dest: Path) -> Path:
     return dest.with_name(f"{TMP_PREFIX}{dest.name}.{uuid.uuid4().hex}")
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's name (relative to the store), size and the content hash the store keeps
+    without reading it (GCS: ``md5:<base64>``, or ``crc32c:<base64>`` for a composite object;
+    a local store keeps none: ``""``)."""
+
+    name: str
+    size: int
+    content_hash: str = ""
+
+
 class Store(ABC):
     """Named objects under the base URL `url`."""
 
@@ -77,6 +89,10 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Sorted names (relative to the base) starting with `prefix`."""
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        """:meth:`list` with each object's size and stored content hash, in one listing."""
 
     @abstractmethod
     def read_bytes(self, name: str) -> bytes:
@@ -145,6 +161,9 @@ class LocalStore(Store):
                 if not f.startswith(TMP_PREFIX) and name.startswith(prefix):
                     names.append(name)
         return sorted(names)
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        return [ObjectInfo(n, self._path(n).stat().st_size) for n in self.list(prefix)]
 
     def read_bytes(self, name: str) -> bytes:
         try:
@@ -295,6 +314,21 @@ class GCSStore(Store):
         with self._errors("list"):
             keys = [b.name for b in self.bucket.list_blobs(prefix=base + prefix)]
         return sorted(k[len(base) :] for k in keys if not k.endswith("/"))
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        with self._errors("list"):
+            blobs = list(self.bucket.list_blobs(prefix=base + prefix))
+        infos = [
+            ObjectInfo(
+                b.name[len(base) :],
+                int(b.size or 0),
+                f"md5:{b.md5_hash}" if b.md5_hash else f"crc32c:{b.crc32c or ''}",
+            )
+            for b in blobs
+            if not b.name.endswith("/")
+        ]
+        return sorted(infos, key=lambda i: i.name)
 
     def read_bytes(self, name: str) -> bytes:
         with self._errors("read", name):

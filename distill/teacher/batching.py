@@ -3,6 +3,7 @@ token budget, right-padded."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,22 +12,40 @@ import numpy as np
 import torch
 
 from distill.config import Job
-from distill.data.dataset import Sample, TokenizeStats, tokenize_file
+from distill.data.dataset import Sample, TokenizeStats
+from distill.data.prepare import Prepared, Rules, prepare, tokenize_files
+from distill.shardset import Part
+from distill.sources import open_split
 
 
-def tokenize_split(job: Job, path: Path, tokenizer: Any) -> tuple[list[Sample], TokenizeStats]:
-    """One split's samples with the job's length, truncation, sample cap and invalid-line rule
-    (the teacher pass and the cost estimate must count the same tokens)."""
+def rules(job: Job) -> Rules:
+    """The job's ``[data]`` rules for records -> samples."""
+    d = job.data
+    return Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid)
+
+
+def prepare_split(
+    job: Job, spec: str, tokenizer: Any, scratch: Path, part: Part | None = None
+) -> Prepared:
+    """One split as this run computes it: every shard, or ``part``'s (``s % N == i``): only
+    those shards' records are read past counting, checked and tokenised, on every core, into
+    a token store under ``scratch`` (:func:`~distill.data.prepare.prepare`)."""
+    per = job.teacher.samples_per_shard
+    owns = None if part is None else (lambda i: part.owns(i // per))
+    scratch.mkdir(parents=True, exist_ok=True)
+    files = open_split(spec, scratch)
+    return prepare(files, spec, tokenizer, rules(job), per, owns, scratch=scratch)
+
+
+def tokenize_split(
+    job: Job, path: str | Path, tokenizer: Any
+) -> tuple[list[Sample], TokenizeStats]:
+    """One split's samples, all in memory, with the job's length, truncation, sample cap and
+    invalid-line rule (the teacher pass and the cost estimate must count the same tokens)."""
     stats = TokenizeStats()
-    samples = tokenize_file(
-        path,
-        tokenizer,
-        job.data.max_length,
-        job.data.truncation,
-        job.data.max_samples,
-        stats,
-        job.data.on_invalid,
-    )
+    with tempfile.TemporaryDirectory(prefix="distill-data-") as tmp:
+        files = open_split(str(path), Path(tmp))
+        samples = tokenize_files(files, str(path), tokenizer, rules(job), stats)
     return samples, stats
 
 

@@ -12,9 +12,12 @@ A teacher bigger than the device runs layered (``teacher.mode``, distill/teacher
 consecutive shards are computed together, ``teacher.chunk_tokens`` at a time, each shard
 batched exactly as here, so the shards, the resume rule and the manifest are the same.
 
-Resumable by construction: sample i always lands in shard ``i // samples_per_shard``, shard
+Resumable by construction: record i of the dataset (its non-blank lines and rows, in file
+order) always lands in shard ``i // samples_per_shard`` (:mod:`distill.data.prepare`), shard
 writes are create-only, each shard gets a stats sidecar, and the manifest is written last. A
-rerun skips complete shards, so no sample is dropped or duplicated.
+rerun skips complete shards, so no sample is dropped or duplicated. Only the shards a run
+computes have their records checked and tokenised (on every core, before the model loads), into
+a token store on local disk that the shards are read from.
 
 Fan-out (Google Cloud Batch): task ``i`` of ``N`` (``BATCH_TASK_INDEX`` / ``BATCH_TASK_COUNT``,
 or :class:`~distill.shardset.Part`) computes only the shards ``s`` with ``s % N == i``, with
@@ -36,7 +39,7 @@ import functools
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +58,8 @@ from rich.progress import (
 
 from distill import models
 from distill.config import Job, splits
-from distill.data.dataset import Sample
+from distill.data.dataset import MAX_REPORTED, Sample
+from distill.data.prepare import Prepared, ShardChunks
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.format.shards import (
@@ -71,14 +75,16 @@ from distill.shardset import (
     Part,
     claim_output,
     put_parts,
+    put_skipped,
     put_task_seconds,
     sidecar_name,
+    skipped_lines,
     split_fingerprints,
     stored_manifest,
 )
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectExists, Store, open_store
-from distill.teacher.batching import tokenize_split
+from distill.teacher.batching import prepare_split
 from distill.teacher.extract import compute_targets
 from distill.teacher.fit import resolve_way
 from distill.teacher.layered import LayeredTeacher, chunk_groups
@@ -105,22 +111,24 @@ def _stats_from_remote(store: Store, name: str, tmpdir: Path, fmt: ShardFormat) 
 class SplitContext:
     """One split's teacher run, built once by :func:`run_teacher` and passed down whole.
 
-    ``chunks``: the split's samples by shard (:func:`shard_chunks`). ``stop`` (preemption,
-    SIGTERM) is checked after every forward batch. ``skipped``: the dataset lines left out as
-    invalid, recorded in the manifest. ``part``: compute only this fan-out task's shards and
-    write ``parts.json``, not the manifest.
+    ``chunks``: the split's samples by shard (a :class:`~distill.data.prepare.ShardChunks`
+    reads each from the token store when asked; another task's shards are empty). ``stop``
+    (preemption, SIGTERM) is checked after every forward batch. ``skipped``: per shard, the
+    dataset lines left out as invalid (recorded beside the shard and in the manifest).
+    ``part``: compute only this fan-out task's shards and write ``parts.json``, not the
+    manifest.
     """
 
     job: Job
     split: str
-    chunks: list[list[Sample]]
+    chunks: Sequence[list[Sample]]
     store: Store
     model: Any  # a transformers model on its device, or a LayeredTeacher
     fingerprint: str  # the split's job fingerprint (distill.shardset.job_fingerprint)
     tok_fp: str  # the tokenizer's fingerprint
     teacher_dir: Path
     stop: StopWatch | None = None
-    skipped: dict[str, Any] | None = None
+    skipped: Callable[[int], list[int | str]] = lambda idx: []
     part: Part | None = None
 
     @functools.cached_property
@@ -151,7 +159,9 @@ def run_split(ctx: SplitContext) -> Manifest | None:
     claim_output(store, ctx.fingerprint)
     existing = set(store.list())
     t0 = time.perf_counter()
-    out = _SplitOutput(store, ctx.fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")))
+    out = _SplitOutput(
+        store, ctx.fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")), ctx.skipped
+    )
     mine = ctx.mine
     stats = _shards_done(out, len(ctx.chunks), existing, mine)
     done = sum(1 for i in mine if stats[i] is not None)
@@ -184,15 +194,6 @@ def run_split(ctx: SplitContext) -> Manifest | None:
     return manifest
 
 
-def shard_chunks(samples: list[Sample], per: int, part: Part | None) -> list[list[Sample]]:
-    """The split's samples by shard (sample i in shard ``i // per``); with ``part``, the other
-    tasks' shards are left empty, so a fan-out task keeps only the samples it computes."""
-    return [
-        samples[i : i + per] if part is None or part.owns(i // per) else []
-        for i in range(0, len(samples), per)
-    ]
-
-
 def _ranges(idx: list[int]) -> str:
     """``0, 3, 6 ... 45`` for a long list of shard indices."""
     shown = ", ".join(map(str, idx[:3]))
@@ -214,6 +215,7 @@ class _SplitOutput:
     store: Store
     fmt: ShardFormat
     tmp: Path
+    skipped: Callable[[int], list[int | str]] = lambda idx: []
 
     def put_sidecar(self, name: str, st: ShardStats) -> None:
         """``shard-NNNNNN.json`` beside shard ``name``: its stats (create-only; a concurrent
@@ -226,10 +228,14 @@ class _SplitOutput:
         return _stats_from_remote(self.store, name, self.tmp, self.fmt)
 
     def upload(self, idx: int, targets: list[TargetSample]) -> ShardStats:
-        """Encode shard ``idx``, upload it (create-only), then its sidecar."""
+        """Encode shard ``idx``, upload it (create-only), then its sidecar; the lines of its
+        records left out as invalid go first (``skipped-NNNNNN.json``)."""
         name = shard_name(idx)
         local = self.tmp / name
         st = write_shard(local, targets, self.fmt)
+        lines = self.skipped(idx)
+        if lines:
+            put_skipped(self.store, idx, lines)
         try:
             self.store.put_file(name, local)
         except ObjectExists:  # a concurrent or earlier run finished it: trust its bytes
@@ -273,7 +279,7 @@ def _vocab_size(model: Any) -> int:
 def _targets_by_shard(
     job: Job,
     model: Any,
-    chunks: list[list[Sample]],
+    chunks: Sequence[list[Sample]],
     todo: list[int],
     on_batch: Callable[[int], None],
 ) -> Iterator[tuple[int, list[TargetSample]]]:
@@ -295,7 +301,7 @@ def _targets_by_shard(
                 ),
             )
         return
-    sizes = [sum(len(s.input_ids) for s in chunks[i]) for i in todo]
+    sizes = [_shard_tokens(chunks, i) for i in todo]
     for group in chunk_groups(sizes, t.chunk_tokens):
         idxs = [todo[g] for g in group]
         groups = [chunks[i] for i in idxs]
@@ -312,7 +318,7 @@ def _compute_shards(
     uploads during the next. ``t0``: the run's start (the bar's tokens/s)."""
     split, chunks = ctx.split, ctx.chunks
     todo = [i for i in ctx.mine if stats[i] is None]
-    todo_tokens = sum(len(s.input_ids) for i in todo for s in chunks[i])
+    todo_tokens = sum(_shard_tokens(chunks, i) for i in todo)
     pending: list[tuple[int, Future[ShardStats]]] = []
     with (
         ThreadPoolExecutor(max_workers=1) as pool,
@@ -328,6 +334,13 @@ def _compute_shards(
                 stats[i] = fut.result()
         for i, fut in pending:
             stats[i] = fut.result()
+
+
+def _shard_tokens(chunks: Sequence[list[Sample]], i: int) -> int:
+    """Real tokens of shard ``i`` (from the token store's index where there is one)."""
+    if isinstance(chunks, ShardChunks):
+        return chunks.tokens(i)
+    return sum(len(s.input_ids) for s in chunks[i])
 
 
 def _progress_bar(split: str) -> Progress:
@@ -385,8 +398,16 @@ def _manifest(ctx: SplitContext, stats: list[ShardStats | None], elapsed: float)
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         codec=codec.info(),
         targets=spec.info(),
-        skipped_lines=ctx.skipped or {},
+        # a task's parts.json leaves them to finish_split (every task's skipped-* records)
+        skipped_lines={}
+        if ctx.part is not None
+        else skipped_lines([_skipped_record(ctx.skipped(i)) for i in range(len(ctx.chunks))]),
     )
+
+
+def _skipped_record(lines: list[int | str]) -> dict[str, Any]:
+    """A shard's skipped lines as ``skipped-NNNNNN.json`` holds them."""
+    return {"count": len(lines), "first_lines": lines[:MAX_REPORTED]}
 
 
 def load_teacher(job: Job, teacher_dir: Path) -> Any:
@@ -415,45 +436,54 @@ def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Mani
     teacher_dir = models.resolve_model(job.teacher.model)
     tokenizer = models.load_tokenizer(teacher_dir)
     tok_fp = models.tokenizer_fingerprint(tokenizer)
-    tokenized = {}
-    for split, path in splits(job).items():  # validate all input before anything is written
-        samples, st = tokenize_split(job, path, tokenizer)
-        tokenized[split] = (path, shard_chunks(samples, job.teacher.samples_per_shard, part), st)
-        del samples  # a fan-out task keeps only its own shards' samples
-    prepared = {}
-    fps = split_fingerprints(job, teacher_dir, tok_fp)
-    for split, (path, chunks, st) in tokenized.items():
-        store = open_store(f"{job.output.rstrip('/')}/{split}")
-        store.list()  # fails early on a missing bucket or missing credentials
-        prepared[split] = (chunks, store, fps[split], st.invalid_info())
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-data-")))
+        prepared: dict[str, Prepared] = {}
+        for split, spec in splits(job).items():  # validate all input before anything is written
+            p = prepare_split(job, spec, tokenizer, scratch / split, part)
+            stack.callback(p.close)
+            prepared[split] = p
+            _report(split, spec, p, part)
+        fps = split_fingerprints(job, teacher_dir, tok_fp)
+        stores = {}
+        for split in prepared:
+            store = open_store(f"{job.output.rstrip('/')}/{split}")
+            store.list()  # fails early on a missing bucket or missing credentials
+            stores[split] = store
+        model = load_teacher(job, teacher_dir)
+        job.targets.spec().check(_vocab_size(model))
+        stop.check("teacher")
+        return {
+            split: run_split(
+                SplitContext(
+                    job=job,
+                    split=split,
+                    chunks=p.chunks(),
+                    store=stores[split],
+                    model=model,
+                    fingerprint=fps[split],
+                    tok_fp=tok_fp,
+                    teacher_dir=teacher_dir,
+                    stop=stop,
+                    skipped=p.skipped_in,
+                    part=part,
+                )
+            )
+            for split, p in prepared.items()
+        }
+
+
+def _report(split: str, spec: str, p: Prepared, part: Part | None) -> None:
+    """What was read of a split: its samples and tokens (this task's share), lines skipped."""
+    st = p.stats
+    share = "" if part is None else f" of task {part.index}'s shards"
+    console.print(
+        f"{split}: {st.samples} samples, {st.tokens} tokens ({st.target_tokens} targets){share}"
+        + (f", {st.truncated} truncated" if st.truncated else "")
+    )
+    if st.invalid:
         console.print(
-            f"{split}: {st.samples} samples, {st.tokens} tokens ({st.target_tokens} targets)"
-            + (f", {st.truncated} truncated" if st.truncated else "")
+            f"[yellow]{split}: skipped {st.invalid} invalid line(s) of {spec} "
+            f'(data.on_invalid = "skip"): lines {", ".join(map(str, st.invalid_lines))}'
+            + (" ..." if st.invalid > len(st.invalid_lines) else "")
         )
-        if st.invalid:
-            console.print(
-                f"[yellow]{split}: skipped {st.invalid} invalid line(s) of {path} "
-                f'(data.on_invalid = "skip"): lines {", ".join(map(str, st.invalid_lines))}'
-                + (" ..." if st.invalid > len(st.invalid_lines) else "")
-            )
-    model = load_teacher(job, teacher_dir)
-    job.targets.spec().check(_vocab_size(model))
-    stop.check("teacher")
-    return {
-        split: run_split(
-            SplitContext(
-                job=job,
-                split=split,
-                chunks=chunks,
-                store=store,
-                model=model,
-                fingerprint=fp,
-                tok_fp=tok_fp,
-                teacher_dir=teacher_dir,
-                stop=stop,
-                skipped=skipped,
-                part=part,
-            )
-        )
-        for split, (chunks, store, fp, skipped) in prepared.items()
-    }
