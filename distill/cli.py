@@ -169,12 +169,26 @@ def cost_estimate(
             'cloud.vms when cloud.engine = "batch", else 1).',
         ),
     ] = None,
+    sample_lines: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Lines of each split to tokenise, a uniform sample (default 20,000; a split "
+            "of fewer lines is counted exactly); the counts are extrapolated with a 95% bound.",
+        ),
+    ] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Tokenise every line (slow on a large dataset).")
+    ] = False,
 ) -> None:
     """Estimate hours and dollars of the job's teacher pass on one L4 spot VM (or N)."""
     from distill.cloud.cost import CostOptions, estimate_cost
     from distill.cloud.cost_table import render_table, write_estimate
+    from distill.cloud.counting import DEFAULT_SAMPLE_LINES
     from distill.cloud.staging import staged_disk_gb
 
+    if exact and sample_lines is not None:
+        raise DistillError("give --exact or --sample-lines, not both")
     the_job = _load(job, set_)
     engine = "batch" if vms is not None else the_job.cloud.engine
     if vms is None:
@@ -190,6 +204,7 @@ def cost_estimate(
         reference_run=reference_run,
         vms=vms,
         engine=engine,
+        sample_lines=0 if exact else (sample_lines or DEFAULT_SAMPLE_LINES),
     )
     opts.validate()  # before the job is tokenised
     # the boot disk teacher-cloud will create: sized to the checkpoint and the datasets

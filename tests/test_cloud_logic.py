@@ -21,6 +21,7 @@ from fakes.memory import MemoryBackend, MemoryBatchApi, ShardWorld
 from helpers import make_job
 from rich.console import Console
 
+from distill.cloud.cost import CostOptions
 from distill.cloud.errors import CloudError, QuotaExceeded, Stockout, TeacherFailed
 from distill.cloud.fanout import BatchEngine
 from distill.cloud.recovery import SameZoneFirst
@@ -128,6 +129,21 @@ def base_plan(ref, gcs_server, tmp_path_factory) -> Plan:
     j = load_job(job, [f'job.output="{bucket(gcs_server)}/run"', f"cloud.zones={list(ZONES)}"])
     session = Session(j, options(tmp), Console(file=io.StringIO()), backend=MemoryBackend(ZONES))
     return session.preflight()
+
+
+def test_the_preflight_estimate_is_sampled_and_its_shard_totals_exact(ref, gcs_server, tmp_path):
+    """teacher-cloud prices a sampled estimate (here 8 of the 24 train lines tokenised) but
+    counts the lines, so the progress display's shard totals are exact: 12 + 4 shards of 2."""
+    job, _ = ref
+    j = load_job(job, [f'job.output="{bucket(gcs_server)}/run"', f"cloud.zones={list(ZONES)}"])
+    opts = dataclasses.replace(options(tmp_path), cost=CostOptions(sample_lines=8))
+    session = Session(j, opts, Console(file=io.StringIO()), backend=MemoryBackend(ZONES))
+    plan = session.preflight()
+    data = plan.estimate.data
+    assert set(data.sampled) == {"train"} and data.sampled["train"].sampled == 8
+    totals = session.bucket_progress(plan).totals
+    assert {split: shards for split, (shards, _) in totals.items()} == {"train": 12, "eval": 4}
+    assert totals["train"][1] == data.per_split["train"]["tokens"] and data.bound("tokens") > 0
 
 
 def plan_for(base: Plan, out: str, **cloud: object) -> Plan:

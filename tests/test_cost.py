@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distill.cloud import cost
 from distill.cloud.cost import CostOptions, estimate_cost, render_table
+from distill.cloud.counting import BOUNDED, DataCounts, count_data, count_split
 from distill.cloud.probe import probe_sample_bytes
+from distill.cloud.sampling import estimate_data
 from distill.config import load_job
 from distill.errors import DistillError
 
@@ -597,3 +602,160 @@ def test_cli_vms_and_the_batch_jobs_default(tiny_teacher_dir, tmp_path):
     batch.write_text(path.read_text() + '\n[cloud]\nengine = "batch"\nvms = 2\n')
     assert vms(job=batch) == 2  # as teacher-cloud would run it
     assert vms("--vms", "3", job=batch) == 3 and vms("--vms", "1", job=batch) == 1
+
+
+# --- sampled counts (distill/cloud/sampling.py): within their stated bound of the exact ones --
+
+
+def test_sampled_demo_counts_are_within_their_bound_of_exact(smol_tokenizer):
+    """jobs/demo.toml, its train split sampled (300 of 879 lines), against the full count."""
+    job = load_job(REPO / "jobs" / "demo.toml")
+    exact = count_data(job, smol_tokenizer)
+    est = estimate_data(job, smol_tokenizer, sample_lines=300)
+    s = est.sampled["train"]
+    assert set(est.sampled) == {"train"} and (s.sampled, s.lines, s.skipped) == (300, 879, 0)
+    for name in BOUNDED:
+        assert abs(getattr(est, name) - getattr(exact, name)) <= est.bound(name), name
+    assert est.bound("tokens") > 0 and est.bound("padded_tokens") > 0
+    # lines are counted, not sampled: the samples and shards are exact (progress totals)
+    assert (est.samples, est.shards, est.bound("samples")) == (exact.samples, exact.shards, 0)
+    assert len(est.shard_tokens["train"]) == len(exact.shard_tokens["train"])
+    assert est.per_split["eval"] == exact.per_split["eval"]  # 98 lines: counted exactly
+    assert s.padding == pytest.approx(exact.padded_tokens / exact.tokens, rel=0.01)
+    # fewer lines than the default sample: counted exactly, the same numbers as --exact
+    assert estimate_data(job, smol_tokenizer) == exact and exact.exact
+
+
+def synthetic_split(path: Path, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` lines drawn at random from the demo's train lines; which ones (their indices)."""
+    demo = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()
+    pick = np.random.default_rng(seed).integers(0, len(demo), n)
+    path.write_text("\n".join(demo[i] for i in pick) + "\n")
+    return pick
+
+
+def reference_counts(tokenizer, pick: np.ndarray, per: int = 16, budget: int = 512) -> dict:
+    """The exact counts of a synthetic split, tokenising each distinct demo line once (as
+    make_job's data section: max_length 128, truncated right) and replaying the shards."""
+    from distill.data.dataset import tokenize_file
+    from distill.teacher.batching import token_budget_batches
+
+    demo = tokenize_file(REPO / "data" / "demo" / "train.jsonl", tokenizer, 128, "right")
+    lengths = np.array([len(s.input_ids) for s in demo])[pick]
+    targets = np.array([s.n_targets for s in demo])[pick]
+    padded = ctx = 0
+    for lo in range(0, len(pick), per):
+        chunk = lengths[lo : lo + per].tolist()
+        for b in token_budget_batches(chunk, budget):
+            padded += len(b) * chunk[b[0]]
+            ctx += len(b) * chunk[b[0]] ** 2
+    return {
+        "samples": len(pick),
+        "tokens": int(lengths.sum()),
+        "target_tokens": int(targets.sum()),
+        "padded_tokens": padded,
+        "attention_token_ctx": ctx,
+    }
+
+
+def test_a_large_split_is_sampled_in_seconds_within_its_bound(
+    tiny_teacher_dir, smol_tokenizer, tmp_path
+):
+    """300,000 lines (~19M tokens; the full count takes minutes): 2,000 of them sampled."""
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))
+    ref = reference_counts(smol_tokenizer, synthetic_split(tmp_path / "train.jsonl", 300_000))
+    start = time.monotonic()
+    est = estimate_data(job, smol_tokenizer, sample_lines=2000)
+    took = time.monotonic() - start
+    assert took < 30, took  # ~2 s here: one pass over 70 MB and 2,000 lines tokenised
+    s = est.sampled["train"]
+    assert (s.sampled, s.lines, s.skipped) == (2000, 300_000, 0) and "eval" not in est.sampled
+    evals = DataCounts()
+    count_split(evals, job, "eval", job.resolve(job.data.eval), smol_tokenizer)
+    for name in BOUNDED:
+        train = getattr(est, name) - getattr(evals, name)
+        assert abs(train - ref[name]) <= s.bounds[name], (name, train, ref[name], s.bounds)
+        assert s.bounds[name] <= 0.05 * ref[name] or name == "samples"
+    assert est.per_split["train"]["samples"] == 300_000 and s.bounds["samples"] == 0
+    sizes = est.shard_tokens["train"]
+    assert len(sizes) == 300_000 // 16 and sum(sizes) == pytest.approx(ref["tokens"], rel=0.05)
+
+
+def test_exact_counts_every_line_as_before(tiny_teacher_dir, smol_tokenizer, tmp_path):
+    """--exact (sample_lines 0) is the full count (count_data's), equal to the reference
+    method above; the same file sampled stays within its bound."""
+    job = load_job(make_job(tmp_path, tiny_teacher_dir))
+    ref = reference_counts(smol_tokenizer, synthetic_split(tmp_path / "train.jsonl", 2000, 1))
+    exact = estimate_data(job, smol_tokenizer, sample_lines=0)
+    assert exact.exact and exact.per_split["eval"]["samples"] == 10
+    train = exact.per_split["train"]
+    assert train == {k: ref[k] for k in train} and len(exact.shard_tokens["train"]) == 125
+    est = estimate_data(job, smol_tokenizer, sample_lines=300)
+    assert est.sampled["train"].sampled == 300
+    for name in BOUNDED:
+        assert abs(getattr(est, name) - getattr(exact, name)) <= est.bound(name), name
+
+
+def test_invalid_sampled_lines_are_refused_or_left_out(tiny_teacher_dir, smol_tokenizer, tmp_path):
+    """data.on_invalid = "error": a bad line in the sample refuses the file, naming the lines
+    and the sample; "skip": the lines without a sample are extrapolated too."""
+    path = make_job(tmp_path, tiny_teacher_dir)
+    lines = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()[:400] * 5
+    lines[7::10] = ["not json"] * 200  # 1,800 samples in 2,000 lines
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DistillError, match="invalid lines") as e:
+        estimate_data(load_job(path), smol_tokenizer, sample_lines=300)
+    assert "malformed JSON" in str(e.value) and "in a sample of 300 of its 2,000 lines" in str(
+        e.value
+    )
+
+    job = load_job(path, ['data.on_invalid="skip"'])
+    exact = count_data(job, smol_tokenizer)
+    est = estimate_data(job, smol_tokenizer, sample_lines=300)
+    assert exact.per_split["train"]["samples"] == 1800 and est.sampled["train"].skipped > 0
+    assert est.bound("samples") > 0
+    for name in BOUNDED:
+        assert abs(getattr(est, name) - getattr(exact, name)) <= est.bound(name), name
+
+
+def test_cli_sampled_table_and_json_carry_the_bound(tiny_teacher_dir, tmp_path, monkeypatch):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    path = make_job(tmp_path, tiny_teacher_dir)  # 40 train lines, 10 eval
+    buf = io.StringIO()
+    monkeypatch.setattr("distill.cli.out", Console(file=buf, width=300))
+
+    def run(*args: str) -> tuple[str, dict]:
+        buf.seek(0)
+        buf.truncate()
+        out = tmp_path / "c.json"
+        r = CliRunner().invoke(
+            app, ["cost-estimate", "--job", str(path), "--json", str(out), *args]
+        )
+        assert r.exit_code == 0, r.output
+        return buf.getvalue(), json.loads(out.read_text())
+
+    table, js = run("--sample-lines", "10")
+    assert "train: sampled 10 of 40 lines; eval: exact" in table and "95% confidence" in table
+    d = js["data"]
+    assert d["exact"] is False and d["sampled"]["train"]["sampled"] == 10
+    assert d["sampled"]["train"]["lines"] == 40 and d["bounds"]["tokens"] > 0
+    assert f"{d['tokens']:,} ± {d['bounds']['tokens']:,}" in table
+    lo, hi = js["usd_range"]["total_spot"]
+    assert lo < js["usd"]["total_spot"] < hi and "95%:" in table
+    assert "assumption: data counts" in table and "sample variance" in table
+
+    table, js = run()  # 40 lines: fewer than the sample, counted
+    assert js["data"]["exact"] is True and js["usd_range"] == {}
+    assert set(js["data"]["bounds"].values()) == {0} and "±" not in table
+    assert "exact: every line tokenised" in table
+    _, exact = run("--exact")
+    assert exact["data"] == js["data"] and exact["options"]["sample_lines"] == 0
+
+    r = CliRunner().invoke(
+        app, ["cost-estimate", "--job", str(path), "--exact", "--sample-lines", "5"]
+    )
+    assert isinstance(r.exception, DistillError) and "not both" in str(r.exception)

@@ -3,12 +3,14 @@ orchestration, :func:`estimate_cost`, and its result, :class:`CostEstimate`.
 
 Every number is either counted (the job's tokens after tokenisation with the teacher's own
 tokenizer, the teacher's parameters from its config on the meta device, the teacher's real
-batches) or a stated assumption that a flag or a file overrides. Following a job through
+batches), estimated from a uniform sample of the dataset's lines with a stated 95% bound, or
+a stated assumption that a flag or a file overrides. Following a job through
 :func:`estimate_cost`, one module per step:
 
 1. the teacher's profile, and the way it runs on one L4 (resident, quantised or layered;
    refused when none the job allows fits): :mod:`distill.teacher.fit`, :mod:`.l4`;
-2. the data, counted as the teacher will batch it: :mod:`.counting`;
+2. the data, as the teacher will batch it: sampled and extrapolated (:mod:`.sampling`), or
+   counted line by line (``--exact``, or a split smaller than the sample: :mod:`.counting`);
 3. the MFU, assumed or calibrated from a measured run (on an L4, or on another GPU scaled by
    the FLOP ratio): :mod:`.calibration`;
 4. the hours (compute, setup, layered overhead, preemption, N VMs), a pure model of those
@@ -24,13 +26,13 @@ The names callers import from here (options, the price table, the model) stay im
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill.cloud.calibration import Calibration, load_calibration
 from distill.cloud.cost_table import assumption_rows, render_table, write_estimate
-from distill.cloud.counting import DataCounts, count_data, total_flops
+from distill.cloud.counting import BOUNDED, DataCounts, count_data, total_flops
 from distill.cloud.l4 import (
     DEFAULT_MFU,
     L4_MEMORY_BYTES,
@@ -55,6 +57,7 @@ from distill.cloud.pricing import (
     priced,
     vm_hours,
 )
+from distill.cloud.sampling import estimate_data
 from distill.cloud.shard_bytes import (
     probed_shard_bytes,
     reference_bytes_per_target,
@@ -82,6 +85,7 @@ __all__ = [
     "PassHours",
     "Prices",
     "count_data",
+    "estimate_data",
     "estimate_cost",
     "fanout_split",
     "l4_usable_bytes",
@@ -120,25 +124,27 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
     profile = teacher_profile(config, teacher_dir)
     way = plan_l4(job, profile)  # refuse before the (slow) tokenisation
-    data = count_data(job, models.load_tokenizer(teacher_dir))
+    data = estimate_data(job, models.load_tokenizer(teacher_dir), opts.sample_lines)
     calibration = (
         load_calibration(opts.calibration, job, profile, data) if opts.calibration else None
     )
     mfu = calibration.mfu if calibration else (opts.mfu or DEFAULT_MFU)
-    h = pass_hours(job, profile, way, data, L4_PEAK_FLOPS[job.teacher.dtype] * mfu, opts)
+    sustained = L4_PEAK_FLOPS[job.teacher.dtype] * mfu
+    h = pass_hours(job, profile, way, data, sustained, opts)
     busy_h = h.compute + h.overhead
 
     shard_bytes, basis = shard_bytes_estimate(job, data, profile.vocab, opts.reference_run)
     gb = shard_bytes / GIB
-    storage_gb_months = gb * opts.storage_months
-    egress_gb = gb * opts.downloads
-    gib_nat = nat_gib(opts, h.tasks, h.preemption)
-    on_demand_wall = h.wall / (1 + h.preemption)
-    nat = (
-        nat_usd(prices, h.spot, h.wall, h.tasks, gib_nat),
-        nat_usd(prices, h.on_demand, on_demand_wall, h.tasks, nat_gib(opts, h.tasks, 0.0)),
-    )
-    usd = priced(prices, opts, h.spot, h.on_demand, storage_gb_months, egress_gb, nat)
+    usd, gib_nat = _dollars(prices, opts, h, shard_bytes)
+    usd_range: dict[str, tuple[float, float]] = {}
+    if not data.exact:  # every sampled count at its low, then its high end, priced
+        ends = []
+        for sign in (-1, 1):
+            d = data.at_bound(sign)
+            hd = pass_hours(job, profile, way, d, sustained, opts)
+            nbytes = round(shard_bytes * d.target_tokens / max(data.target_tokens, 1))
+            ends.append(_dollars(prices, opts, hd, nbytes)[0])
+        usd_range = {k: (ends[0][k], ends[1][k]) for k in ("total_spot", "total_on_demand")}
     return CostEstimate(
         job=job.name,
         teacher=job.teacher.model,
@@ -163,14 +169,32 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         wall_hours=h.wall,
         shard_bytes=shard_bytes,
         bytes_basis=basis,
-        storage_gb_months=storage_gb_months,
-        egress_gb=egress_gb,
+        storage_gb_months=gb * opts.storage_months,
+        egress_gb=gb * opts.downloads,
         nat_gb=gib_nat,
         prices=prices,
         opts=opts,
         usd=usd,
         mode_setting=job.teacher.mode,
+        usd_range=usd_range,
     )
+
+
+def _dollars(
+    prices: Prices, opts: CostOptions, h: PassHours, shard_bytes: int
+) -> tuple[dict[str, float], float]:
+    """USD per item of a pass of hours ``h`` writing ``shard_bytes``; the GiB through NAT."""
+    gb = shard_bytes / GIB
+    gib_nat = nat_gib(opts, h.tasks, h.preemption)
+    on_demand_wall = h.wall / (1 + h.preemption)
+    nat = (
+        nat_usd(prices, h.spot, h.wall, h.tasks, gib_nat),
+        nat_usd(prices, h.on_demand, on_demand_wall, h.tasks, nat_gib(opts, h.tasks, 0.0)),
+    )
+    usd = priced(
+        prices, opts, h.spot, h.on_demand, gb * opts.storage_months, gb * opts.downloads, nat
+    )
+    return usd, gib_nat
 
 
 @dataclass
@@ -206,6 +230,9 @@ class CostEstimate:
     usd: dict[str, float]
 
     mode_setting: str = "auto"  # the job's teacher.mode
+    # sampled counts: the totals priced with every count at the low and at the high end of
+    # its 95% bound, {"total_spot": (low, high), "total_on_demand": ...}; empty when exact
+    usd_range: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def flops_per_token(self) -> float:
@@ -226,7 +253,12 @@ class CostEstimate:
                 "tokens": self.data.tokens,
                 "target_tokens": self.data.target_tokens,
                 "padded_tokens": self.data.padded_tokens,
+                "attention_token_ctx": self.data.attention_token_ctx,
                 "per_split": self.data.per_split,
+                "exact": self.data.exact,
+                # 95% half-widths of the sampled counts (0: counted), and how each split was
+                "bounds": {name: self.data.bound(name) for name in BOUNDED},
+                "sampled": {k: dataclasses.asdict(v) for k, v in self.data.sampled.items()},
             },
             "teacher_params": self.profile.params,
             "teacher_non_embedding_params": self.profile.non_embedding_params,
@@ -265,6 +297,7 @@ class CostEstimate:
             "egress_gb": self.egress_gb,
             "nat_gb": self.nat_gb,
             "usd": self.usd,
+            "usd_range": {k: list(v) for k, v in self.usd_range.items()},
             "prices": dataclasses.asdict(self.prices),
             "options": {
                 k: (str(v) if isinstance(v, Path) else v)

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distill.cloud.counting import DataCounts
 from distill.cloud.l4 import L4_NAME, L4_PEAK_FLOPS, l4_usable_bytes
 from distill.cloud.prices import NAT_CAP_VMS
 from distill.cloud.pricing import DRIVER_DOWNLOAD_GIB
+from distill.cloud.sampling import SAMPLE_BYTES, SEED
 from distill.cloud.spec import BOOT_DISK_TYPE
 from distill.errors import DistillError
 from distill.teacher.fit import GIB, HOST_LINK_BYTES_PER_S, WEIGHTS_STREAM_BYTES_PER_S
@@ -30,14 +32,19 @@ def render_table(e: CostEstimate) -> Any:
     d, pr = e.data, e.profile
     mem = sum(e.memory.values())
     rows = [
+        ("data", "exact" if d.exact else "sampled", sample_text(d)),
         (
             "samples",
-            f"{d.samples:,}",
+            _counted(d, "samples"),
             ", ".join(f"{k} {v['samples']:,}" for k, v in d.per_split.items()),
         ),
-        ("tokens", f"{d.tokens:,}", "teacher tokenizer, all splits"),
-        ("target tokens", f"{d.target_tokens:,}", "positions whose next token is assistant's"),
-        ("padded tokens", f"{d.padded_tokens:,}", "the teacher's token-budget batches"),
+        ("tokens", _counted(d, "tokens"), "teacher tokenizer, all splits"),
+        (
+            "target tokens",
+            _counted(d, "target_tokens"),
+            "positions whose next token is assistant's",
+        ),
+        ("padded tokens", _counted(d, "padded_tokens"), "the teacher's token-budget batches"),
         (
             "teacher params",
             f"{pr.params / 1e6:,.1f} M",
@@ -78,8 +85,12 @@ def render_table(e: CostEstimate) -> Any:
         ("$ storage", _usd(e.usd["storage"]), f"{e.storage_gb_months:.3f} GB-months"),
         ("$ egress", _usd(e.usd["egress"]), f"{e.egress_gb:.3f} GB"),
         ("$ network (Cloud NAT)", _usd(e.usd["nat_spot"]), f"spot hours, {e.nat_gb:.2f} GB"),
-        ("$ total (spot)", _usd(e.usd["total_spot"]), "VM + disk + NAT + storage + egress"),
-        ("$ total (on-demand)", _usd(e.usd["total_on_demand"]), ""),
+        (
+            "$ total (spot)",
+            _usd(e.usd["total_spot"]),
+            "VM + disk + NAT + storage + egress" + _usd_range(e, "total_spot"),
+        ),
+        ("$ total (on-demand)", _usd(e.usd["total_on_demand"]), _usd_range(e, "total_on_demand")),
     ]
     for r in rows:
         t.add_row(*r)
@@ -87,6 +98,67 @@ def render_table(e: CostEstimate) -> Any:
     for name, value in e.assumptions():
         t.add_row(f"assumption: {name}", "", value)
     return t
+
+
+def sample_text(d: DataCounts) -> str:
+    """How the counts were found: "exact", or "sampled N of M lines" per split."""
+    if d.exact:
+        return "exact: every line tokenised"
+    parts = [f"{k}: sampled {s.sampled:,} of {s.lines:,} lines" for k, s in d.sampled.items()]
+    parts += [f"{k}: exact" for k in d.per_split if k not in d.sampled]
+    return "; ".join(parts) + "; ± is the 95% confidence interval"
+
+
+def _counted(d: DataCounts, name: str) -> str:
+    b = d.bound(name)
+    return f"{getattr(d, name):,}" + (f" ± {b:,}" if b else "")
+
+
+def _usd_range(e: CostEstimate, key: str) -> str:
+    if key not in e.usd_range:
+        return ""
+    lo, hi = e.usd_range[key]
+    return f"{'; ' if key == 'total_spot' else ''}95%: {_usd(lo)} to {_usd(hi)} (sampled counts)"
+
+
+def _data_rows(e: CostEstimate) -> list[tuple[str, str]]:
+    d, o = e.data, e.opts
+    if d.exact:
+        why = (
+            "--exact"
+            if o.sample_lines == 0
+            else f"each split fits the sample: --sample-lines {o.sample_lines:,}, "
+            f"{SAMPLE_BYTES / 2**20:g} MiB"
+        )
+        return [
+            (
+                "data counts",
+                "exact: every line tokenised with the teacher's tokenizer and replayed through "
+                f"the teacher's shards and token-budget batches ({why})",
+            )
+        ]
+    ratios = ", ".join(f"{k} {s.padding:.4f}" for k, s in d.sampled.items())
+    return [
+        (
+            "data counts",
+            f"sampled: each split's lines counted in one pass over its bytes; a uniform sample "
+            f"of them (seed {SEED}, --sample-lines {o.sample_lines:,}, at most "
+            f"{SAMPLE_BYTES / 2**20:g} MiB of text a split) tokenised as the teacher does; "
+            "each count = lines x the sample's mean per line, ± 1.96 x lines x "
+            "sqrt((1 - n/lines) x s²/n), s² the sample variance per line (95% confidence "
+            "interval, normal approximation); a split of fewer lines is counted exactly; "
+            "--exact tokenises every line",
+        ),
+        (
+            "padding",
+            f"padded tokens = tokens x the padding ratio of the sample's own token-budget "
+            f"batches ({ratios}; its samples in file order, teacher.samples_per_shard a "
+            "shard), attention context likewise; the bound covers the sampling, not how "
+            "those batches differ from the real shards'; shard sizes: the mean tokens of the "
+            "sampled samples near each shard; the $ totals' 95% range prices every count at "
+            "its bound's end at once",
+        ),
+    ]
 
 
 def _layered_rows(e: CostEstimate) -> list[tuple[str, str, str]]:
@@ -136,6 +208,7 @@ def assumption_rows(e: CostEstimate) -> list[tuple[str, str]]:
     else:
         mfu = f"{e.mfu:.2f} ({'--mfu' if o.mfu is not None else 'assumed'}; uncalibrated)"
     return [
+        *_data_rows(e),
         ("GPU", f"1 x {L4_NAME}, {peak / 1e12:.1f} TFLOP/s dense {e.dtype} peak (datasheet)"),
         ("MFU (model FLOPs utilisation)", mfu),
         (

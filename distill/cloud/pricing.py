@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.cloud.counting import DataCounts, total_flops
+from distill.cloud.counting import DEFAULT_SAMPLE_LINES, DataCounts, total_flops
 from distill.cloud.prices import HOURS_PER_MONTH, NAT_CAP_VMS, Prices
 from distill.cloud.spec import BOOT_DISK_GB
 from distill.config import Job
@@ -51,6 +51,7 @@ class CostOptions:
     reference_run: str | None = None  # a shard set (path or gs://) to take bytes/target from
     vms: int = 1  # teacher-cloud --vms N: N tasks of one Batch job split the shards
     engine: str = "vm"  # "batch": each VM boot downloads the NVIDIA driver through Cloud NAT
+    sample_lines: int = DEFAULT_SAMPLE_LINES  # lines tokenised per split; 0: all (--exact)
 
     def validate(self) -> None:
         if self.mfu is not None and not 0 < self.mfu <= 1:
@@ -65,6 +66,8 @@ class CostOptions:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.sample_lines < 0:
+            raise DistillError(f"--sample-lines must be >= 1 (0: --exact), got {self.sample_lines}")
         if self.vms < 1:
             raise DistillError(f"--vms must be >= 1, got {self.vms}")
         if self.engine not in ("vm", "batch"):
