@@ -2,7 +2,7 @@
 
 Synthetic chats (varied multi-turn conversations built from the demo data's turns, a fixed seed)
 at two sizes, ``--ratio`` apart, the larger ``--tokens`` (SmolLM2's tokenizer and chat
-template). Every measurement but the last runs in a fresh child process:
+template). Each measurement runs in a fresh process:
 
 1. **tokenisation**: tokens/s of :class:`~distill.data.encode.Encoder` on every core (the
    batched path) against the one-sample loop that ``tokenize_file`` ran before (``render`` per
@@ -13,9 +13,9 @@ template). Every measurement but the last runs in a fresh child process:
    (:func:`distill.teacher.batching.prepare_split`, what the teacher calls: count the records,
    check and tokenise its own shards' records into the token store; then read its first
    shard), at N = 1, 4 and 16 on the larger size;
-3. **peak memory before the first forward pass**: the same child's peak RSS (VmHWM: torch and
-   the tokenizer imported, as the teacher; the preparation's encoder workers separately), N = 1,
-   at both sizes;
+3. **peak memory before the first forward pass**: the same child's peak RSS during the
+   preparation (VmHWM reset when it starts, torch and the tokenizer already resident, as in the
+   teacher; the encoder workers' peak separately), N = 1, at both sizes;
 4. **cost-estimate**: ``distill-ctl cost-estimate`` (sampled) and ``--exact``, each a fresh
    process timed from start to exit, on the larger size; the sampled counts' error against the
    exact ones, and whether each exact count falls inside the 95% bound the estimate prints.
@@ -23,7 +23,7 @@ template). Every measurement but the last runs in a fresh child process:
 Before measuring it waits (``--quiet-load``, ``--max-wait``) for the 1-minute load average to
 fall below 0.8, and records the load at the start and end of each measurement.
 
-    python bench/data_scale.py                 # 20M tokens and 2M (about 10 min on 2 cores)
+    python bench/data_scale.py                 # 20M tokens and 2M (about 8 min on 2 cores)
     python bench/data_scale.py --quick         # 2M and 200k tokens
     python bench/data_scale.py --tiny          # 500 and 50 lines, in this process (the tests)
 """
@@ -185,6 +185,16 @@ def proc_kib() -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+)", text, re.M)}
 
 
+def reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``5`` to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    st = proc_kib()
+    return st["VmHWM"] <= st["VmRSS"] + 1024
+
+
 def tokenizer_of() -> Any:
     from distill import models
 
@@ -242,6 +252,7 @@ def measure_prepare(job_path: Path, tasks: int, scratch: Path, tokenizer: Any) -
     job = load_job(job_path)
     spec = splits(job)["train"]
     before = proc_kib()
+    reset = reset_hwm()  # the peak from here on: the preparation's (imports resident)
     load0 = load1()
     t = time.perf_counter()
     p = batching.prepare_split(job, spec, tokenizer, scratch, Part(0, tasks))
@@ -271,8 +282,10 @@ def measure_prepare(job_path: Path, tasks: int, scratch: Path, tokenizer: Any) -
         "store_bytes": store_bytes,
         "tokens_per_s": stats.tokens / seconds,
         "rss_before_kib": before["VmRSS"],
-        "hwm_before_kib": before["VmHWM"],
-        "peak_kib": after["VmHWM"],
+        "hwm_before_kib": before["VmHWM"],  # the imports' and the tokenizer's peak
+        "hwm_reset": reset,
+        "peak_kib": after["VmHWM"],  # since the reset: during the preparation
+        "peak_above_start_kib": after["VmHWM"] - before["VmRSS"],
         "worker_peak_kib": workers,
         "read_every_record_s": read_s,
         "load": [load0, load_end],
@@ -578,8 +591,9 @@ def report(r: dict[str, Any]) -> None:
     s = r["preparation"]["small_1"]
     print(
         f"peak memory before the first forward pass: {one['peak_kib'] * mib:,.0f} MiB "
-        f"({one['task_tokens']:,} tokens) vs {s['peak_kib'] * mib:,.0f} MiB "
-        f"({s['task_tokens']:,} tokens); "
+        f"(+{one['peak_above_start_kib'] * mib:,.1f} MiB over its start; "
+        f"{one['task_tokens']:,} tokens) vs {s['peak_kib'] * mib:,.0f} MiB "
+        f"(+{s['peak_above_start_kib'] * mib:,.1f}; {s['task_tokens']:,} tokens); "
         f"workers {one['worker_peak_kib'] * mib:,.0f} vs {s['worker_peak_kib'] * mib:,.0f} MiB"
     )
     c = r["cost_estimate"]

@@ -51,7 +51,8 @@ def test_tiny_bench_writes_every_figure(bench, smol_tokenizer, tmp_path) -> None
     assert prep["1"]["task_tokens"] == tok["tokens"]  # task 0 of 1: every record
     assert prep["4"]["task_samples"] == 256 == prep["4"]["first_shard_samples"]  # shard 0 only
     for p in [*prep.values(), r["preparation"]["small_1"]]:
-        assert p["seconds"] > 0 and p["peak_kib"] >= p["rss_before_kib"] > 0
+        assert p["seconds"] > 0 and p["peak_kib"] > 0 and p["rss_before_kib"] > 0
+        assert isinstance(p["hwm_reset"], bool) and "peak_above_start_kib" in p
     assert r["preparation"]["small_1"]["task_tokens"] < tok["tokens"]
     assert set(r["preparation_model"]["predicted_s"]) == {"1", "4", "16"}
 
