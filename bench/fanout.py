@@ -14,6 +14,7 @@ on 1 and on 100 Spot L4 VMs, from the cost estimate's own model (distill/cloud/p
 and prices (distill/hardware/l4.toml).
 
     python bench/fanout.py [--vms 4] [--shard-seconds 1.0] [--json bench/results/fanout.json]
+    python bench/fanout.py --estimate-only   # the model estimate alone, into the same JSON
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def scenario_estimate(vms: int) -> dict[str, Any]:
         "teacher_params": p.params,
         "tokens_per_s_per_vm": tokens / ((h.compute + h.overhead) * 3600),
         "shards": data.shards,
+        "setup_hours_per_vm": h.setup,
+        "data_prep_hours_per_vm": h.prep,
         "wall_hours": h.wall,
         "vm_hours_spot": h.spot,
         "usd_vm_and_disk_spot": usd["vm_spot"] + usd["disk_spot"],
@@ -167,6 +170,11 @@ def main() -> None:
     ap.add_argument("--vms", type=int, default=4)
     ap.add_argument("--shard-seconds", type=float, default=1.0)
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/fanout.json")
+    ap.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the model estimate and update only its part of --json (no run)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("DISTILL_CACHE", str(ROOT / ".cache" / "distill"))
 
@@ -181,8 +189,17 @@ def main() -> None:
             f"estimate, 1e9 tokens, 7B teacher, {n} VM(s): {e['wall_hours']:,.1f} h wall, "
             f"{e['vm_hours_spot']:,.1f} spot VM-hours, ${e['usd_vm_and_disk_spot']:,.2f} "
             f"(VM + disk; {e['tokens_per_s_per_vm']:,.0f} tokens/s per L4), Cloud NAT "
-            f"${e['usd_nat_spot']:,.2f} ({e['nat_gib']:,.1f} GiB)"
+            f"${e['usd_nat_spot']:,.2f} ({e['nat_gib']:,.1f} GiB); setup per VM "
+            f"{e['setup_hours_per_vm'] * 60:,.1f} min, of it data preparation "
+            f"{e['data_prep_hours_per_vm'] * 60:,.1f} min"
         )
+    if args.estimate_only:
+        old = json.loads(args.json.read_text()) if args.json.exists() else {}
+        old["estimate_1e9_tokens_7b"] = {str(n): e for n, e in estimate.items()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(old, indent=2) + "\n")
+        print(f"wrote the estimate into {args.json}")
+        return
     server = start_server()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:

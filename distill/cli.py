@@ -151,6 +151,13 @@ def cost_estimate(
         float, typer.Option(help="Extra spot hours as a fraction (0.15 = 15%).")
     ] = 0.15,
     setup_minutes: Annotated[float, typer.Option(help="VM boot, driver, image pull.")] = 10.0,
+    prep_tokens_per_s: Annotated[
+        float | None,
+        typer.Option(
+            help="A VM's data preparation: tokens checked and tokenised per second (default: "
+            "bench/data_scale.py's, scaled to the L4 VM's 8 vCPUs)."
+        ),
+    ] = None,
     storage_months: Annotated[float, typer.Option(help="How long the shards are kept.")] = 1.0,
     downloads: Annotated[int, typer.Option(help="Full downloads of the shards.")] = 1,
     reference_run: Annotated[
@@ -185,6 +192,7 @@ def cost_estimate(
     from distill.cloud.cost import CostOptions, estimate_cost
     from distill.cloud.cost_table import render_table, write_estimate
     from distill.cloud.counting import DEFAULT_SAMPLE_LINES
+    from distill.cloud.pricing import DEFAULT_PREP_TOKENS_PER_S
     from distill.cloud.staging import staged_disk_gb
 
     if exact and sample_lines is not None:
@@ -199,6 +207,9 @@ def cost_estimate(
         prices=prices,
         preemption_overhead=preemption_overhead,
         setup_minutes=setup_minutes,
+        prep_tokens_per_s=DEFAULT_PREP_TOKENS_PER_S
+        if prep_tokens_per_s is None
+        else prep_tokens_per_s,
         storage_months=storage_months,
         downloads=downloads,
         reference_run=reference_run,

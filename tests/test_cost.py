@@ -16,6 +16,7 @@ import pytest
 from distill.cloud import cost
 from distill.cloud.cost import CostOptions, estimate_cost, render_table
 from distill.cloud.counting import BOUNDED, DataCounts, count_data, count_split
+from distill.cloud.pricing import DATA_READ_RECORDS_PER_S, DEFAULT_PREP_TOKENS_PER_S
 from distill.cloud.probe import probe_sample_bytes
 from distill.cloud.sampling import estimate_data
 from distill.config import load_job
@@ -80,7 +81,13 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
 
     # bfloat16 teacher: 121 TFLOP/s dense peak x the assumed MFU 0.35
     compute_h = flops / (121e12 * 0.35) / 3600
-    setup_h = 10 / 60 + (TINY_EMBED + TINY_NON_EMBED) * 2 / 200e6 / 3600
+    # 10 min + the checkpoint at 200 MB/s + the data preparation: every record read, every
+    # token tokenised (one VM), at the L4 VM's assumed rates
+    prep_h = (50 / DATA_READ_RECORDS_PER_S + c["tokens"] / DEFAULT_PREP_TOKENS_PER_S) / 3600
+    setup_h = 10 / 60 + (TINY_EMBED + TINY_NON_EMBED) * 2 / 200e6 / 3600 + prep_h
+    assert (
+        e.prep_hours == pytest.approx(prep_h) and e.to_dict()["hours"]["data_prep"] == e.prep_hours
+    )
     assert e.compute_hours == pytest.approx(compute_h)
     assert e.on_demand_hours == pytest.approx(compute_h + setup_h)
     assert e.spot_hours == pytest.approx((compute_h + setup_h) * 1.15)
@@ -111,6 +118,7 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
     assert "uncalibrated" in rows["MFU (model FLOPs utilisation)"]
     assert "as of 2026-11" in rows["prices"] and "verify before relying" in rows["prices"]
     assert "LM head only at target positions" in rows["FLOPs formula"]
+    assert "the data preparation" in rows["setup"] and "scaled to 8 vCPUs" in rows["setup"]
     table = {
         r[0]: r[2] for r in zip(*(c._cells for c in cost.render_table(e).columns), strict=True)
     }
@@ -451,24 +459,31 @@ def test_plan_teacher_says_which_way_fits(smol_tokenizer, tmp_path):
 
 
 def test_vms_split_the_wall_time_not_the_work(tiny_teacher_dir, tmp_path):
-    """--vms N: VM i takes the shards s % N == i of each split; every VM pays its setup, the
-    wall time is the busiest VM's, and a VM without a shard is not counted."""
+    """--vms N: VM i takes the shards s % N == i of each split; every VM pays its setup (its
+    data preparation: the busiest VM's share of the tokens), the wall time is the busiest VM's,
+    and a VM without a shard is not counted."""
     job = load_job(make_job(tmp_path, tiny_teacher_dir))  # train: 3 shards, eval: 1 (16 each)
     one, two, many = (estimate_cost(job, CostOptions(vms=n)) for n in (1, 2, 100))
-    setup, compute = one.setup_hours, one.compute_hours
+    compute = one.compute_hours
     assert (one.tasks, two.tasks, many.tasks) == (1, 2, 3)
     assert one.wall_hours == pytest.approx(one.spot_hours)  # one VM: as before
     p = {s: c["padded_tokens"] for s, c in one.data.per_split.items()}
     total = p["train"] + p["eval"]
     # VM 0 of 2: train shards 0 and 2, eval shard 0; of 3: train shard 0, eval shard 0
-    assert two.wall_hours == pytest.approx(
-        (setup + compute * (p["train"] * 2 / 3 + p["eval"]) / total) * 1.15
-    )
-    assert many.wall_hours == pytest.approx(
-        (setup + compute * (p["train"] / 3 + p["eval"]) / total) * 1.15
-    )
-    assert two.on_demand_hours == pytest.approx(compute + 2 * setup)
-    assert many.spot_hours == pytest.approx((compute + 3 * setup) * 1.15)
+    share = [
+        (two, (p["train"] * 2 / 3 + p["eval"]) / total),
+        (many, (p["train"] / 3 + p["eval"]) / total),
+    ]
+    records = one.data.samples / DATA_READ_RECORDS_PER_S / 3600
+    for e, f in share:
+        assert e.setup_hours - e.prep_hours == pytest.approx(one.setup_hours - one.prep_hours)
+        assert e.prep_hours == pytest.approx(
+            records + one.data.tokens * f / DEFAULT_PREP_TOKENS_PER_S / 3600
+        )
+        assert e.wall_hours == pytest.approx((e.setup_hours + compute * f) * 1.15)
+    assert one.prep_hours > two.prep_hours > many.prep_hours
+    assert two.on_demand_hours == pytest.approx(compute + 2 * two.setup_hours)
+    assert many.spot_hours == pytest.approx((compute + 3 * many.setup_hours) * 1.15)
     assert many.usd["vm_spot"] == pytest.approx(many.spot_hours * 0.34)
     assert many.to_dict()["vms"] == 3 and many.to_dict()["hours"]["wall"] == many.wall_hours
     with pytest.raises(DistillError, match="--vms must be >= 1"):

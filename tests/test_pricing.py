@@ -16,8 +16,18 @@ from distill.cloud import cost
 from distill.cloud.counting import DataCounts
 from distill.cloud.l4 import plan_l4
 from distill.cloud.prices import PRICE_NUMBERS, load_prices, price_groups
-from distill.cloud.pricing import CostOptions, nat_gib, nat_usd, pass_hours, priced
+from distill.cloud.pricing import (
+    DATA_READ_RECORDS_PER_S,
+    DEFAULT_PREP_TOKENS_PER_S,
+    CostOptions,
+    data_prep_hours,
+    nat_gib,
+    nat_usd,
+    pass_hours,
+    priced,
+)
 from distill.config import Job
+from distill.errors import DistillError
 from distill.hardware import DATA_FILE, l4, read_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +87,11 @@ def test_the_pure_model_needs_no_tokenizer(monkeypatch):
 
     flops = 2 * non_embed * padded + 2 * 2 * 64 * padded * length + 2 * 64 * 1000 * targets
     compute = flops / (121e12 * 0.35) / 3600
-    setup = 10 / 60 + p.params * 2 / 200e6 / 3600  # 10 min + the bf16 checkpoint at 200 MB/s
+    # 10 min + the bf16 checkpoint at 200 MB/s + the data preparation: every record read,
+    # the busiest VM's 2 of 4 shards' tokens tokenised
+    prep = (1000 / DATA_READ_RECORDS_PER_S + tokens * 2 / 4 / DEFAULT_PREP_TOKENS_PER_S) / 3600
+    setup = 10 / 60 + p.params * 2 / 200e6 / 3600 + prep
+    assert h.prep == pytest.approx(prep)
     assert h.flops == pytest.approx(flops, rel=1e-12)
     assert (h.tasks, h.layered, h.overhead, h.preemption) == (2, None, 0.0, 0.15)
     assert h.compute == pytest.approx(compute) and h.setup == pytest.approx(setup)
@@ -97,6 +111,35 @@ def test_the_pure_model_needs_no_tokenizer(monkeypatch):
     assert (usd["storage"], usd["egress"]) == pytest.approx((2.0 * 0.020, 3.0 * 0.12))
     total = h.spot * (0.34 + 100 * 0.10 / 730) + nat + 2.0 * 0.020 + 3.0 * 0.12
     assert usd["total_spot"] == pytest.approx(total)
+
+
+def test_every_vm_pays_its_data_preparation():
+    """Setup includes the data preparation: every record read (one process) and the VM's share
+    of the tokens tokenised at the assumed rate (overridable); on N VMs the tokens' part
+    shrinks as the busiest VM's share, the records' part does not."""
+    samples, tokens = 2_000_000, 1_000_000_000
+    data = DataCounts(samples=samples, tokens=tokens)
+    one = data_prep_hours(data, 1.0, DEFAULT_PREP_TOKENS_PER_S)
+    assert one * 3600 == pytest.approx(
+        samples / DATA_READ_RECORDS_PER_S + tokens / DEFAULT_PREP_TOKENS_PER_S
+    )
+    hundred = data_prep_hours(data, 1 / 100, DEFAULT_PREP_TOKENS_PER_S)
+    assert hundred * 3600 == pytest.approx(
+        samples / DATA_READ_RECORDS_PER_S + tokens / 100 / DEFAULT_PREP_TOKENS_PER_S
+    )
+    assert one / 100 < hundred < one
+    twice = data_prep_hours(data, 1.0, 2 * DEFAULT_PREP_TOKENS_PER_S)
+    assert (one - twice) * 3600 == pytest.approx(tokens / DEFAULT_PREP_TOKENS_PER_S / 2)
+    # the rates: measured on 2 vCPUs by bench/data_scale.py, the tokens' scaled to 8
+    m = l4().machine
+    assert (
+        m.data_read_records_per_s,
+        m.data_prep_tokens_per_s,
+    ) == (DATA_READ_RECORDS_PER_S, DEFAULT_PREP_TOKENS_PER_S)
+    assert CostOptions().prep_tokens_per_s == DEFAULT_PREP_TOKENS_PER_S > 0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DistillError, match="--prep-tokens-per-s must be > 0"):
+            CostOptions(prep_tokens_per_s=bad).validate()
 
 
 def test_the_pure_model_imports_no_torch():

@@ -163,6 +163,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         tokens_per_s=data.tokens / (busy_h * 3600) if busy_h > 0 else 0.0,
         compute_hours=h.compute,
         setup_hours=h.setup,
+        prep_hours=h.prep,
         on_demand_hours=h.on_demand,
         spot_hours=h.spot,
         tasks=h.tasks,
@@ -215,7 +216,8 @@ class CostEstimate:
     calibration: Calibration | None
     tokens_per_s: float
     compute_hours: float  # the FLOPs at the sustained rate (layered overhead not included)
-    setup_hours: float
+    setup_hours: float  # per VM
+    prep_hours: float  # of setup_hours: the data preparation (the busiest VM's)
     on_demand_hours: float  # VM-hours, all VMs together
     spot_hours: float
     tasks: int  # VMs that get shards: min(--vms, the most shards of a split)
@@ -286,6 +288,7 @@ class CostEstimate:
                 "compute": self.compute_hours,
                 "layered_overhead": self.layered_overhead_hours,
                 "setup": self.setup_hours,
+                "data_prep": self.prep_hours,
                 "on_demand": self.on_demand_hours,
                 "spot": self.spot_hours,
                 "wall": self.wall_hours,

@@ -10,7 +10,11 @@ from typing import TYPE_CHECKING, Any
 from distill.cloud.counting import DataCounts
 from distill.cloud.l4 import L4_NAME, L4_PEAK_FLOPS, l4_usable_bytes
 from distill.cloud.prices import NAT_CAP_VMS
-from distill.cloud.pricing import DRIVER_DOWNLOAD_GIB
+from distill.cloud.pricing import (
+    DATA_READ_RECORDS_PER_S,
+    DEFAULT_PREP_TOKENS_PER_S,
+    DRIVER_DOWNLOAD_GIB,
+)
 from distill.cloud.sampling import SAMPLE_BYTES, SEED
 from distill.cloud.spec import BOOT_DISK_TYPE
 from distill.errors import DistillError
@@ -60,7 +64,11 @@ def render_table(e: CostEstimate) -> Any:
             f"MFU {e.mfu:.2f}" + _mfu_note(e.calibration),
         ),
         ("compute hours", hours_text(e.compute_hours), ""),
-        ("setup hours", hours_text(e.setup_hours), ""),
+        (
+            "setup hours",
+            hours_text(e.setup_hours),
+            f"per VM; of it, the data preparation {_seconds(e.prep_hours * 3600)}",
+        ),
         (
             "hours on-demand",
             hours_text(e.on_demand_hours),
@@ -219,7 +227,14 @@ def assumption_rows(e: CostEstimate) -> list[tuple[str, str]]:
         (
             "setup",
             f"{o.setup_minutes:g} min boot/driver/image pull + the {e.dtype} checkpoint "
-            f"read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s",
+            f"read at {WEIGHTS_STREAM_BYTES_PER_S / 1e6:.0f} MB/s + the data preparation: "
+            f"every record read at {DATA_READ_RECORDS_PER_S:,.0f}/s, the VM's share of the "
+            f"tokens checked and tokenised at {o.prep_tokens_per_s:,.0f}/s"
+            + (
+                " (bench/data_scale.py's 2-vCPU rate scaled to 8 vCPUs; --prep-tokens-per-s)"
+                if o.prep_tokens_per_s == DEFAULT_PREP_TOKENS_PER_S
+                else " (--prep-tokens-per-s)"
+            ),
         ),
         (
             "VMs",
@@ -299,6 +314,12 @@ def write_estimate(e: CostEstimate, path: Path) -> None:
 
 def _usd(x: float) -> str:
     return f"{x:,.2f}" if x >= 0.995 else f"{x:.4f}"
+
+
+def _seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.2f} s" if s < 1 else f"{s:.1f} s"
+    return f"{s / 60:,.1f} min"
 
 
 def hours_text(h: float) -> str:

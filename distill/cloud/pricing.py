@@ -4,7 +4,9 @@ Its inputs are numbers: the data's counts (:class:`~distill.cloud.counting.DataC
 may be built by hand), the teacher's profile, the way it runs (:mod:`distill.teacher.fit`),
 the sustained FLOP/s and a price table. Nothing here tokenises, loads a model or reads a file.
 
-- hours: compute = FLOPs / sustained; every VM pays setup (boot minutes + the checkpoint read);
+- hours: compute = FLOPs / sustained; every VM pays setup (boot minutes + the checkpoint read
+  + its data preparation: every record of the splits read, its share of the tokens checked and
+  tokenised, :func:`data_prep_hours`);
   a layered pass adds each VM's exposed weight streaming and activation I/O; spot hours carry
   a preemption overhead (layered: scaled by the chunk's time, the work a preemption loses);
   N VMs split each split's shards round-robin, the wall time is the busiest VM's;
@@ -22,6 +24,7 @@ from distill.cloud.prices import HOURS_PER_MONTH, NAT_CAP_VMS, Prices
 from distill.cloud.spec import BOOT_DISK_GB
 from distill.config import Job
 from distill.errors import DistillError
+from distill.hardware import l4
 from distill.teacher.fit import (
     DTYPE_BYTES,
     WEIGHTS_STREAM_BYTES_PER_S,
@@ -33,6 +36,11 @@ from distill.teacher.fit import (
 
 DEFAULT_PREEMPTION_OVERHEAD = 0.15
 DEFAULT_SETUP_MINUTES = 10.0  # boot, driver check, image pull, container start
+# a task's data preparation on the L4 VM (distill/hardware/l4.toml: bench/data_scale.py's rates
+# on 2 vCPUs, the tokens' scaled to the VM's 8): its splits' records read and counted (one
+# process), then its own records checked and tokenised (every vCPU)
+DATA_READ_RECORDS_PER_S = l4().machine.data_read_records_per_s
+DEFAULT_PREP_TOKENS_PER_S = l4().machine.data_prep_tokens_per_s
 # The NVIDIA driver a Batch VM (batch-debian) downloads at boot through Cloud NAT: the R570
 # data-center .run installer (~0.4 GiB) and its build dependencies from apt
 DRIVER_DOWNLOAD_GIB = 0.5
@@ -52,6 +60,7 @@ class CostOptions:
     vms: int = 1  # teacher-cloud --vms N: N tasks of one Batch job split the shards
     engine: str = "vm"  # "batch": each VM boot downloads the NVIDIA driver through Cloud NAT
     sample_lines: int = DEFAULT_SAMPLE_LINES  # lines tokenised per split; 0: all (--exact)
+    prep_tokens_per_s: float = DEFAULT_PREP_TOKENS_PER_S  # a VM's data preparation (setup)
 
     def validate(self) -> None:
         if self.mfu is not None and not 0 < self.mfu <= 1:
@@ -66,6 +75,8 @@ class CostOptions:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise DistillError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if not (math.isfinite(self.prep_tokens_per_s) and self.prep_tokens_per_s > 0):
+            raise DistillError(f"--prep-tokens-per-s must be > 0, got {self.prep_tokens_per_s}")
         if self.sample_lines < 0:
             raise DistillError(f"--sample-lines must be >= 1 (0: --exact), got {self.sample_lines}")
         if self.vms < 1:
@@ -85,7 +96,8 @@ class PassHours:
 
     flops: float
     compute: float  # the FLOPs at the sustained rate, all VMs together
-    setup: float  # per VM: boot, driver, image and the checkpoint's read
+    setup: float  # per VM: boot, driver, image, the checkpoint's read and the data preparation
+    prep: float  # of setup: the data preparation (the busiest VM's share of the tokens)
     layered: Throughput | None  # the largest chunk's time model (None: resident)
     overhead: float  # layered: exposed weight streaming + activation I/O, all VMs
     overhead_busiest: float  # the same, of the VM with the most
@@ -103,10 +115,11 @@ def pass_hours(
     teacher pass run ``way`` on ``opts.vms`` VMs at ``sustained`` FLOP/s each."""
     flops = total_flops(p, data)
     compute_h = flops / sustained / 3600
+    tasks, busiest = fanout_split(job, data, opts.vms)
     # every VM reads the whole checkpoint in the job's dtype (also when it quantises it)
     weights = p.params * DTYPE_BYTES[job.teacher.dtype]
-    setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_STREAM_BYTES_PER_S / 3600
-    tasks, busiest = fanout_split(job, data, opts.vms)
+    prep_h = data_prep_hours(data, busiest, opts.prep_tokens_per_s)
+    setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_STREAM_BYTES_PER_S / 3600 + prep_h
     tp, per_task = layered_overhead(job, p, way, data, tasks, flops, sustained)
     preemption = opts.preemption_overhead
     shard_h = compute_h / max(data.shards, 1)
@@ -120,6 +133,7 @@ def pass_hours(
         flops=flops,
         compute=compute_h,
         setup=setup_h,
+        prep=prep_h,
         layered=tp,
         overhead=overhead_h,
         overhead_busiest=overhead_busiest_h,
@@ -129,6 +143,16 @@ def pass_hours(
         spot=spot,
         wall=wall,
     )
+
+
+def data_prep_hours(data: DataCounts, share: float, tokens_per_s: float) -> float:
+    """One VM's data preparation before its first forward pass (as
+    :func:`distill.teacher.batching.prepare_split` runs it): every record of the splits read
+    and counted (:data:`DATA_READ_RECORDS_PER_S`; a task reads past the records of other tasks'
+    shards), and its ``share`` of the tokens checked and tokenised at ``tokens_per_s``. Every
+    VM is given the busiest's share (round-robin shards: within a shard per split of each)."""
+    records = data.samples / DATA_READ_RECORDS_PER_S
+    return (records + data.tokens * share / tokens_per_s) / 3600
 
 
 def fanout_split(job: Job, data: DataCounts, vms: int) -> tuple[int, float]:

@@ -1,10 +1,10 @@
 """The machine distill rents for the teacher pass, as data: ``l4.toml`` in this package.
 
 One versioned file holds the NVIDIA L4's and the g2-standard-8's facts (peak FLOP/s, memory,
-vCPUs, the disk and host-link rates the time models use), Google's billing rules and the
-prices, each price group dated and sourced. It is package data read with importlib.resources,
-so an installed wheel and the teacher image read the same file. Nothing here imports torch;
-``--prices FILE`` overrides prices (:mod:`distill.cloud.prices`).
+vCPUs, the disk, host-link and data-preparation rates the time models use), Google's billing
+rules and the prices, each price group dated and sourced. It is package data read with
+importlib.resources, so an installed wheel and the teacher image read the same file. Nothing
+here imports torch; ``--prices FILE`` overrides prices (:mod:`distill.cloud.prices`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class Machine:
     boot_disk_min_gb: int
     disk_read_bytes_per_s: float  # the checkpoint read: the load, layered weight streaming
     host_link_bytes_per_s: float  # activations host <-> GPU (layered)
+    data_read_records_per_s: float  # a task's pass over every record of a split (one process)
+    data_prep_tokens_per_s: float  # a task's own records checked and tokenised (every vCPU)
     source: str
 
 
@@ -107,6 +109,8 @@ def l4() -> Facts:
             boot_disk_min_gb=m["boot_disk_min_gb"],
             disk_read_bytes_per_s=float(m["disk_read_bytes_per_s"]),
             host_link_bytes_per_s=float(m["host_link_bytes_per_s"]),
+            data_read_records_per_s=float(m["data_read_records_per_s"]),
+            data_prep_tokens_per_s=float(m["data_prep_tokens_per_s"]),
             source=m["source"],
         ),
         hours_per_month=float(b["hours_per_month"]),
