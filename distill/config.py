@@ -128,8 +128,35 @@ class JobSection(_Table):
     seed: int = 0
 
 
+def _model_ref(v: str) -> str:
+    from distill.checkpoints import parse_source
+
+    try:
+        parse_source(v)
+    except DistillError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
+_SECRET = re.compile(
+    r"^(?:projects/[a-z0-9-]+/secrets/)?[A-Za-z0-9_-]{1,255}(?:/versions/(?:latest|[0-9]+))?$"
+)
+
+
+def _secret_name(v: str) -> str:
+    if v and not _SECRET.match(v):
+        raise ValueError(
+            f"{v!r} is not a Secret Manager secret: NAME (this project's), "
+            "projects/PROJECT/secrets/NAME or projects/PROJECT/secrets/NAME/versions/VERSION"
+        )
+    if v and not v.startswith("projects/") and "/versions/" in v:
+        raise ValueError(f"{v!r}: name a version as projects/PROJECT/secrets/NAME/versions/V")
+    return v
+
+
 class TeacherSection(_Table):
-    model: str = "builtin:smollm2-135m-instruct"  # builtin:NAME, or a Hugging Face directory
+    # builtin:NAME, a Hugging Face directory, hf:ORG/NAME[@REVISION] or gs://BUCKET/PATH
+    model: Annotated[str, AfterValidator(_model_ref)] = "builtin:smollm2-135m-instruct"
     dtype: Literal[TEACHER_DTYPES] = "bfloat16"
     device: Literal[DEVICES] = "auto"
     batch_tokens: PositiveInt = 4096  # padded tokens per forward batch
@@ -328,6 +355,9 @@ class CloudSection(_Table):
     # `vms` tasks, each on its own Spot L4 VM, splitting the shards (docs/CLOUD.md, "Fan-out")
     engine: Literal[ENGINES] = "vm"
     vms: Annotated[int, Field(ge=1, le=MAX_VMS)] = 1
+    # a gated or private hf: teacher: the Secret Manager secret holding a Hub token, as
+    # "NAME" (this project's) or "projects/P/secrets/NAME[/versions/V]"; the VMs read it
+    hf_token_secret: Annotated[str, AfterValidator(_secret_name)] = ""
 
     @model_validator(mode="after")
     def _vms_need_batch(self) -> CloudSection:

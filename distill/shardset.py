@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from distill.checkpoints import source_id
 from distill.config import Job, splits
 from distill.data.dataset import MAX_REPORTED
 from distill.errors import DistillError
@@ -98,7 +99,8 @@ def job_fingerprint(job: Job, split: str, dataset: str, teacher_dir: Path, tok_f
     keys = {
         "split": split,
         "dataset_sha256": data_digest,
-        "teacher": job.teacher.model,
+        # a Hub or bucket checkpoint: its pin (commit sha, listing digest), wherever it sits
+        "teacher": source_id(teacher_dir) or job.teacher.model,
         "teacher_config_sha256": sha256_file(teacher_dir / "config.json"),
         "tokenizer": tok_fp,
         "dtype": job.teacher.dtype,

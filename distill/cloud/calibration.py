@@ -104,7 +104,8 @@ def _profile_of(model: str, where: Path) -> TeacherProfile:
     from distill import models
 
     try:
-        return teacher_profile(AutoConfig.from_pretrained(models.resolve_model(model)))
+        planning = models.resolve_model(model, weights=False)
+        return teacher_profile(AutoConfig.from_pretrained(planning))
     except DistillError as e:
         raise DistillError(
             f"{where}: cannot size model {model!r} ({e}); add flops_per_token"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.checkpoints import checkpoint_bytes
 from distill.cloud.calibration import Calibration, load_calibration
 from distill.cloud.cost_table import assumption_rows, render_table, write_estimate
 from distill.cloud.counting import BOUNDED, DataCounts, count_data, total_flops
@@ -47,8 +48,10 @@ from distill.cloud.pricing import (
     DEFAULT_PREEMPTION_OVERHEAD,
     DEFAULT_SETUP_MINUTES,
     DRIVER_DOWNLOAD_GIB,
+    CheckpointMove,
     CostOptions,
     PassHours,
+    checkpoint_move,
     fanout_split,
     layered_overhead,
     nat_gib,
@@ -56,6 +59,7 @@ from distill.cloud.pricing import (
     pass_hours,
     priced,
     vm_hours,
+    weights_usd,
 )
 from distill.cloud.sampling import estimate_data
 from distill.cloud.shard_bytes import (
@@ -117,7 +121,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     opts = opts or CostOptions()
     opts.validate()
     prices = load_prices(opts.prices)
-    teacher_dir = models.resolve_model(job.teacher.model)
+    teacher_dir = models.resolve_model(job.teacher.model, weights=False)
     try:
         config = AutoConfig.from_pretrained(teacher_dir)
     except (OSError, ValueError) as e:
@@ -130,20 +134,21 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
     )
     mfu = calibration.mfu if calibration else (opts.mfu or DEFAULT_MFU)
     sustained = L4_PEAK_FLOPS[job.teacher.dtype] * mfu
-    h = pass_hours(job, profile, way, data, sustained, opts)
+    move = checkpoint_move(job.teacher.model, checkpoint_bytes(teacher_dir))
+    h = pass_hours(job, profile, way, data, sustained, opts, move.copy_hours)
     busy_h = h.compute + h.overhead
 
     shard_bytes, basis = shard_bytes_estimate(job, data, profile.vocab, opts.reference_run)
     gb = shard_bytes / GIB
-    usd, gib_nat = _dollars(prices, opts, h, shard_bytes)
+    usd, gib_nat = _dollars(prices, opts, h, shard_bytes, move)
     usd_range: dict[str, tuple[float, float]] = {}
     if not data.exact:  # every sampled count at its low, then its high end, priced
         ends = []
         for sign in (-1, 1):
             d = data.at_bound(sign)
-            hd = pass_hours(job, profile, way, d, sustained, opts)
+            hd = pass_hours(job, profile, way, d, sustained, opts, move.copy_hours)
             nbytes = round(shard_bytes * d.target_tokens / max(data.target_tokens, 1))
-            ends.append(_dollars(prices, opts, hd, nbytes)[0])
+            ends.append(_dollars(prices, opts, hd, nbytes, move)[0])
         usd_range = {k: (ends[0][k], ends[1][k]) for k in ("total_spot", "total_on_demand")}
     return CostEstimate(
         job=job.name,
@@ -173,6 +178,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         storage_gb_months=gb * opts.storage_months,
         egress_gb=gb * opts.downloads,
         nat_gb=gib_nat,
+        weights=move,
         prices=prices,
         opts=opts,
         usd=usd,
@@ -182,7 +188,7 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
 
 
 def _dollars(
-    prices: Prices, opts: CostOptions, h: PassHours, shard_bytes: int
+    prices: Prices, opts: CostOptions, h: PassHours, shard_bytes: int, move: CheckpointMove
 ) -> tuple[dict[str, float], float]:
     """USD per item of a pass of hours ``h`` writing ``shard_bytes``; the GiB through NAT."""
     gb = shard_bytes / GIB
@@ -193,7 +199,14 @@ def _dollars(
         nat_usd(prices, h.on_demand, on_demand_wall, h.tasks, nat_gib(opts, h.tasks, 0.0)),
     )
     usd = priced(
-        prices, opts, h.spot, h.on_demand, gb * opts.storage_months, gb * opts.downloads, nat
+        prices,
+        opts,
+        h.spot,
+        h.on_demand,
+        gb * opts.storage_months,
+        gb * opts.downloads,
+        nat,
+        weights_usd(prices, move, opts.storage_months),
     )
     return usd, gib_nat
 
@@ -227,6 +240,7 @@ class CostEstimate:
     storage_gb_months: float
     egress_gb: float
     nat_gb: float  # through Cloud NAT (the Batch VMs' driver downloads)
+    weights: CheckpointMove  # how the teacher checkpoint reaches the VMs
     prices: Prices
     opts: CostOptions
     usd: dict[str, float]
@@ -294,6 +308,7 @@ class CostEstimate:
                 "wall": self.wall_hours,
             },
             "vms": self.tasks,
+            "teacher_weights": dataclasses.asdict(self.weights),
             "preemption_overhead": self.preemption,
             "shard_bytes": self.shard_bytes,
             "storage_gb_months": self.storage_gb_months,

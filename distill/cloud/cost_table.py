@@ -11,9 +11,11 @@ from distill.cloud.counting import DataCounts
 from distill.cloud.l4 import L4_NAME, L4_PEAK_FLOPS, l4_usable_bytes
 from distill.cloud.prices import NAT_CAP_VMS
 from distill.cloud.pricing import (
+    ASSUMED_UPLINK_BYTES_PER_S,
     DATA_READ_RECORDS_PER_S,
     DEFAULT_PREP_TOKENS_PER_S,
     DRIVER_DOWNLOAD_GIB,
+    HUB_DOWNLOAD_BYTES_PER_S,
 )
 from distill.cloud.sampling import SAMPLE_BYTES, SEED
 from distill.cloud.spec import BOOT_DISK_TYPE
@@ -93,10 +95,12 @@ def render_table(e: CostEstimate) -> Any:
         ("$ storage", _usd(e.usd["storage"]), f"{e.storage_gb_months:.3f} GB-months"),
         ("$ egress", _usd(e.usd["egress"]), f"{e.egress_gb:.3f} GB"),
         ("$ network (Cloud NAT)", _usd(e.usd["nat_spot"]), f"spot hours, {e.nat_gb:.2f} GB"),
+        ("teacher weights", f"{e.weights.bytes / 1e9:,.2f} GB", weights_text(e)),
+        ("$ teacher weights", _usd(e.usd["weights"]), weights_usd_text(e)),
         (
             "$ total (spot)",
             _usd(e.usd["total_spot"]),
-            "VM + disk + NAT + storage + egress" + _usd_range(e, "total_spot"),
+            "VM + disk + NAT + storage + egress + weights" + _usd_range(e, "total_spot"),
         ),
         ("$ total (on-demand)", _usd(e.usd["total_on_demand"]), _usd_range(e, "total_on_demand")),
     ]
@@ -314,6 +318,40 @@ def write_estimate(e: CostEstimate, path: Path) -> None:
 
 def _usd(x: float) -> str:
     return f"{x:,.2f}" if x >= 0.995 else f"{x:.4f}"
+
+
+def weights_text(e: CostEstimate) -> str:
+    """How the checkpoint reaches the VMs, and the time it takes."""
+    w = e.weights
+    if w.kind == "hf":
+        return (
+            f"copied from the Hub into the run's bucket once, by the first VM, through Cloud NAT: "
+            f"about {_seconds(w.copy_hours * 3600)} at {HUB_DOWNLOAD_BYTES_PER_S / 1e6:,.0f} MB/s "
+            "(assumed; every VM waits for it: in the setup); the VMs read the bucket copy"
+        )
+    if w.kind == "local":
+        return (
+            "uploaded from this machine into the run's bucket before any VM starts: about "
+            f"{_seconds(w.upload_hours * 3600)} at an assumed "
+            f"{ASSUMED_UPLINK_BYTES_PER_S * 8 / 1e6:,.0f} Mbit/s (an hf: or gs:// teacher "
+            "never passes through this machine)"
+        )
+    if w.kind == "gs":
+        return "read by every VM from its bucket folder: nothing copied (same region: free)"
+    return "built into the teacher image"
+
+
+def weights_usd_text(e: CostEstimate) -> str:
+    w, o, p = e.weights, e.opts, e.prices
+    parts = []
+    if w.stored_gb:
+        parts.append(
+            f"its copy in the bucket: {w.stored_gb:,.2f} GB x {o.storage_months:g} month(s) x "
+            f"${p.storage_per_gb_month}/GB-month"
+        )
+    if w.nat_gib:
+        parts.append(f"{w.nat_gib:,.2f} GB through Cloud NAT once x ${p.nat_per_gb}/GB")
+    return "; ".join(parts) or "nothing moved or stored by the run"
 
 
 def _seconds(s: float) -> str:

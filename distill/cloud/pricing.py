@@ -109,17 +109,26 @@ class PassHours:
 
 
 def pass_hours(
-    job: Job, p: TeacherProfile, way: Way, data: DataCounts, sustained: float, opts: CostOptions
+    job: Job,
+    p: TeacherProfile,
+    way: Way,
+    data: DataCounts,
+    sustained: float,
+    opts: CostOptions,
+    copy_h: float = 0.0,
 ) -> PassHours:
     """Compute, setup, layered overhead, preemption, VM-hours and wall time of ``job``'s
-    teacher pass run ``way`` on ``opts.vms`` VMs at ``sustained`` FLOP/s each."""
+    teacher pass run ``way`` on ``opts.vms`` VMs at ``sustained`` FLOP/s each; ``copy_h``:
+    an hf: checkpoint's copy into the bucket, which every VM waits for (part of its setup)."""
     flops = total_flops(p, data)
     compute_h = flops / sustained / 3600
     tasks, busiest = fanout_split(job, data, opts.vms)
     # every VM reads the whole checkpoint in the job's dtype (also when it quantises it)
     weights = p.params * DTYPE_BYTES[job.teacher.dtype]
     prep_h = data_prep_hours(data, busiest, opts.prep_tokens_per_s)
-    setup_h = opts.setup_minutes / 60 + weights / WEIGHTS_STREAM_BYTES_PER_S / 3600 + prep_h
+    setup_h = (
+        opts.setup_minutes / 60 + weights / WEIGHTS_STREAM_BYTES_PER_S / 3600 + prep_h + copy_h
+    )
     tp, per_task = layered_overhead(job, p, way, data, tasks, flops, sustained)
     preemption = opts.preemption_overhead
     shard_h = compute_h / max(data.shards, 1)
@@ -142,6 +151,52 @@ def pass_hours(
         on_demand=on_demand,
         spot=spot,
         wall=wall,
+    )
+
+
+HUB_DOWNLOAD_BYTES_PER_S = l4().machine.hub_download_bytes_per_s
+ASSUMED_UPLINK_BYTES_PER_S = 50e6 / 8  # a local teacher's upload: a home uplink, 50 Mbit/s
+
+
+@dataclass(frozen=True)
+class CheckpointMove:
+    """How the teacher's weights reach the VMs, for the estimate (:mod:`distill.checkpoints`):
+
+    - ``local``: uploaded from the user's machine into the bucket (``upload_hours`` at an
+      assumed 50 Mbit/s uplink; before any VM starts, so no VM-hours), kept there;
+    - ``hf``: copied from the Hub into the bucket once by the first VM, through Cloud NAT
+      (``copy_hours`` at :data:`HUB_DOWNLOAD_BYTES_PER_S`: every VM waits for it, so it is part
+      of each VM's setup), kept there;
+    - ``gs``: read from the user's bucket: nothing moved or stored by the run;
+    - ``builtin``: in the teacher image."""
+
+    kind: str
+    bytes: int
+    upload_hours: float = 0.0
+    copy_hours: float = 0.0
+    nat_gib: float = 0.0  # through Cloud NAT (hf: once)
+    stored_gb: float = 0.0  # kept in the run's bucket
+
+
+def checkpoint_move(model: str, nbytes: int) -> CheckpointMove:
+    """:class:`CheckpointMove` of ``teacher.model`` whose checkpoint is ``nbytes``."""
+    if model.startswith("hf:"):
+        return CheckpointMove(
+            "hf",
+            nbytes,
+            copy_hours=nbytes / HUB_DOWNLOAD_BYTES_PER_S / 3600,
+            nat_gib=nbytes / 2**30,
+            stored_gb=nbytes / 2**30,
+        )
+    if model.startswith("gs://"):
+        return CheckpointMove("gs", nbytes)
+    if model.startswith("builtin:"):
+        return CheckpointMove("builtin", nbytes)
+    return CheckpointMove(
+        "local",
+        nbytes,
+        upload_hours=nbytes / ASSUMED_UPLINK_BYTES_PER_S / 3600,
+        stored_gb=nbytes / 2**30,
     )
 
 
@@ -252,9 +307,11 @@ def priced(
     storage_gb_months: float,
     egress_gb: float,
     nat: tuple[float, float] = (0.0, 0.0),
+    weights: float = 0.0,
 ) -> dict[str, float]:
     """USD per item (VM and boot disk, spot and on demand; storage; egress; Cloud NAT, spot
-    and on demand) and the totals."""
+    and on demand; ``weights``: the teacher checkpoint's storage and Hub download, see
+    :func:`weights_usd`) and the totals."""
     disk_per_h = opts.boot_disk_gb * prices.boot_disk_per_gb_month / HOURS_PER_MONTH
     usd = {
         "vm_spot": spot_h * prices.vm_spot_per_hour,
@@ -265,10 +322,20 @@ def priced(
         "egress": egress_gb * prices.egress_per_gb,
         "nat_spot": nat[0],
         "nat_on_demand": nat[1],
+        "weights": weights,
     }
-    shared = usd["storage"] + usd["egress"]
+    shared = usd["storage"] + usd["egress"] + weights
     usd["total_spot"] = usd["vm_spot"] + usd["disk_spot"] + usd["nat_spot"] + shared
     usd["total_on_demand"] = (
         usd["vm_on_demand"] + usd["disk_on_demand"] + usd["nat_on_demand"] + shared
     )
     return usd
+
+
+def weights_usd(prices: Prices, move: CheckpointMove, storage_months: float) -> float:
+    """The teacher checkpoint's own dollars: its copy kept in the run's bucket for
+    ``storage_months`` (local, hf) and an hf: copy's GiB through Cloud NAT (once)."""
+    return (
+        move.stored_gb * storage_months * prices.storage_per_gb_month
+        + move.nat_gib * prices.nat_per_gb
+    )

@@ -48,7 +48,13 @@ from distill.cloud.spec import (
     label_value,
     region_of,
 )
-from distill.cloud.staging import expected_fingerprints, stage_inputs, staged_disk_gb, vm_job_toml
+from distill.cloud.staging import (
+    expected_fingerprints,
+    pin_teacher,
+    stage_inputs,
+    staged_disk_gb,
+    vm_job_toml,
+)
 from distill.config import Job, splits
 from distill.errors import DistillError
 from distill.shardset import stored_manifest
@@ -274,22 +280,26 @@ class Session:
 
     # --- 1. checks ----------------------------------------------------------------------------
 
-    def cost_options(self) -> CostOptions:
+    def cost_options(self, job: Job | None = None) -> CostOptions:
         """The estimate's options: N VMs for the Batch engine, the disk each VM gets."""
+        job = job or self.job
         cost = self.opts.cost
-        if self.job.cloud.engine == "batch":
-            cost = dataclasses.replace(cost, vms=self.job.cloud.vms, engine="batch")
-        return dataclasses.replace(cost, boot_disk_gb=staged_disk_gb(self.job))
+        if job.cloud.engine == "batch":
+            cost = dataclasses.replace(cost, vms=job.cloud.vms, engine="batch")
+        return dataclasses.replace(cost, boot_disk_gb=staged_disk_gb(job))
 
     def preflight(self) -> Plan:
         """Everything that can be refused before spending anything; the plan it leaves."""
         job, cloud = self.job, self.job.cloud
         open_store(self.output).list("inputs/")  # credentials, bucket existence and access
+        # a Hub teacher at one commit (a bucket one at one listing) for the whole run; only
+        # its config and tokenizer come to this machine
+        job = pin_teacher(job)
         check_datasets(job)  # every line's JSON, shape and roles, on every core: no tokenizer
         for z in cloud.zones:
             self.backend.check_zone(z)
         # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
-        estimate = estimate_cost(job, self.cost_options())
+        estimate = estimate_cost(job, self.cost_options(job))
         if job.teacher.mode == "auto":  # the VMs run the way that was estimated
             teacher = job.teacher.model_copy(update={"mode": estimate.way.mode})
             job = job.model_copy(update={"teacher": teacher})
@@ -357,7 +367,9 @@ class Session:
         """Upload the inputs; the VM's job file (TOML) and the ``(gs://src, dest)`` pairs. A
         cloud VM's job asks for the GPU (``teacher.device = "cuda"``); a local one's does
         not."""
-        raw, inputs = stage_inputs(plan.job, self.console, gpu=self.opts.backend == "gce")
+        raw, inputs = stage_inputs(
+            plan.job, self.console, gpu=self.opts.backend == "gce", project=plan.project
+        )
         return vm_job_toml(raw), inputs
 
     # --- the run and its record -----------------------------------------------------------------

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distill.checkpoints import is_pinned_ref
 from distill.cloud.startup import SHUTDOWN_SCRIPT, STARTUP_SCRIPT
 from distill.config import region_of
 from distill.errors import DistillError
@@ -145,7 +146,8 @@ class VmSpec:
     # Shielded VM: vTPM and integrity monitoring always on; Secure Boot off by default (it
     # refuses kernel modules that are not signed with a key the firmware trusts).
     shielded_secure_boot: bool = False
-    inputs: tuple[tuple[str, str], ...] = ()  # (gs://src, dest relative to the job dir)
+    # (gs://src or a pinned hf:ORG/NAME@SHA checkpoint, dest relative to the job dir)
+    inputs: tuple[tuple[str, str], ...] = ()
     status_url: str = ""  # gs://... prefix for the VM's final status object ("" = none)
     extra_labels: dict[str, str] = field(default_factory=dict)
 
@@ -254,8 +256,12 @@ class VmSpec:
         if self.status_url and not self.status_url.startswith("gs://"):
             raise DistillError(f"status_url {self.status_url!r} must be a gs:// URL")
         for src, dest in self.inputs:
-            if not src.startswith("gs://") or not dest or dest.startswith("/") or ".." in dest:
-                raise DistillError(f"input {src} -> {dest}: need gs://... -> a relative path")
+            ok_src = src.startswith("gs://") or is_pinned_ref(src)
+            if not ok_src or not dest or dest.startswith("/") or ".." in dest:
+                raise DistillError(
+                    f"input {src} -> {dest}: need gs://... (or a pinned hf: checkpoint) -> a "
+                    "relative path"
+                )
             if any(c.isspace() for c in src + dest):
                 raise DistillError(f"input {src} -> {dest}: no whitespace in paths")
         md = self.metadata()

@@ -44,7 +44,7 @@ def teacher_plan(job: Job, budget: int, mfu: float = DEFAULT_MFU) -> TeacherPlan
 
     from distill import models
 
-    teacher_dir = models.resolve_model(job.teacher.model)
+    teacher_dir = models.resolve_model(job.teacher.model, weights=False)
     try:
         p = teacher_profile(AutoConfig.from_pretrained(teacher_dir), teacher_dir)
     except (OSError, ValueError) as e:

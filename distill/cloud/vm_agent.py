@@ -155,7 +155,13 @@ class LocalSource:
 
 
 def stage_inputs(text: str, job_dir: Path) -> None:
-    """Download each ``SRC DEST`` line (DEST relative to the job directory)."""
+    """Download each ``SRC DEST`` line (DEST relative to the job directory). A SRC ending in
+    ``/`` is a folder; a pinned checkpoint (``hf:ORG/NAME@SHA``, ``gs://...@DIGEST``) is
+    staged by :func:`distill.cloud.checkpoint_copy.stage_checkpoint` (a Hub one copied into
+    the bucket once for the run)."""
+    from distill.checkpoints import is_pinned_ref
+    from distill.cloud.checkpoint_copy import stage_checkpoint
+    from distill.errors import DistillError
     from distill.store.storage import open_store
 
     for line in text.splitlines():
@@ -165,13 +171,22 @@ def stage_inputs(text: str, job_dir: Path) -> None:
         if len(parts) != 2:
             raise SystemExit(f"distill-startup: bad distill-inputs line {line!r}")
         src, dest = parts
-        if dest.startswith("/") or ".." in dest.split("/") or not src.startswith("gs://"):
+        checkpoint = is_pinned_ref(src)
+        if (
+            dest.startswith("/")
+            or ".." in dest.split("/")
+            or not (src.startswith("gs://") or checkpoint)
+        ):
             raise SystemExit(f"distill-startup: refusing input {src} -> {dest}")
         log(f"staging {src} -> {dest}")
-        if src.endswith("/"):  # a prefix (a model directory)
+        if checkpoint:
+            try:
+                stage_checkpoint(src, job_dir / dest, job_dir / "job.toml", log)
+            except DistillError as e:
+                raise SystemExit(f"distill-startup: {e}") from None
+        elif src.endswith("/"):  # a prefix (a model directory)
             store = open_store(src.rstrip("/"))
-            for name in store.list():
-                store.download(name, job_dir / dest / name)
+            store.download_many(store.list(), job_dir / dest)
         else:
             parent, _, base = src.rpartition("/")
             open_store(parent).download(base, job_dir / dest)

@@ -42,6 +42,7 @@ class Machine:
     host_link_bytes_per_s: float  # activations host <-> GPU (layered)
     data_read_records_per_s: float  # a task's pass over every record of a split (one process)
     data_prep_tokens_per_s: float  # a task's own records checked and tokenised (every vCPU)
+    hub_download_bytes_per_s: float  # an hf: teacher's copy, Hub -> the first VM (assumed)
     source: str
 
 
@@ -111,6 +112,7 @@ def l4() -> Facts:
             host_link_bytes_per_s=float(m["host_link_bytes_per_s"]),
             data_read_records_per_s=float(m["data_read_records_per_s"]),
             data_prep_tokens_per_s=float(m["data_prep_tokens_per_s"]),
+            hub_download_bytes_per_s=float(m["hub_download_bytes_per_s"]),
             source=m["source"],
         ),
         hours_per_month=float(b["hours_per_month"]),

@@ -7,12 +7,14 @@ finished artifact is never silently overwritten. Names are relative, '/'-separat
 
 from __future__ import annotations
 
+import builtins
+import concurrent.futures
 import os
 import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +93,7 @@ class Store(ABC):
         """Sorted names (relative to the base) starting with `prefix`."""
 
     @abstractmethod
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         """:meth:`list` with each object's size and stored content hash, in one listing."""
 
     @abstractmethod
@@ -110,6 +112,51 @@ class Store(ABC):
     @abstractmethod
     def put_bytes(self, name: str, data: bytes) -> None:
         """Create the object from bytes; raises ObjectExists if it exists."""
+
+    def put_files(
+        self,
+        files: builtins.list[tuple[str, Path]],
+        workers: int = 8,
+        done: Callable[[str, int], None] | None = None,
+    ) -> builtins.list[str]:
+        """Create many objects ``(name, local file)``, ``workers`` at once; ``done(name,
+        bytes)`` after each. An object that exists already is left as it is and returned (the
+        caller decides whether that is fine): the writes stay create-only.
+
+        (google-cloud-storage's ``transfer_manager.upload_many`` has no per-file callback for
+        a progress bar, and its ``skip_if_exists`` rests on the precondition alone, which the
+        GCS emulator ignores on resumable uploads: :meth:`put_file` checks first too.)"""
+
+        def one(item: tuple[str, Path]) -> str | None:
+            name, path = item
+            try:
+                self.put_file(name, path)
+            except ObjectExists:
+                return name
+            finally:
+                if done is not None:
+                    done(name, Path(path).stat().st_size)
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            return [n for n in pool.map(one, files) if n is not None]
+
+    def download_many(
+        self,
+        names: builtins.list[str],
+        dest: Path,
+        workers: int = 8,
+        done: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """:meth:`download` each name to ``dest / name``, ``workers`` at once."""
+
+        def one(name: str) -> None:
+            self.download(name, Path(dest) / name)
+            if done is not None:
+                done(name, (Path(dest) / name).stat().st_size)
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(one, names))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -162,7 +209,7 @@ class LocalStore(Store):
                     names.append(name)
         return sorted(names)
 
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         return [ObjectInfo(n, self._path(n).stat().st_size) for n in self.list(prefix)]
 
     def read_bytes(self, name: str) -> bytes:
@@ -315,7 +362,7 @@ class GCSStore(Store):
             keys = [b.name for b in self.bucket.list_blobs(prefix=base + prefix)]
         return sorted(k[len(base) :] for k in keys if not k.endswith("/"))
 
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
         with self._errors("list"):
             blobs = list(self.bucket.list_blobs(prefix=base + prefix))

@@ -127,7 +127,7 @@ def student_config(job: Job) -> Any:
 
     if job.student.init == "pretrained":
         return AutoConfig.from_pretrained(models.resolve_model(job.student.model))
-    config = AutoConfig.from_pretrained(models.resolve_model(job.teacher.model))
+    config = AutoConfig.from_pretrained(models.resolve_model(job.teacher.model, weights=False))
     config.num_hidden_layers = min(job.student.layers, config.num_hidden_layers)
     return config
 

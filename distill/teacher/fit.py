@@ -73,6 +73,17 @@ class TeacherProfile:
         return -(-self.non_embedding_params // self.layers)
 
 
+def has_safetensors(model_dir: Path) -> bool:
+    """Whether the checkpoint's weights are safetensors (a Hub or bucket checkpoint's planning
+    folder says so from its listing: the weights are not there)."""
+    from distill.checkpoints import source_record
+
+    rec = source_record(model_dir)
+    if rec is not None:
+        return any(n.endswith(".safetensors") for n in rec.files)
+    return any(model_dir.glob("*.safetensors"))
+
+
 def teacher_profile(config: Any, model_dir: Path | None = None) -> TeacherProfile:
     """Exact parameter counts from ``config`` without allocating weights; with ``model_dir``
     (the local checkpoint) whether it holds safetensors weights."""
@@ -100,7 +111,7 @@ def teacher_profile(config: Any, model_dir: Path | None = None) -> TeacherProfil
         kv_dim=kv * head_dim,
         intermediate=getattr(config, "intermediate_size", None) or 4 * h,
         model_type=getattr(config, "model_type", "") or "",
-        safetensors=None if model_dir is None else any(Path(model_dir).glob("*.safetensors")),
+        safetensors=None if model_dir is None else has_safetensors(Path(model_dir)),
     )
 
 

@@ -57,6 +57,7 @@ from rich.progress import (
 )
 
 from distill import models
+from distill.checkpoints import source_id
 from distill.config import Job, splits
 from distill.data.dataset import MAX_REPORTED, Sample
 from distill.data.prepare import Prepared, ShardChunks
@@ -378,7 +379,8 @@ def _manifest(ctx: SplitContext, stats: list[ShardStats | None], elapsed: float)
     spec, codec, vocab = fmt.spec, fmt.codec, fmt.vocab_size
     return Manifest(
         split=ctx.split,
-        teacher=job.teacher.model,
+        # a Hub or bucket checkpoint is named by its pin (commit sha, listing digest)
+        teacher=source_id(ctx.teacher_dir) or job.teacher.model,
         teacher_config_sha256=sha256_file(ctx.teacher_dir / "config.json"),
         tokenizer_fingerprint=ctx.tok_fp,
         vocab_size=vocab,
