@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from fakes.compute import FakeCompute
+from fakes.hub import FakeHub, tiny_llama_repo_files
+from fakes.secrets import FakeSecretManager
 from helpers import PROJECT, Guests, make_job
 
 # --- Local GCS emulator (fake-gcs-server) -------------------------------------------------
@@ -103,6 +105,30 @@ def tiny_teacher_dir(smol_tokenizer, tmp_path_factory) -> Path:
 def tiny_student_dir(smol_tokenizer, tmp_path_factory) -> Path:
     """An unrelated random 2-layer student with the same vocab (far from the teacher)."""
     return _tiny_llama(smol_tokenizer, tmp_path_factory.mktemp("tiny-student"), 2, 0.02, 1)
+
+
+# --- Local doubles of the Hugging Face Hub and Secret Manager (tests/fakes/hub.py, secrets.py) -
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    """A FakeHub that this process's huggingface_hub and transformers talk to, with no token
+    and ``tmp_path / "hf-home"`` as HF_HOME (``fake_hub.env(home)`` for a subprocess)."""
+    with FakeHub() as hub:
+        hub.patch_client(monkeypatch, tmp_path / "hf-home")
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_files() -> dict[str, bytes]:
+    """The files of a tiny random Llama repo (sharded weights and a tokenizer), built once."""
+    return tiny_llama_repo_files()
+
+
+@pytest.fixture
+def fake_secrets() -> Iterator[FakeSecretManager]:
+    with FakeSecretManager() as stub:
+        yield stub
 
 
 # --- The cloud tests' stub VMs and job ------------------------------------------------------
