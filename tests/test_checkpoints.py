@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import make_job
 
 from distill import checkpoints
 from distill.checkpoints import (

@@ -112,7 +112,11 @@ def test_arithmetic_on_a_tiny_job(tiny_teacher_dir, smol_tokenizer, tmp_path):
     assert e.usd["egress"] == pytest.approx(gb * 0.12)
     assert e.usd["nat_spot"] == pytest.approx(e.spot_hours * 0.0014)  # the NAT gateway's hours
     total = e.usd["vm_spot"] + e.usd["disk_spot"] + e.usd["storage"] + e.usd["egress"]
-    assert e.usd["total_spot"] == pytest.approx(total + e.usd["nat_spot"])
+    # the local teacher directory, kept in the run's bucket beside the shards
+    tiny = sum(p.stat().st_size for p in tiny_teacher_dir.iterdir() if p.is_file())
+    assert e.weights.kind == "local" and e.weights.bytes == tiny
+    assert e.usd["weights"] == pytest.approx(tiny / 2**30 * 0.020)
+    assert e.usd["total_spot"] == pytest.approx(total + e.usd["nat_spot"] + e.usd["weights"])
 
     rows = dict(e.assumptions())
     assert "uncalibrated" in rows["MFU (model FLOPs utilisation)"]
@@ -506,7 +510,7 @@ def test_cloud_nat_is_priced_for_the_batch_vms_driver(tiny_teacher_dir, tmp_path
     for e in (vm, fan):
         u = e.usd
         parts = u["vm_spot"] + u["disk_spot"] + u["nat_spot"] + u["storage"] + u["egress"]
-        assert u["total_spot"] == pytest.approx(parts)
+        assert u["total_spot"] == pytest.approx(parts + u["weights"])
     table = {r[0]: r[1:] for r in zip(*(c._cells for c in render_table(fan).columns), strict=True)}
     assert "1.72 GB" in table["$ network (Cloud NAT)"][1]
     assert "downloads the NVIDIA driver" in dict(fan.assumptions())["network"]

@@ -146,7 +146,7 @@ def local_fingerprints(j) -> dict[str, str]:
     return split_fingerprints(j, teacher_dir, tok_fp)
 
 
-def assert_same_as_single(job: Path, ref: dict[str, Manifest]) -> None:
+def assert_same_as_single(job: Path, ref: dict[str, Manifest], teacher: str = "model") -> None:
     """Each split: the manifest lists the same shards (names, stats, sha256) as the single run,
     the stored bytes hash to those sha256, and the rest of the manifest matches but its time
     and the teacher's path (the cloud's job names the staged copy, ``model``, and its
@@ -162,7 +162,7 @@ def assert_same_as_single(job: Path, ref: dict[str, Manifest]) -> None:
         for k in ("created", "teacher_seconds", "teacher", "job_fingerprint"):
             a.pop(k), b.pop(k)
         assert a == b, split
-        assert m.teacher == "model"
+        assert m.teacher == teacher
 
 
 # --- the split itself, in one process --------------------------------------------------------
@@ -302,6 +302,30 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
 
 
 # --- failures ------------------------------------------------------------------------------
+
+
+def test_a_hub_teacher_is_copied_into_the_bucket_once_for_all_the_tasks(
+    compute, batch, guests, fake_hub, tiny_teacher_dir, single_vm, gcs_bucket, tmp_path
+):
+    """Three tasks start at once with an hf: teacher: one claims the copy, downloads the
+    commit from the Hub and uploads it; the others wait for it and read the bucket. Each
+    weights file leaves the Hub once; the shards are the single run's."""
+    repo = "distill-test/tiny-teacher"
+    files = {p.name: p.read_bytes() for p in tiny_teacher_dir.iterdir() if p.is_file()}
+    sha = fake_hub.add_repo(repo, files=files)
+    guests.env.update({**fake_hub.env(tmp_path / "vm-hf"), "DISTILL_COPY_POLL_S": "0.2"})
+    job = make_job(
+        tmp_path, f"hf:{repo}", f"{gcs_bucket}/run", n_train=48, teacher__samples_per_shard="4"
+    )
+    run = fanout(job, compute, batch, tmp_path).run()
+    assert run is not None and run.outcome == "done"
+    assert nothing_left(batch)
+    assert_same_as_single(job, single_vm, teacher=f"hf:{repo}@{sha}")
+    weights = [n for n in files if n.endswith(".safetensors")]
+    assert weights and all(fake_hub.downloads[(repo, n)] == 1 for n in weights)
+    logs = ["".join(t.serial) for t in batch.history[0].tasks]
+    assert sum("from the Hub into" in log for log in logs) == 1, logs
+    assert sum("reading hf:" in log for log in logs) == VMS - 1, logs
 
 
 def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(

@@ -142,6 +142,38 @@ def test_every_vm_pays_its_data_preparation():
             CostOptions(prep_tokens_per_s=bad).validate()
 
 
+def test_the_teacher_weights_are_priced_where_they_come_from():
+    """hf: copied Hub -> bucket once (NAT GiB once, stored, every VM waits for the copy); a
+    local directory uploaded from this machine (stored, no VM time); gs://: nothing."""
+    from distill.cloud.pricing import (
+        ASSUMED_UPLINK_BYTES_PER_S,
+        HUB_DOWNLOAD_BYTES_PER_S,
+        checkpoint_move,
+        weights_usd,
+    )
+
+    n = 15_230_000_000  # a 7B teacher in bf16
+    prices = load_prices(None)
+    hf = checkpoint_move("hf:Qwen/Qwen2.5-7B-Instruct@" + "a" * 40, n)
+    assert hf.copy_hours * 3600 == pytest.approx(n / HUB_DOWNLOAD_BYTES_PER_S)
+    assert hf.nat_gib == hf.stored_gb == pytest.approx(n / 2**30) and hf.upload_hours == 0
+    assert weights_usd(prices, hf, 2.0) == pytest.approx(
+        n / 2**30 * (2 * prices.storage_per_gb_month + prices.nat_per_gb)
+    )
+    local = checkpoint_move("/models/qwen-7b", n)
+    assert local.upload_hours * 3600 == pytest.approx(n / ASSUMED_UPLINK_BYTES_PER_S)
+    assert local.copy_hours == local.nat_gib == 0 and local.stored_gb == pytest.approx(n / 2**30)
+    assert weights_usd(prices, local, 1.0) == pytest.approx(n / 2**30 * prices.storage_per_gb_month)
+    for model in ("gs://b/ckpt@0123456789abcdef", "builtin:smollm2-135m-instruct"):
+        move = checkpoint_move(model, n)
+        assert (move.copy_hours, move.nat_gib, move.stored_gb, weights_usd(prices, move, 1)) == (
+            0,
+            0,
+            0,
+            0,
+        )
+
+
 def test_the_pure_model_imports_no_torch():
     code = (
         "import sys, distill.cloud.pricing, distill.cloud.prices, distill.cloud.cost;"

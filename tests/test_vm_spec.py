@@ -638,10 +638,16 @@ def test_base_infra_is_least_privilege():
         ),
         ("google_project_iam_member", "roles/batch.agentReporter"),
         ("google_project_iam_member", "roles/logging.logWriter"),
+        ("google_secret_manager_secret_iam_member", "roles/secretmanager.secretAccessor"),
         ("google_service_account_iam_member", "roles/iam.serviceAccountUser"),
         ("google_storage_bucket_iam_member", "roles/storage.objectCreator"),
         ("google_storage_bucket_iam_member", "roles/storage.objectViewer"),
     ]
+    # A gated hf: teacher's token: that one secret, only when it is named, to the teacher
+    hf = resources[("google_secret_manager_secret_iam_member", "teacher_reads_hf_token")]
+    assert _unquote(hf["count"]) == '${var.hf_token_secret == "" ? 0 : 1}'
+    assert _unquote(hf["secret_id"]) == "${var.hf_token_secret}"
+    assert _unquote(hf["member"]) == "serviceAccount:${google_service_account.teacher.email}"
     # Content-hashed tags pile up: the newest var.keep_images stay, older ones are deleted.
     policies = {
         _unquote(c["id"]): c

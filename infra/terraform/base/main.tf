@@ -224,6 +224,24 @@ resource "google_project_iam_member" "teacher_batch_agent" {
   member  = "serviceAccount:${google_service_account.teacher.email}"
 }
 
+# A gated or private hf: teacher: the first VM reads the Hub token from this one secret
+# (distill/cloud/checkpoint_copy.py), never from metadata, the job file or the image.
+resource "google_project_service" "secretmanager" {
+  count              = var.hf_token_secret == "" ? 0 : 1
+  service            = "secretmanager.googleapis.com"
+  disable_on_destroy = false
+}
+
+resource "google_secret_manager_secret_iam_member" "teacher_reads_hf_token" {
+  count     = var.hf_token_secret == "" ? 0 : 1
+  project   = var.project
+  secret_id = var.hf_token_secret
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.teacher.email}"
+
+  depends_on = [google_project_service.secretmanager]
+}
+
 # The VM deletes itself when its teacher ends (distill/cloud/scripts/startup.sh), so it never outlives
 # the job even if the controller died (a stopped VM would keep its disk billed, and
 # maxRunDuration does not act on a stopped VM). Just that permission, and only on

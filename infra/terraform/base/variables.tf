@@ -72,3 +72,14 @@ variable "nat" {
   type        = bool
   default     = true
 }
+
+variable "hf_token_secret" {
+  description = "For a gated or private Hugging Face teacher (teacher.model = \"hf:ORG/NAME\"): the name of a Secret Manager secret in this project that holds a Hub token (create it with `gcloud secrets create NAME --data-file=-`). The teacher's service account may read that one secret; set the job's cloud.hf_token_secret to the same name. Empty: no secret access."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_-]{0,255}$", var.hf_token_secret))
+    error_message = "hf_token_secret is a secret's name (letters, digits, - and _), not its path or value."
+  }
+}
