@@ -10,12 +10,14 @@ counts; the chat template that starts every sample then compresses away under zs
 Member layout (little-endian): a 32-byte header, then the body (one zstd frame when the zstd
 flag is set):
 
-- header: magic ``DPB``, version (2), kind, value map, flags (1 = zstd), 0, vocab (u32),
+- header: magic ``DPB``, version (2), kind, value map, flags (1 = zstd, 2 = alignment), 0,
+  vocab (u32),
   k (u16), draws (u16), L (f32), samples S (u32), raw body bytes (u32), CRC32 of all the
   other bytes of the member (u32);
 - body: ``rice_ids, rice_runs, rice_counts, t_bits`` (4 x u8), mask runs R (u32), entries E
-  (u32), the ten section lengths (10 x u32); S key lengths (u16) and the keys (UTF-8); S
-  token counts at ``t_bits`` bits; then the sections:
+  (u32), the ten section lengths (10 x u32); with flag 2: the Rice parameters of the offset
+  gaps and lengths (2 x u8) and the seven alignment section lengths (7 x u32); S key lengths
+  (u16) and the keys (UTF-8); S token counts at ``t_bits`` bits; then the sections:
 
 ====  ==============================================================================
  #    contents
@@ -27,7 +29,16 @@ flag is set):
  6    exact entries' values (log8 / pow8 / f16)
  7-8  draw counts - 1, Rice
  9    ``topk+sample``: per row log(1 - P_H), float16
+10-11 flag 2: per token ``start - previous end`` zigzag-coded, Rice (first: previous end 0)
+12-13 flag 2: per token ``end - start``, Rice
+14    flag 2: per sample its number of content spans (u16)
+15    flag 2: the content spans, ``(start, end)`` characters (u32 pairs)
+16    flag 2: per target position the actual next token's log-probability, float16
 ====  ==============================================================================
+
+Blocks without flag 2 (every shard set written before ``targets.alignment`` existed, and those
+written without it) have the same bytes as before; their samples read with the alignment
+fields None.
 
 The rows of sample i are its positions t with ``loss_mask_i[t + 1] == 1``, so the row split
 follows from the token counts and the mask. A block decodes in one vectorised pass and is then
@@ -70,7 +81,11 @@ _MAGIC = b"DPB"
 _HEAD = struct.Struct("<3sBBBBBIHHfIII")  # magic ver kind values flags 0 V k N L S raw crc
 _META = struct.Struct("<4BII10I")  # rice ids/runs/counts, t_bits, R, E, section lengths
 _ZSTD = 1
+_ALIGN = 2  # the body carries the alignment sections (targets.alignment)
+_FLAGS = _ZSTD | _ALIGN
+_ALIGN_META = struct.Struct("<2B7I")  # rice gaps/lengths, the seven alignment section lengths
 _FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs")
+_ALIGN_FIELDS = ("token_offsets", "content_spans", "token_logprobs")
 
 
 def split_blocks(lengths: Sequence[int], block_tokens: int) -> list[tuple[int, int]]:
@@ -100,16 +115,67 @@ def encode_block(
     key_bytes = [k.encode() for k in keys]
     if max(len(k) for k in key_bytes) > 0xFFFF:
         raise DistillError(f"{where}: a sample key is longer than 65535 bytes")
+    align_meta, align = b"", []
+    if _aligned(keys, samples, where):
+        a_rice, align = _align_sections(samples, where)
+        align_meta = _ALIGN_META.pack(*a_rice, *map(len, align))
     body = b"".join(
         [
             _META.pack(*rice, t_bits, n_runs, f.d.size, *map(len, sections)),
+            align_meta,
             np.array([len(k) for k in key_bytes], dtype="<u2").tobytes(),
             *key_bytes,
             pack_bits(lengths, t_bits),
             *sections,
+            *align,
         ]
     )
-    return _frame(body, fmt, len(samples))
+    return _frame(body, fmt, len(samples), _ALIGN if align_meta else 0)
+
+
+def _aligned(keys: Sequence[str], samples: Sequence[Arrays], where: str) -> bool:
+    """Whether the block's samples carry the alignment fields (all of them, or none)."""
+    have = {
+        k: [a.get(f) is not None for f in _ALIGN_FIELDS] for k, a in zip(keys, samples, strict=True)
+    }
+    if all(all(h) for h in have.values()):
+        return True
+    if not any(any(h) for h in have.values()):
+        return False
+    raise DistillError(f"{where}: some samples carry alignment fields and some do not")
+
+
+def _align_sections(samples: Sequence[Arrays], where: str) -> tuple[tuple[int, int], list[bytes]]:
+    """The alignment sections: per token the gap ``start - previous end`` (zigzag; the first
+    token's previous end is 0) and the length ``end - start``, Rice-coded; per sample its
+    number of content spans (u16) and the spans (u32 pairs); per target position the actual
+    token's log-probability (float16)."""
+    off = [np.asarray(a["token_offsets"], dtype=np.int64).reshape(-1, 2) for a in samples]
+    gaps, lens = [], []
+    for o in off:
+        prev = np.concatenate([[0], o[:-1, 1]])
+        gaps.append(o[:, 0] - prev)
+        lens.append(o[:, 1] - o[:, 0])
+    gap, length = np.concatenate(gaps), np.concatenate(lens)
+    if (length < 0).any() or (off and min(int(o.min(initial=0)) for o in off) < 0):
+        raise DistillError(f"{where}: token offsets must be non-negative with start <= end")
+    zig = np.where(gap >= 0, 2 * gap, -2 * gap - 1)
+    b_gap, gap_q, gap_low = rice_encode(zig, bits_for(int(zig.max(initial=0))))
+    b_len, len_q, len_low = rice_encode(length, bits_for(int(length.max(initial=0))))
+    spans = [np.asarray(a["content_spans"], dtype=np.int64).reshape(-1, 2) for a in samples]
+    if max(len(sp) for sp in spans) > 0xFFFF or any((sp < 0).any() for sp in spans):
+        raise DistillError(f"{where}: bad content spans")
+    lps = np.concatenate([np.asarray(a["token_logprobs"], dtype=np.float32) for a in samples])
+    sections = [
+        gap_q,
+        gap_low,
+        len_q,
+        len_low,
+        np.array([len(sp) for sp in spans], dtype="<u2").tobytes(),
+        np.concatenate(spans).astype("<u4").tobytes(),
+        lps.astype("<f2").tobytes(),
+    ]
+    return (b_gap, b_len), sections
 
 
 def _concatenate(
@@ -160,10 +226,10 @@ def _sections(f: Flat, fmt: ShardFormat) -> tuple[tuple[int, int, int], int, lis
     return (b_ids, b_runs, b_cnt), int(runs.size), sections
 
 
-def _frame(body: bytes, fmt: ShardFormat, n_samples: int) -> bytes:
+def _frame(body: bytes, fmt: ShardFormat, n_samples: int, flags: int = 0) -> bytes:
     """Header + body (zstd-compressed when the codec says so), the CRC over both."""
     spec, codec = fmt.spec, fmt.codec
-    raw_len, flags = len(body), 0
+    raw_len = len(body)
     if codec.zstd:
         body = zstd(codec.zstd_level).compress(body)
         flags |= _ZSTD
@@ -193,9 +259,12 @@ def decode_block(data: bytes, where: str) -> tuple[list[tuple[str, Arrays]], int
 
 def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
     head, body = _open_block(data)
-    _, _, kind_i, val_i, _, _, vocab, k, draws, lrange, n_samples, _, _ = head
+    _, _, kind_i, val_i, flags, _, vocab, k, draws, lrange, n_samples, _, _ = head
     b_ids, b_runs, b_cnt, t_bits, r, e, *lens = _META.unpack_from(body)
-    keys, lengths, sec = _layout(body, n_samples, t_bits, lens)
+    a_meta: tuple[int, ...] = ()
+    if flags & _ALIGN:
+        a_meta = _ALIGN_META.unpack_from(body, _META.size)
+    keys, lengths, sec = _layout(body, n_samples, t_bits, lens + list(a_meta[2:]))
     spec = TargetSpec(kind=KINDS[kind_i], k=k, draws=draws)
     t = int(lengths.sum())
     input_ids = unpack_bits(sec[0], t, bits_for(vocab - 1))
@@ -214,7 +283,45 @@ def _decode_block(data: bytes) -> tuple[list[tuple[str, Arrays]], int]:
     tail = np.frombuffer(sec[9], dtype="<f2", count=n) if spec.kind == "topk+sample" else None
     targets = unflatten(spec, vocab, d, m_exact, m_drawn, values, counts, tail)
     x = input_ids.astype(id_dtype(vocab))
-    return _split_samples(keys, x, mask, lengths, rows, targets), int(vocab)
+    out = _split_samples(keys, x, mask, lengths, rows, targets)
+    if a_meta:
+        _split_align(out, sec[10:], a_meta[0], a_meta[1], lengths, rows, t, n)
+    return out, int(vocab)
+
+
+def _split_align(
+    out: list[tuple[str, Arrays]],
+    sec: list[bytes],
+    b_gap: int,
+    b_len: int,
+    lengths: np.ndarray,
+    rows: np.ndarray,
+    t: int,
+    n: int,
+) -> None:
+    """Decode the alignment sections and add each sample's share to its arrays."""
+    zig = rice_decode(sec[0], sec[1], t, b_gap)
+    gap = np.where(zig % 2 == 0, zig // 2, -(zig + 1) // 2)
+    length = rice_decode(sec[2], sec[3], t, b_len)
+    n_spans = np.frombuffer(sec[4], dtype="<u2", count=len(out)).astype(np.int64)
+    spans = np.frombuffer(sec[5], dtype="<u4", count=2 * int(n_spans.sum())).astype(np.int32)
+    lps = np.frombuffer(sec[6], dtype="<f2", count=n).astype(np.float32)
+    tok_cut, row_cut = np.cumsum(lengths)[:-1], np.cumsum(rows)[:-1]
+    span_cut = np.cumsum(n_spans)[:-1]
+    parts = zip(
+        np.split(gap, tok_cut),
+        np.split(length, tok_cut),
+        np.split(spans.reshape(-1, 2), span_cut),
+        np.split(lps, row_cut),
+        strict=True,
+    )
+    for (_, arrays), (g, ln, sp, lp) in zip(out, parts, strict=True):
+        # start_i = end_{i-1} + gap_i and end_i = start_i + len_i: ends are a running sum
+        end = np.cumsum(g + ln)
+        off = np.stack([end - ln, end], axis=1)
+        if off.size and off.min() < 0:
+            raise ValueError("negative token offset")
+        arrays.update(token_offsets=off.astype(np.int32), content_spans=sp, token_logprobs=lp)
 
 
 def _open_block(data: bytes) -> tuple[tuple[Any, ...], bytes]:
@@ -229,6 +336,8 @@ def _open_block(data: bytes) -> tuple[tuple[Any, ...], bytes]:
         raise DistillError(f"packed block version {ver} is not supported (knows {VERSION})")
     if kind_i >= len(KINDS) or val_i >= len(VALUE_MAPS) or vocab < 1 or n_samples < 1:
         raise ValueError("bad header")
+    if flags & ~_FLAGS:
+        raise DistillError(f"packed block flags {flags:#x} are not known (upgrade distill)")
     if zlib.crc32(data[_HEAD.size :], zlib.crc32(data[: _HEAD.size - 4])) != crc:
         raise ValueError("checksum mismatch (truncated or corrupt)")
     body = data[_HEAD.size :]
@@ -242,8 +351,9 @@ def _open_block(data: bytes) -> tuple[tuple[Any, ...], bytes]:
 def _layout(
     body: bytes, n_samples: int, t_bits: int, lens: list[int]
 ) -> tuple[list[str], np.ndarray, list[bytes]]:
-    """The body after its fixed fields: (keys, token counts, the ten sections)."""
-    pos = _META.size
+    """The body after its fixed fields: (keys, token counts, the ten sections and the seven
+    alignment sections when ``lens`` has their lengths too)."""
+    pos = _META.size + (_ALIGN_META.size if len(lens) > 10 else 0)
     key_lens = np.frombuffer(body, dtype="<u2", count=n_samples, offset=pos).astype(np.int64)
     pos += 2 * n_samples
     ends = pos + np.cumsum(key_lens)
@@ -255,7 +365,7 @@ def _layout(
     if pos + sum(lens) != len(body):
         raise ValueError("section lengths do not add up to the body")
     offs = np.concatenate([[pos], pos + np.cumsum(lens)]).tolist()
-    return keys, lengths, [body[offs[i] : offs[i + 1]] for i in range(10)]
+    return keys, lengths, [body[offs[i] : offs[i + 1]] for i in range(len(lens))]
 
 
 def _rows_per_sample(mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -14,6 +14,15 @@ blocks (no padding to a 10 KiB tar record). Shards of earlier versions still rea
   :mod:`distill.teacher.extract`); ``-inf`` marks padding in variable-width rows
 - ``target_counts``   [N, w] uint16 draw counts, sampled kinds only (else None)
 
+With ``targets.alignment`` (cross-tokenizer distillation; None in shard sets without it):
+
+- ``token_offsets``   [T, 2] int32 each token's character ``(start, end)`` in the rendered
+  text, as the teacher's fast tokenizer gives them (characters, not bytes)
+- ``content_spans``   [turns, 2] int32 the characters of each assistant turn's content
+  (stripped of surrounding whitespace; see :func:`distill.data.align.content_spans`)
+- ``token_logprobs``  [N] float32 the teacher's log-probability of the actual next token at each
+  target position (stored as float16)
+
 Target positions are the t with ``loss_mask[t + 1] == 1`` (position t predicts token t+1), in
 order, so positions need not be stored. For ``topk``/``topp`` the tail mass is
 ``1 - sum(exp(target_logprobs))``. Tar members carry a fixed mtime, so the same samples always
@@ -39,8 +48,10 @@ from distill.format.blockcodec import decode_block, encode_block, split_blocks
 from distill.format.codec import WRITTEN, ShardFormat, id_dtype, member_codec
 
 FIELDS = ("input_ids", "loss_mask", "target_ids", "target_logprobs")
+ALIGN_FIELDS = ("token_offsets", "content_spans", "token_logprobs")
 
 __all__ = [
+    "ALIGN_FIELDS",
     "FIELDS",
     "ShardFormat",
     "ShardStats",
@@ -61,12 +72,33 @@ class TargetSample:
     target_ids: np.ndarray
     target_logprobs: np.ndarray
     target_counts: np.ndarray | None = None  # sampled kinds: draws per stored id (0: exact/pad)
+    # cross-tokenizer alignment (``targets.alignment``; None in shard sets written without it)
+    token_offsets: np.ndarray | None = None  # [T, 2] int32 character start/end in the text
+    content_spans: np.ndarray | None = None  # [turns, 2] int32 characters of assistant content
+    token_logprobs: np.ndarray | None = None  # [N] float32 log p(the actual next token)
 
     def arrays(self) -> dict[str, np.ndarray | None]:
-        return {k: getattr(self, k) for k in (*FIELDS, "target_counts")}
+        return {k: getattr(self, k) for k in (*FIELDS, "target_counts", *ALIGN_FIELDS)}
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the sample carries the alignment fields."""
+        return self.token_offsets is not None
 
     def target_positions(self) -> np.ndarray:
         return np.flatnonzero(self.loss_mask[1:])
+
+    def _align_ok(self, n: int) -> bool:
+        present = [getattr(self, f) is not None for f in ALIGN_FIELDS]
+        if not any(present):
+            return True
+        return (
+            all(present)
+            and self.token_offsets.shape == (len(self.input_ids), 2)  # type: ignore[union-attr]
+            and self.content_spans.ndim == 2  # type: ignore[union-attr]
+            and self.content_spans.shape[1] == 2  # type: ignore[union-attr]
+            and self.token_logprobs.shape == (n,)  # type: ignore[union-attr]
+        )
 
     def validate(self, where: str) -> None:
         n = int(self.loss_mask[1:].sum())
@@ -77,6 +109,7 @@ class TargetSample:
             and self.target_ids.ndim == 2
             and self.target_ids.shape[0] == n
             and (self.target_counts is None or self.target_counts.shape == self.target_ids.shape)
+            and self._align_ok(n)
         )
         if not ok:
             raise DistillError(
