@@ -259,6 +259,9 @@ class TargetsSection(_Table):
     zstd: bool = True  # packed: one zstd frame per block
     zstd_level: int = 3
     block_tokens: Annotated[int, Field(ge=1, le=2**24)] = 16384  # packed v2: tokens per block
+    # cross-tokenizer distillation (#24): per sample the teacher tokens' character offsets, the
+    # assistant content spans and the actual next token's log-prob; the tokenizer once per set
+    alignment: bool = False
 
     @model_validator(mode="after")
     def _codec_rules(self) -> TargetsSection:
@@ -290,7 +293,12 @@ class TargetsSection(_Table):
     def fingerprint(self) -> dict[str, Any]:
         """What decides the shards' bytes: the target kind's parameters and the codec."""
         d = {k: v for k, v in self.spec().info().items() if k not in ("tail", "width")}
-        return {**d, "codec": self.codec_spec().info()}
+        # named only when on: the fingerprints of jobs without it stay what they were
+        return {
+            **d,
+            "codec": self.codec_spec().info(),
+            **({"alignment": True} if self.alignment else {}),
+        }
 
 
 class StudentSection(_Table):

@@ -42,6 +42,10 @@ class Sample:
     key: str  # unique in the dataset: "<file stem>-<line number>"
     input_ids: np.ndarray  # int32 [T]
     loss_mask: np.ndarray  # uint8 [T]; 1 = assistant token (a label the student learns)
+    # targets.alignment: the tokens' character offsets [T, 2] and the assistant contents'
+    # character spans [turns, 2] in the rendered text (int32), else None
+    offsets: np.ndarray | None = None
+    content: np.ndarray | None = None
 
     @property
     def n_targets(self) -> int:

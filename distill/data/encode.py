@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.data.align import content_spans
 from distill.data.dataset import LineError, assistant_spans, render, to_messages
 from distill.data.records import Record
 from distill.errors import DistillError
@@ -38,8 +39,12 @@ MIN_PARALLEL = 2048  # fewer records than this are encoded in this process
 Item = tuple[int, int, str, Any]
 # (record index, line, message): a bad record, as a worker returns it
 Bad = tuple[int, int, str]
-# (record index, ids, mask, truncated): an encoded record
-Good = tuple[int, np.ndarray, np.ndarray, bool]
+# (record index, ids, mask, truncated): an encoded record; with alignment, then
+# (token offsets [T, 2], assistant content spans [turns, 2]), int32 characters
+Good = (
+    tuple[int, np.ndarray, np.ndarray, bool]
+    | tuple[int, np.ndarray, np.ndarray, bool, tuple[np.ndarray, np.ndarray]]
+)
 
 
 def cores() -> int:
@@ -90,13 +95,15 @@ def check_block(block: list[Item]) -> list[Bad]:
 
 
 def encode_block(
-    tokenizer: Any, block: list[Item], max_length: int, truncation: str
+    tokenizer: Any, block: list[Item], max_length: int, truncation: str, alignment: bool = False
 ) -> list[Good | Bad]:
     """Each record of ``block``, in order: encoded, or why it is invalid. One tokenizer call
-    for the whole block."""
+    for the whole block. ``alignment``: each good record also carries its tokens' character
+    offsets and its assistant contents' spans (truncated with the tokens)."""
     out: list[Good | Bad | None] = [None] * len(block)
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
+    contents: list[list[tuple[int, int]]] = []
     at: list[int] = []
     for j, (i, n, where, raw) in enumerate(block):
         try:
@@ -112,14 +119,34 @@ def encode_block(
             raise  # not about this record (no chat template): stop at once
         texts.append(text)
         spans.append(sp)
+        if alignment:
+            said = [m["content"] for m in msgs if m["role"] == "assistant"]
+            contents.append(content_spans(text, said, sp))
         at.append(j)
     if texts:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         rows = zip(at, enc["input_ids"], enc["offset_mapping"], spans, strict=True)
-        for j, ids_l, offs, sp in rows:
+        for r, (j, ids_l, offs, sp) in enumerate(rows):
             i, n, where, _ = block[j]
-            out[j] = _finish(i, n, where, ids_l, offs, sp, max_length, truncation)
+            res = _finish(i, n, where, ids_l, offs, sp, max_length, truncation)
+            out[j] = _with_alignment(res, offs, contents[r]) if alignment else res
     return [o for o in out if o is not None]
+
+
+def _with_alignment(
+    res: Good | Bad, offsets: list[tuple[int, int]], content: list[tuple[int, int]]
+) -> Good | Bad:
+    """A good record with its (truncated) offsets and content spans: a span is cut at the
+    last kept token's end, and one starting after it is left out."""
+    if len(res) == 3:
+        return res
+    i, ids, mask, truncated = res[:4]  # type: ignore[misc]
+    off = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)[: len(ids)]
+    end = int(off[:, 1].max(initial=0))
+    sp = np.asarray(content, dtype=np.int32).reshape(-1, 2)
+    sp = sp[sp[:, 0] < end] if truncated else sp
+    sp[:, 1] = np.minimum(sp[:, 1], end)
+    return i, ids, mask, truncated, (np.ascontiguousarray(off), sp)
 
 
 def _finish(
@@ -199,8 +226,10 @@ def _init_worker(tokenizer: Any) -> None:
     _TOKENIZER = tokenizer
 
 
-def _encode_in_worker(block: list[Item], max_length: int, truncation: str) -> list[Good | Bad]:
-    return encode_block(_TOKENIZER, block, max_length, truncation)
+def _encode_in_worker(
+    block: list[Item], max_length: int, truncation: str, alignment: bool = False
+) -> list[Good | Bad]:
+    return encode_block(_TOKENIZER, block, max_length, truncation, alignment)
 
 
 class Encoder:
@@ -243,14 +272,18 @@ class Encoder:
         return self._run(blocks, check_block, check_block)
 
     def encode(
-        self, blocks: Iterable[list[Item]], max_length: int, truncation: str
+        self,
+        blocks: Iterable[list[Item]],
+        max_length: int,
+        truncation: str,
+        alignment: bool = False,
     ) -> Iterator[list[Good | Bad]]:
         """:func:`encode_block` of each block, in order."""
 
         def here(b: list[Item]) -> list[Good | Bad]:
-            return encode_block(self.tokenizer, b, max_length, truncation)
+            return encode_block(self.tokenizer, b, max_length, truncation, alignment)
 
-        return self._run(blocks, _encode_in_worker, here, max_length, truncation)
+        return self._run(blocks, _encode_in_worker, here, max_length, truncation, alignment)
 
     def _run(
         self,

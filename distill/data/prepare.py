@@ -48,6 +48,7 @@ class Rules:
     truncation: str = "error"
     max_samples: int = 0
     on_invalid: str = "error"
+    alignment: bool = False  # targets.alignment: keep the offsets and content spans
 
     def __post_init__(self) -> None:
         if self.on_invalid not in ON_INVALID:
@@ -224,15 +225,16 @@ def _encode(
             file_of[r.index] = (r.file, r.n)
             yield r.index, r.n, r.where, r.raw
 
-    for results in enc.encode(blocks(tracked()), rules.max_length, rules.truncation):
+    encoded = enc.encode(blocks(tracked()), rules.max_length, rules.truncation, rules.alignment)
+    for results in encoded:
         for res in results:
             if len(res) == 3:
                 bad.append(res)  # type: ignore[arg-type]
                 file_of.pop(res[0], None)
                 continue
-            i, ids, mask, truncated = res  # type: ignore[misc]
+            i, ids, mask, truncated = res[:4]  # type: ignore[misc]
             f, n = file_of.pop(i)
-            store.append(i, f, n, ids, mask)
+            store.append(i, f, n, ids, mask, *(res[4] if len(res) == 5 else ()))  # type: ignore[misc]
             stats.samples += 1
             stats.tokens += len(ids)
             stats.target_tokens += int(mask[1:].sum())

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from array import array
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,8 @@ class TokenStore:
         self.dir = Path(tempfile.mkdtemp(prefix="distill-tokens-", dir=scratch))
         self._ids = (self.dir / "ids.bin").open("wb")
         self._mask = (self.dir / "mask.bin").open("wb")
+        self._offsets: Any = None  # targets.alignment: offsets.bin, [T, 2] int32
+        self.content: list[np.ndarray] = []  # targets.alignment: each sample's content spans
         self.index = array("q")  # record index of each stored sample, ascending
         self.file = array("i")
         self.line = array("q")
@@ -42,9 +45,27 @@ class TokenStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def append(self, index: int, file: int, line: int, ids: np.ndarray, mask: np.ndarray) -> None:
+    def append(
+        self,
+        index: int,
+        file: int,
+        line: int,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        offsets: np.ndarray | None = None,
+        content: np.ndarray | None = None,
+    ) -> None:
+        """One sample; ``offsets`` and ``content`` (targets.alignment) for all or for none."""
         if self.index and index <= self.index[-1]:
             raise ValueError(f"record {index} after {self.index[-1]}: append in record order")
+        mixed = bool(self.index) and (offsets is not None) != (self._offsets is not None)
+        if mixed or (offsets is None) != (content is None):
+            raise ValueError("offsets and content spans: for every sample or for none")
+        if offsets is not None:
+            if self._offsets is None:
+                self._offsets = (self.dir / "offsets.bin").open("wb")
+            self._offsets.write(np.ascontiguousarray(offsets, dtype=np.int32).tobytes())
+            self.content.append(np.asarray(content, dtype=np.int32).reshape(-1, 2))
         self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
         self.index.append(index)
@@ -65,6 +86,8 @@ class TokenStore:
         if self._maps is None:
             self._ids.close()
             self._mask.close()
+            if self._offsets is not None:
+                self._offsets.close()
             if self._n == 0:
                 self._maps = (np.zeros(0, np.int32), np.zeros(0, np.uint8))
             else:
@@ -86,6 +109,9 @@ class TokenStore:
         if a == b:
             return []
         ids, mask = self._arrays()
+        offs = None
+        if self._offsets is not None:
+            offs = np.memmap(self.dir / "offsets.bin", dtype=np.int32, mode="r").reshape(-1, 2)
         out = []
         for j in range(a, b):
             s, n = self.start[j], self.length[j]
@@ -94,6 +120,8 @@ class TokenStore:
                     key=key(self.stems[self.file[j]], self.line[j]),
                     input_ids=np.array(ids[s : s + n]),
                     loss_mask=np.array(mask[s : s + n]),
+                    offsets=None if offs is None else np.array(offs[s : s + n]),
+                    content=None if offs is None else self.content[j],
                 )
             )
         return out
@@ -107,4 +135,6 @@ class TokenStore:
         self._maps = None
         self._ids.close()
         self._mask.close()
+        if self._offsets is not None:
+            self._offsets.close()
         shutil.rmtree(self.dir, ignore_errors=True)

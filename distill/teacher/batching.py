@@ -21,7 +21,7 @@ from distill.sources import open_split
 def rules(job: Job) -> Rules:
     """The job's ``[data]`` rules for records -> samples."""
     d = job.data
-    return Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid)
+    return Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid, job.targets.alignment)
 
 
 def prepare_split(

@@ -65,6 +65,7 @@ class Extracted:
     values: Tensor  # [rows, w] float32: log-probs (log estimates for sampled entries), -inf pad
     counts: Tensor  # [rows, w] int32: draws per id (0: exact head entry or pad)
     n: Tensor  # [rows] int32: real entries per row
+    actual: Tensor | None = None  # [rows] float32: log p(the actual next token), when asked
 
 
 def _pad(ids: Tensor, values: Tensor, counts: Tensor, n: Tensor) -> Extracted:
@@ -180,18 +181,22 @@ def extract(
     spec: TargetSpec,
     chunk: int,
     uniforms: Tensor | np.ndarray | None = None,
+    next_ids: Tensor | None = None,
 ) -> Extracted:
     """Targets of ``hidden @ weight.T``, ``chunk`` rows at a time (O(chunk x vocab) memory).
 
-    ``uniforms`` [rows, draws] in [0, 1) is needed by the sampled kinds.
+    ``uniforms`` [rows, draws] in [0, 1) is needed by the sampled kinds. ``next_ids`` [rows]:
+    the actual next token of each row; its log-probability comes back as ``actual``.
     """
     if isinstance(uniforms, np.ndarray):
         uniforms = torch.from_numpy(uniforms)
-    parts = []
+    parts, actual = [], []
     for lo in range(0, hidden.shape[0], chunk):
         logits = hidden[lo : lo + chunk] @ weight.T
         u = None if uniforms is None else uniforms[lo : lo + chunk].to(hidden.device)
         parts.append(extract_chunk(logits, spec, u))
+        if next_ids is not None:
+            actual.append(actual_logprobs(logits, next_ids[lo : lo + chunk].to(logits.device)))
     if not parts:
         w, dev = spec.width, hidden.device
         return Extracted(
@@ -201,8 +206,15 @@ def extract(
             torch.zeros(0, dtype=torch.int32, device=dev),
         )
     return Extracted(
-        *(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "values", "counts", "n"))
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "values", "counts", "n")),
+        actual=torch.cat(actual) if next_ids is not None else None,
     )
+
+
+def actual_logprobs(logits: Tensor, next_ids: Tensor) -> Tensor:
+    """[rows] float32 ``log softmax(logits)[next_ids]`` (in float32, as the targets are)."""
+    x = logits.float()
+    return x.gather(1, next_ids.long()[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
 
 
 def draw_uniforms(seed: int, key: str, rows: int, draws: int) -> np.ndarray:
@@ -243,8 +255,17 @@ def batch_targets(
         uniforms = np.concatenate(
             [draw_uniforms(seed, samples[i].key, samples[i].n_targets, spec.draws) for i in batch]
         )
-    t = extract(rows, weight, spec, head_chunk, uniforms)
+    # targets.alignment (the samples carry offsets): the actual next token's log-prob too
+    aligned = [samples[i].offsets is not None for i in batch]
+    if any(aligned) and not all(aligned):
+        raise DistillError("a batch mixes samples with and without alignment offsets")
+    next_ids = None
+    if aligned and aligned[0]:  # in the rows' (sample, position) order
+        nxt = [samples[i].input_ids[1:][samples[i].loss_mask[1:] == 1] for i in batch]
+        next_ids = torch.from_numpy(np.concatenate(nxt).astype(np.int64))
+    t = extract(rows, weight, spec, head_chunk, uniforms, next_ids)
     top_ids, top_lps = t.ids.cpu().numpy(), t.values.cpu().numpy()
+    actual = None if t.actual is None else t.actual.cpu().numpy().astype(np.float32)
     counts = t.counts.cpu().numpy().astype(np.uint16) if spec.sampled else None
     out, lo = [], 0
     for i in batch:
@@ -258,6 +279,9 @@ def batch_targets(
                 target_ids=top_ids[lo : lo + n].astype(vdt),
                 target_logprobs=top_lps[lo : lo + n],  # float32; npz stores float16
                 target_counts=None if counts is None else counts[lo : lo + n],
+                token_offsets=s.offsets,
+                content_spans=s.content,
+                token_logprobs=None if actual is None else actual[lo : lo + n],
             )
         )
         lo += n

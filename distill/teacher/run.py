@@ -158,6 +158,8 @@ def run_split(ctx: SplitContext) -> Manifest | None:
     if complete is not None:
         return complete
     claim_output(store, ctx.fingerprint)
+    if ctx.job.targets.alignment:
+        put_tokenizer(store, ctx.teacher_dir)
     existing = set(store.list())
     t0 = time.perf_counter()
     out = _SplitOutput(
@@ -193,6 +195,26 @@ def run_split(ctx: SplitContext) -> Manifest | None:
         f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
     )
     return manifest
+
+
+TOKENIZER = "tokenizer/"  # targets.alignment: the teacher tokenizer's files, once per set
+
+
+def put_tokenizer(store: Store, teacher_dir: Path) -> list[str]:
+    """The teacher tokenizer's files (``save_pretrained``: vocabulary, merges, chat template)
+    under ``tokenizer/`` in the split's store, create-only (a resumed or concurrent run finds
+    the same files there), before the manifest: a student maps ids to strings without the
+    teacher model. Returns their names, sorted."""
+    with tempfile.TemporaryDirectory(prefix="distill-tokenizer-") as tmp:
+        models.load_tokenizer(teacher_dir).save_pretrained(tmp)
+        names = []
+        for f in sorted(Path(tmp).rglob("*")):
+            if f.is_file():
+                name = TOKENIZER + f.relative_to(tmp).as_posix()
+                with contextlib.suppress(ObjectExists):
+                    store.put_file(name, f)
+                names.append(name)
+    return names
 
 
 def _ranges(idx: list[int]) -> str:
@@ -392,6 +414,7 @@ def _manifest(ctx: SplitContext, stats: list[ShardStats | None], elapsed: float)
             "target_ids": id_dtype(vocab).name,
             "target_logprobs": "float32",  # as decoded (the codec quantises the stored bytes)
             **({"target_counts": "uint16"} if spec.sampled else {}),
+            **(ALIGN_DTYPES if job.targets.alignment else {}),
         },
         max_length=job.data.max_length,
         job_fingerprint=ctx.fingerprint,
@@ -399,12 +422,22 @@ def _manifest(ctx: SplitContext, stats: list[ShardStats | None], elapsed: float)
         teacher_seconds=elapsed,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         codec=codec.info(),
-        targets=spec.info(),
+        targets={**spec.info(), **_alignment_info(ctx)},
         # a task's parts.json leaves them to finish_split (every task's skipped-* records)
         skipped_lines={}
         if ctx.part is not None
         else skipped_lines([_skipped_record(ctx.skipped(i)) for i in range(len(ctx.chunks))]),
     )
+
+
+ALIGN_DTYPES = {"token_offsets": "int32", "content_spans": "int32", "token_logprobs": "float32"}
+
+
+def _alignment_info(ctx: SplitContext) -> dict[str, Any]:
+    """``targets.alignment``: the manifest says so and lists the tokenizer's files."""
+    if not ctx.job.targets.alignment:
+        return {}
+    return {"alignment": True, "tokenizer": sorted(ctx.store.list(TOKENIZER))}
 
 
 def _skipped_record(lines: list[int | str]) -> dict[str, Any]:
