@@ -142,3 +142,15 @@ def test_validate_refuses_inconsistent_alignment_shapes() -> None:
     s.token_logprobs = s.token_logprobs[:-1]
     with pytest.raises(DistillError, match="inconsistent"):
         s.validate("x")
+
+
+def test_old_shard_sets_read_without_alignment_fields() -> None:
+    from pathlib import Path
+
+    old = Path(__file__).resolve().parent / "data" / "old_shards"
+    tars = sorted(old.glob("*/shard-000000.tar"))
+    assert len(tars) == 3  # npz v0 and two packed v1 sets, real SmolLM2 targets
+    for tar in tars:
+        samples = list(read_shard(tar))
+        assert samples and all(not s.aligned for s in samples)
+        assert all(s.content_spans is None and s.token_logprobs is None for s in samples)

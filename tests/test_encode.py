@@ -102,3 +102,55 @@ def test_tokens_per_second_reports_both_paths(smol_tokenizer):
     r = tokens_per_second([DataFile(DEMO.name, DEMO, str(DEMO))], smol_tokenizer, 256, workers=2)
     assert r["tokens"] > 50_000 and r["serial"] > 0 and r["parallel"] > 0
     assert r["workers"] == 2 and r["speedup"] == pytest.approx(r["parallel"] / r["serial"])
+
+
+@pytest.mark.parametrize("max_length", [48, 512])
+def test_alignment_keeps_offsets_and_content_spans(smol_tokenizer, tmp_path, max_length):
+    """targets.alignment: the same ids and masks, plus each record's (truncated) offsets and
+    its assistant contents' spans, which index the stripped contents in the rendered text."""
+    from distill.data.dataset import assistant_spans
+
+    p = tmp_path / "chats.jsonl"
+    p.write_text("\n".join(json.dumps(c) for c in CHATS) + "\n", encoding="utf-8")
+    recs = _records(p)
+    plain = encode_block(smol_tokenizer, recs, max_length, "right")
+    got = encode_block(smol_tokenizer, recs, max_length, "right", alignment=True)
+    _same([r[:4] for r in got], plain)
+    cut = 0
+    for r, chat in zip(got, CHATS, strict=True):
+        if len(r) == 3:  # nothing left to learn at this length: refused as without alignment
+            continue
+        i, ids, _, truncated, (off, spans) = r
+        msgs = chat.get("messages") or [
+            *([{"role": "system", "content": chat["system"]}] if "system" in chat else []),
+            {"role": "user", "content": chat["prompt"]},
+            {"role": "assistant", "content": chat["response"]},
+        ]
+        text, turns = assistant_spans(smol_tokenizer, msgs, "t")
+        enc = smol_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert off.dtype == spans.dtype == np.int32
+        np.testing.assert_array_equal(off, np.asarray(enc["offset_mapping"][: len(ids)]))
+        said = [m["content"].strip() for m in msgs if m["role"] == "assistant"]
+        end = int(off[:, 1].max())
+        assert len(spans) == (len(said) if not truncated else len(spans)) > 0
+        for (a, b), c, (lo, hi) in zip(spans.tolist(), said, turns, strict=False):
+            assert lo <= a <= b <= min(hi, end) and text[a:b] == c[: b - a]
+            assert b - a == len(c) or (truncated and b == end)
+        cut += truncated
+    assert cut > 0 if max_length == 48 else cut == 0
+
+
+def test_prepare_with_alignment_in_workers_equals_in_process(smol_tokenizer):
+    f = DataFile(DEMO.name, DEMO, str(DEMO))
+    rules = Rules(128, "right", alignment=True)
+    a = prepare([f], str(DEMO), smol_tokenizer, rules, per=300, workers=1)
+    b = prepare([f], str(DEMO), smol_tokenizer, rules, per=300, workers=2)
+    try:
+        for x, y in zip(a.chunks(), b.chunks(), strict=True):
+            for s, t in zip(x, y, strict=True):
+                assert s.offsets is not None and s.offsets.shape == (len(s.input_ids), 2)
+                assert np.array_equal(s.offsets, t.offsets)
+                assert np.array_equal(s.content, t.content) and s.content.shape[1] == 2
+    finally:
+        a.close()
+        b.close()
