@@ -275,3 +275,18 @@ def test_align_smollm2_against_a_bpe_student(smol_tokenizer, bpe_student, chat) 
         if not s_end.size:
             cross = np.flatnonzero((s_arr[:, 0] < lo) & (s_arr[:, 1] > lo))
             assert cross.size == 1 and got.student_chunk[cross[0]] == -1
+
+
+def test_a_template_that_changes_the_content_is_a_bad_record(bpe_student) -> None:
+    """With alignment the content must be rendered verbatim (stripped): a template that
+    rewrites it makes the record invalid, named, as other per-record errors."""
+    import copy
+
+    from distill.data.encode import encode_block
+
+    tok = copy.deepcopy(bpe_student)
+    tok.chat_template = STUDENT_TEMPLATE.replace("m['content'] | trim", "m['content'] | upper")
+    rec = (0, 1, "f.jsonl:1", {"messages": CHATS[0]})
+    assert len(encode_block(tok, [rec], 256, "right")[0]) == 4
+    (bad,) = encode_block(tok, [rec], 256, "right", alignment=True)
+    assert bad[:2] == (0, 1) and "f.jsonl:1: assistant turn 0's content is not rendered" in bad[2]

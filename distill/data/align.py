@@ -62,16 +62,23 @@ class Alignment:
         return s, self.student_to_teacher[s]
 
 
-def content_spans(text: str, contents: Sequence[str], turns: Spans) -> list[tuple[int, int]]:
+def content_spans(
+    text: str, contents: Sequence[str], turns: Spans, where: str = "content_spans"
+) -> list[tuple[int, int]]:
     """Where each assistant turn's content sits in a rendered ``text``: the content stripped of
     leading and trailing whitespace (templates differ in whether they trim it), searched inside
-    the turn's span ``turns[i]`` (:func:`distill.data.dataset.assistant_spans`)."""
+    the turn's span ``turns[i]`` (:func:`distill.data.dataset.assistant_spans`). A template
+    that does not render the content verbatim is refused (DistillError starting with
+    ``where``)."""
     out = []
-    for c, (lo, hi) in zip(contents, turns, strict=True):
+    for i, (c, (lo, hi)) in enumerate(zip(contents, turns, strict=True)):
         c = c.strip()
         at = text.find(c, lo, hi)
         if at < 0:
-            raise DistillError("an assistant turn's content is not in its rendered span")
+            raise DistillError(
+                f"{where}: assistant turn {i}'s content is not rendered verbatim by the chat "
+                "template; cannot align tokenizers on it"
+            )
         out.append((at, at + len(c)))
     return out
 

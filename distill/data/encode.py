@@ -109,6 +109,9 @@ def encode_block(
         try:
             msgs = parse(raw, n, where)
             text, sp = assistant_spans(tokenizer, msgs, where)
+            if alignment:
+                said = [m["content"] for m in msgs if m["role"] == "assistant"]
+                contents.append(content_spans(text, said, sp, where))
         except LineError as e:
             out[j] = (i, n, str(e))
             continue
@@ -119,9 +122,6 @@ def encode_block(
             raise  # not about this record (no chat template): stop at once
         texts.append(text)
         spans.append(sp)
-        if alignment:
-            said = [m["content"] for m in msgs if m["role"] == "assistant"]
-            contents.append(content_spans(text, said, sp))
         at.append(j)
     if texts:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
