@@ -290,3 +290,33 @@ def test_a_template_that_changes_the_content_is_a_bad_record(bpe_student) -> Non
     assert len(encode_block(tok, [rec], 256, "right")[0]) == 4
     (bad,) = encode_block(tok, [rec], 256, "right", alignment=True)
     assert bad[:2] == (0, 1) and "f.jsonl:1: assistant turn 0's content is not rendered" in bad[2]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_target_pairs_and_chunk_logprobs_match_loops(seed: int) -> None:
+    from distill.data.align import chunk_logprobs, target_pairs
+
+    rng = random.Random(seed)
+    contents = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 25)))]
+    t_text, t_spans = _random_side(rng, contents, "<T>")
+    s_text, s_spans = _random_side(rng, contents, "[student]")
+    t_off, s_off = _random_tokens(rng, t_text), _random_tokens(rng, s_text)
+    al = align(t_off, t_spans, s_off, s_spans)
+    tm = np.array([rng.random() < 0.7 for _ in t_off], dtype=np.uint8)
+    sm = np.array([rng.random() < 0.7 for _ in s_off], dtype=np.uint8)
+    rows = [p for p in range(len(tm) - 1) if tm[p + 1]]  # the teacher's target positions
+    want = [
+        (j, rows.index(i))
+        for j, i in enumerate(al.student_to_teacher.tolist())
+        if i >= 0 and j + 1 < len(sm) and sm[j + 1] and i + 1 < len(tm) and tm[i + 1]
+    ]
+    j, r = target_pairs(al, sm, tm)
+    assert list(zip(j.tolist(), r.tolist(), strict=True)) == want
+    lps = -np.arange(1, len(rows) + 1, dtype=np.float64) / 7  # row r: -(r + 1) / 7
+    sums, complete = chunk_logprobs(al.teacher_chunk, lps, tm, al.n_chunks)
+    for c in range(al.n_chunks):
+        toks = [t for t in range(len(t_off)) if al.teacher_chunk[t] == c]
+        ok = bool(toks) and all(t >= 1 and tm[t] for t in toks)
+        assert complete[c] == ok
+        if ok:
+            assert sums[c] == pytest.approx(sum(lps[rows.index(t - 1)] for t in toks))

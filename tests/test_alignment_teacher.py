@@ -15,7 +15,7 @@ from helpers import make_job
 from test_align import _content_prefix, bpe_student  # noqa: F401  (a fixture)
 
 from distill.config import load_job
-from distill.data.align import align, content_spans
+from distill.data.align import align, chunk_logprobs, content_spans, target_pairs
 from distill.data.dataset import assistant_spans, to_messages
 from distill.format.manifest import MANIFEST, Manifest
 from distill.format.shards import read_shard
@@ -143,7 +143,7 @@ def test_token_logprobs_match_a_dense_reference(runs, tiny_teacher_dir) -> None:
 def test_a_bpe_student_aligns_to_the_stored_tokens(runs, bpe_student, smol_tokenizer) -> None:  # noqa: F811
     _, (_, sa, path), _ = runs
     records = [json.loads(x) for x in Path(load_job(path).data.train).read_text().splitlines()]
-    total = 0
+    total = pairs = chunks = 0
     for s, rec in zip(sa, records, strict=True):
         msgs = to_messages(rec, "t")
         text, turns = assistant_spans(bpe_student, msgs, "s")
@@ -159,10 +159,22 @@ def test_a_bpe_student_aligns_to_the_stored_tokens(runs, bpe_student, smol_token
             t_end, s_end = int(s.token_offsets[i, 1]), enc["offset_mapping"][j][1]
             assert _content_prefix(t_text, t_sp, t_end) == _content_prefix(text, spans, s_end)
         total += len(got.pairs()[0])
-        # the aligned teacher positions that are target positions have a stored log-prob
-        tpos = set(s.target_positions().tolist())
-        assert any(int(i) in tpos for i in got.pairs()[1])
-    assert total > 100
+        # item 3's inputs: the exact pairs at target positions (student position, teacher
+        # target row) and the complete chunks' teacher log-likelihoods
+        s_start = np.asarray(enc["offset_mapping"])[:, 0]
+        s_mask = np.zeros(len(s_start), np.uint8)
+        for lo, hi in turns:
+            s_mask[(s_start >= lo) & (s_start < hi)] = 1
+        j, r = target_pairs(got, s_mask, s.loss_mask)
+        np.testing.assert_array_equal(s.target_positions()[r], got.student_to_teacher[j])
+        assert (s_mask[j + 1] == 1).all()
+        pairs += len(j)
+        sums, complete = chunk_logprobs(
+            got.teacher_chunk, s.token_logprobs, s.loss_mask, got.n_chunks
+        )
+        chunks += int(complete.sum())
+        assert (sums[complete] < 0).all()
+    assert total > 100 and pairs > 100 and chunks > 100
 
 
 def test_resume_reproduces_the_bytes_and_the_set_trains(runs) -> None:

@@ -199,3 +199,42 @@ def align(
         student_to_teacher=s2t,
         n_chunks=int(valid.sum()),
     )
+
+
+def target_pairs(
+    al: Alignment, student_mask: np.ndarray, teacher_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact case at target positions: ``(j, r)`` with student position ``j`` and the
+    teacher's target row ``r`` (an index into the shard's ``[N, w]`` target arrays and
+    ``token_logprobs``) where both sides' next token is an assistant token
+    (``mask[j + 1] == mask[i + 1] == 1`` for ``i = student_to_teacher[j]``)."""
+    sm, tm = np.asarray(student_mask), np.asarray(teacher_mask)
+    j = np.flatnonzero(al.student_to_teacher >= 0)
+    i = al.student_to_teacher[j]
+    keep = (j + 1 < sm.size) & (i + 1 < tm.size)
+    j, i = j[keep], i[keep]
+    keep = (sm[j + 1] == 1) & (tm[i + 1] == 1)
+    rows = np.cumsum(tm[1:], dtype=np.int64) - 1  # the target row of each position
+    return j[keep], rows[i[keep]]
+
+
+def chunk_logprobs(
+    chunk: np.ndarray, token_logprobs: np.ndarray, loss_mask: np.ndarray, n_chunks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """ALM's per-chunk log-likelihood on the side whose per-token log-probabilities are
+    stored per target row (the teacher's ``token_logprobs``: row ``r`` holds the log-prob of
+    the token after the ``r``-th target position): ``(sums [n_chunks] float64, complete
+    [n_chunks] bool)``, a chunk complete when each of its tokens is an assistant token (so its
+    log-prob is stored)."""
+    chunk, mask = np.asarray(chunk), np.asarray(loss_mask)
+    lp = np.zeros(chunk.size, dtype=np.float64)
+    stored = np.zeros(chunk.size, dtype=bool)
+    stored[1:] = mask[1:] == 1  # token t is predicted at target position t - 1
+    rows = np.cumsum(mask[1:], dtype=np.int64) - 1
+    t = np.flatnonzero(stored)
+    lp[t] = np.asarray(token_logprobs, dtype=np.float64)[rows[t - 1]]
+    inside = chunk >= 0
+    sums = np.bincount(chunk[inside], weights=lp[inside], minlength=n_chunks)
+    tokens = np.bincount(chunk[inside], minlength=n_chunks)
+    missing = np.bincount(chunk[inside & ~stored], minlength=n_chunks)
+    return sums, (tokens > 0) & (missing == 0)
