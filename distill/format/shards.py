@@ -232,7 +232,9 @@ def wds_samples(
     ``wds.WebDataset(shard_urls).compose(wds_samples)`` (or ``functools.partial(wds_samples,
     vocab_size=manifest.vocab_size)``) yields, in order, exactly the samples :func:`read_shard`
     and so the student's loader read: ``{"__key__", "__url__", "input_ids", "loss_mask",
-    "target_ids", "target_logprobs", "target_counts"}`` with the arrays of :class:`TargetSample`. A
+    "target_ids", "target_logprobs", "target_counts", "token_offsets", "content_spans",
+    "token_logprobs"}`` with the arrays of :class:`TargetSample` (the last three None without
+    ``targets.alignment``). A
     packed v2 member (one tar member per block of samples) is expanded into its samples.
     WebDataset must not decode the members (no ``.decode()`` before this stage).
     """
