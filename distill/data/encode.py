@@ -140,7 +140,7 @@ def _with_alignment(
     last kept token's end, and one starting after it is left out."""
     if len(res) == 3:
         return res
-    i, ids, mask, truncated = res[:4]  # type: ignore[misc]
+    i, ids, mask, truncated = res[:4]
     off = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)[: len(ids)]
     end = int(off[:, 1].max(initial=0))
     sp = np.asarray(content, dtype=np.int32).reshape(-1, 2)

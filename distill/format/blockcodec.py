@@ -115,7 +115,7 @@ def encode_block(
     key_bytes = [k.encode() for k in keys]
     if max(len(k) for k in key_bytes) > 0xFFFF:
         raise DistillError(f"{where}: a sample key is longer than 65535 bytes")
-    align_meta, align = b"", []
+    align_meta, align = b"", list[bytes]()
     if _aligned(keys, samples, where):
         a_rice, align = _align_sections(samples, where)
         align_meta = _ALIGN_META.pack(*a_rice, *map(len, align))

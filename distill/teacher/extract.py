@@ -205,10 +205,10 @@ def extract(
             torch.zeros(0, w, dtype=torch.int32, device=dev),
             torch.zeros(0, dtype=torch.int32, device=dev),
         )
-    return Extracted(
-        *(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "values", "counts", "n")),
-        actual=torch.cat(actual) if next_ids is not None else None,
+    ids, values, counts, n = (
+        torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "values", "counts", "n")
     )
+    return Extracted(ids, values, counts, n, torch.cat(actual) if next_ids is not None else None)
 
 
 def actual_logprobs(logits: Tensor, next_ids: Tensor) -> Tensor:
