@@ -154,3 +154,28 @@ def test_prepare_with_alignment_in_workers_equals_in_process(smol_tokenizer):
     finally:
         a.close()
         b.close()
+
+
+def test_token_store_keeps_offsets_and_spans_for_all_samples_or_none():
+    from distill.data.tokens import TokenStore
+
+    ids, mask = np.arange(3, dtype=np.int32), np.array([0, 1, 1], np.uint8)
+    off = np.array([[0, 2], [2, 3], [3, 5]], np.int32)
+    with TokenStore(["f"]) as st:
+        st.append(0, 0, 1, ids, mask, off, np.zeros((0, 2), np.int32))  # no span: kept empty
+        st.append(1, 0, 2, ids, mask, off + 5, np.array([[5, 9], [10, 10]], np.int32))
+        with pytest.raises(ValueError, match="every sample or for none"):
+            st.append(2, 0, 3, ids, mask)
+        a, b = st.samples(0, 2)
+        assert np.array_equal(a.offsets, off) and a.content.shape == (0, 2)
+        assert np.array_equal(b.offsets, off + 5) and b.content.tolist() == [[5, 9], [10, 10]]
+    with TokenStore(["f"]) as st:
+        st.append(0, 0, 1, ids, mask)
+        with pytest.raises(ValueError, match="every sample or for none"):
+            st.append(1, 0, 2, ids, mask, off, np.zeros((0, 2), np.int32))
+        (c,) = st.samples(0, 1)
+        assert c.offsets is None and c.content is None
+    with TokenStore(["f"]) as st:  # every sample without spans: an empty spans file
+        st.append(0, 0, 1, ids, mask, off, np.zeros((0, 2), np.int32))
+        (d,) = st.samples(0, 1)
+        assert d.content.shape == (0, 2)

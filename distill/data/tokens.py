@@ -29,8 +29,11 @@ class TokenStore:
         self.dir = Path(tempfile.mkdtemp(prefix="distill-tokens-", dir=scratch))
         self._ids = (self.dir / "ids.bin").open("wb")
         self._mask = (self.dir / "mask.bin").open("wb")
-        self._offsets: Any = None  # targets.alignment: offsets.bin, [T, 2] int32
-        self.content: list[np.ndarray] = []  # targets.alignment: each sample's content spans
+        # targets.alignment: offsets.bin ([T, 2] int32 per token) and spans.bin (each sample's
+        # content spans, [turns, 2] int32, the first at span_start[j])
+        self._offsets: Any = None
+        self._spans: Any = None
+        self.span_start = array("q", [0])
         self.index = array("q")  # record index of each stored sample, ascending
         self.file = array("i")
         self.line = array("q")
@@ -64,8 +67,11 @@ class TokenStore:
         if offsets is not None:
             if self._offsets is None:
                 self._offsets = (self.dir / "offsets.bin").open("wb")
+                self._spans = (self.dir / "spans.bin").open("wb")
             self._offsets.write(np.ascontiguousarray(offsets, dtype=np.int32).tobytes())
-            self.content.append(np.asarray(content, dtype=np.int32).reshape(-1, 2))
+            sp = np.ascontiguousarray(content, dtype=np.int32).reshape(-1, 2)
+            self._spans.write(sp.tobytes())
+            self.span_start.append(self.span_start[-1] + len(sp))
         self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
         self.index.append(index)
@@ -88,6 +94,7 @@ class TokenStore:
             self._mask.close()
             if self._offsets is not None:
                 self._offsets.close()
+                self._spans.close()
             if self._n == 0:
                 self._maps = (np.zeros(0, np.int32), np.zeros(0, np.uint8))
             else:
@@ -109,9 +116,9 @@ class TokenStore:
         if a == b:
             return []
         ids, mask = self._arrays()
-        offs = None
+        offs = spans = None
         if self._offsets is not None:
-            offs = np.memmap(self.dir / "offsets.bin", dtype=np.int32, mode="r").reshape(-1, 2)
+            offs, spans = (_map_pairs(self.dir / n) for n in ("offsets.bin", "spans.bin"))
         out = []
         for j in range(a, b):
             s, n = self.start[j], self.length[j]
@@ -121,7 +128,9 @@ class TokenStore:
                     input_ids=np.array(ids[s : s + n]),
                     loss_mask=np.array(mask[s : s + n]),
                     offsets=None if offs is None else np.array(offs[s : s + n]),
-                    content=None if offs is None else self.content[j],
+                    content=None
+                    if spans is None
+                    else np.array(spans[self.span_start[j] : self.span_start[j + 1]]),
                 )
             )
         return out
@@ -137,4 +146,12 @@ class TokenStore:
         self._mask.close()
         if self._offsets is not None:
             self._offsets.close()
+            self._spans.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _map_pairs(path: Path) -> np.ndarray:
+    """An int32 ``[n, 2]`` file, mapped (an empty one as an empty array: numpy cannot map it)."""
+    if path.stat().st_size == 0:
+        return np.zeros((0, 2), dtype=np.int32)
+    return np.memmap(path, dtype=np.int32, mode="r").reshape(-1, 2)
