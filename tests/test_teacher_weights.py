@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from fakes.compute import FakeCompute
-from helpers import PROJECT, make_job
+from helpers import PROJECT, controller, make_job
 from rich.console import Console
 
 from distill.checkpoints import SOURCE_FILE, planning_dir, source_id
@@ -224,16 +224,7 @@ def test_a_gated_hub_teacher_reads_its_token_from_secret_manager_and_writes_it_n
     fake_hub.grant(REPO_ID, "planning-token")  # this machine's own Hub login, for planning
     monkeypatch.setenv("HF_TOKEN", "planning-token")
     with FakeCompute(project=PROJECT, guest=guests, step_s=0.05) as compute:
-        opts = CloudOptions(
-            backend="gce",
-            endpoint=compute.url,
-            project=PROJECT,
-            yes=True,
-            poll_seconds=0.1,
-            state_dir=tmp_path / "cloud",
-            teardown_timeout_s=60.0,
-        )
-        run = VmEngine(Session(load_job(job), opts, Console(stderr=True, width=200))).run()
+        run = controller(job, compute, tmp_path).run()
         inserts = [json.dumps(body) for body in compute.inserted]
     assert run.outcome == "done"
     assert shard_bytes(f"{gcs_bucket}/runs/x") == reference
