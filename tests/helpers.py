@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -29,6 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT = "distill-test"
 NAME = "distill-teacher-job"
 SLOW = f"{sys.executable} {REPO / 'tests' / 'slow_teacher.py'} teacher"
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a controller a test sends Ctrl-C to: a test run started as a
+    background job of a non-interactive shell (``make test &``) passes SIGINT on ignored, and
+    Python then installs no KeyboardInterrupt handler; a user's terminal delivers it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def guest_env(**extra: str) -> dict[str, str]:

@@ -139,3 +139,21 @@ def test_a_bucket_folder_that_is_not_a_checkpoint_is_refused(gcs_bucket, tmp_pat
     open_store(f"{gcs_bucket}/notckpt").put_bytes("data.jsonl", b"{}\n")
     with pytest.raises(DistillError, match="no config.json at its top level"):
         planning_dir(f"{gcs_bucket}/notckpt")
+
+
+def test_a_run_on_this_machine_fetches_the_whole_checkpoint_once(
+    tiny_teacher_dir, gcs_bucket, tmp_path, monkeypatch
+):
+    """`distill-ctl teacher` here with a gs:// teacher: the weights come into the cache once,
+    the same bytes, and the folder names its pin (what the fingerprint and manifest use)."""
+    from distill.models import resolve_model
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    url = f"{gcs_bucket}/ckpt/tiny"
+    upload_dir(tiny_teacher_dir, url)
+    full = resolve_model(url)
+    for p in tiny_teacher_dir.iterdir():
+        if p.is_file():
+            assert (full / p.name).read_bytes() == p.read_bytes(), p.name
+    assert source_id(full) == source_id(resolve_model(url, weights=False))
+    assert resolve_model(source_id(full)) == full  # cached by its pin: nothing fetched again

@@ -28,6 +28,7 @@ from helpers import (
     SLOW,
     assert_exact,
     controller,
+    default_sigint,
     no_vm_left,
     run_in_thread,
     run_records,
@@ -472,6 +473,7 @@ def cli_controller(job: Path, compute: FakeCompute, tmp_path: Path, *extra: str)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,  # one signal() call in the child: safe beside threads
     )
 
 

@@ -778,3 +778,64 @@ def test_cli_sampled_table_and_json_carry_the_bound(tiny_teacher_dir, tmp_path, 
         app, ["cost-estimate", "--job", str(path), "--exact", "--sample-lines", "5"]
     )
     assert isinstance(r.exception, DistillError) and "not both" in str(r.exception)
+
+
+@pytest.mark.parametrize("form", ["gz", "zst", "parquet", "dir", "gs"])
+def test_every_format_is_sampled_within_its_bound(
+    form, tiny_teacher_dir, smol_tokenizer, tmp_path, request
+):
+    """A compressed file, Parquet, a directory and a gs:// split are sampled record by record
+    (only the sample tokenised) and stay within their bound of the exact count; a sample of
+    the same size on the plain file gives the same kind of answer."""
+    import gzip
+
+    import zstandard
+
+    from distill.cloud import sampling
+
+    job_path = make_job(tmp_path, tiny_teacher_dir)
+    pick = synthetic_split(tmp_path / "all.jsonl", 3000, 2)
+    raw = (tmp_path / "all.jsonl").read_bytes()
+    lines = raw.splitlines(keepends=True)
+    if form == "gz":
+        train = tmp_path / "train.jsonl.gz"
+        train.write_bytes(gzip.compress(raw))
+    elif form == "zst":
+        train = tmp_path / "train.jsonl.zst"
+        train.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    elif form == "parquet":
+        from test_formats import write_parquet
+
+        train = write_parquet(tmp_path / "train.parquet", [json.loads(x) for x in lines], 500)
+    elif form == "dir":
+        train = tmp_path / "parts"
+        train.mkdir()
+        (train / "a.jsonl").write_bytes(b"".join(lines[:1000]))
+        (train / "b.jsonl").write_bytes(b"".join(lines[1000:]))
+    else:
+        from distill.store.storage import open_store
+
+        bucket = request.getfixturevalue("gcs_bucket")
+        open_store(f"{bucket}/data").put_bytes("train.jsonl", raw)
+        train = f"{bucket}/data/train.jsonl"
+    job = load_job(job_path, [f'data.train="{train}"'])
+    tokenised = []
+    real = sampling.encode_block
+
+    def spy(tokenizer, block, *a):
+        tokenised.append(len(block))
+        return real(tokenizer, block, *a)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "encode_block", spy)
+        est = estimate_data(job, smol_tokenizer, sample_lines=300)
+    assert tokenised == [300]  # the train split's sample only (eval is counted exactly)
+    s = est.sampled["train"]
+    assert (s.sampled, s.lines) == (300, 3000)
+    ref = reference_counts(smol_tokenizer, pick)
+    evals = DataCounts()
+    count_split(evals, job, "eval", job.resolve(job.data.eval), smol_tokenizer)
+    for name in BOUNDED:
+        train_est = getattr(est, name) - getattr(evals, name)
+        assert abs(train_est - ref[name]) <= s.bounds[name], (name, train_est, ref[name])
+    assert est.per_split["train"]["samples"] == 3000 and s.bounds["samples"] == 0

@@ -29,6 +29,7 @@ from helpers import (
     PROJECT,
     SLOW,
     assert_exact,
+    default_sigint,
     guest_env,
     make_job,
     run_in_thread,
@@ -646,7 +647,12 @@ def cli_fanout(job: Path, compute, batch, tmp_path: Path) -> tuple[subprocess.Po
     argv += ["--project", PROJECT, "--yes", "--vms", str(VMS), "--poll-seconds", "0.1"]
     argv += ["--state-dir", str(tmp_path / "cloud")]
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,  # one signal() call in the child: safe beside threads
     )
     return proc, env
 

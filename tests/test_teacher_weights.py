@@ -14,12 +14,14 @@ import contextlib
 import json
 import re
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fakes.compute import FakeCompute
-from helpers import PROJECT, make_job
+from helpers import PROJECT, controller, make_job
 from rich.console import Console
 
 from distill.checkpoints import SOURCE_FILE, planning_dir, source_id
@@ -224,16 +226,7 @@ def test_a_gated_hub_teacher_reads_its_token_from_secret_manager_and_writes_it_n
     fake_hub.grant(REPO_ID, "planning-token")  # this machine's own Hub login, for planning
     monkeypatch.setenv("HF_TOKEN", "planning-token")
     with FakeCompute(project=PROJECT, guest=guests, step_s=0.05) as compute:
-        opts = CloudOptions(
-            backend="gce",
-            endpoint=compute.url,
-            project=PROJECT,
-            yes=True,
-            poll_seconds=0.1,
-            state_dir=tmp_path / "cloud",
-            teardown_timeout_s=60.0,
-        )
-        run = VmEngine(Session(load_job(job), opts, Console(stderr=True, width=200))).run()
+        run = controller(job, compute, tmp_path).run()
         inserts = [json.dumps(body) for body in compute.inserted]
     assert run.outcome == "done"
     assert shard_bytes(f"{gcs_bucket}/runs/x") == reference
@@ -275,14 +268,34 @@ def test_a_stale_claim_is_taken_over_and_a_failed_copy_is_reported_to_the_waiter
     for name in pinned.files:
         assert (tmp_path / "model2" / name).read_bytes() == (tmp_path / "model" / name).read_bytes()
 
-    # a gated commit without a token: the copier says why, and a waiter says it too
+    # a gated commit without a token: the copier says why, and the VMs waiting for it too
     gated = "distill-test/gated"
     gsha = fake_hub.add_repo(gated, files=repo_files(tiny_teacher_dir), gated=True)
     other = LocalStore(tmp_path / "bucket" / "gated")
-    with pytest.raises(DistillError, match="gated"):
-        checkpoint_copy.copy_once(f"hf:{gated}@{gsha}", other, tmp_path / "g1", "", print)
-    with pytest.raises(DistillError, match="another VM's copy .* failed: .*gated"):
+    other.put_bytes(".claim-0", b"{}")  # the copier, already at work when the waiter looks
+    monkeypatch.setattr(checkpoint_copy, "STALE_S", 60.0)
+    waiter: dict = {}
+
+    def wait() -> None:
+        try:
+            checkpoint_copy.copy_once(f"hf:{gated}@{gsha}", other, tmp_path / "g1", "", print)
+        except DistillError as e:
+            waiter["error"] = str(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.3)
+    other.put_bytes(".claim-0.failed", b"hf:distill-test/gated is gated: ...")
+    t.join(10)
+    assert "another VM's copy of" in waiter["error"] and "is gated" in waiter["error"]
+    # a later run (the access granted meanwhile) claims again instead of failing at once
+    with pytest.raises(DistillError, match="is gated: accept its license"):
         checkpoint_copy.copy_once(f"hf:{gated}@{gsha}", other, tmp_path / "g2", "", print)
+    assert ".claim-1" in other.list() and ".claim-1.failed" in other.list()
+    fake_hub.grant(gated, TOKEN)
+    monkeypatch.setattr(checkpoint_copy, "read_secret", lambda name: TOKEN)
+    got = checkpoint_copy.copy_once(f"hf:{gated}@{gsha}", other, tmp_path / "g3", "s", print)
+    assert got.ref == f"hf:{gated}@{gsha}" and ".claim-2" in other.list()
 
 
 def test_the_secret_is_read_with_the_vms_token_and_refusals_say_what_to_do(

@@ -14,7 +14,9 @@ source (:mod:`distill.checkpoints`) as the source of ``model``:
   (Private Google Access: no Cloud NAT bytes). A copier that went away (preempted) leaves its
   claim stale: nothing new appears under the folder (the copier adds a heartbeat object every
   :data:`BEAT_S` while it downloads) for :data:`STALE_S`, and the next waiter creates
-  ``.claim-1`` and copies, keeping every complete object already there.
+  ``.claim-1`` and copies, keeping every complete object already there. A copy that fails
+  for good (no access to a gated model, a missing file) writes ``.claim-N.failed``: the VMs
+  waiting for it fail with its message; a later run claims again.
 
 The token is passed to huggingface_hub as an argument: never an environment variable, a file,
 a log line or the job file.
@@ -85,8 +87,11 @@ def copy_once(ref: str, store: Store, dest: Path, secret: str, log=print) -> Pin
     """The Hub commit ``ref`` in ``dest``, through ``store``: copied there by whichever VM
     claims it first, read from there by the others (see the module docstring)."""
     seen, since = -1, time.monotonic()
+    failed_before: set[str] | None = None  # copies that failed before this VM looked
     while True:
         names = store.list()
+        if failed_before is None:
+            failed_before = {n for n in names if n.endswith(".failed")}
         if SOURCE_FILE in names:
             pinned = Pinned.from_record(json.loads(store.read_bytes(SOURCE_FILE)))
             if pinned.ref != ref:
@@ -96,9 +101,14 @@ def copy_once(ref: str, store: Store, dest: Path, secret: str, log=print) -> Pin
             check_sizes(dest, pinned.files, store.url)
             return pinned
         claims = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"\.claim-(\d+)", n)))
-        if not claims or (len(names) == seen and time.monotonic() - since > STALE_S):
+        failed = f".claim-{claims[-1]}.failed" if claims else ""
+        if failed in names and failed not in failed_before:  # while this VM waited for it
+            why = store.read_bytes(failed).decode(errors="replace")
+            raise DistillError(f"another VM's copy of {ref} failed: {why}")
+        stale = len(names) == seen and time.monotonic() - since > STALE_S
+        if not claims or failed in names or stale:  # (an earlier run's failure: try again)
             n = claims[-1] + 1 if claims else 0
-            if claims:
+            if stale:
                 log(f"the copy of {ref} into {store.url} made no progress for {STALE_S:.0f} s")
             try:
                 store.put_bytes(f".claim-{n}", json.dumps({"at": time.time()}).encode())
@@ -111,9 +121,6 @@ def copy_once(ref: str, store: Store, dest: Path, secret: str, log=print) -> Pin
                 with contextlib.suppress(DistillError):
                     store.put_bytes(f".claim-{n}.failed", str(e).encode())
                 raise
-        if claims and f".claim-{claims[-1]}.failed" in names:
-            why = store.read_bytes(f".claim-{claims[-1]}.failed").decode(errors="replace")
-            raise DistillError(f"another VM's copy of {ref} failed: {why}")
         if len(names) != seen:
             seen, since = len(names), time.monotonic()
             log(f"waiting for another VM's copy of {ref} into {store.url}")

@@ -18,13 +18,18 @@ sample of each split's lines, tokenised, and extrapolated with a 95% bound.
    under simple random sampling (:func:`extrapolate`). Padded tokens are thus tokens x the
    sample's own padding ratio.
 
-A split whose lines all fit the sample (or that is not one local ``.jsonl`` file: a
-directory, a glob, a compressed or Parquet file, a ``gs://`` dataset) is counted exactly
-(:func:`~distill.cloud.counting.count_split`), as is every split with ``sample_lines = 0``.
+A split that is not one local ``.jsonl`` file (a directory, a glob, a compressed or Parquet
+file, a ``gs://`` dataset) is sampled the same way from its records (:func:`scan_records`:
+one pass that reads every record, decompressing, but parses and tokenises none but the
+sample; a ``gs://`` file is read from its bucket into a scratch folder first). A split whose
+lines all fit the sample is counted exactly (:func:`~distill.cloud.counting.count_split`), as
+is every split with ``sample_lines = 0``.
 """
 
 from __future__ import annotations
 
+import heapq
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +49,8 @@ SEED = 0
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 BLOCK = 8 * 2**20  # bytes read at a time by the line pass
 SEGMENT_SAMPLES = 64  # a shard's size: the mean of at least this many sampled samples near it
-SAMPLED_SUFFIXES = (".jsonl",)  # other files are counted exactly
+SAMPLED_SUFFIXES = (".jsonl",)  # read by byte offsets; other formats record by record
+BLOCK_RECORDS = 65536  # random keys drawn at a time by the record pass
 WHITESPACE = np.frombuffer(b" \t\r\n", np.uint8)  # JSON's: a line of only these is blank
 
 
@@ -163,6 +169,55 @@ def shard_sizes(
     return [int(x) for x in np.rint(est * tokens / est.sum())]
 
 
+@dataclass
+class RecordScan:
+    """:class:`LineScan`'s twin for a split read record by record: its records and a uniform
+    sample of them, lowest key first."""
+
+    lines: int  # records (the first max_lines of them, when set)
+    keys: np.ndarray
+    ranks: np.ndarray  # 0-based places among the records
+    records: list[Any]  # the sampled records (distill.data.records.Record), key order
+    sizes: np.ndarray  # each sampled record's bytes (a Parquet row: its JSON's)
+
+    def take(self, max_bytes: int) -> np.ndarray:
+        n = int(np.searchsorted(np.cumsum(self.sizes), max_bytes, side="right"))
+        n = max(n, min(MIN_SAMPLE_LINES, len(self.sizes)))
+        return np.argsort(self.ranks[:n], kind="stable")
+
+
+def scan_records(files: list[Any], k: int, max_lines: int = 0, seed: int = SEED) -> RecordScan:
+    """Every record of ``files`` (:class:`distill.data.records.DataFile`) counted and a uniform
+    sample of ``k`` kept (bottom-k of a random key each, keys drawn a block at a time)."""
+    from distill.data.records import Select, iter_split
+
+    rng = np.random.default_rng(seed)
+    heap: list[tuple[float, int, Any]] = []  # max-heap by key (negated) of the k lowest
+    lines = 0
+    keys = rng.random(BLOCK_RECORDS)
+    for rec in iter_split(files, Select(stop=max_lines)):
+        if lines and lines % BLOCK_RECORDS == 0:
+            keys = rng.random(BLOCK_RECORDS)
+        key = float(keys[lines % BLOCK_RECORDS])
+        if len(heap) < k:
+            heapq.heappush(heap, (-key, lines, rec))
+        elif key < -heap[0][0]:
+            heapq.heapreplace(heap, (-key, lines, rec))
+        lines += 1
+    chosen = sorted(((-nk, rank, rec) for nk, rank, rec in heap), key=lambda t: t[0])
+
+    def size(raw: Any) -> int:
+        return len(raw) if isinstance(raw, bytes) else len(json.dumps(raw, default=str))
+
+    return RecordScan(
+        lines=lines,
+        keys=np.array([c[0] for c in chosen]),
+        ranks=np.array([c[1] for c in chosen], np.int64),
+        records=[c[2] for c in chosen],
+        sizes=np.array([size(c[2].raw) for c in chosen], np.int64),
+    )
+
+
 def sample_split(
     c: DataCounts,
     job: Job,
@@ -174,30 +229,65 @@ def sample_split(
 ) -> None:
     """Tokenise ``scan``'s sample (up to ``max_bytes`` of it) and add the split's extrapolated
     counts, their bounds and its shard sizes to ``c``."""
-    d, t = job.data, job.teacher
     idx = scan.take(max_bytes)
-    n = len(idx)
-    valid = np.zeros(n, bool)
-    tokens, targets = np.zeros(n), np.zeros(n)
-    errors: list[LineError] = []
     block = []
     with path.open("rb") as f:
         for j, i in enumerate(idx):
             f.seek(int(scan.offsets[i]))
             num = int(scan.numbers[i])
             block.append((j, num, f"{path}:{num}", f.readline()))
+    _add_sampled(c, job, split, path, block, scan.ranks[idx], scan.lines, tokenizer, "lines")
+
+
+def sample_records(
+    c: DataCounts,
+    job: Job,
+    split: str,
+    spec: str,
+    scan: RecordScan,
+    tokenizer: Any,
+    max_bytes: int = SAMPLE_BYTES,
+) -> None:
+    """:func:`sample_split` for a split sampled record by record (:func:`scan_records`)."""
+    idx = scan.take(max_bytes)
+    block = [
+        (j, scan.records[i].n, scan.records[i].where, scan.records[i].raw)
+        for j, i in enumerate(idx)
+    ]
+    _add_sampled(
+        c, job, split, Path(spec), block, scan.ranks[idx], scan.lines, tokenizer, "records"
+    )
+
+
+def _add_sampled(
+    c: DataCounts,
+    job: Job,
+    split: str,
+    where_split: Path,
+    block: list[Any],
+    sample_ranks: np.ndarray,
+    lines: int,
+    tokenizer: Any,
+    unit: str,
+) -> None:
+    """Tokenise the sampled ``block`` in one call; add the extrapolated counts to ``c``."""
+    d, t = job.data, job.teacher
+    n = len(block)
+    valid = np.zeros(n, bool)
+    tokens, targets = np.zeros(n), np.zeros(n)
+    errors: list[LineError] = []
     for out in encode_block(tokenizer, block, d.max_length, d.truncation):
         if isinstance(out[2], str):  # (j, line, why): invalid
             errors.append(LineError(out[2], int(out[1])))
             continue
         j, ids, mask = out[0], out[1], out[2]
         valid[j], tokens[j], targets[j] = True, len(ids), int(mask[1:].sum())
-    where = f"in a sample of {n:,} of its {scan.lines:,} lines"
+    where = f"in a sample of {n:,} of its {lines:,} {unit}"
     if errors and d.on_invalid == "error":
         errors.sort(key=lambda e: e.line)
-        raise DistillError(f"{list_bad_lines(path, errors)} [{where}: there may be more]")
+        raise DistillError(f"{list_bad_lines(where_split, errors)} [{where}: there may be more]")
     if not valid.any():
-        raise DistillError(f"{path}: no samples {where} ({len(errors)} invalid)")
+        raise DistillError(f"{where_split}: no samples {where} ({len(errors)} invalid)")
     rows = padded_rows(tokens[valid], t.samples_per_shard, t.batch_tokens)
     padded = np.zeros(n)
     padded[valid] = rows
@@ -210,14 +300,14 @@ def sample_split(
     }
     est, bounds = {}, {}
     for name, values in per_line.items():
-        est[name], bounds[name] = extrapolate(values, scan.lines)
-    ranks = scan.ranks[idx][valid]
+        est[name], bounds[name] = extrapolate(values, lines)
+    ranks = sample_ranks[valid]
     sizes = shard_sizes(
-        est["samples"], t.samples_per_shard, est["tokens"], ranks, tokens[valid], scan.lines
+        est["samples"], t.samples_per_shard, est["tokens"], ranks, tokens[valid], lines
     )
     c.add_split(split, **est, shard_tokens=sizes)
     c.sampled[split] = SplitSample(
-        lines=scan.lines,
+        lines=lines,
         sampled=n,
         skipped=n - int(valid.sum()),
         padding=float(rows.sum() / tokens[valid].sum()),
@@ -234,16 +324,29 @@ def estimate_data(
     """The job's counts: each split estimated from a uniform sample of ``sample_lines`` of its
     lines (up to ``max_bytes`` of them), or counted exactly when they all fit (or
     ``sample_lines`` is 0: ``cost-estimate --exact``)."""
+    import tempfile
+
     from distill.config import splits
+    from distill.sources import open_split
 
     c = DataCounts()
     for split, spec in splits(job).items():
-        scan, path = None, Path(spec)
-        local = "://" not in spec and path.is_file()
-        if sample_lines > 0 and local and path.suffix.lower() in SAMPLED_SUFFIXES:
-            scan = scan_lines(path, sample_lines, job.data.max_samples)
-        if scan is None or (scan.lines <= sample_lines and scan.nbytes <= max_bytes):
+        path = Path(spec)
+        if sample_lines == 0:
             count_split(c, job, split, spec, tokenizer)
-        else:
-            sample_split(c, job, split, path, scan, tokenizer, max_bytes)
+            continue
+        if "://" not in spec and path.is_file() and path.suffix.lower() in SAMPLED_SUFFIXES:
+            scan = scan_lines(path, sample_lines, job.data.max_samples)
+            if scan.lines <= sample_lines and scan.nbytes <= max_bytes:
+                count_split(c, job, split, spec, tokenizer)
+            else:
+                sample_split(c, job, split, path, scan, tokenizer, max_bytes)
+            continue
+        with tempfile.TemporaryDirectory(prefix="distill-estimate-") as tmp:
+            files = open_split(spec, Path(tmp))  # a gs:// file is read into the scratch folder
+            rscan = scan_records(files, sample_lines, job.data.max_samples)
+            if rscan.lines <= sample_lines and int(rscan.sizes.sum()) <= max_bytes:
+                count_split(c, job, split, spec, tokenizer)
+            else:
+                sample_records(c, job, split, spec, rscan, tokenizer, max_bytes)
     return c

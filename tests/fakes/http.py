@@ -112,3 +112,29 @@ def serve(handler: type[JsonApi], stub: Any) -> tuple[ThreadingHTTPServer, str]:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+class Served:
+    """A stub's life: :meth:`start` serves its ``handler`` on a free local port (``url``),
+    :meth:`stop` shuts it down; also a context manager."""
+
+    handler: type[JsonApi]
+    url: str = ""
+    _server: ThreadingHTTPServer | None = None
+
+    def start(self) -> str:
+        self._server, self.url = serve(self.handler, self)
+        return self.url
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Any:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -74,12 +74,11 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlparse
 
-from fakes.http import JsonApi, serve
+from fakes.http import JsonApi, Served
 
 if TYPE_CHECKING:
     import pytest
@@ -182,7 +181,7 @@ class HubError(Exception):
         self.status, self.code, self.message, self.commit = status, code, message, commit
 
 
-class FakeHub:
+class FakeHub(Served):
     """The fake Hub: repos described in Python, served on a free local port (see the module
     docstring). Use as a context manager, or :meth:`start` / :meth:`stop`."""
 
@@ -195,31 +194,18 @@ class FakeHub:
         self.page_size = 1000  # tree entries per page
         self.failures = 0  # the next N requests answer 503 (an outage)
         self.url = ""
+        self.handler = _HubHandler
         self.cdn_url = ""
         self._secret = os.urandom(16)
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
-        self._server: ThreadingHTTPServer | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> str:
-        self._server, self.url = serve(_HubHandler, self)
+        super().start()
         self.cdn_url = self.url.replace("127.0.0.1", "localhost")  # another origin, same server
         return self.url
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeHub:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # --- describing repos -------------------------------------------------------------------
 

@@ -28,12 +28,11 @@ import base64
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import google_crc32c
 
-from fakes.http import JsonApi, StubError, serve
+from fakes.http import JsonApi, Served, StubError
 
 STATUS = {
     400: "FAILED_PRECONDITION",
@@ -86,7 +85,7 @@ class SecretCall:
     status: int
 
 
-class FakeSecretManager:
+class FakeSecretManager(Served):
     """The fake: secrets described in Python, served on a free local port (``url``; a client
     calls ``{url}/v1/projects/...``). Use as a context manager, or :meth:`start` / :meth:`stop`."""
 
@@ -98,25 +97,8 @@ class FakeSecretManager:
         self.calls: list[SecretCall] = []
         self.failures = 0  # the next N requests answer 503
         self.url = ""
+        self.handler = _SecretsHandler
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    def start(self) -> str:
-        self._server, self.url = serve(_SecretsHandler, self)
-        return self.url
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeSecretManager:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # --- describing secrets -------------------------------------------------------------------
 
