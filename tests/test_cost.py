@@ -839,3 +839,27 @@ def test_every_format_is_sampled_within_its_bound(
         train_est = getattr(est, name) - getattr(evals, name)
         assert abs(train_est - ref[name]) <= s.bounds[name], (name, train_est, ref[name])
     assert est.per_split["train"]["samples"] == 3000 and s.bounds["samples"] == 0
+
+
+def test_the_estimate_counts_what_targets_alignment_adds(tiny_teacher_dir, tmp_path):
+    """targets.alignment (#24): the probe's samples carry no offsets, so the estimate adds
+    the actual token's float16 log-prob per target position and the measured offset bytes
+    per token; a reference run without alignment is not taken for a job with it."""
+    from distill.cloud.shard_bytes import (
+        ALIGN_BYTES_PER_TARGET,
+        ALIGN_BYTES_PER_TOKEN,
+        reference_bytes_per_target,
+    )
+    from distill.teacher.run import run_teacher
+
+    path = make_job(tmp_path, tiny_teacher_dir)
+    plain = estimate_cost(load_job(path))
+    aligned = estimate_cost(load_job(path, ["targets.alignment=true"]))
+    extra = ALIGN_BYTES_PER_TARGET * plain.data.target_tokens
+    extra += ALIGN_BYTES_PER_TOKEN * plain.data.tokens
+    assert aligned.shard_bytes - plain.shard_bytes == pytest.approx(extra, abs=2)
+    assert "targets.alignment" in aligned.bytes_basis
+    run_teacher(load_job(path))  # a plain reference run in job.output
+    assert reference_bytes_per_target(load_job(path).output, load_job(path)) is not None
+    aligned_job = load_job(path, ["targets.alignment=true"])
+    assert reference_bytes_per_target(aligned_job.output, aligned_job) is None

@@ -29,9 +29,27 @@ def shard_bytes_estimate(
     elif "://" not in job.output and Path(job.output).is_dir():
         ref = reference_bytes_per_target(job.output, job)
     if ref is None:
-        return probed_shard_bytes(job, data, vocab)
+        nbytes, basis = probed_shard_bytes(job, data, vocab)
+        if job.targets.alignment:  # the probe's samples carry no offsets: add them
+            extra = (
+                ALIGN_BYTES_PER_TARGET * data.target_tokens + ALIGN_BYTES_PER_TOKEN * data.tokens
+            )
+            nbytes += int(extra)
+            basis += (
+                f"; + targets.alignment: {ALIGN_BYTES_PER_TARGET:g} bytes/target token (the "
+                f"actual token's float16 log-prob) + {ALIGN_BYTES_PER_TOKEN:g} bytes/token "
+                "(offsets, spans; measured on the demo data)"
+            )
+        return nbytes, basis
     per_target, basis = ref
     return int(per_target * data.target_tokens), f"{per_target:,.1f} bytes/target token, {basis}"
+
+
+# targets.alignment (#24) adds to a shard, per target position, the float16 log-prob of the
+# actual next token and, per token, its Rice-coded character offsets and the content spans:
+# 0.37 bytes a token measured on the demo data (tests/test_alignment_teacher.py)
+ALIGN_BYTES_PER_TARGET = 2.0
+ALIGN_BYTES_PER_TOKEN = 0.37
 
 
 def _targets_info(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,7 +68,8 @@ def _same_targets(m: Any, job: Job) -> bool:
     # iid and systematic draws hit different numbers of distinct ids: other bytes per row
     same_kind &= recorded.get("sampling", "iid") == spec.get("sampling", "iid")
     recorded_codec = getattr(m, "codec", None) or {"name": "npz", "version": 0}
-    return same_kind and recorded_codec == codec
+    same_alignment = bool(recorded.get("alignment", False)) == job.targets.alignment
+    return same_kind and recorded_codec == codec and same_alignment
 
 
 def reference_bytes_per_target(url: str, job: Job) -> tuple[float, str] | None:
