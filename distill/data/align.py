@@ -238,3 +238,22 @@ def chunk_logprobs(
     tokens = np.bincount(chunk[inside], minlength=n_chunks)
     missing = np.bincount(chunk[inside & ~stored], minlength=n_chunks)
     return sums, (tokens > 0) & (missing == 0)
+
+
+def chunk_rows(
+    chunk: np.ndarray, loss_mask: np.ndarray, n_chunks: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ALM's rows on the side that computes its log-probabilities itself (the student):
+    ``(positions [m], chunks [m], complete [n_chunks] bool)``, the positions ``j`` whose next
+    token ``j + 1`` lies in a chunk and is an assistant token (the student's log-prob of it at
+    ``j`` counts towards that chunk), and the chunks all of whose tokens are such (as
+    :func:`chunk_logprobs` defines complete)."""
+    chunk, mask = np.asarray(chunk), np.asarray(loss_mask)
+    nxt = chunk[1:]
+    j = np.flatnonzero((nxt >= 0) & (mask[1:] == 1))
+    inside = chunk >= 0
+    stored = np.zeros(chunk.size, dtype=bool)
+    stored[1:] = mask[1:] == 1
+    tokens = np.bincount(chunk[inside], minlength=n_chunks)
+    missing = np.bincount(chunk[inside & ~stored], minlength=n_chunks)
+    return j, nxt[j], (tokens > 0) & (missing == 0)
