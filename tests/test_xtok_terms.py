@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_align import bpe_student  # noqa: F401  (a fixture)
+from test_align import CHATS, _encode, bpe_student  # noqa: F401  (a fixture)
 
-from distill.data.align import chunk_logprobs, chunk_rows
+from distill.data.align import align, chunk_logprobs, chunk_rows
 from distill.errors import DistillError
 from distill.student.losses import sparse_distill_terms
 from distill.student.xtok_terms import (
@@ -347,3 +347,52 @@ def test_token_keys_of_a_metaspace_tokenizer() -> None:
         ("text", "é".encode()),
     ]
     assert keys[0] == ("added", b"<unk>")
+
+
+@pytest.mark.parametrize("chat", CHATS, ids=["one-turn", "two-turns"])
+def test_alm_on_a_real_alignment_is_zero_for_a_byte_level_model_on_both_sides(
+    smol_tokenizer,
+    bpe_student,  # noqa: F811
+    chat,
+) -> None:
+    """Both sides a "model" giving each token probability ``exp(-c * its bytes)``: on any
+    chunk (the same text on both sides) the teacher's stored sum and the student's sum agree,
+    whatever the two tokenisations, so ALM is 0 through align -> chunk_logprobs (teacher
+    rows) and chunk_rows (student rows); another ``c`` on the student side is not."""
+    rng = np.random.default_rng(0)
+    _, t_spans, t_ids, t_off = _encode(smol_tokenizer, chat)
+    _, s_spans, s_ids, s_off = _encode(bpe_student, chat)
+    al = align(t_off, t_spans, s_off, s_spans)
+    t_keys = token_keys(smol_tokenizer)
+    t_bytes = np.array([len(t_keys[i][1]) for i in t_ids])
+    s_keys = token_keys(bpe_student)
+    s_bytes = np.array([len(s_keys[i][1]) for i in s_ids])
+    tm = (rng.random(len(t_ids)) < 0.9).astype(np.uint8)  # some tokens not targets: chunks
+    sm = (rng.random(len(s_ids)) < 0.9).astype(np.uint8)  # incomplete on either side drop out
+    c = 0.3
+    t_rows = np.flatnonzero(tm[1:]) + 1  # the token each stored row predicts
+    lt, t_complete = chunk_logprobs(al.teacher_chunk, -c * t_bytes[t_rows], tm, al.n_chunks)
+    j, row_chunk, s_complete = chunk_rows(al.student_chunk, sm, al.n_chunks)
+    complete = t_complete & s_complete
+    assert complete.sum() > 5 and (~complete).sum() > 0
+    vocab = len(bpe_student)
+    labels = torch.as_tensor(np.asarray(s_ids)[j + 1])
+
+    def loss_for(c_student: float) -> float:
+        # logits: a at the label, 0 elsewhere, so that log q(label) = -c_student * bytes
+        q = torch.as_tensor(np.exp(-c_student * s_bytes[j + 1]), dtype=F64)
+        logits = torch.zeros(len(j), vocab, dtype=F64)
+        logits[torch.arange(len(j)), labels] = torch.log((vocab - 1) * q / (1 - q))
+        return alm_loss(
+            logits,
+            torch.eye(vocab, dtype=F64),
+            labels,
+            torch.as_tensor(row_chunk),
+            torch.as_tensor(lt),
+            torch.as_tensor(complete),
+            temperature=1.0,
+            chunk=16,
+        ).item()
+
+    assert abs(loss_for(c)) < 1e-10
+    assert loss_for(0.4) > 1e-3
