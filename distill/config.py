@@ -55,6 +55,7 @@ def region_of(zone: str) -> str:
 
 KD_TERMS = ("forward_kl", "reverse_kl", "jsd", "tvd", "bild")
 TERMS = (*KD_TERMS, "ce")  # the loss terms, defined in distill/student/terms.py
+XTOK_TERMS = ("alm", "xkl")  # cross-tokenizer terms, distill/student/xtok_terms.py
 DEVICES = ("auto", "cpu", "cuda")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 # resident: the whole teacher on the device; layered: one decoder layer at a time over a chunk
@@ -222,12 +223,21 @@ class LossWeights(_Table):
     bild_top: PositiveInt = 8
     ce: Weight = 0.1
     temperature: PositiveFloat = 1.0
+    # cross-tokenizer terms (student.tokenizer; distill/student/xtok_terms.py)
+    alm: Weight = 0.0  # ALM chunk likelihood
+    xkl: Weight = 0.0  # the projected sparse forward KL (scaled by temperature**2)
 
     @model_validator(mode="after")
     def _some_term(self) -> LossWeights:
-        if not self.active():
-            raise ValueError(f"loss: at least one of {', '.join(TERMS)} must be > 0")
+        if not self.active() and not self.cross_tokenizer():
+            raise ValueError(
+                f"loss: at least one of {', '.join((*TERMS, *XTOK_TERMS))} must be > 0"
+            )
         return self
+
+    def cross_tokenizer(self) -> dict[str, float]:
+        """The cross-tokenizer terms with weight > 0 (``XTOK_TERMS`` order), and their weights."""
+        return {n: float(getattr(self, n)) for n in XTOK_TERMS if getattr(self, n) > 0}
 
     def active(self) -> dict[str, float]:
         """The terms with weight > 0, in ``TERMS`` order, and their weights."""
@@ -306,6 +316,9 @@ class StudentSection(_Table):
     layers: PositiveInt = 8  # teacher-layers: number of teacher layers kept
     layer_selection: Literal[LAYER_SELECTIONS] = "ends"
     model: str = ""  # pretrained: a Hugging Face directory
+    # a Hugging Face tokenizer directory ("" = the teacher's): another vocabulary needs
+    # loss.alm / loss.xkl and targets.alignment (cross-tokenizer distillation)
+    tokenizer: str = ""
 
 
 class TrainSection(_Table):
@@ -446,7 +459,33 @@ class Job(_Table):
             )
         if loss.bild > 0 and loss.bild_top > self.targets.k:
             raise ValueError(f"loss.bild_top = {loss.bild_top} > targets.k = {self.targets.k}")
+        self._check_cross_tokenizer()
         return self
+
+    def _check_cross_tokenizer(self) -> None:
+        """loss.alm / loss.xkl need a student tokenizer and aligned targets, and replace the
+        terms that index the teacher's vocabulary (CE stays: the student's own tokens)."""
+        xt = self.loss.cross_tokenizer()
+        if not xt:
+            return
+        names = " and ".join(f"loss.{n}" for n in xt)
+        if not self.student.tokenizer:
+            raise ValueError(
+                f"{names} distil into another tokenizer: set student.tokenizer (a Hugging Face "
+                "tokenizer directory), or set them to 0"
+            )
+        if not self.targets.alignment:
+            raise ValueError(
+                f"{names} need targets.alignment = true (the teacher stores its token offsets "
+                "and log-probs to align on); re-run the teacher with it"
+            )
+        same = [f"loss.{n}" for n in KD_TERMS if getattr(self.loss, n) > 0]
+        if same:
+            raise ValueError(
+                f"{', '.join(same)} index the teacher's vocabulary and cannot train a student "
+                f"with another tokenizer: set them to 0 with {names} (loss.xkl is the KL "
+                "through the vocab map)"
+            )
 
     def resolve(self, p: str) -> Path:
         """A data/model path from the job file, relative to the job file's directory."""

@@ -170,3 +170,31 @@ def wait_guest_running(compute: FakeCompute, timeout: float = 120) -> None:
         lambda: any(i.guest_attributes.get("distill/status") == "running" for i in compute.live()),
         timeout,
     ), "no VM reached the teacher"
+
+
+STUDENT_TEMPLATE = (  # renders differently from SmolLM2's outside the content
+    "{% for m in messages %}<s>[{{ m['role'] | upper }}]: {{ m['content'] | trim }}</s>"
+    "{% endfor %}{% if add_generation_prompt %}<s>[ASSISTANT]: {% endif %}"
+)
+
+
+def bpe_tokenizer(vocab_size: int = 2000) -> Any:
+    """A byte-level BPE trained offline on pydoc's topics, with :data:`STUDENT_TEMPLATE`: a
+    student tokenizer with another vocabulary than the tiny teacher's (SmolLM2's)."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(topics.values()), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = STUDENT_TEMPLATE
+    return fast

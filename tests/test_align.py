@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+from helpers import STUDENT_TEMPLATE, bpe_tokenizer
 
 from distill.data.align import align, content_spans
 from distill.data.dataset import assistant_spans
@@ -187,32 +188,11 @@ def test_align_worked_example() -> None:
 
 # --- real tokenizers: SmolLM2 (teacher) and a BPE with another vocab (student) ----------------
 
-STUDENT_TEMPLATE = (  # renders differently outside the content
-    "{% for m in messages %}<s>[{{ m['role'] | upper }}]: {{ m['content'] | trim }}</s>"
-    "{% endfor %}{% if add_generation_prompt %}<s>[ASSISTANT]: {% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
 def bpe_student():
-    """A byte-level BPE (vocab 2000) trained offline on pydoc's topics, with a chat template."""
-    from pydoc_data.topics import topics
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(list(topics.values()), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.chat_template = STUDENT_TEMPLATE
-    return fast
+    """A byte-level BPE (vocab 2000) with its own chat template (tests/helpers.py)."""
+    return bpe_tokenizer()
 
 
 CHATS = [

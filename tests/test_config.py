@@ -151,7 +151,7 @@ def test_every_problem_is_one_line_naming_the_file_and_the_field(tmp_path):
 def test_unknown_keys_name_the_key_and_the_section(tmp_path):
     for text, needle in (
         ("[cloud]\nzone = 'x'\n", "unknown field cloud.zone (known: budget_usd, engine, hf_token"),
-        ("[loss]\nkl = 1\n", "unknown field loss.kl (known: bild, bild_top, ce,"),
+        ("[loss]\nkl = 1\n", "unknown field loss.kl (known: alm, bild, bild_top, ce,"),
         ("name = 'x'\n", "unknown section [name] (known: cloud, data, job, loss,"),
     ):
         with pytest.raises(DistillError) as e:

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distill import models
 from distill.config import Job
 from distill.errors import DistillError
@@ -40,8 +42,13 @@ def spaced_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def init_from_teacher_layers(teacher_dir: Path, keep: int, dest: Path, how: str = "ends") -> Path:
-    """Build a student from ``keep`` of the teacher's layers; save it (with tokenizer)."""
+def init_from_teacher_layers(
+    teacher_dir: Path, keep: int, dest: Path, how: str = "ends", tokenizer_dir: Path | None = None
+) -> Path:
+    """Build a student from ``keep`` of the teacher's layers; save it (with tokenizer).
+
+    ``tokenizer_dir``: the student's own tokenizer (another vocabulary); its embeddings and LM
+    head are then :func:`~distill.student.vocab_init.transfer_embeddings` of the teacher's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     teacher = models.load_model(teacher_dir, "float32", "cpu")
@@ -51,11 +58,23 @@ def init_from_teacher_layers(teacher_dir: Path, keep: int, dest: Path, how: str 
     config.num_hidden_layers = len(idx)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in idx]
+    tokenizer = models.load_tokenizer(tokenizer_dir or teacher_dir)
+    t_in = teacher.get_input_embeddings().weight
+    t_out = teacher.get_output_embeddings().weight
+    vocab_tables = {t_in.data_ptr(), t_out.data_ptr()} if tokenizer_dir else set()
+    if tokenizer_dir:
+        config.vocab_size = len(tokenizer)
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, attr, getattr(tokenizer, attr, None))
+        if config.pad_token_id is None:
+            config.pad_token_id = config.eos_token_id
     student = AutoModelForCausalLM.from_config(config)
     new_of_old = {old: new for new, old in enumerate(idx)}
     state = {}
     for name, tensor in teacher.state_dict().items():
         m = _LAYER.search(name)
+        if tensor.data_ptr() in vocab_tables:
+            continue  # the teacher's vocabulary: transferred below
         if m is None:
             state[name] = tensor
         elif int(m.group(2)) in new_of_old:
@@ -63,13 +82,25 @@ def init_from_teacher_layers(teacher_dir: Path, keep: int, dest: Path, how: str 
             state[name[: m.start(2)] + str(new) + name[m.end(2) :]] = tensor
     missing, unexpected = student.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to embeddings
+    if tokenizer_dir:
+        missing = [k for k in missing if "embed_tokens" not in k]
     if missing or unexpected:
         raise DistillError(
             f"cannot build a layer-subset student from {teacher_dir}: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]} (use student.init = 'pretrained')"
         )
+    if tokenizer_dir:
+        from distill.student.vocab_init import transfer_embeddings
+
+        t_tok = models.load_tokenizer(teacher_dir)
+        with torch.no_grad():
+            s_in = student.get_input_embeddings().weight
+            s_in.copy_(transfer_embeddings(t_in.detach(), t_tok, tokenizer))
+            s_out = student.get_output_embeddings().weight
+            if s_out.data_ptr() != s_in.data_ptr():
+                s_out.copy_(transfer_embeddings(t_out.detach(), t_tok, tokenizer))
     student.save_pretrained(dest)
-    models.load_tokenizer(teacher_dir).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
     return dest
 
 
@@ -83,6 +114,7 @@ def init_student(job: Job, dest: Path) -> Path:
             job.student.layers,
             dest,
             job.student.layer_selection,
+            job.resolve(job.student.tokenizer) if job.student.tokenizer else None,
         )
     if not job.student.model:
         raise DistillError("student.init = 'pretrained' needs student.model (a model directory)")

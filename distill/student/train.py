@@ -36,7 +36,7 @@ from rich.progress import (
 )
 
 from distill import models
-from distill.config import Job, LossWeights
+from distill.config import XTOK_TERMS, Job, LossWeights
 from distill.errors import DistillError
 from distill.format.manifest import MANIFEST, Manifest
 from distill.store.cache import ShardCache
@@ -48,6 +48,8 @@ from distill.student.loader import Batch, ShardLoader
 from distill.student.losses import chunked_distill_loss
 from distill.student.observe import RunLog, memory_bytes, plot_losses
 from distill.student.optim import build_optimizer
+from distill.student.xtok_data import XBatch
+from distill.student.xtok_loss import xtok_loss
 
 console = Console(stderr=True)
 CHECKPOINT = "checkpoint.pt"
@@ -103,12 +105,19 @@ def train_fingerprint(job: Job, manifest: Manifest, world: int = 1) -> str:
         "optimizer_offload",
     ):
         t.pop(k)
+    student, loss = job.student.model_dump(), job.loss.model_dump()
+    # the cross-tokenizer settings count only when used (checkpoints from before them resume)
+    if not student["tokenizer"]:
+        student.pop("tokenizer")
+    for k in XTOK_TERMS:
+        if not loss[k]:
+            loss.pop(k)
     keys = {
         "targets": manifest.job_fingerprint,
-        "student": job.student.model_dump(),
+        "student": student,
         "train": t,
         "seed": job.seed,
-        "loss": job.loss.model_dump(),
+        "loss": loss,
         "world": world,
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
@@ -247,6 +256,7 @@ class Run:
     weight: torch.Tensor
     eval_loader: ShardLoader | None
     log: RunLog
+    vmap: torch.Tensor | None = None  # cross-tokenizer: teacher id -> student id (-1: none)
 
     @property
     def main(self) -> bool:
@@ -313,6 +323,11 @@ def setup(job: Job, components: Components | None = None) -> tuple[Run, Position
     out.mkdir(parents=True, exist_ok=True)
     loader = _make_train_loader(job, rank, world)
     tokenizer, model = _load_student(job, out, loader, main=rank == 0, device=device)
+    vmap = None
+    if job.loss.cross_tokenizer():
+        from distill.student.xtok_setup import cross_tokenizer_data
+
+        vmap = cross_tokenizer_data(job, loader, tokenizer, out, world).to(device)
     body = _wrap_body(parts.body(model), world, device)
     opt = build_optimizer(
         model.parameters(),
@@ -334,7 +349,8 @@ def setup(job: Job, components: Components | None = None) -> tuple[Run, Position
     weight = model.get_output_embeddings().weight
     eval_loader = (
         make_loader(job, "eval", shuffle=False)
-        if (rank == 0 and job.train.eval_every and job.data.eval)
+        # held-out metrics score the teacher's vocabulary: none for another tokenizer yet
+        if (rank == 0 and job.train.eval_every and job.data.eval and vmap is None)
         else None
     )
     log = RunLog(out, enabled=rank == 0)
@@ -359,6 +375,7 @@ def setup(job: Job, components: Components | None = None) -> tuple[Run, Position
         weight=weight,
         eval_loader=eval_loader,
         log=log,
+        vmap=vmap,
     )
     return run, pos
 
@@ -373,9 +390,18 @@ def _load_student(
         init_dir = init_student(job, init_dir)
     distributed.barrier()
     init_dir = init_student(job, init_dir)  # built by rank 0; the others only resolve it
-    tokenizer = models.load_tokenizer(init_dir)
+    tokenizer = models.load_tokenizer(
+        job.resolve(job.student.tokenizer) if job.student.tokenizer else init_dir
+    )
     model = models.load_model(init_dir, "float32", device)
-    check_compatible(model, tokenizer, manifest, loader.cache.store.join(MANIFEST))
+    if job.loss.cross_tokenizer():
+        if models.vocab_size(model) < len(tokenizer):
+            raise DistillError(
+                f"the student's LM head has {models.vocab_size(model)} rows, fewer than "
+                f"student.tokenizer's {len(tokenizer)} tokens"
+            )
+    else:
+        check_compatible(model, tokenizer, manifest, loader.cache.store.join(MANIFEST))
     if not manifest.tail and job.loss.reverse_kl > 0:
         raise DistillError(
             f"{loader.cache.store.url} holds sampled targets (no tail bucket): loss.reverse_kl "
@@ -477,6 +503,13 @@ def _forward_backward(
     with ctx:
         with run.autocast:
             hidden = run.body(b)
+        if isinstance(b, XBatch):
+            assert run.vmap is not None
+            loss, terms = xtok_loss(
+                hidden, run.weight, b, run.job.loss, run.vmap, run.job.train.loss_chunk
+            )
+            (loss / n).backward()
+            return loss, terms
         loss, terms = run.loss(
             hidden[b.target_mask],
             run.weight,

@@ -107,6 +107,11 @@ def _label_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     return z.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
 
 
+def label_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
+    """``[n]`` log q(label | row) of the student at each row, the LM head chunked."""
+    return row_values(hidden, weight, _label_logprob, chunk, labels.long())
+
+
 def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, stable at both ends (Maechler 2012), NaN-free in
     the gradient too (each branch sees only inputs it is meant for)."""

@@ -1,0 +1,152 @@
+"""Cross-tokenizer training end to end on the tiny teacher (#24 items 3 and 4): SmolLM2's
+tokenizer writes aligned shards, a student with a BPE of another vocabulary trains from them
+with loss.alm and loss.xkl; the config's refusals; the student's embeddings start from the
+teacher's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import bpe_tokenizer, make_job
+
+from distill import models
+from distill.config import load_job
+from distill.errors import DistillError
+from distill.student import train as train_mod
+from distill.student.train import train
+from distill.student.vocab_init import teacher_pieces, transfer_embeddings
+from distill.teacher.run import run_teacher
+
+XTOK = ["loss.forward_kl=0", "loss.ce=0.1", "loss.alm=1", "loss.xkl=1"]
+
+
+@pytest.fixture(scope="module")
+def aligned(tiny_teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(the job file of an aligned shard set, a BPE student tokenizer directory)."""
+    tmp = tmp_path_factory.mktemp("xtok-train")
+    path = make_job(
+        tmp, tiny_teacher_dir, str(tmp / "o"), n_train=32, n_eval=8, targets__alignment="true"
+    )
+    run_teacher(load_job(path))
+    bpe = tmp / "bpe"
+    bpe_tokenizer().save_pretrained(bpe)
+    return path, bpe
+
+
+def _job(aligned: tuple[Path, Path], run: Path, *extra: str):
+    path, bpe = aligned
+    sets = [f'student.tokenizer="{bpe}"', f'train.run_dir="{run}"', *XTOK, *extra]
+    return load_job(path, sets)
+
+
+def _records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "split" not in r]
+
+
+def test_a_bpe_student_trains_from_aligned_smollm2_targets(aligned, tmp_path) -> None:
+    """4 steps an epoch (32 samples, batch 8), 3 epochs: every term is finite and positive,
+    and the loss over the third epoch is below the first's (the same samples)."""
+    job = _job(aligned, tmp_path / "run", "train.epochs=3", "train.lr=3e-3")
+    summary = train(job)
+    assert summary["steps"] == 12 and np.isfinite(summary["final_loss"])
+    recs = _records(tmp_path / "run")
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    for r in recs:
+        assert all(np.isfinite(r[k]) and r[k] > 0 for k in ("loss", "ce", "alm", "xkl")), r
+        # the total is the weighted sum (temperature 1)
+        assert r["loss"] == pytest.approx(0.1 * r["ce"] + r["alm"] + r["xkl"], rel=1e-5)
+    first = np.mean([r["loss"] for r in recs[:4]])
+    last = np.mean([r["loss"] for r in recs[-4:]])
+    assert last < 0.9 * first, (first, last)
+    student = tmp_path / "run" / "student"
+    tok = models.load_tokenizer(student)
+    model = models.load_model(student, "float32", "cpu")
+    assert len(tok) == 2000 and models.vocab_size(model) == 2000
+
+
+def test_a_killed_run_resumes_to_the_same_weights(aligned, tmp_path, monkeypatch) -> None:
+    sets = ("train.epochs=2", "train.checkpoint_every=3")
+    train(_job(aligned, tmp_path / "a", *sets))
+    resumed = _job(aligned, tmp_path / "b", *sets)
+    step, done = train_mod.train_step, []
+
+    def killed_after_4_steps(*args: object) -> object:
+        if len(done) == 4:
+            raise KeyboardInterrupt("killed (simulated)")
+        done.append(1)
+        return step(*args)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(train_mod, "train_step", killed_after_4_steps)
+        train(resumed)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    train(resumed)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=1e-6)
+
+
+def test_config_refusals(aligned, tmp_path) -> None:
+    path, bpe = aligned
+    with pytest.raises(DistillError, match="set student.tokenizer"):
+        load_job(path, XTOK)
+    with pytest.raises(DistillError, match="need targets.alignment = true"):
+        load_job(path, [*XTOK, f'student.tokenizer="{bpe}"', "targets.alignment=false"])
+    with pytest.raises(DistillError, match="loss.forward_kl index the teacher's vocabulary"):
+        load_job(path, [*XTOK, f'student.tokenizer="{bpe}"', "loss.forward_kl=0.5"])
+    # another vocabulary without a cross-tokenizer term: today's refusal
+    other = load_job(path, [f'student.tokenizer="{bpe}"', f'train.run_dir="{tmp_path / "r"}"'])
+    with pytest.raises(DistillError, match="student vocab size 2000 != teacher's 49152"):
+        train(other)
+
+
+def test_the_student_embeddings_average_the_teachers(smol_tokenizer, tmp_path) -> None:
+    """Hand-picked tokens: one teacher token, several, a special token with no counterpart."""
+    bpe = bpe_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(len(smol_tokenizer), 6, generator=g, dtype=torch.float64)
+    got = transfer_embeddings(rows, smol_tokenizer, bpe)
+    assert got.shape == (len(bpe), 6)
+    t = smol_tokenizer.convert_tokens_to_ids
+    # "Ġthe" is " the" in both vocabularies
+    torch.testing.assert_close(got[bpe.convert_tokens_to_ids("Ġthe")], rows[t("Ġthe")])
+    # a word the BPE holds whole and SmolLM2 splits: the mean of SmolLM2's pieces
+    pieces = teacher_pieces(smol_tokenizer, bpe)
+    multi = [i for i, p in enumerate(pieces) if p is not None and len(p) == 3]
+    assert multi
+    i = multi[0]
+    s_text = bpe.convert_tokens_to_string([bpe.convert_ids_to_tokens(i)])
+    ids = smol_tokenizer(s_text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 and smol_tokenizer.decode(ids) == s_text
+    ref = (rows[ids[0]] + rows[ids[1]] + rows[ids[2]]) / 3
+    torch.testing.assert_close(got[i], ref)
+    # "<s>" is not a SmolLM2 token: the mean row
+    assert "<s>" not in smol_tokenizer.get_vocab()
+    torch.testing.assert_close(got[bpe.convert_tokens_to_ids("<s>")], rows.mean(0))
+
+
+def test_teacher_layers_init_with_a_student_tokenizer(aligned, tiny_teacher_dir, tmp_path) -> None:
+    from distill.student.init import init_from_teacher_layers
+
+    _, bpe = aligned
+    dest = init_from_teacher_layers(tiny_teacher_dir, 2, tmp_path / "s", tokenizer_dir=bpe)
+    teacher = models.load_model(tiny_teacher_dir, "float32", "cpu")
+    student = models.load_model(dest, "float32", "cpu")
+    s_tok, t_tok = models.load_tokenizer(dest), models.load_tokenizer(tiny_teacher_dir)
+    assert len(s_tok) == 2000 and student.config.eos_token_id == s_tok.eos_token_id
+    t_emb = teacher.get_input_embeddings().weight.detach()
+    s_emb = student.get_input_embeddings().weight.detach()
+    i = s_tok.convert_tokens_to_ids("Ġthe")
+    torch.testing.assert_close(s_emb[i], t_emb[t_tok.convert_tokens_to_ids("Ġthe")])
+    torch.testing.assert_close(s_emb, transfer_embeddings(t_emb, t_tok, s_tok))
+    # the kept layers are the teacher's
+    sd, td = student.state_dict(), teacher.state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(sd[name], td[name])
