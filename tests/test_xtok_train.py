@@ -150,3 +150,77 @@ def test_teacher_layers_init_with_a_student_tokenizer(aligned, tiny_teacher_dir,
     sd, td = student.state_dict(), teacher.state_dict()
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(sd[name], td[name])
+
+
+def _xsample(g: torch.Generator, n: int, vocab: int, t_vocab: int, k: int, key: str):
+    from distill.student.xtok_data import XSample
+
+    ids = torch.randint(0, vocab, (n,), generator=g).numpy()
+    ce_pos = np.arange(1, n - 1)
+    n_chunks = 4
+    row_chunk = torch.randint(-1, n_chunks, (len(ce_pos),), generator=g).numpy()
+    pair_pos = ce_pos[::2]
+    lp = torch.log_softmax(torch.randn(len(pair_pos), k, generator=g), -1)
+    lp[:, -1] = float("-inf")  # padding
+    return XSample(
+        key=key,
+        input_ids=ids,
+        ce_pos=ce_pos,
+        row_chunk=row_chunk,
+        chunk_lp=(-torch.rand(n_chunks, generator=g, dtype=torch.float64) * 20).numpy(),
+        complete=np.array([True, False, True, True]),
+        pair_pos=pair_pos,
+        pair_ids=torch.randint(0, t_vocab, (len(pair_pos), k), generator=g).numpy(),
+        pair_lp=lp.numpy(),
+    )
+
+
+def test_the_step_loss_is_the_weighted_sum_over_the_batch_rows() -> None:
+    """collate_x + xtok_loss against a per-sample reference: CE from the full log-softmax at
+    each sample's own rows, ALM and the projected KL on the concatenated rows (chunk ids
+    offset per sample), the KL scaled by tau**2."""
+    from distill.config import LossWeights
+    from distill.student.xtok_data import collate_x
+    from distill.student.xtok_loss import xtok_loss
+    from distill.student.xtok_terms import alm_loss, projected_kl
+
+    g = torch.Generator().manual_seed(3)
+    vocab, t_vocab, hdim = 30, 50, 6
+    samples = [_xsample(g, n, vocab, t_vocab, 4, f"s{n}") for n in (9, 14, 6)]
+    batch = collate_x(samples, pad_id=0)
+    b, t = batch.input_ids.shape
+    hidden = torch.randn(b, t, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    vmap = torch.randint(-1, vocab, (t_vocab,), generator=g)
+    w = LossWeights(forward_kl=0, ce=0.3, alm=0.7, xkl=0.5, temperature=2.0)
+    got, terms = xtok_loss(hidden, weight, batch, w, vmap, chunk=5)
+
+    rows, labels, chunks, pairs, p_ids, p_lp, c_lp, comp = [], [], [], [], [], [], [], []
+    offset = 0
+    for i, s in enumerate(samples):
+        rows.append(hidden[i, torch.from_numpy(s.ce_pos)])
+        labels.append(torch.from_numpy(s.input_ids[s.ce_pos + 1]))
+        rc = torch.from_numpy(s.row_chunk)
+        chunks.append(torch.where(rc >= 0, rc + offset, -1))
+        offset += len(s.chunk_lp)
+        pairs.append(hidden[i, torch.from_numpy(s.pair_pos)])
+        p_ids.append(torch.from_numpy(s.pair_ids))
+        p_lp.append(torch.from_numpy(s.pair_lp))
+        c_lp.append(torch.from_numpy(s.chunk_lp))
+        comp.append(torch.from_numpy(s.complete))
+    r, lab = torch.cat(rows), torch.cat(labels)
+    logq = (r @ weight.T).log_softmax(-1)
+    ce = -logq[torch.arange(len(lab)), lab].mean()
+    alm = alm_loss(r, weight, lab, torch.cat(chunks), torch.cat(c_lp), torch.cat(comp))
+    kl = projected_kl(
+        torch.cat(pairs), weight, torch.cat(p_ids), torch.cat(p_lp).double(), vmap, 2.0
+    ).mean()
+    ref = 0.3 * ce + 0.7 * alm + 4.0 * 0.5 * kl
+    assert ce > 0 and alm > 0 and kl > 0
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(terms["xkl"], kl.float().detach(), rtol=1e-5, atol=1e-7)
+    gh, gw = torch.autograd.grad(got, [hidden, weight])
+    rh, rw = torch.autograd.grad(ref, [hidden, weight])
+    torch.testing.assert_close(gh, rh, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-9)
+    assert gh[batch.attention_mask == 0].abs().sum() == 0  # padding gets no gradient

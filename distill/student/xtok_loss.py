@@ -8,7 +8,7 @@ from torch import Tensor
 
 from distill.config import LossWeights
 from distill.student.xtok_data import XBatch
-from distill.student.xtok_terms import alm_loss, label_logprobs, projected_kl
+from distill.student.xtok_terms import alm_from_row_logprobs, label_logprobs, projected_kl
 
 
 def xtok_loss(
@@ -26,21 +26,14 @@ def xtok_loss(
     zero = flat.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph when no term has rows
     total, terms = zero, {}
     rows = flat[batch.ce_index]
-    if weights.ce > 0:
+    if weights.ce > 0 or weights.alm > 0:  # one LM-head pass for both
         lp = label_logprobs(rows, weight, batch.labels, chunk)
-        ce = -lp.mean() if lp.numel() else zero
-        total, terms["ce"] = total + weights.ce * ce, ce.detach()
-    if weights.alm > 0:
-        alm = alm_loss(
-            rows,
-            weight,
-            batch.labels,
-            batch.row_chunk,
-            batch.chunk_lp,
-            batch.complete,
-            chunk=chunk,
-        )
-        total, terms["alm"] = total + weights.alm * alm, alm.detach()
+        if weights.ce > 0:
+            ce = -lp.mean() if lp.numel() else zero
+            total, terms["ce"] = total + weights.ce * ce, ce.detach()
+        if weights.alm > 0:
+            alm = alm_from_row_logprobs(lp, batch.row_chunk, batch.chunk_lp, batch.complete)
+            total, terms["alm"] = total + weights.alm * alm, alm.detach()
     if weights.xkl > 0:
         tau = float(weights.temperature)
         if batch.pair_index.numel():

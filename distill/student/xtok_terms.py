@@ -145,13 +145,27 @@ def alm_loss(
     ``j + 1``, see ``align.chunk_rows``), -1 for none; teacher_chunk_lp [C]: ``LT_c``
     (``align.chunk_logprobs``); complete [C] bool: chunks complete on both sides. No complete
     chunk: 0 (still a graph node of ``hidden``, so a backward runs)."""
-    if float(temperature) <= 0:
-        raise DistillError(f"ALM temperature must be > 0, got {temperature!r}")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     row_lp = row_values(hidden, weight, _label_logprob, chunk, labels.long()).to(acc)
+    return alm_from_row_logprobs(row_lp, row_chunk, teacher_chunk_lp, complete, temperature, eps)
+
+
+def alm_from_row_logprobs(
+    row_lp: Tensor,
+    row_chunk: Tensor,
+    teacher_chunk_lp: Tensor,
+    complete: Tensor,
+    temperature: float = ALM_TAU,
+    eps: float = ALM_EPS,
+) -> Tensor:
+    """:func:`alm_loss` from the student's label log-probs ``row_lp`` [n] already computed
+    (:func:`label_logprobs`; the trainer shares them with CE: one LM-head pass for both)."""
+    if float(temperature) <= 0:
+        raise DistillError(f"ALM temperature must be > 0, got {temperature!r}")
+    acc = row_lp.dtype
     n_chunks = teacher_chunk_lp.shape[0]
     inside = row_chunk >= 0
-    ls = hidden.new_zeros(n_chunks, dtype=acc).index_add_(0, row_chunk[inside], row_lp[inside])
+    ls = row_lp.new_zeros(n_chunks).index_add_(0, row_chunk[inside], row_lp[inside])
     keep = complete.bool()
     if not bool(keep.any()):
         return row_lp.sum() * 0.0
