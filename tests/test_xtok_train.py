@@ -101,6 +101,17 @@ def test_config_refusals(aligned, tmp_path) -> None:
         load_job(path, [*XTOK, f'student.tokenizer="{bpe}"', "targets.alignment=false"])
     with pytest.raises(DistillError, match="loss.forward_kl index the teacher's vocabulary"):
         load_job(path, [*XTOK, f'student.tokenizer="{bpe}"', "loss.forward_kl=0.5"])
+    # a shard set written without targets.alignment (no offsets, no stored tokenizer)
+    from types import SimpleNamespace
+
+    from distill.student.xtok_setup import stored_teacher_tokenizer
+
+    plain = SimpleNamespace(
+        manifest=SimpleNamespace(targets={"kind": "sample"}),
+        cache=SimpleNamespace(store=SimpleNamespace(url="gs://b/o/train")),
+    )
+    with pytest.raises(DistillError, match="gs://b/o/train was written without targets.alignment"):
+        stored_teacher_tokenizer(plain, tmp_path / "t")  # type: ignore[arg-type]
     # another vocabulary without a cross-tokenizer term: today's refusal
     other = load_job(path, [f'student.tokenizer="{bpe}"', f'train.run_dir="{tmp_path / "r"}"'])
     with pytest.raises(DistillError, match="student vocab size 2000 != teacher's 49152"):
@@ -224,3 +235,39 @@ def test_the_step_loss_is_the_weighted_sum_over_the_batch_rows() -> None:
     torch.testing.assert_close(gh, rh, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-9)
     assert gh[batch.attention_mask == 0].abs().sum() == 0  # padding gets no gradient
+
+
+def test_the_student_reads_what_the_teacher_stored(aligned) -> None:
+    """Per stored sample, the student's own labels (its assistant tokens) spell the teacher's
+    stored contents (but for a first word merged into the template's space); where the teacher
+    truncated, they end exactly where the teacher's content ends."""
+    from distill.data.dataset import to_messages
+    from distill.format.manifest import MANIFEST, Manifest
+    from distill.format.shards import read_shard
+    from distill.student.xtok_data import student_sample
+
+    path, bpe_dir = aligned
+    job = load_job(path)
+    split = Path(job.output) / "train"
+    m = Manifest.from_json((split / MANIFEST).read_bytes(), "m")
+    samples = [s for sh in m.shards for s in read_shard(split / sh.name, m.vocab_size)]
+    records = [json.loads(x) for x in Path(job.data.train).read_text().splitlines()]
+    bpe, smol = models.load_tokenizer(bpe_dir), models.load_tokenizer(split / "tokenizer")
+    cut = pairs = chunks = 0
+    for s, rec in zip(samples, records, strict=True):
+        msgs = to_messages(rec, "t")
+        x = student_sample(s, msgs, bpe)
+        labels = bpe.decode(x.input_ids[x.ce_pos + 1])
+        t_text = smol.decode(s.input_ids)
+        stored = [t_text[a:b] for a, b in s.content_spans.tolist()]
+        for c in stored:
+            assert c[-min(12, len(c) - 3) :] in labels, (s.key, c)
+        said = sum(len(mm["content"].strip()) for mm in msgs if mm["role"] == "assistant")
+        if sum(map(len, stored)) < said:
+            cut += 1
+            assert labels.endswith(stored[-1][-20:]), (s.key, stored[-1][-20:], labels[-30:])
+        assert (x.pair_pos < len(x.input_ids) - 1).all()
+        pairs += len(x.pair_pos)
+        chunks += int(x.complete.sum())
+    rows = sum(len(s.target_logprobs) for s in samples)
+    assert cut > 0 and pairs > 0.7 * rows and chunks > 0.5 * rows
