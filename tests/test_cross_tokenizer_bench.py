@@ -1,0 +1,108 @@
+"""bench/cross_tokenizer.py: its ``--tiny`` run end to end on the tiny teacher (JSON structure,
+the PNG), and bits per byte of assistant text against a hand computation on one record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def xbench():
+    path = ROOT / "bench" / "cross_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("bench_cross_tokenizer", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_cross_tokenizer"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bits_per_byte_by_hand(xbench, tiny_teacher_dir) -> None:
+    """One record, SmolLM2's template: the tokens of the assistant's content, found by hand
+    from the rendered text, -log2 q of each from a plain forward, over the content's bytes."""
+    tok = models.load_tokenizer(tiny_teacher_dir)
+    model = models.load_model(tiny_teacher_dir, "float32", "cpu")
+    answer = "Voilà: a list comprehension builds a list — in one line."
+    msgs = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": answer}]
+    got = xbench.bits_per_byte(model, tok, [msgs])
+
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    start = text.index(answer)
+    end = start + len(answer)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    scored = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end]
+    assert tok.decode([ids[j] for j in scored]).strip() == answer
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logq = torch.log_softmax(logits, -1)
+    bits = sum(-float(logq[j - 1, ids[j]]) / math.log(2) for j in scored)
+    nbytes = len(answer.encode("utf-8"))
+    assert nbytes > len(answer)  # non-ASCII: bytes, not characters
+    assert got["bytes"] == nbytes and got["tokens"] == len(scored)
+    assert got["bpb"] == pytest.approx(bits / nbytes, rel=1e-9)
+
+
+def test_summarize_verdict(xbench) -> None:
+    rows = [
+        {"arm": a, "seed": s, "bpb": v}
+        for a, vals in {
+            "A-ce": (2.0, 2.02),
+            "A-kd": (1.8, 1.82),
+            "B-ce": (2.2, 2.21),
+            "B-alm": (2.1, 2.12),
+            "B-xkl": (2.15, 2.15),
+        }.items()
+        for s, v in zip((0, 1), vals, strict=True)
+    ]
+    v = xbench.summarize(rows, xbench.ARMS)["verdict"]
+    assert v["best_b_arm"] == "B-alm"
+    assert v["gain_a"] == pytest.approx([0.2, 0.2]) and v["gain_b"] == pytest.approx([0.1, 0.09])
+    assert v["ratio"] == pytest.approx(0.095 / 0.2)
+    assert v["seed_spread"] == pytest.approx(0.02)
+    assert not v["met"]  # seed 1's B gain is under half of A's
+
+
+def test_tiny_run(xbench, tiny_teacher_dir, tmp_path) -> None:
+    out = tmp_path / "x.json"
+    png = tmp_path / "x.png"
+    xbench.main(
+        [
+            "--tiny",
+            "--model",
+            str(tiny_teacher_dir),
+            "--device",
+            "cpu",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    r = json.loads(out.read_text())
+    assert png.stat().st_size > 0
+    assert [x["arm"] for x in r["rows"]] == list(xbench.ARMS)
+    assert set(r["arms"]) == set(xbench.ARMS)
+    for x in r["rows"]:
+        assert x["seed"] == 0 and math.isfinite(x["bpb"]) and x["bpb"] > 0
+        assert x["bytes"] > 0 and x["tokens"] > 0
+    # the same held-out bytes are scored by both students, in more tokens by the small BPE
+    a = next(x for x in r["rows"] if x["arm"] == "A-ce")
+    b = next(x for x in r["rows"] if x["arm"] == "B-ce")
+    assert a["bytes"] == b["bytes"] and b["tokens"] > a["tokens"]
+    assert {"init-A", "init-B", "teacher"} <= r["reference"].keys()
+    v = r["verdict"]
+    assert v["best_b_arm"] in ("B-alm", "B-xkl", "B-both") and isinstance(v["met"], bool)
+    assert r["settings"]["tiny"] and r["settings"]["bpe_vocab"] == 600
