@@ -32,8 +32,9 @@ those contents, summed over all records (:func:`bits_per_byte`).
 
 Verdict (the issue's "done when"): per seed, gain_A = bpb(A-ce) - bpb(A-kd) and gain_B =
 bpb(B-ce) - bpb(B-best) where B-best is the distilling B arm with the lowest mean bpb;
-``ratio`` = mean gain_B / mean gain_A; met when mean(gain_B - gain_A / 2) > 0 on every seed and
-its mean exceeds the seed spread (the largest max - min over seeds of the four arms' bpb).
+``ratio`` = mean gain_B / mean gain_A (n/a when A's KD does not help); met when there are >= 2
+seeds, A's mean gain exceeds the seed spread (the largest max - min over seeds of the four
+arms' bpb), gain_B - gain_A / 2 > 0 on every seed and its mean exceeds the seed spread.
 
     python bench/cross_tokenizer.py --tiny
     python bench/cross_tokenizer.py --json bench/results/cross_tokenizer.json
@@ -308,6 +309,13 @@ def summarize(rows: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]
         per_arm[a]["bpb_max"] - per_arm[a]["bpb_min"] for a in ("A-ce", "A-kd", "B-ce", best)
     )
     mean_a, mean_b = float(np.mean(gain_a)), float(np.mean(gain_b))
+    why = []
+    if len(seeds) < 2:
+        why.append("fewer than 2 seeds")
+    if not mean_a > spread:
+        why.append("A's KD gain is not beyond the seed spread")
+    if not (min(margin) > 0 and float(np.mean(margin)) > spread):
+        why.append("B's best gain is not half of A's beyond the seed spread")
     out["verdict"] = {
         "best_b_arm": best,
         "seeds": seeds,
@@ -315,10 +323,11 @@ def summarize(rows: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]
         "gain_b": gain_b,
         "gain_a_mean": mean_a,
         "gain_b_mean": mean_b,
-        "ratio": mean_b / mean_a if mean_a != 0 else float("nan"),
+        "ratio": mean_b / mean_a if mean_a > 0 else float("nan"),
         "margin_mean": float(np.mean(margin)),
         "seed_spread": float(spread),
-        "met": bool(min(margin) > 0 and float(np.mean(margin)) > spread),
+        "met": not why,
+        "not_met_because": why,
     }
     return out
 
@@ -427,6 +436,9 @@ def table_lines(result: dict[str, Any]) -> list[list[str]]:
     arms = result["arms"]
     head = ["arm", "loss", "bpb mean", "min", "max", "gain vs CE"]
     out = [head]
+    for name, r in result["reference"].items():
+        out.append([f"({name})", "untrained" if name != "teacher" else "", f"{r['bpb']:.4f}"])
+        out[-1] += ["", "", ""]
     for a, s in arms.items():
         ce = arms.get(f"{a[0]}-ce")
         gain = ce["bpb_mean"] - s["bpb_mean"] if ce and not a.endswith("-ce") else float("nan")
@@ -449,11 +461,12 @@ def verdict_line(result: dict[str, Any]) -> str:
     v = result.get("verdict")
     if not v:
         return "verdict: needs A-ce, A-kd, B-ce and a distilling B arm"
+    ratio = "n/a" if math.isnan(v["ratio"]) else f"{v['ratio']:.2f}"
     return (
         f"best B arm {v['best_b_arm']}: gain {v['gain_b_mean']:+.4f} bpb vs A-kd's "
-        f"{v['gain_a_mean']:+.4f} (ratio {v['ratio']:.2f}); margin over half of A's gain "
+        f"{v['gain_a_mean']:+.4f} (ratio {ratio}); margin over half of A's gain "
         f"{v['margin_mean']:+.4f} vs seed spread {v['seed_spread']:.4f} -> "
-        f"{'MET' if v['met'] else 'not met'}"
+        f"{'MET' if v['met'] else 'not met: ' + '; '.join(v['not_met_because'])}"
     )
 
 
@@ -490,19 +503,29 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = table_lines(result)
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 0.6), dpi=120)
     ax.axis("off")
     tab = ax.table(cellText=rows[1:], colLabels=rows[0], loc="center", cellLoc="center")
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
     tab.auto_set_column_width(list(range(len(rows[0]))))
+    tab.scale(1, 1.3)
     s = result["settings"]
     ax.set_title(
         f"held-out bits per byte of assistant text; {s['student_layers']}-layer students, "
         f"{s['steps']} steps x {s['batch_size']}, seeds {s['seeds']}, BPE {s['bpe_vocab']}",
         fontsize=9,
     )
-    fig.text(0.5, 0.02, verdict_line(result), ha="center", fontsize=7, wrap=True)
+    ax.text(
+        0.5,
+        -0.02,
+        verdict_line(result),
+        ha="center",
+        va="top",
+        fontsize=7,
+        wrap=True,
+        transform=ax.transAxes,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
