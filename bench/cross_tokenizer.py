@@ -8,7 +8,9 @@ of a student starts from the same weights):
     A  the teacher's tokenizer
     B  a byte-level BPE of ``--bpe-vocab`` tokens (16k) trained offline on the train split's
        rendered texts (the ``tokenizers`` library), with :data:`BPE_TEMPLATE`; its embeddings
-       start from the teacher's averaged pieces (``init_from_teacher_layers(tokenizer_dir=)``)
+       start from the teacher's averaged pieces (``init_from_teacher_layers(tokenizer_dir=)``).
+       The demo's train split (879 records, ~200 KB) saturates it: every word is one token at
+       7,803 tokens (measured), so "16k" gives 7,803; the JSON records both numbers
 
 Arms (same data, steps, batch size, lr and seeds; ``--ce-mix`` is the CE weight of every
 distilling arm):
@@ -408,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "student_layers": args.layers,
         "layer_selection": args.layer_selection,
         "bpe_vocab": len(bpe),
+        "bpe_vocab_asked": args.bpe_vocab,
         "targets": f"topk-{args.k}, aligned",
         "train_samples": int(m.samples),
         "eval_samples": len(eval_recs),
