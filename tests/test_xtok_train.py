@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import bpe_tokenizer, make_job
+from helpers import REPO, bpe_tokenizer, make_job
 
 from distill import models
 from distill.config import load_job
@@ -271,3 +271,30 @@ def test_the_student_reads_what_the_teacher_stored(aligned) -> None:
         chunks += int(x.complete.sum())
     rows = sum(len(s.target_logprobs) for s in samples)
     assert cut > 0 and pairs > 0.7 * rows and chunks > 0.5 * rows
+
+
+def test_the_record_index_reads_each_record_by_key_without_holding_plain_files(tmp_path):
+    """A plain JSONL file is read by byte offset (no record held); a compressed one is held;
+    both give the records' messages as a full read does, and an unknown key is refused."""
+    import gzip
+
+    from distill.data.dataset import key
+    from distill.data.encode import parse
+    from distill.student.xtok_data import RecordIndex
+
+    lines = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()[:40]
+    lines.insert(5, "")  # a blank line keeps the later lines' numbers
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "b.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines[:10]) + "\n").encode()))
+    idx = RecordIndex(str(d), tmp_path / "scratch")
+    assert set(idx.offsets) == {"a"} and all(k.startswith("b-") for k in idx.raw)
+    for stem, count in (("a", len(lines)), ("b", 10)):
+        for n, line in enumerate(lines[:count], start=1):
+            if not line:
+                continue
+            assert idx.messages(key(stem, n)) == parse(line.encode(), n, "x"), (stem, n)
+    for bad in (key("a", 6), key("a", 999), key("c", 1), "nokey"):
+        with pytest.raises(DistillError, match="not in the job's dataset"):
+            idx.messages(bad)
