@@ -317,7 +317,8 @@ class StudentSection(_Table):
     layer_selection: Literal[LAYER_SELECTIONS] = "ends"
     model: str = ""  # pretrained: a Hugging Face directory
     # a Hugging Face tokenizer directory ("" = the teacher's): another vocabulary needs
-    # loss.alm / loss.xkl and targets.alignment (cross-tokenizer distillation)
+    # targets.alignment and loss.alm / loss.xkl, or CE alone (its own tokens, no teacher
+    # term: the baseline a cross-tokenizer student is compared with)
     tokenizer: str = ""
 
 
@@ -461,6 +462,18 @@ class Job(_Table):
             raise ValueError(f"loss.bild_top = {loss.bild_top} > targets.k = {self.targets.k}")
         self._check_cross_tokenizer()
         return self
+
+    def cross_tokenizer(self) -> bool:
+        """Whether the student trains on its own tokens through the aligned data path
+        (distill/student/xtok_data.py): a cross-tokenizer term is on, or ``student.tokenizer``
+        is set with CE as the only term on aligned targets (CE-only with another vocabulary)."""
+        if self.loss.cross_tokenizer():
+            return True
+        return (
+            bool(self.student.tokenizer)
+            and self.targets.alignment
+            and set(self.loss.active()) == {"ce"}
+        )
 
     def _check_cross_tokenizer(self) -> None:
         """loss.alm / loss.xkl need a student tokenizer and aligned targets, and replace the

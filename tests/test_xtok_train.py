@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import bpe_tokenizer, make_job
+from helpers import REPO, bpe_tokenizer, make_job
 
 from distill import models
 from distill.config import load_job
@@ -116,6 +116,44 @@ def test_config_refusals(aligned, tmp_path) -> None:
     other = load_job(path, [f'student.tokenizer="{bpe}"', f'train.run_dir="{tmp_path / "r"}"'])
     with pytest.raises(DistillError, match="student vocab size 2000 != teacher's 49152"):
         train(other)
+    # CE alone on targets without alignment has no student tokens to train on: the same refusal
+    ce_plain = load_job(
+        path,
+        [
+            f'student.tokenizer="{bpe}"',
+            f'train.run_dir="{tmp_path / "r2"}"',
+            "loss.forward_kl=0",
+            "loss.ce=1",
+            "targets.alignment=false",
+        ],
+    )
+    assert not ce_plain.cross_tokenizer()
+    with pytest.raises(DistillError, match="or loss.ce alone"):
+        train(ce_plain)
+
+
+def test_a_bpe_student_trains_on_its_own_tokens_with_ce_alone(aligned, tmp_path) -> None:
+    """The CE-only baseline of a cross-tokenizer student: student.tokenizer with loss.ce as the
+    only term trains through the aligned data path; every step logs CE alone, its loss is CE,
+    and it falls over 3 epochs of the same samples."""
+    path, bpe = aligned
+    sets = [f'student.tokenizer="{bpe}"', f'train.run_dir="{tmp_path / "run"}"']
+    job = load_job(
+        path, [*sets, "loss.forward_kl=0", "loss.ce=1", "train.epochs=3", "train.lr=1e-2"]
+    )
+    assert job.cross_tokenizer() and not job.loss.cross_tokenizer()
+    summary = train(job)
+    assert summary["steps"] == 12 and np.isfinite(summary["final_loss"])
+    recs = _records(tmp_path / "run")
+    for r in recs:
+        assert "alm" not in r and "xkl" not in r, r
+        assert r["loss"] == pytest.approx(r["ce"], rel=1e-6) and r["ce"] > 0
+    first = np.mean([r["loss"] for r in recs[:4]])
+    last = np.mean([r["loss"] for r in recs[-4:]])
+    assert last < 0.9 * first, (first, last)
+    assert (
+        models.vocab_size(models.load_model(tmp_path / "run" / "student", "float32", "cpu")) == 2000
+    )
 
 
 def test_the_student_embeddings_average_the_teachers(smol_tokenizer, tmp_path) -> None:
@@ -271,3 +309,30 @@ def test_the_student_reads_what_the_teacher_stored(aligned) -> None:
         chunks += int(x.complete.sum())
     rows = sum(len(s.target_logprobs) for s in samples)
     assert cut > 0 and pairs > 0.7 * rows and chunks > 0.5 * rows
+
+
+def test_the_record_index_reads_each_record_by_key_without_holding_plain_files(tmp_path):
+    """A plain JSONL file is read by byte offset (no record held); a compressed one is held;
+    both give the records' messages as a full read does, and an unknown key is refused."""
+    import gzip
+
+    from distill.data.dataset import key
+    from distill.data.encode import parse
+    from distill.student.xtok_data import RecordIndex
+
+    lines = (REPO / "data" / "demo" / "train.jsonl").read_text().splitlines()[:40]
+    lines.insert(5, "")  # a blank line keeps the later lines' numbers
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "b.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines[:10]) + "\n").encode()))
+    idx = RecordIndex(str(d), tmp_path / "scratch")
+    assert set(idx.offsets) == {"a"} and all(k.startswith("b-") for k in idx.raw)
+    for stem, count in (("a", len(lines)), ("b", 10)):
+        for n, line in enumerate(lines[:count], start=1):
+            if not line:
+                continue
+            assert idx.messages(key(stem, n)) == parse(line.encode(), n, "x"), (stem, n)
+    for bad in (key("a", 6), key("a", 999), key("c", 1), "nokey"):
+        with pytest.raises(DistillError, match="not in the job's dataset"):
+            idx.messages(bad)

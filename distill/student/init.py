@@ -127,7 +127,9 @@ def check_compatible(model: Any, tokenizer: Any, manifest: Manifest, where: str)
     if v != manifest.vocab_size:
         raise DistillError(
             f"student vocab size {v} != teacher's {manifest.vocab_size} in {where}: the sparse "
-            "targets index the teacher's vocabulary; use a student with the teacher's tokenizer"
+            "targets index the teacher's vocabulary; use a student with the teacher's tokenizer, "
+            "or distil across tokenizers (student.tokenizer, targets.alignment = true and "
+            "loss.alm / loss.xkl, or loss.ce alone)"
         )
     fp = models.tokenizer_fingerprint(tokenizer)
     if fp != manifest.tokenizer_fingerprint:

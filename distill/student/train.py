@@ -324,7 +324,7 @@ def setup(job: Job, components: Components | None = None) -> tuple[Run, Position
     loader = _make_train_loader(job, rank, world)
     tokenizer, model = _load_student(job, out, loader, main=rank == 0, device=device)
     vmap = None
-    if job.loss.cross_tokenizer():
+    if job.cross_tokenizer():
         from distill.student.xtok_setup import cross_tokenizer_data
 
         vmap = cross_tokenizer_data(job, loader, tokenizer, out, world).to(device)
@@ -394,7 +394,7 @@ def _load_student(
         job.resolve(job.student.tokenizer) if job.student.tokenizer else init_dir
     )
     model = models.load_model(init_dir, "float32", device)
-    if job.loss.cross_tokenizer():
+    if job.cross_tokenizer():
         if models.vocab_size(model) < len(tokenizer):
             raise DistillError(
                 f"the student's LM head has {models.vocab_size(model)} rows, fewer than "

@@ -12,6 +12,7 @@ log-likelihoods and completeness, and the teacher's stored target rows at the ex
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,22 +76,51 @@ class XBatch:
 
 
 class RecordIndex:
-    """A split's records by sample key (read once; the raw line or row of each)."""
+    """A split's records by sample key. A plain JSONL file is indexed by its lines' byte
+    offsets (8 bytes a line, not the records: a 1B-token split stays tens of MB) and a line is
+    read with ``os.pread`` when its sample comes (no shared file position: safe in forked
+    loader workers); a compressed or Parquet file cannot be read at an offset, so its records
+    are held as read."""
 
     def __init__(self, spec: str, scratch: Path) -> None:
         files = open_split(spec, scratch)
+        self.files = {f.stem: f for f in files}
+        self.offsets: dict[str, np.ndarray] = {}
+        self.fds: dict[str, int] = {}
+        for f in files:
+            if not (f.parquet or f.compression):
+                self.offsets[f.stem] = line_offsets(f.path)
+                self.fds[f.stem] = os.open(f.path, os.O_RDONLY)
+        held = [f for f in files if f.stem not in self.offsets]
         self.raw: dict[str, tuple[int, str, Any]] = {}
-        for r in iter_split(files):
-            self.raw[key(files[r.file].stem, r.n)] = (r.n, r.where, r.raw)
+        for r in iter_split(held):
+            self.raw[key(held[r.file].stem, r.n)] = (r.n, r.where, r.raw)
 
     def messages(self, k: str) -> list[dict[str, str]]:
-        if k not in self.raw:
+        if k in self.raw:
+            n, where, raw = self.raw[k]
+            return parse(raw, n, where)
+        stem, _, num = k.rpartition("-")
+        off = self.offsets.get(stem)
+        n = int(num) if num.isdigit() else 0
+        line = b""
+        if off is not None and 1 <= n < len(off):
+            line = os.pread(self.fds[stem], int(off[n] - off[n - 1]), int(off[n - 1]))
+        if not line.strip():
             raise DistillError(
                 f"sample {k} of the shard set is not in the job's dataset; cross-tokenizer "
                 "training re-reads each record: train with the data the teacher read"
             )
-        n, where, raw = self.raw[k]
-        return parse(raw, n, where)
+        return parse(line, n, self.files[stem].where(n))
+
+
+def line_offsets(path: Path) -> np.ndarray:
+    """[lines + 1] int64: where each line of ``path`` starts (line n: ``[o[n-1], o[n])``)."""
+    starts = [0]
+    with path.open("rb") as fh:
+        for raw in fh:
+            starts.append(starts[-1] + len(raw))
+    return np.asarray(starts, dtype=np.int64)
 
 
 def student_sample(s: TargetSample, messages: list[dict[str, str]], tok: Any) -> XSample:

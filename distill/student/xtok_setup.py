@@ -23,7 +23,7 @@ def stored_teacher_tokenizer(loader: ShardLoader, dest: Path) -> Any:
     if not m.targets.get("alignment") or not names:
         raise DistillError(
             f"{store.url} was written without targets.alignment (no token offsets, no teacher "
-            "tokenizer): loss.alm / loss.xkl need it; re-run the teacher with "
+            "tokenizer): a student with its own tokenizer needs it; re-run the teacher with "
             "targets.alignment = true"
         )
     for name in names:
@@ -39,7 +39,9 @@ def cross_tokenizer_data(
     if world > 1:
         raise DistillError("cross-tokenizer training runs in one process for now (no torchrun)")
     if job.train.packing:
-        raise DistillError("train.packing is not supported with loss.alm / loss.xkl yet")
+        raise DistillError(
+            "train.packing is not supported with student.tokenizer (cross-tokenizer) yet"
+        )
     teacher_tok = stored_teacher_tokenizer(loader, out / "teacher-tokenizer")
     records = RecordIndex(splits(job)["train"], out / "records")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
