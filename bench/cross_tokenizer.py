@@ -17,10 +17,14 @@ distilling arm):
 
     A-ce     loss.ce = 1
     A-kd     loss.forward_kl = 1 - ce_mix, loss.ce = ce_mix
-    B-ce     loss.ce = 1 (plus loss.alm = 1e-9: see ``B_CE_ALM``)
-    B-alm    loss.ce = ce_mix, loss.alm = 1                (the chunk-likelihood term)
+    B-ce     loss.ce = 1                                   (its own tokens, no teacher)
+    B-alm    loss.ce = ce_mix, loss.alm = alm_weight       (the chunk-likelihood term)
     B-xkl    loss.ce = ce_mix, loss.xkl = 1 - ce_mix       (the projected KL)
-    B-both   loss.ce = ce_mix, loss.alm = 1, loss.xkl = 1 - ce_mix
+    B-both   loss.ce = ce_mix, loss.alm = alm_weight, loss.xkl = 1 - ce_mix
+
+``--alm-weight`` defaults to 100, ALM's temperature: the term's gradient with respect to a
+chunk's log-likelihood is about (LT / LS - 1) / tau (tokenkit's binary KL at tau = 100), so a
+weight of tau puts it on CE's scale; at weight 1 it is ~100x weaker than CE.
 
 Each arm trains once per seed (``--seeds``; ``job.seed``: the data order) through
 ``distill.student.train.train`` on a job built with ``distill.config.job_from_dict``.
@@ -78,9 +82,6 @@ BPE_TEMPLATE = (
     "{% for m in messages %}<s>[{{ m['role'] | upper }}]: {{ m['content'] | trim }}</s>"
     "{% endfor %}{% if add_generation_prompt %}<s>[ASSISTANT]: {% endif %}"
 )
-# The trainer refuses another vocabulary unless a cross-tokenizer term is on (it then checks
-# the teacher's vocabulary instead); B's CE-only arm turns ALM on at a negligible weight.
-B_CE_ALM = 1e-9
 ARMS = ("A-ce", "A-kd", "B-ce", "B-alm", "B-xkl", "B-both")
 DEFAULTS = {
     "train_samples": 0,
@@ -207,16 +208,16 @@ def bpe_texts(records: Iterable[list[dict[str, str]]]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def arm_loss(name: str, ce_mix: float) -> dict[str, float]:
+def arm_loss(name: str, ce_mix: float, alm: float = 100.0) -> dict[str, float]:
     """The loss table of an arm (module docstring)."""
     kd = 1.0 - ce_mix
     table = {
         "A-ce": {"forward_kl": 0.0, "ce": 1.0},
         "A-kd": {"forward_kl": kd, "ce": ce_mix},
-        "B-ce": {"forward_kl": 0.0, "ce": 1.0, "alm": B_CE_ALM},
-        "B-alm": {"forward_kl": 0.0, "ce": ce_mix, "alm": 1.0},
+        "B-ce": {"forward_kl": 0.0, "ce": 1.0},
+        "B-alm": {"forward_kl": 0.0, "ce": ce_mix, "alm": alm},
         "B-xkl": {"forward_kl": 0.0, "ce": ce_mix, "xkl": kd},
-        "B-both": {"forward_kl": 0.0, "ce": ce_mix, "alm": 1.0, "xkl": kd},
+        "B-both": {"forward_kl": 0.0, "ce": ce_mix, "alm": alm, "xkl": kd},
     }
     if name not in table:
         raise ValueError(f"unknown arm {name!r} (arms: {', '.join(ARMS)})")
@@ -268,8 +269,18 @@ def arm_job(
     if arm.startswith("B-"):
         raw["student"]["tokenizer"] = str(bpe_dir)
     raw["train"]["run_dir"] = str(args.workdir / "runs" / f"{arm}-s{seed}")
-    raw["loss"] = arm_loss(arm, args.ce_mix)
+    raw["loss"] = arm_loss(arm, args.ce_mix, args.alm_weight)
     return job_from_dict(raw, src=f"cross_tokenizer:{arm}:s{seed}")
+
+
+def row_key(job: Job) -> str:
+    """What decides an arm's score: its whole job (teacher, data, targets, student, train,
+    loss, seed) less the paths of this run."""
+    d = job.to_dict()
+    d["train"].pop("run_dir", None)
+    d["train"].pop("cache_dir", None)
+    d.pop("path", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def log(msg: str) -> None:
@@ -384,11 +395,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del teacher
 
     rows = []
+    done_file = args.workdir / "rows.jsonl"  # finished arms: a re-run with the same settings
+    done = {}  # skips them (an interrupted bench resumes at the arm it was in)
+    if done_file.is_file():
+        for line in done_file.read_text().splitlines():
+            r = json.loads(line)
+            done[r["key"]] = r
     for seed in args.seeds:
         for arm in args.arms:
             job = arm_job(base, arm, seed, inits[arm[0]], bpe_dir, args)
+            key = row_key(job)
+            if key in done:
+                rows.append(done[key])
+                log(f"[done] {arm} seed {seed}: bpb {done[key]['bpb']:.4f} (from {done_file})")
+                continue
             shutil.rmtree(dtrain.run_dir(job), ignore_errors=True)  # a fresh run, never a resume
-            log(f"[train] {arm} seed {seed}: {job.loss.active() | job.loss.cross_tokenizer()}")
+            log(f"[train] {arm} seed {seed}: {arm_loss(arm, args.ce_mix, args.alm_weight)}")
             summary = dtrain.train(job)
             student = models.load_model(Path(summary["student_dir"]), "float32", device)
             score = bits_per_byte(student, bpe if arm.startswith("B-") else t_tok, eval_recs)
@@ -399,11 +421,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "arm": arm,
                     "seed": seed,
                     **score,
-                    "loss": arm_loss(arm, args.ce_mix),
+                    "loss": arm_loss(arm, args.ce_mix, args.alm_weight),
                     "train_seconds": summary["seconds"],
+                    "step_ms": 1000.0 * summary["seconds"] / max(summary["steps"], 1),
                     "final_train_loss": summary["final_loss"],
                 }
             )
+            rows[-1]["key"] = key
+            with done_file.open("a") as f:
+                f.write(json.dumps(_clean(rows[-1])) + "\n")
             log(f"  bpb {score['bpb']:.4f}  ({summary['seconds']:.0f}s)")
     settings = {
         "model": args.model,
@@ -418,6 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "ce_mix": args.ce_mix,
+        "alm_weight": args.alm_weight,
         "seeds": list(args.seeds),
         "tiny": bool(args.tiny),
     }
@@ -437,15 +464,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table_lines(result: dict[str, Any]) -> list[list[str]]:
     """Header + one row per arm: bpb mean, min, max, gain over its student's CE-only."""
     arms = result["arms"]
-    head = ["arm", "loss", "bpb mean", "min", "max", "gain vs CE"]
+    head = ["arm", "loss", "bpb mean", "min", "max", "gain vs CE", "ms/step"]
     out = [head]
     for name, r in result["reference"].items():
         out.append([f"({name})", "untrained" if name != "teacher" else "", f"{r['bpb']:.4f}"])
-        out[-1] += ["", "", ""]
+        out[-1] += ["", "", "", ""]
     for a, s in arms.items():
         ce = arms.get(f"{a[0]}-ce")
         gain = ce["bpb_mean"] - s["bpb_mean"] if ce and not a.endswith("-ce") else float("nan")
         loss = next(r["loss"] for r in result["rows"] if r["arm"] == a)
+        ms = np.mean([r["step_ms"] for r in result["rows"] if r["arm"] == a])
         loss_s = ", ".join(f"{k} {v:g}" for k, v in loss.items() if v > 0)
         out.append(
             [
@@ -455,6 +483,7 @@ def table_lines(result: dict[str, Any]) -> list[list[str]]:
                 f"{s['bpb_min']:.4f}",
                 f"{s['bpb_max']:.4f}",
                 "" if math.isnan(gain) else f"{gain:+.4f}",
+                f"{ms:.0f}",
             ]
         )
     return out
@@ -559,6 +588,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer-selection", default="ends", choices=("ends", "spaced"))
     p.add_argument("--max-length", type=int, default=384, help="train tokens per sample")
     p.add_argument("--ce-mix", type=float, default=0.1, help="CE weight of the distilling arms")
+    p.add_argument("--alm-weight", type=float, default=100.0, help="loss.alm of B-alm, B-both")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch-tokens", type=int, default=4096)

@@ -81,24 +81,23 @@ def test_summarize_verdict(xbench) -> None:
     assert not one["met"] and one["not_met_because"] == ["fewer than 2 seeds"]
 
 
-def test_tiny_run(xbench, tiny_teacher_dir, tmp_path) -> None:
+def test_tiny_run(xbench, tiny_teacher_dir, tmp_path, monkeypatch) -> None:
     out = tmp_path / "x.json"
     png = tmp_path / "x.png"
-    xbench.main(
-        [
-            "--tiny",
-            "--model",
-            str(tiny_teacher_dir),
-            "--device",
-            "cpu",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--json",
-            str(out),
-            "--plot",
-            str(png),
-        ]
-    )
+    argv = [
+        "--tiny",
+        "--model",
+        str(tiny_teacher_dir),
+        "--device",
+        "cpu",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    xbench.main(argv)
     r = json.loads(out.read_text())
     assert png.stat().st_size > 0
     assert [x["arm"] for x in r["rows"]] == list(xbench.ARMS)
@@ -115,3 +114,17 @@ def test_tiny_run(xbench, tiny_teacher_dir, tmp_path) -> None:
     assert v["best_b_arm"] in ("B-alm", "B-xkl", "B-both")
     assert not v["met"] and "fewer than 2 seeds" in v["not_met_because"]
     assert r["settings"]["tiny"] and r["settings"]["bpe_vocab"] == 600
+    b_ce = next(x for x in r["rows"] if x["arm"] == "B-ce")
+    assert b_ce["loss"] == {"forward_kl": 0.0, "ce": 1.0}  # CE alone, no token of ALM
+    assert all(x["step_ms"] > 0 for x in r["rows"])
+
+    # a re-run with the same settings takes every finished arm from the workdir: nothing trains
+    def no_training(job):
+        raise AssertionError(f"trained {job.train.run_dir} again")
+
+    monkeypatch.setattr(xbench.dtrain, "train", no_training)
+    again = xbench.main([*argv, "--json", str(tmp_path / "y.json")])
+    assert [x["bpb"] for x in again["rows"]] == [x["bpb"] for x in r["rows"]]
+    # another setting is another arm: it trains
+    with pytest.raises(AssertionError, match="trained .*A-ce-s0 again"):
+        xbench.main([*argv, "--lr", "1e-3"])
