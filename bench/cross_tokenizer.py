@@ -34,13 +34,22 @@ held-out record is rendered with the student's own chat template and tokenised w
 truncation); the scored tokens are the student's tokens whose characters overlap an assistant
 turn's content (the content stripped, as :func:`distill.data.align.content_spans` finds it),
 from the second token on; bpb = sum over them of -log2 q(token | prefix) / the UTF-8 bytes of
-those contents, summed over all records (:func:`bits_per_byte`).
+those contents, summed over all records (:func:`bits_per_byte`). Template tokens, the
+end-of-turn token included, are not scored on either side (the stop decision is not measured);
+a byte-level BPE's first content token carries the template's space before it (a byte the
+denominator does not count, predictable from the template: a few thousandths of a bit).
 
 Verdict (the issue's "done when"): per seed, gain_A = bpb(A-ce) - bpb(A-kd) and gain_B =
 bpb(B-ce) - bpb(B-best) where B-best is the distilling B arm with the lowest mean bpb;
 ``ratio`` = mean gain_B / mean gain_A (n/a when A's KD does not help); met when there are >= 2
 seeds, A's mean gain exceeds the seed spread (the largest max - min over seeds of the four
 arms' bpb), gain_B - gain_A / 2 > 0 on every seed and its mean exceeds the seed spread.
+Caveats: B-best is picked on the held-out split it is scored on (a small optimistic bias), and
+every seed starts from the same student weights (the seed is the data order), so the spread
+is data-order noise, not init noise.
+
+Finished arms are kept in ``--workdir`` (``rows.jsonl``, keyed by the arm's job, the held-out
+records and what built its student), so an interrupted run resumes at the arm it was in.
 
     python bench/cross_tokenizer.py --tiny
     python bench/cross_tokenizer.py --json bench/results/cross_tokenizer.json
@@ -82,6 +91,7 @@ BPE_TEMPLATE = (
     "{% for m in messages %}<s>[{{ m['role'] | upper }}]: {{ m['content'] | trim }}</s>"
     "{% endfor %}{% if add_generation_prompt %}<s>[ASSISTANT]: {% endif %}"
 )
+SCORE_VERSION = 1  # bump when bits_per_byte changes: finished arms are then scored again
 ARMS = ("A-ce", "A-kd", "B-ce", "B-alm", "B-xkl", "B-both")
 DEFAULTS = {
     "train_samples": 0,
@@ -273,14 +283,31 @@ def arm_job(
     return job_from_dict(raw, src=f"cross_tokenizer:{arm}:s{seed}")
 
 
-def row_key(job: Job) -> str:
+def row_key(job: Job, context: dict[str, Any]) -> str:
     """What decides an arm's score: its whole job (teacher, data, targets, student, train,
-    loss, seed) less the paths of this run."""
+    loss, seed) less this run's paths, and ``context``: the held-out records, the recipes of
+    the student inits and the BPE behind the job's paths, the scorer's version."""
     d = job.to_dict()
     d["train"].pop("run_dir", None)
     d["train"].pop("cache_dir", None)
-    d.pop("path", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _sha(json.dumps([d, context], sort_keys=True, default=str))[:16]
+
+
+def built(dest: Path, recipe: dict[str, Any], build: Any) -> Path:
+    """``dest`` as ``build(dest)`` makes it from ``recipe``: kept when its ``built-from.json``
+    is this recipe, else made again (a changed BPE or teacher never reuses an old folder)."""
+    stamp = dest / "built-from.json"
+    want = json.dumps(recipe, sort_keys=True, default=str)
+    if stamp.is_file() and stamp.read_text() == want:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    build(dest)
+    stamp.write_text(want)
+    return dest
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def log(msg: str) -> None:
@@ -357,8 +384,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     bpe_dir = args.workdir / f"bpe-{args.bpe_vocab}"
-    if not (bpe_dir / "tokenizer.json").is_file():
-        train_bpe(bpe_texts(train_recs), args.bpe_vocab, bpe_dir)
+    bpe_recipe = {
+        "texts": _sha(json.dumps(bpe_texts(train_recs))),
+        "vocab": args.bpe_vocab,
+        "template": BPE_TEMPLATE,
+    }
+    built(bpe_dir, bpe_recipe, lambda d: train_bpe(bpe_texts(train_recs), args.bpe_vocab, d))
     bpe = models.load_tokenizer(bpe_dir)
     log(f"[bpe] {len(bpe)} tokens ({time.perf_counter() - t0:.1f}s) -> {bpe_dir}")
 
@@ -366,15 +397,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "A": args.workdir / f"init-A-{args.layers}",
         "B": args.workdir / f"init-B-{args.layers}",
     }
+    recipes = {}
     for side, dest in inits.items():
-        if not (dest / "config.json").is_file():
-            init_from_teacher_layers(
+        recipes[side] = {
+            "teacher": str(teacher_dir),
+            "teacher_config": _sha((teacher_dir / "config.json").read_text()),
+            "layers": args.layers,
+            "layer_selection": args.layer_selection,
+            "tokenizer": bpe_recipe if side == "B" else None,
+        }
+        built(
+            dest,
+            recipes[side],
+            lambda d, side=side: init_from_teacher_layers(
                 teacher_dir,
                 args.layers,
-                dest,
+                d,
                 args.layer_selection,
                 tokenizer_dir=bpe_dir if side == "B" else None,
-            )
+            ),
+        )
+    # what a finished arm's score depends on beyond its job (which names these by path only)
+    held_out = _sha(json.dumps(eval_recs))
 
     base = base_job(args)
     first = arm_job(base, args.arms[0], args.seeds[0], inits["A"], bpe_dir, args)
@@ -404,7 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for seed in args.seeds:
         for arm in args.arms:
             job = arm_job(base, arm, seed, inits[arm[0]], bpe_dir, args)
-            key = row_key(job)
+            key = row_key(job, {"score": SCORE_VERSION, "held_out": held_out, **recipes[arm[0]]})
             if key in done:
                 rows.append(done[key])
                 log(f"[done] {arm} seed {seed}: bpb {done[key]['bpb']:.4f} (from {done_file})")

@@ -463,18 +463,6 @@ class Job(_Table):
         self._check_cross_tokenizer()
         return self
 
-    def cross_tokenizer(self) -> bool:
-        """Whether the student trains on its own tokens through the aligned data path
-        (distill/student/xtok_data.py): a cross-tokenizer term is on, or ``student.tokenizer``
-        is set with CE as the only term on aligned targets (CE-only with another vocabulary)."""
-        if self.loss.cross_tokenizer():
-            return True
-        return (
-            bool(self.student.tokenizer)
-            and self.targets.alignment
-            and set(self.loss.active()) == {"ce"}
-        )
-
     def _check_cross_tokenizer(self) -> None:
         """loss.alm / loss.xkl need a student tokenizer and aligned targets, and replace the
         terms that index the teacher's vocabulary (CE stays: the student's own tokens)."""

@@ -128,3 +128,8 @@ def test_tiny_run(xbench, tiny_teacher_dir, tmp_path, monkeypatch) -> None:
     # another setting is another arm: it trains
     with pytest.raises(AssertionError, match="trained .*A-ce-s0 again"):
         xbench.main([*argv, "--lr", "1e-3"])
+    # another BPE: A's arms are kept, B's student is built again for it and its arms train
+    with pytest.raises(AssertionError, match="trained .*B-ce-s0 again"):
+        xbench.main([*argv, "--bpe-vocab", "500"])
+    init_b = json.loads((tmp_path / "w" / "init-B-2" / "config.json").read_text())
+    assert init_b["vocab_size"] == len(models.load_tokenizer(tmp_path / "w" / "bpe-500"))

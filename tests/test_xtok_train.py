@@ -127,8 +127,7 @@ def test_config_refusals(aligned, tmp_path) -> None:
             "targets.alignment=false",
         ],
     )
-    assert not ce_plain.cross_tokenizer()
-    with pytest.raises(DistillError, match="or loss.ce alone"):
+    with pytest.raises(DistillError, match="or loss.ce as the only term"):
         train(ce_plain)
 
 
@@ -141,7 +140,6 @@ def test_a_bpe_student_trains_on_its_own_tokens_with_ce_alone(aligned, tmp_path)
     job = load_job(
         path, [*sets, "loss.forward_kl=0", "loss.ce=1", "train.epochs=3", "train.lr=1e-2"]
     )
-    assert job.cross_tokenizer() and not job.loss.cross_tokenizer()
     summary = train(job)
     assert summary["steps"] == 12 and np.isfinite(summary["final_loss"])
     recs = _records(tmp_path / "run")
@@ -154,6 +152,26 @@ def test_a_bpe_student_trains_on_its_own_tokens_with_ce_alone(aligned, tmp_path)
     assert (
         models.vocab_size(models.load_model(tmp_path / "run" / "student", "float32", "cpu")) == 2000
     )
+
+
+def test_which_students_train_on_their_own_tokens(aligned, tiny_teacher_dir) -> None:
+    """CE alone takes the aligned data path only for another tokenizer: the teacher's own
+    tokenizer given as student.tokenizer keeps the same-tokenizer path (held-out eval,
+    packing, torchrun); a cross-tokenizer term always takes it; no alignment, never."""
+    path, bpe = aligned
+    _, manifest = train_mod.open_targets(load_job(path), "train")
+    ce = ["loss.forward_kl=0", "loss.ce=1"]
+    cases = [
+        (bpe, ce, True),
+        (tiny_teacher_dir, ce, False),
+        (bpe, ["loss.forward_kl=0.9", "loss.ce=0.1"], False),  # refused later: vocab mismatch
+        (bpe, [*ce, "targets.alignment=false"], False),
+        (bpe, XTOK, True),
+    ]
+    for tok_dir, sets, want in cases:
+        job = load_job(path, [f'student.tokenizer="{tok_dir}"', *sets])
+        tok = models.load_tokenizer(tok_dir)
+        assert train_mod.trains_on_own_tokens(job, tok, manifest) is want, (tok_dir, sets)
 
 
 def test_the_student_embeddings_average_the_teachers(smol_tokenizer, tmp_path) -> None:

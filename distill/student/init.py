@@ -121,20 +121,25 @@ def init_student(job: Job, dest: Path) -> Path:
     return models.resolve_model(job.student.model)
 
 
+ACROSS = (
+    "use a student with the teacher's tokenizer, or distil across tokenizers: "
+    "student.tokenizer on targets written with targets.alignment = true, with loss.alm / "
+    "loss.xkl or loss.ce as the only term"
+)
+
+
 def check_compatible(model: Any, tokenizer: Any, manifest: Manifest, where: str) -> None:
     """Refuse a student whose vocab or tokenizer differs from the teacher's targets."""
     v = models.vocab_size(model)
     if v != manifest.vocab_size:
         raise DistillError(
             f"student vocab size {v} != teacher's {manifest.vocab_size} in {where}: the sparse "
-            "targets index the teacher's vocabulary; use a student with the teacher's tokenizer, "
-            "or distil across tokenizers (student.tokenizer, targets.alignment = true and "
-            "loss.alm / loss.xkl, or loss.ce alone)"
+            "targets index the teacher's vocabulary; " + ACROSS
         )
     fp = models.tokenizer_fingerprint(tokenizer)
     if fp != manifest.tokenizer_fingerprint:
         raise DistillError(
             f"student tokenizer differs from the teacher's (fingerprint {fp[:12]} != "
             f"{manifest.tokenizer_fingerprint[:12]} in {where}): token ids would not line up; "
-            "use a student with the teacher's tokenizer"
+            + ACROSS
         )

@@ -322,9 +322,9 @@ def setup(job: Job, components: Components | None = None) -> tuple[Run, Position
     out = run_dir(job)
     out.mkdir(parents=True, exist_ok=True)
     loader = _make_train_loader(job, rank, world)
-    tokenizer, model = _load_student(job, out, loader, main=rank == 0, device=device)
+    tokenizer, model, own_tokens = _load_student(job, out, loader, main=rank == 0, device=device)
     vmap = None
-    if job.cross_tokenizer():
+    if own_tokens:
         from distill.student.xtok_setup import cross_tokenizer_data
 
         vmap = cross_tokenizer_data(job, loader, tokenizer, out, world).to(device)
@@ -380,10 +380,26 @@ def setup(job: Job, components: Components | None = None) -> tuple[Run, Position
     return run, pos
 
 
+def trains_on_own_tokens(job: Job, tokenizer: Any, manifest: Manifest) -> bool:
+    """Whether the student trains on its own tokens through the aligned data path
+    (distill/student/xtok_data.py): a cross-tokenizer term is on, or ``student.tokenizer`` is
+    not the teacher's tokenizer and CE is the only term on aligned targets (the CE-only
+    baseline of a student with another vocabulary). The teacher's own tokenizer given as
+    ``student.tokenizer`` keeps the same-tokenizer path (held-out eval, packing, torchrun)."""
+    if job.loss.cross_tokenizer():
+        return True
+    if not (job.student.tokenizer and job.targets.alignment):
+        return False
+    if set(job.loss.active()) != {"ce"}:
+        return False
+    return models.tokenizer_fingerprint(tokenizer) != manifest.tokenizer_fingerprint
+
+
 def _load_student(
     job: Job, out: Path, loader: ShardLoader, main: bool, device: str
-) -> tuple[Any, Any]:
-    """The initial student (built by rank 0), checked against the targets, in train mode."""
+) -> tuple[Any, Any, bool]:
+    """The initial student (built by rank 0), checked against the targets, in train mode;
+    whether it trains on its own tokens (:func:`trains_on_own_tokens`)."""
     manifest = loader.manifest
     init_dir = out / "student-init"
     if main:
@@ -394,7 +410,8 @@ def _load_student(
         job.resolve(job.student.tokenizer) if job.student.tokenizer else init_dir
     )
     model = models.load_model(init_dir, "float32", device)
-    if job.cross_tokenizer():
+    own_tokens = trains_on_own_tokens(job, tokenizer, manifest)
+    if own_tokens:
         if models.vocab_size(model) < len(tokenizer):
             raise DistillError(
                 f"the student's LM head has {models.vocab_size(model)} rows, fewer than "
@@ -414,7 +431,7 @@ def _load_student(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model.train()
-    return tokenizer, model
+    return tokenizer, model, own_tokens
 
 
 def _wrap_body(body: torch.nn.Module, world: int, device: str) -> torch.nn.Module:
