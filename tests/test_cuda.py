@@ -333,7 +333,7 @@ def test_short_bf16_training_with_gradient_checkpointing(tmp_path, monkeypatch):
         return real_loss(hidden, weight, *args, **kwargs)
 
     def spy_load(*args, **kwargs):
-        tokenizer, student = real_load(*args, **kwargs)
+        tokenizer, student, own_tokens = real_load(*args, **kwargs)
         seen["checkpointed"] = sum(
             bool(getattr(m, "gradient_checkpointing", False)) for m in student.modules()
         )
@@ -343,7 +343,7 @@ def test_short_bf16_training_with_gradient_checkpointing(tmp_path, monkeypatch):
         mlp = student.model.layers[0].mlp.down_proj
         matmuls = seen.setdefault("matmul", set())
         mlp.register_forward_hook(lambda _m, _i, o: matmuls.add(o.dtype))
-        return tokenizer, student
+        return tokenizer, student, own_tokens
 
     monkeypatch.setattr(train_mod, "chunked_distill_loss", spy_loss)
     monkeypatch.setattr(train_mod, "_load_student", spy_load)
