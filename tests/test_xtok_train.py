@@ -152,6 +152,14 @@ def test_a_bpe_student_trains_on_its_own_tokens_with_ce_alone(aligned, tmp_path)
     assert (
         models.vocab_size(models.load_model(tmp_path / "run" / "student", "float32", "cpu")) == 2000
     )
+    # `distill-ctl eval` scores the teacher's vocabulary: it says so, not how to train one
+    from rich.console import Console
+
+    from distill.student.report import compare_students
+
+    with pytest.raises(DistillError, match="held-out evaluation scores the teacher's vocab") as e:
+        compare_students(job, "Hi?", Console(quiet=True))
+    assert "distil across tokenizers" not in str(e.value)
 
 
 def test_which_students_train_on_their_own_tokens(aligned, tiny_teacher_dir) -> None:

@@ -128,18 +128,21 @@ ACROSS = (
 )
 
 
-def check_compatible(model: Any, tokenizer: Any, manifest: Manifest, where: str) -> None:
-    """Refuse a student whose vocab or tokenizer differs from the teacher's targets."""
+def check_compatible(
+    model: Any, tokenizer: Any, manifest: Manifest, where: str, hint: str = ACROSS
+) -> None:
+    """Refuse a student whose vocab or tokenizer differs from the teacher's targets; ``hint``
+    says what to do instead."""
     v = models.vocab_size(model)
     if v != manifest.vocab_size:
         raise DistillError(
             f"student vocab size {v} != teacher's {manifest.vocab_size} in {where}: the sparse "
-            "targets index the teacher's vocabulary; " + ACROSS
+            "targets index the teacher's vocabulary; " + hint
         )
     fp = models.tokenizer_fingerprint(tokenizer)
     if fp != manifest.tokenizer_fingerprint:
         raise DistillError(
             f"student tokenizer differs from the teacher's (fingerprint {fp[:12]} != "
             f"{manifest.tokenizer_fingerprint[:12]} in {where}): token ids would not line up; "
-            + ACROSS
+            + hint
         )

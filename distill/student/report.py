@@ -75,7 +75,15 @@ def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[st
 
     device = models.pick_device(job.train.device)
     model = models.load_model(model_dir, "float32", device)
-    check_compatible(model, models.load_tokenizer(model_dir), loader.manifest, str(model_dir))
+    check_compatible(
+        model,
+        models.load_tokenizer(model_dir),
+        loader.manifest,
+        str(model_dir),
+        hint="held-out evaluation scores the teacher's vocabulary, so a student with another "
+        "tokenizer is not evaluated on the shards (bench/cross_tokenizer.py scores one in bits "
+        "per byte of held-out text)",
+    )
     return evaluate(model, loader, job.train.loss_chunk), model
 
 
