@@ -62,3 +62,33 @@ def test_plan_that_cannot_fit_names_the_levers():
     msg = str(e.value)
     assert "cannot fit 0.50 GiB" in msg
     assert "train.optimizer_offload" in msg and "train.loss_chunk" in msg
+
+
+def test_a_student_with_its_own_tokenizer_is_planned_at_its_vocabulary(tiny_teacher_dir, tmp_path):
+    """student.tokenizer (#24): the planned student is the one teacher-layers builds, at the
+    student's vocabulary (exact parameter count), and the loss chunk scales with it."""
+    from helpers import bpe_tokenizer
+
+    from distill import models
+    from distill.student.init import init_from_teacher_layers
+    from distill.student.planner import student_config
+
+    bpe = tmp_path / "bpe"
+    bpe_tokenizer().save_pretrained(bpe)
+    raw = {
+        "teacher": {"model": str(tiny_teacher_dir)},
+        "student": {"init": "teacher-layers", "layers": 2},
+        "data": {"train": "unused.jsonl"},
+    }
+    same = job_from_dict(raw)
+    other = job_from_dict({**raw, "student": {**raw["student"], "tokenizer": str(bpe)}})
+    built = init_from_teacher_layers(tiny_teacher_dir, 2, tmp_path / "s", tokenizer_dir=bpe)
+    model = models.load_model(built, "float32", "cpu")
+    cfg = student_config(other)
+    assert cfg.vocab_size == 2000 == models.vocab_size(model)
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert count_params(cfg) < count_params(student_config(same))
+    kw = dict(checkpointing=False, loss_chunk=64)
+    ours = estimate(cfg, count_params(cfg), 1, 64, **kw).parts["loss_chunk"]
+    teacher_vocab = estimate(student_config(same), 1, 1, 64, **kw).parts["loss_chunk"]
+    assert ours * 49152 == teacher_vocab * 2000

@@ -129,6 +129,9 @@ def student_config(job: Job) -> Any:
         return AutoConfig.from_pretrained(models.resolve_model(job.student.model))
     config = AutoConfig.from_pretrained(models.resolve_model(job.teacher.model, weights=False))
     config.num_hidden_layers = min(job.student.layers, config.num_hidden_layers)
+    if job.student.tokenizer:  # another vocabulary: its embeddings, LM head and loss rows
+        tokenizer = models.load_tokenizer(job.resolve(job.student.tokenizer))
+        config.vocab_size = len(tokenizer)  # as init_from_teacher_layers builds it
     return config
 
 
