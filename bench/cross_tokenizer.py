@@ -34,7 +34,8 @@ held-out record is rendered with the student's own chat template and tokenised w
 truncation); the scored tokens are the student's tokens whose characters overlap an assistant
 turn's content (the content stripped, as :func:`distill.data.align.content_spans` finds it),
 from the second token on; bpb = sum over them of -log2 q(token | prefix) / the UTF-8 bytes of
-those contents, summed over all records (:func:`bits_per_byte`). Template tokens, the
+those contents, summed over all records (``distill.student.bits_per_byte``, which
+``distill-ctl eval`` uses for such a student too). Template tokens, the
 end-of-turn token included, are not scored on either side (the stop decision is not measured);
 a byte-level BPE's first content token carries the template's space before it (a byte the
 denominator does not count, predictable from the template: a few thousandths of a bit).
@@ -81,9 +82,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distill import models  # noqa: E402
 from distill.config import Job, job_from_dict  # noqa: E402
-from distill.data.align import content_spans  # noqa: E402
-from distill.data.dataset import assistant_spans, to_messages  # noqa: E402
+from distill.data.dataset import to_messages  # noqa: E402
 from distill.student import train as dtrain  # noqa: E402
+from distill.student.bits_per_byte import bits_per_byte  # noqa: E402
 from distill.teacher.run import run_teacher  # noqa: E402
 
 # The BPE student's chat template: renders differently from SmolLM2's outside the contents.
@@ -118,7 +119,7 @@ TINY = {
 
 
 # --------------------------------------------------------------------------------------------
-# Bits per byte of assistant text
+# Held-out records
 # --------------------------------------------------------------------------------------------
 
 
@@ -131,51 +132,6 @@ def read_records(path: Path, limit: int = 0) -> list[list[dict[str, str]]]:
         if limit and len(out) >= limit:
             break
     return out
-
-
-def scored_tokens(tokenizer: Any, messages: list[dict[str, str]], where: str = "record"):
-    """(ids [T], scored [T] bool, content bytes): the rendered record's tokens, which of them
-    overlap an assistant content, and the UTF-8 bytes of those contents."""
-    text, turns = assistant_spans(tokenizer, messages, where)
-    said = [m["content"] for m in messages if m["role"] == "assistant"]
-    spans = content_spans(text, said, turns, where)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    scored = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        scored |= (off[:, 1] > a) & (off[:, 0] < b)
-    scored[0] = False  # the first token has no prefix to predict it from
-    nbytes = sum(len(text[a:b].encode("utf-8")) for a, b in spans)
-    return ids, scored, nbytes
-
-
-@torch.no_grad()
-def bits_per_byte(
-    model: Any, tokenizer: Any, records: Iterable[list[dict[str, str]]]
-) -> dict[str, float]:
-    """Held-out bits per byte of assistant text (module docstring), one record at a time."""
-    model.eval()
-    device = next(model.parameters()).device
-    bits = 0.0
-    nbytes = tokens = 0
-    for i, msgs in enumerate(records):
-        ids, scored, nb = scored_tokens(tokenizer, msgs, f"held-out record {i + 1}")
-        x = torch.from_numpy(ids)[None].to(device)
-        logits = model(input_ids=x, use_cache=False).logits[0].double()
-        logq = torch.log_softmax(logits[:-1], dim=-1)
-        pos = torch.from_numpy(np.flatnonzero(scored[1:])).to(device)  # row j predicts j + 1
-        nll = -logq[pos, x[0, pos + 1]]
-        bits += float(nll.sum()) / math.log(2)
-        nbytes += nb
-        tokens += int(pos.numel())
-    return {
-        "bpb": bits / max(nbytes, 1),
-        "bits": bits,
-        "bytes": float(nbytes),
-        "tokens": float(tokens),
-        "bytes_per_token": nbytes / max(tokens, 1),
-    }
 
 
 # --------------------------------------------------------------------------------------------

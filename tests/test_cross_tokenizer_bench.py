@@ -1,5 +1,6 @@
 """bench/cross_tokenizer.py: its ``--tiny`` run end to end on the tiny teacher (JSON structure,
-the PNG), and bits per byte of assistant text against a hand computation on one record."""
+the PNG), and bits per byte of assistant text (distill/student/bits_per_byte.py, what the bench
+and ``distill-ctl eval`` score) against a hand computation on one record."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from distill import models
+from distill.student.bits_per_byte import bits_per_byte
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,14 +29,16 @@ def xbench():
     return mod
 
 
-def test_bits_per_byte_by_hand(xbench, tiny_teacher_dir) -> None:
+def test_bits_per_byte_by_hand(tiny_teacher_dir) -> None:
     """One record, SmolLM2's template: the tokens of the assistant's content, found by hand
     from the rendered text, -log2 q of each from a plain forward, over the content's bytes."""
     tok = models.load_tokenizer(tiny_teacher_dir)
     model = models.load_model(tiny_teacher_dir, "float32", "cpu")
     answer = "Voilà: a list comprehension builds a list — in one line."
     msgs = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": answer}]
-    got = xbench.bits_per_byte(model, tok, [msgs])
+    model.train()
+    got = bits_per_byte(model, tok, [msgs])
+    assert model.training  # left as it was found
 
     text = tok.apply_chat_template(msgs, tokenize=False)
     start = text.index(answer)

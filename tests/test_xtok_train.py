@@ -149,17 +149,26 @@ def test_a_bpe_student_trains_on_its_own_tokens_with_ce_alone(aligned, tmp_path)
     first = np.mean([r["loss"] for r in recs[:4]])
     last = np.mean([r["loss"] for r in recs[-4:]])
     assert last < 0.9 * first, (first, last)
-    assert (
-        models.vocab_size(models.load_model(tmp_path / "run" / "student", "float32", "cpu")) == 2000
-    )
-    # `distill-ctl eval` scores the teacher's vocabulary: it says so, not how to train one
+    student = tmp_path / "run" / "student"
+    tok = models.load_tokenizer(student)
+    assert models.vocab_size(models.load_model(student, "float32", "cpu")) == 2000 == len(tok)
+    # `distill-ctl eval`: the student's own tokens, held-out bits per byte (not the shards')
     from rich.console import Console
 
+    from distill.student.bits_per_byte import bits_per_byte, split_messages
     from distill.student.report import compare_students
 
-    with pytest.raises(DistillError, match="held-out evaluation scores the teacher's vocab") as e:
-        compare_students(job, "Hi?", Console(quiet=True))
-    assert "distil across tokenizers" not in str(e.value)
+    got = compare_students(job, "", Console(quiet=True))
+    assert got["metric"] == "bits per byte of held-out assistant text"
+    before, after = got["initialised"], got["trained"]
+    assert after["bpb"] < before["bpb"] and before["bytes"] == after["bytes"] > 0
+    records = list(split_messages(str(job.resolve(job.data.eval)), tmp_path / "scratch"))
+    assert len(records) == 8
+    direct = bits_per_byte(models.load_model(student, "float32", "cpu"), tok, records)
+    assert direct["bpb"] == pytest.approx(after["bpb"], rel=1e-9)
+    assert (
+        json.loads((tmp_path / "run" / "eval.json").read_text())["trained"]["bpb"] == after["bpb"]
+    )
 
 
 def test_which_students_train_on_their_own_tokens(aligned, tiny_teacher_dir) -> None:

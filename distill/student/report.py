@@ -80,18 +80,56 @@ def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[st
         models.load_tokenizer(model_dir),
         loader.manifest,
         str(model_dir),
-        hint="held-out evaluation scores the teacher's vocabulary, so a student with another "
-        "tokenizer is not evaluated on the shards (bench/cross_tokenizer.py scores one in bits "
-        "per byte of held-out text)",
+        hint="held-out evaluation on the shards scores the teacher's vocabulary; a student "
+        "with another tokenizer is scored in bits per byte of held-out text when it trained on "
+        "its own tokens (student.tokenizer on targets written with targets.alignment = true)",
     )
     return evaluate(model, loader, job.train.loss_chunk), model
+
+
+def _compare_own_tokens(
+    job: Job, init_dir: Path, final_dir: Path, question: str, console: Console
+) -> dict[str, Any]:
+    """A student with its own tokenizer: held-out bits per byte of assistant text (the
+    shards' metrics index the teacher's vocabulary), initialised vs trained, on data.eval."""
+    from distill.config import splits
+    from distill.student.bits_per_byte import bits_per_byte, split_messages
+    from distill.student.evaluate import generate_answer
+    from distill.student.train import run_dir
+
+    spec = splits(job).get("eval")
+    if not spec:
+        raise DistillError(f"{job.path}: data.eval is not set: nothing held out to score")
+    records = list(split_messages(spec, run_dir(job) / "eval-records"))
+    device = models.pick_device(job.train.device)
+    result: dict[str, Any] = {"metric": "bits per byte of held-out assistant text"}
+    model = None
+    for name, d in (("initialised", init_dir), ("trained", final_dir)):
+        model = models.load_model(d, "float32", device)
+        result[name] = bits_per_byte(model, models.load_tokenizer(d), records)
+    before, after = result["initialised"], result["trained"]
+    t = Table(
+        title=f"held-out, the student's own tokens ({len(records)} samples, "
+        f"{int(after['bytes']):,} bytes of assistant text)"
+    )
+    for col in ("student", "bits per byte", "tokens scored"):
+        t.add_column(col)
+    for name, r in (("initialised", before), ("trained", after)):
+        t.add_row(name, f"{r['bpb']:.4f}", f"{int(r['tokens']):,}")
+    console.print(t)
+    if question:
+        answer = generate_answer(model, models.load_tokenizer(final_dir), question)
+        console.print(f"[bold]Q:[/bold] {question}\n[bold]A (trained student):[/bold] {answer}")
+        result["question"], result["answer"] = question, answer
+    (run_dir(job) / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def compare_students(job: Job, question: str, console: Console) -> dict[str, Any]:
     """Evaluate the initialised and the trained student on the held-out shard set."""
     from distill.student.evaluate import generate_answer
     from distill.student.init import init_student
-    from distill.student.train import make_loader, run_dir
+    from distill.student.train import make_loader, run_dir, trains_on_own_tokens
 
     out = run_dir(job)
     final_dir = out / "student"
@@ -99,6 +137,8 @@ def compare_students(job: Job, question: str, console: Console) -> dict[str, Any
         raise DistillError(f"{final_dir} not found: run `distill-ctl train --job {job.path}` first")
     init_dir = init_student(job, out / "student-init")
     loader = make_loader(job, "eval", shuffle=False)
+    if trains_on_own_tokens(job, models.load_tokenizer(final_dir), loader.manifest):
+        return _compare_own_tokens(job, init_dir, final_dir, question, console)
     before, _ = _eval_model(job, init_dir, loader)
     after, model = _eval_model(job, final_dir, loader)
     t = Table(title=f"held-out ({int(after['target_tokens'])} target tokens)")
