@@ -82,9 +82,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distill import models  # noqa: E402
 from distill.config import Job, job_from_dict  # noqa: E402
-from distill.data.dataset import to_messages  # noqa: E402
 from distill.student import train as dtrain  # noqa: E402
-from distill.student.bits_per_byte import bits_per_byte  # noqa: E402
+from distill.student.bits_per_byte import bits_per_byte, split_messages  # noqa: E402
 from distill.teacher.run import run_teacher  # noqa: E402
 
 # The BPE student's chat template: renders differently from SmolLM2's outside the contents.
@@ -116,22 +115,6 @@ TINY = {
     "layers": 2,
     "k": 8,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Held-out records
-# --------------------------------------------------------------------------------------------
-
-
-def read_records(path: Path, limit: int = 0) -> list[list[dict[str, str]]]:
-    """The message lists of a JSONL split (the first ``limit``; 0 = all)."""
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            out.append(to_messages(json.loads(line), f"{path}:{n}"))
-        if limit and len(out) >= limit:
-            break
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,8 +318,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = models.pick_device(args.device)
     teacher_dir = models.resolve_model(args.model)
     t_tok = models.load_tokenizer(teacher_dir)
-    train_recs = read_records(args.train_data, args.train_samples)
-    eval_recs = read_records(args.eval_data, args.eval_samples)
+    scratch = args.workdir / "records"  # where a gs:// split is copied
+    train_recs = list(split_messages(str(args.train_data), scratch, args.train_samples))
+    eval_recs = list(split_messages(str(args.eval_data), scratch, args.eval_samples))
 
     t0 = time.perf_counter()
     bpe_dir = args.workdir / f"bpe-{args.bpe_vocab}"

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.data.dataset import assistant_spans
 from distill.errors import DistillError
 
 Spans = Sequence[tuple[int, int]]
@@ -81,6 +82,22 @@ def content_spans(
             )
         out.append((at, at + len(c)))
     return out
+
+
+def rendered_contents(
+    tokenizer: Any, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """(text, turns, contents): ``messages`` rendered by ``tokenizer``'s chat template, each
+    assistant turn's span in it and its content's (:func:`content_spans`)."""
+    text, turns = assistant_spans(tokenizer, messages, where)
+    said = [m["content"] for m in messages if m["role"] == "assistant"]
+    return text, turns, content_spans(text, said, turns, where)
+
+
+def tokens_with_offsets(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [T] int64, character offsets [T, 2] int64) of ``text``, no special tokens added."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return np.asarray(enc["input_ids"], dtype=np.int64), _as_offsets(enc["offset_mapping"])
 
 
 def _as_offsets(offsets: Any) -> np.ndarray:

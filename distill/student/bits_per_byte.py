@@ -2,7 +2,7 @@
 
 Each record is rendered with the student's own chat template and tokenised whole (no
 truncation); the scored tokens are those whose characters overlap an assistant turn's content
-(stripped, as :func:`distill.data.align.content_spans` finds it), from the second token on;
+(stripped, as :func:`distill.data.align.rendered_contents` finds it), from the second token on;
 bits per byte = the sum over them of ``-log2 q(token | prefix)`` / the UTF-8 bytes of those
 contents, over all records. Template tokens, end-of-turn included, are not scored (the stop
 decision is not measured). A byte-level BPE's first content token may carry the template's
@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.align import content_spans
-from distill.data.dataset import assistant_spans
+from distill.data.align import rendered_contents, tokens_with_offsets
 from distill.data.encode import parse
 from distill.data.records import iter_split
 from distill.sources import open_split
@@ -34,12 +33,8 @@ def scored_tokens(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(ids [T], scored [T] bool, content bytes): the rendered record's tokens, which of them
     overlap an assistant content, and the UTF-8 bytes of those contents."""
-    text, turns = assistant_spans(tokenizer, messages, where)
-    said = [m["content"] for m in messages if m["role"] == "assistant"]
-    spans = content_spans(text, said, turns, where)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    text, _, spans = rendered_contents(tokenizer, messages, where)
+    ids, off = tokens_with_offsets(tokenizer, text)
     scored = np.zeros(len(ids), dtype=bool)
     for a, b in spans:
         scored |= (off[:, 1] > a) & (off[:, 0] < b)

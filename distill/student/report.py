@@ -88,13 +88,13 @@ def _eval_model(job: Job, model_dir: Path, loader: ShardLoader) -> tuple[dict[st
 
 
 def _compare_own_tokens(
-    job: Job, init_dir: Path, final_dir: Path, question: str, console: Console
-) -> dict[str, Any]:
+    job: Job, init_dir: Path, final_dir: Path, console: Console
+) -> tuple[dict[str, Any], Any]:
     """A student with its own tokenizer: held-out bits per byte of assistant text (the
-    shards' metrics index the teacher's vocabulary), initialised vs trained, on data.eval."""
+    shards' metrics index the teacher's vocabulary), initialised vs trained, on data.eval;
+    and the trained model."""
     from distill.config import splits
     from distill.student.bits_per_byte import bits_per_byte, split_messages
-    from distill.student.evaluate import generate_answer
     from distill.student.train import run_dir
 
     spec = splits(job).get("eval")
@@ -103,7 +103,6 @@ def _compare_own_tokens(
     records = list(split_messages(spec, run_dir(job) / "eval-records"))
     device = models.pick_device(job.train.device)
     result: dict[str, Any] = {"metric": "bits per byte of held-out assistant text"}
-    model = None
     for name, d in (("initialised", init_dir), ("trained", final_dir)):
         model = models.load_model(d, "float32", device)
         result[name] = bits_per_byte(model, models.load_tokenizer(d), records)
@@ -117,12 +116,7 @@ def _compare_own_tokens(
     for name, r in (("initialised", before), ("trained", after)):
         t.add_row(name, f"{r['bpb']:.4f}", f"{int(r['tokens']):,}")
     console.print(t)
-    if question:
-        answer = generate_answer(model, models.load_tokenizer(final_dir), question)
-        console.print(f"[bold]Q:[/bold] {question}\n[bold]A (trained student):[/bold] {answer}")
-        result["question"], result["answer"] = question, answer
-    (run_dir(job) / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
+    return result, model
 
 
 def compare_students(job: Job, question: str, console: Console) -> dict[str, Any]:
@@ -138,7 +132,21 @@ def compare_students(job: Job, question: str, console: Console) -> dict[str, Any
     init_dir = init_student(job, out / "student-init")
     loader = make_loader(job, "eval", shuffle=False)
     if trains_on_own_tokens(job, models.load_tokenizer(final_dir), loader.manifest):
-        return _compare_own_tokens(job, init_dir, final_dir, question, console)
+        result, model = _compare_own_tokens(job, init_dir, final_dir, console)
+    else:
+        result, model = _compare_on_shards(job, init_dir, final_dir, loader, console)
+    if question:
+        answer = generate_answer(model, models.load_tokenizer(final_dir), question)
+        console.print(f"[bold]Q:[/bold] {question}\n[bold]A (trained student):[/bold] {answer}")
+        result["question"], result["answer"] = question, answer
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _compare_on_shards(
+    job: Job, init_dir: Path, final_dir: Path, loader: ShardLoader, console: Console
+) -> tuple[dict[str, Any], Any]:
+    """The shards' held-out KD, CE and agreement, initialised vs trained; the trained model."""
     before, _ = _eval_model(job, init_dir, loader)
     after, model = _eval_model(job, final_dir, loader)
     t = Table(title=f"held-out ({int(after['target_tokens'])} target tokens)")
@@ -147,10 +155,4 @@ def compare_students(job: Job, question: str, console: Console) -> dict[str, Any
     for name, r in (("initialised", before), ("trained", after)):
         t.add_row(name, f"{r['kd']:.4f}", f"{r['ce']:.4f}", f"{r['top1_agreement']:.2%}")
     console.print(t)
-    result: dict[str, Any] = {"initialised": before, "trained": after}
-    if question:
-        answer = generate_answer(model, models.load_tokenizer(final_dir), question)
-        console.print(f"[bold]Q:[/bold] {question}\n[bold]A (trained student):[/bold] {answer}")
-        result["question"], result["answer"] = question, answer
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
+    return {"initialised": before, "trained": after}, model

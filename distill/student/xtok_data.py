@@ -21,8 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.align import align, chunk_logprobs, chunk_rows, content_spans, target_pairs
-from distill.data.dataset import assistant_spans, key
+from distill.data.align import (
+    align,
+    chunk_logprobs,
+    chunk_rows,
+    rendered_contents,
+    target_pairs,
+    tokens_with_offsets,
+)
+from distill.data.dataset import key
 from distill.data.encode import parse
 from distill.data.records import iter_split
 from distill.errors import DistillError
@@ -127,16 +134,12 @@ def student_sample(s: TargetSample, messages: list[dict[str, str]], tok: Any) ->
     """Render, cut, tokenise and align one sample (see the module docstring)."""
     if not s.aligned or s.token_logprobs is None or s.content_spans is None:
         raise DistillError(f"sample {s.key} has no alignment fields (targets.alignment)")
-    text, turns = assistant_spans(tok, messages, s.key)
-    said = [m["content"] for m in messages if m["role"] == "assistant"]
-    full = content_spans(text, said, turns, s.key)
+    text, turns, full = rendered_contents(tok, messages, s.key)
     t_sp = [(int(a), int(b)) for a, b in s.content_spans.tolist()]
     # the teacher may have truncated: keep its turns and lengths
     spans = [(a, a + (tb - ta)) for (a, _), (ta, tb) in zip(full, t_sp, strict=False)]
     cut = len(spans) < len(full) or any(b < e for (_, b), (_, e) in zip(spans, full, strict=False))
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    ids, off = tokens_with_offsets(tok, text)
     if cut:  # up to the teacher's cut (no content kept: up to the first turn)
         end = spans[-1][1] if spans else turns[0][0]
         keep = off[:, 0] < end
