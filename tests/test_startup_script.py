@@ -10,6 +10,7 @@ delete its own VM) and the emulator's JSON API with curl, as it does GCE's on a 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,13 +74,28 @@ def guests() -> Iterator[ScriptGuests]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def image_user_reaches_the_checkout() -> None:
+    """The fake docker runs the teacher as the image's user (10001), which reads the code and
+    the venv from this checkout, as the real image reads its own copy. A checkout under a
+    directory others cannot enter (``mktemp -d`` makes them 0700) is out of its reach: skip,
+    saying so, rather than fail on the permission."""
+    for path in (Path(__file__).resolve().parent, Path(sys.prefix)):
+        for d in (path, *path.parents):
+            if not d.stat().st_mode & 0o001:
+                pytest.skip(
+                    f"{d} is not traversable by other users, so the container's user (10001) "
+                    "cannot reach the checkout; clone it under a traversable directory"
+                )
+
+
 def status_objects(job: Path) -> dict[str, bytes]:
     store = open_store(f"{load_job(job).output}/cloud/status")
     return {n: store.read_bytes(n) for n in store.list()}
 
 
 def test_the_startup_script_runs_the_teacher_and_deletes_its_vm(
-    compute, guests, cloud_job, tmp_path
+    compute, guests, cloud_job, tmp_path, image_user_reaches_the_checkout
 ):
     run = controller(cloud_job, compute, tmp_path).run()
     assert run is not None and run.outcome == "done"
@@ -158,7 +174,7 @@ def test_a_failure_before_the_teacher_reaches_the_user(
 
 
 def test_a_preempted_script_vm_is_relaunched_and_loses_nothing(
-    compute, guests, cloud_job, tmp_path
+    compute, guests, cloud_job, tmp_path, image_user_reaches_the_checkout
 ):
     guests.env["SLOW_TEACHER_S"] = "0.4"
     t, result = run_in_thread(controller(cloud_job, compute, tmp_path))
@@ -178,7 +194,7 @@ def test_a_preempted_script_vm_is_relaunched_and_loses_nothing(
 
 
 def test_a_vm_whose_container_cannot_see_the_gpu_fails_in_seconds(
-    compute, guests, cloud_job, tmp_path
+    compute, guests, cloud_job, tmp_path, image_user_reaches_the_checkout
 ):
     """The job on the VM says teacher.device = "cuda": without the GPU in its container the
     teacher stops before any work, and the user reads why, instead of a CPU run billed until
