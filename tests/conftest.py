@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,29 @@ from fakes.compute import FakeCompute
 from fakes.hub import FakeHub, tiny_llama_repo_files
 from fakes.secrets import FakeSecretManager
 from helpers import PROJECT, Guests, make_job
+
+# --- Scratch space -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every temporary file of the session, its subprocesses' (the stub's VMs, the emulator)
+    included, goes under pytest's base temp, which pytest prunes to its last three runs: code
+    that makes its own ``mkdtemp`` (a VM's job directory, say) and is killed by its test cannot
+    leave it in the system's /tmp to fill the disk over many runs."""
+    d = tmp_path_factory.mktemp("tmp", numbered=False)
+    previous_env, previous_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(d)
+    tempfile.tempdir = str(d)
+    try:
+        yield d
+    finally:
+        tempfile.tempdir = previous_dir
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
+
 
 # --- Local GCS emulator (fake-gcs-server) -------------------------------------------------
 

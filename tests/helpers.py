@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from distill.format.shards import read_shard
 from distill.store.storage import open_store
 
 REPO = Path(__file__).resolve().parents[1]
+# The system's temp directory, read before conftest points TMPDIR at pytest's (0700) base temp.
+SYSTEM_TMP = Path(tempfile.gettempdir())
 PROJECT = "distill-test"
 NAME = "distill-teacher-job"
 SLOW = f"{sys.executable} {REPO / 'tests' / 'slow_teacher.py'} teacher"

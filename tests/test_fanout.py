@@ -59,10 +59,21 @@ pytestmark = pytest.mark.wire
 
 
 class TaskGuests:
-    """What the stub's task VMs run: the teacher image's command, as a local process."""
+    """What the stub's task VMs run: the teacher image's command, as a local process, with
+    its own temp directory (``tmp``: what a task leaves on its VM's disk)."""
 
-    def __init__(self) -> None:
-        self.env: dict[str, str] = {"DISTILL_ENTRYPOINT": SLOW, "SLOW_TEACHER_S": "0"}
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        tmp.mkdir()
+        self.env: dict[str, str] = {
+            "DISTILL_ENTRYPOINT": SLOW,
+            "SLOW_TEACHER_S": "0",
+            "TMPDIR": str(tmp),
+        }
+
+    def left(self) -> list[str]:
+        """Our files left in the VMs' temp directory (torch's compile cache is torch's)."""
+        return [p.name for p in self.tmp.iterdir() if p.name.startswith("distill-")]
 
     def __call__(self, runnable: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         c = runnable["container"]
@@ -71,8 +82,8 @@ class TaskGuests:
 
 
 @pytest.fixture
-def guests() -> TaskGuests:
-    return TaskGuests()
+def guests(tmp_path) -> TaskGuests:
+    return TaskGuests(tmp_path / "vm-tmp")
 
 
 @pytest.fixture
@@ -255,6 +266,7 @@ def test_fanout_with_preemptions_gives_the_single_vm_shards(
     log2 = "".join(tasks[2].serial)
     assert "stopped on SIGTERM" in log2 and "train: resuming, 2/4 shards" in log2, log2[-3000:]
     assert "task 0 of 3: shards 0, 3, 6 ... 9 (4)" in "".join(tasks[0].serial)
+    assert not guests.left()  # preempted or done, no task left its scratch
     # a task preempted mid-run: its teacher heard the SIGTERM that its container's main process
     # got (the task passes it on) and stopped cleanly, exit 75, not killed after the grace
     for i in (1, 2):
@@ -343,6 +355,9 @@ def test_a_failed_task_is_named_and_a_rerun_computes_only_its_shards(
     out = load_job(fan_job).output
     assert not open_store(f"{out}/train").exists(MANIFEST)
     assert "CUDA error" in "".join(batch.task(1).serial)
+    # a finished task and a failed one leave nothing on their VM's disk (Batch may run the
+    # next task there): neither the staged job nor the teacher's scratch shards
+    assert not guests.left()
     # the rerun: tasks 0 and 2 find their shards; only task 1's are computed
     del guests.env["FAIL_TASK_INDEX"]
     run = fanout(fan_job, compute, batch, tmp_path).run()

@@ -117,7 +117,9 @@ def test_teacher_stops_on_the_notice_then_resumes(tiny_teacher_dir, gcs_bucket, 
         "DISTILL_WATCH_PREEMPTION": "1",
         "SLOW_TEACHER_S": "0.3",
         "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path / "vm-tmp"),
     }
+    (tmp_path / "vm-tmp").mkdir()
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "slow_teacher.py"), "teacher", "--job", str(path)],
         env=env,
@@ -143,6 +145,8 @@ def test_teacher_stops_on_the_notice_then_resumes(tiny_teacher_dir, gcs_bucket, 
     shards = sum(n.endswith(".tar") for n in names)
     # it stopped promptly: at most the shard in flight (and the one uploading) were added
     assert done_at_notice <= shards <= done_at_notice + 2 < 12
+    left = [p.name for p in (tmp_path / "vm-tmp").iterdir() if p.name.startswith("distill-")]
+    assert not left  # the stopped split's scratch is gone
     run_teacher(load_job(path))
     keys = stored_keys(f"{gcs_bucket}/run/train", tmp_path)
     assert keys == dataset_keys(tmp_path / "train.jsonl")

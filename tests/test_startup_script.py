@@ -20,6 +20,7 @@ import pytest
 from fakes.vm_tools import calls, make_bin
 from helpers import (
     NAME,
+    SYSTEM_TMP,
     assert_exact,
     controller,
     guest_env,
@@ -66,7 +67,7 @@ class ScriptGuests:
 def guests() -> Iterator[ScriptGuests]:
     """The VMs' host directories, traversable by every user like a VM's /var/lib (pytest's
     tmp_path is not), so the containers run as the image's user reach their bind mounts."""
-    root = Path(tempfile.mkdtemp(prefix="distill-vms-"))
+    root = Path(tempfile.mkdtemp(prefix="distill-vms-", dir=SYSTEM_TMP))
     root.chmod(0o755)
     try:
         yield ScriptGuests(root)

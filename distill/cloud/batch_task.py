@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +44,15 @@ def main() -> int:
     if not job_text:
         log(f"{task}: no {JOB_ENV} in the task's environment")
         return EXIT_TASK_FAILED
-    job_dir = Path(tempfile.mkdtemp(prefix="distill-task-")) / "job"
+    scratch = Path(tempfile.mkdtemp(prefix="distill-task-"))
+    try:
+        return _run_task(task, job_text, inputs, scratch / "job")
+    finally:  # Batch may run the next task on this VM: the staged job goes with this one
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_task(task: str, job_text: str, inputs: str, job_dir: Path) -> int:
+    """Stage the job in ``job_dir``, run the teacher there, and map its exit code."""
     job_dir.mkdir(parents=True)
     (job_dir / "job.toml").write_text(job_text)
     try:

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     source = LocalSource(args.local) if args.local else MetadataSource()
-    workdir = args.workdir or (args.local or Path(tempfile.mkdtemp(prefix="distill-vm-")))
-    return run(source, workdir)
+    if args.workdir or args.local:
+        return run(source, args.workdir or args.local)
+    workdir = Path(tempfile.mkdtemp(prefix="distill-vm-"))
+    try:
+        return run(source, workdir)
+    finally:  # the staged job (its model among it) is the VM's disk, not ours to keep
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -165,36 +166,37 @@ def run_split(ctx: SplitContext) -> Manifest | None:
     out = _SplitOutput(
         store, ctx.fmt, Path(tempfile.mkdtemp(prefix="distill-teacher-")), ctx.skipped
     )
-    mine = ctx.mine
-    stats = _shards_done(out, len(ctx.chunks), existing, mine)
-    done = sum(1 for i in mine if stats[i] is not None)
-    if done:
-        console.print(f"{split}: resuming, {done}/{len(mine)} shards already in {store.url}")
-    if part is not None:
-        console.print(f"{split}: task {part.index} of {part.count}: shards {_ranges(mine)}")
-        put_parts(store, _manifest(ctx, [], 0.0), len(ctx.chunks))
     try:
-        _compute_shards(ctx, stats, out, t0)
-    except Preempted:
-        if part is not None:  # the attempt's finished shards took compute time too
-            put_task_seconds(store, part, time.perf_counter() - t0)
-        raise
-    elapsed = time.perf_counter() - t0
-    if part is not None:
-        put_task_seconds(store, part, elapsed)
+        mine = ctx.mine
+        stats = _shards_done(out, len(ctx.chunks), existing, mine)
+        done = sum(1 for i in mine if stats[i] is not None)
+        if done:
+            console.print(f"{split}: resuming, {done}/{len(mine)} shards already in {store.url}")
+        if part is not None:
+            console.print(f"{split}: task {part.index} of {part.count}: shards {_ranges(mine)}")
+            put_parts(store, _manifest(ctx, [], 0.0), len(ctx.chunks))
+        try:
+            _compute_shards(ctx, stats, out, t0)
+        except Preempted:
+            if part is not None:  # the attempt's finished shards took compute time too
+                put_task_seconds(store, part, time.perf_counter() - t0)
+            raise
+        elapsed = time.perf_counter() - t0
+        if part is not None:
+            put_task_seconds(store, part, elapsed)
+            console.print(f"[green]{split}: task {part.index}: {len(mine)} shards in {store.url}")
+            return None
+        manifest = _manifest(ctx, stats, elapsed)
+        # A concurrent run may have finished first; its manifest describes the same shards.
+        with contextlib.suppress(ObjectExists):
+            store.put_bytes(MANIFEST, manifest.to_json())
+        console.print(
+            f"[green]{split}: {manifest.samples} samples, {manifest.target_tokens} target tokens, "
+            f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
+        )
+        return manifest
+    finally:  # done, preempted or failed: the scratch directory goes
         out.cleanup()
-        console.print(f"[green]{split}: task {part.index}: {len(mine)} shards in {store.url}")
-        return None
-    manifest = _manifest(ctx, stats, elapsed)
-    # A concurrent run may have finished first; its manifest describes the same shards.
-    with contextlib.suppress(ObjectExists):
-        store.put_bytes(MANIFEST, manifest.to_json())
-    out.cleanup()
-    console.print(
-        f"[green]{split}: {manifest.samples} samples, {manifest.target_tokens} target tokens, "
-        f"{len(manifest.shards)} shards -> {store.url} ({elapsed:.1f}s)"
-    )
-    return manifest
 
 
 TOKENIZER = "tokenizer/"  # targets.alignment: the teacher tokenizer's files, once per set
@@ -268,10 +270,8 @@ class _SplitOutput:
         return st
 
     def cleanup(self) -> None:
-        """Remove the scratch directory (after the manifest)."""
-        for f in self.tmp.iterdir():
-            f.unlink()
-        self.tmp.rmdir()
+        """Remove the scratch directory (its shards are uploaded or abandoned by now)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _shards_done(
