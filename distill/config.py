@@ -204,6 +204,9 @@ class DataSection(_Table):
     dataset_sha256: dict[Literal["train", "eval"], Annotated[str, AfterValidator(_sha256)]] = Field(
         default_factory=dict
     )
+    # written by teacher-cloud --vms N into the tasks' job: each split's record index
+    # (distill/data/record_index.py), so a task reads only its own shards' records
+    record_index: dict[Literal["train", "eval"], str] = Field(default_factory=dict)
 
 
 class LossWeights(_Table):

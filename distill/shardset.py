@@ -110,7 +110,7 @@ def job_fingerprint(job: Job, split: str, dataset: str, teacher_dir: Path, tok_f
             # line's bytes are (the dataset's digest already covers its lines)
             k: v
             for k, v in job.data.model_dump().items()
-            if k not in ("train", "eval", "on_invalid", "dataset_sha256")
+            if k not in ("train", "eval", "on_invalid", "dataset_sha256", "record_index")
         },
         "samples_per_shard": job.teacher.samples_per_shard,
         # quantised weights give other targets; teacher.mode does not (same batches, same ops)

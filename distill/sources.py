@@ -22,13 +22,18 @@ import functools
 import glob
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distill.data.records import DATA_SUFFIXES, DataFile, data_suffix, key_stem
 from distill.errors import DistillError
 from distill.store.cache import sha256_file
 from distill.store.storage import ObjectInfo, open_store
+
+if TYPE_CHECKING:
+    from distill.data.record_index import SplitIndex
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -192,6 +197,66 @@ def open_split(spec: str, scratch: Path) -> list[DataFile]:
         open_store(f"gs://{bucket}").download(key, local)
         out.append(DataFile(f.name, local, f.url))
     return out
+
+
+class IndexedReads:
+    """What a task read of its split through the record index: bytes by ranged reads (and
+    how many), files downloaded whole (compressed, Parquet) and their bytes."""
+
+    def __init__(self) -> None:
+        self.ranged_bytes = self.ranged_reads = self.downloaded = self.downloaded_bytes = 0
+
+    def read(self, url: str, start: int, end: int) -> bytes:
+        bucket, _, key = url[len("gs://") :].partition("/")
+        data = open_store(f"gs://{bucket}").read_range(key, start, end)
+        self.ranged_bytes += len(data)
+        self.ranged_reads += 1
+        return data
+
+    def download(self, url: str, dest: Path) -> None:
+        bucket, _, key = url[len("gs://") :].partition("/")
+        open_store(f"gs://{bucket}").download(key, dest)
+        self.downloaded += 1
+        self.downloaded_bytes += dest.stat().st_size
+
+    def summary(self, index: SplitIndex) -> str:
+        total = sum(f.size for f in index.files)
+        got = self.ranged_bytes + self.downloaded_bytes
+        return (
+            f"read {human_bytes(got)} of the split's {human_bytes(total)} through its record "
+            f"index ({self.ranged_reads} ranged reads, {self.downloaded} of "
+            f"{sum(not f.ranged for f in index.files)} compressed or Parquet files downloaded)"
+        )
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in kB, MB or GB (decimal), three significant figures or more."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def open_split_indexed(
+    index_url: str, digest: str, scratch: Path, wanted: Callable[[int, int], bool]
+) -> tuple[list[DataFile], SplitIndex, IndexedReads]:
+    """A fan-out task's split, from the record index at ``index_url`` (``gs://``) that the
+    controller wrote for the dataset of ``digest``: only the files and byte ranges holding the
+    records ``wanted(lo, hi)`` asks for are read
+    (:func:`~distill.data.record_index.open_indexed`)."""
+    from distill.data.record_index import SplitIndex, open_indexed
+
+    bucket, _, key = index_url[len("gs://") :].partition("/")
+    if not index_url.startswith("gs://") or not key:
+        raise DistillError(f"data.record_index {index_url!r}: expected a gs:// object")
+    index = SplitIndex.from_json(open_store(f"gs://{bucket}").read_bytes(key), index_url)
+    if digest and index.digest != digest:
+        raise DistillError(
+            f"{index_url} indexes another dataset (digest {index.digest[:12]}, the job's "
+            f"{digest[:12]}): rerun teacher-cloud, which indexes the dataset it checks"
+        )
+    reads = IndexedReads()
+    return open_indexed(index, scratch, wanted, reads.read, reads.download), index, reads
 
 
 # the token store a run writes: 5 bytes a token (int32 id, uint8 mask); a token is about 4

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,33 @@ def test_tasks_split_the_shards_and_finish_writes_the_single_run_manifest(
         finish_split(train, other)
     with pytest.raises(DistillError, match="task 2 of 2: the index must be in"):
         Part(2, 2)
+
+
+def test_tasks_read_only_their_shards_through_the_record_index(
+    compute, batch, guests, fan_job, single_vm, tmp_path
+):
+    """The controller indexes each split once (its checks read every record anyway); the
+    tasks stage no data file and read only their shards' byte ranges of the staged copy:
+    a third each, and the single VM's shards."""
+    run = fanout(fan_job, compute, batch, tmp_path).run()
+    assert run.outcome == "done" and nothing_left(batch)
+    (body,) = batch.created
+    env = body["taskGroups"][0]["taskSpec"]["runnables"][0]["environment"]["variables"]
+    vm_job = tomllib.loads(decode_env(env["DISTILL_JOB_TOML_B64"]))
+    index_url = vm_job["data"]["record_index"]["train"]
+    assert index_url.startswith(f"{load_job(fan_job).output}/inputs/records-")
+    index = json.loads(
+        open_store(index_url.rpartition("/")[0]).read_bytes(index_url.split("/")[-1])
+    )
+    assert index["stride"] == 4 and sum(f["records"] for f in index["files"]) == 48
+    assert "data/" not in decode_env(env["DISTILL_INPUTS_B64"])  # no task downloads the data
+    for task in batch.history[0].tasks:
+        log = "".join(task.serial)
+        m = re.search(r"train: read ([\d.]+) kB of the split's ([\d.]+) kB through its record", log)
+        assert m, log[-3000:]
+        assert 0.25 < float(m[1]) / float(m[2]) < 0.42, m[0]  # 4 of 12 shards
+    assert_exact(fan_job, tmp_path)
+    assert_same_as_single(fan_job, single_vm)
 
 
 # --- the main path: preemptions at several points, output == the single VM's -----------------

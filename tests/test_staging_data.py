@@ -120,3 +120,54 @@ def test_the_vm_job_round_trips_the_digest(tmp_path):
     (tmp_path / "j.toml").write_text("[data]\ntrain = 'x'\ndataset_sha256 = {train = 'abc'}\n")
     with pytest.raises(DistillError, match=r"dataset_sha256.train = .abc.: .*64 lowercase"):
         load_job(tmp_path / "j.toml")
+
+
+def test_a_fanout_task_reads_a_gs_split_through_the_record_index(
+    tiny_teacher_dir, gcs_bucket, tmp_path
+):
+    """teacher-cloud --vms N: the controller's checks index each split; the job names the
+    index (its fingerprint does not change); a task (1 of 2) stages no data file and gets
+    exactly its shards' samples, as a run over the whole split gives them."""
+    import gzip
+
+    from distill.shardset import Part
+    from distill.teacher.batching import prepare_split
+
+    path = make_job(tmp_path, tiny_teacher_dir, f"{gcs_bucket}/run", n_train=40)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines(keepends=True)
+    store = open_store(f"{gcs_bucket}/data")
+    (tmp_path / "a.jsonl").write_text("".join(lines[:25]))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress("".join(lines[25:]).encode()))
+    store.put_file("train/a.jsonl", tmp_path / "a.jsonl")
+    store.put_file("train/b.jsonl.gz", tmp_path / "b.jsonl.gz")
+    sets = [f'data.train="{gcs_bucket}/data/train"', "teacher.samples_per_shard=5"]
+    job = load_job(path, sets)
+    indexes = check_datasets(job, index=True)
+    assert [f.records for f in indexes["train"].files] == [25, 15]
+    raw, inputs = stage_inputs(job, QUIET, gpu=False, indexes=indexes)
+    assert not any(dest.startswith("data/") for _, dest in inputs)  # eval is read in place too
+    url = raw["data"]["record_index"]["train"]
+    assert url.startswith(f"{gcs_bucket}/run/inputs/records-")
+    again, _ = stage_inputs(job, QUIET, gpu=False, indexes=indexes)  # create-only, same name
+    assert again["data"]["record_index"] == raw["data"]["record_index"]
+    shutil.copytree(tiny_teacher_dir, tmp_path / "vm" / "model")
+    on_vm = vm_job(raw, tmp_path / "vm")
+    tok_fp = models.tokenizer_fingerprint(models.load_tokenizer(tiny_teacher_dir))
+    assert split_fingerprints(on_vm, tiny_teacher_dir, tok_fp) == expected_fingerprints(job)
+    tok = models.load_tokenizer(tiny_teacher_dir)
+    part = prepare_split(
+        on_vm,
+        "unused",
+        tok,
+        tmp_path / "t",
+        Part(1, 2),
+        url,
+        raw["data"]["dataset_sha256"]["train"],
+    )
+    whole = prepare_split(job, job.data.train, tok, tmp_path / "w")
+    mine = [s for i, s in enumerate(whole.chunks()) if i % 2 == 1]
+    assert [[x.key for x in c] for c in part.chunks()][1::2] == [[x.key for x in c] for c in mine]
+    assert all(not c for c in list(part.chunks())[0::2])
+    assert part.read.startswith("read ") and "1 of 1 compressed or Parquet files" in part.read
+    with pytest.raises(DistillError, match="indexes another dataset"):
+        prepare_split(on_vm, "unused", tok, tmp_path / "x", Part(0, 2), url, "0" * 64)

@@ -203,8 +203,10 @@ def checkpoint_move(model: str, nbytes: int) -> CheckpointMove:
 def data_prep_hours(data: DataCounts, share: float, tokens_per_s: float) -> float:
     """One VM's data preparation before its first forward pass (as
     :func:`distill.teacher.batching.prepare_split` runs it): every record of the splits read
-    and counted (:data:`DATA_READ_RECORDS_PER_S`; a task reads past the records of other tasks'
-    shards), and its ``share`` of the tokens checked and tokenised at ``tokens_per_s``. Every
+    and counted (:data:`DATA_READ_RECORDS_PER_S`; an upper bound: through its split's record
+    index a fan-out task reads only its own shards' records of a plain JSONL file, but every
+    record of a compressed or Parquet file that holds one), and its ``share`` of the tokens
+    checked and tokenised at ``tokens_per_s``. Every
     VM is given the busiest's share (round-robin shards: within a shard per split of each)."""
     records = data.samples / DATA_READ_RECORDS_PER_S
     return (records + data.tokens * share / tokens_per_s) / 3600

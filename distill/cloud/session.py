@@ -231,6 +231,8 @@ class Plan:
     vms: int  # VMs run at once: 1, or the Batch job's tasks
     image: str
     service_account: str
+    # teacher-cloud --vms N: each split's record index, written beside the inputs at staging
+    record_indexes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def region(self) -> str:
@@ -295,7 +297,9 @@ class Session:
         # a Hub teacher at one commit (a bucket one at one listing) for the whole run; only
         # its config and tokenizer come to this machine
         job = pin_teacher(job)
-        check_datasets(job)  # every line's JSON, shape and roles, on every core: no tokenizer
+        # every line's JSON, shape and roles, on every core: no tokenizer; a fan-out's tasks
+        # get what this pass learns (record index) so each reads only its shards' records
+        indexes = check_datasets(job, index=cloud.engine == "batch")
         for z in cloud.zones:
             self.backend.check_zone(z)
         # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
@@ -331,6 +335,7 @@ class Session:
             service_account=self.opts.service_account
             or cloud.service_account
             or f"distill-teacher@{self.project}.iam.gserviceaccount.com",
+            record_indexes=indexes,
         )
 
     def complete(self, plan: Plan) -> bool:
@@ -368,7 +373,11 @@ class Session:
         cloud VM's job asks for the GPU (``teacher.device = "cuda"``); a local one's does
         not."""
         raw, inputs = stage_inputs(
-            plan.job, self.console, gpu=self.opts.backend == "gce", project=plan.project
+            plan.job,
+            self.console,
+            gpu=self.opts.backend == "gce",
+            project=plan.project,
+            indexes=plan.record_indexes,
         )
         return vm_job_toml(raw), inputs
 
@@ -452,15 +461,25 @@ class Session:
         )
 
 
-def check_datasets(job: Job) -> None:
+def check_datasets(job: Job, index: bool = False) -> dict[str, Any]:
     """The whole-file checks of every split (:func:`distill.data.prepare.check`), read from
     where the job names it (a ``gs://`` split from its bucket), before anything is spent; the
-    checks that need tokens run on the VMs, each on its own shards."""
+    checks that need tokens run on the VMs, each on its own shards. ``index``: also each
+    split's record index (:func:`distill.data.record_index.build_index`) from the same copy,
+    returned by split."""
     from distill.data.prepare import Rules, check
-    from distill.sources import open_split
+    from distill.data.record_index import build_index
+    from distill.sources import digest, list_files, open_split
 
     d = job.data
     rules = Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid)
+    indexes: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
         for split, spec in splits(job).items():
-            check(open_split(spec, Path(tmp) / split), spec, rules)
+            files = open_split(spec, Path(tmp) / split)
+            check(files, spec, rules)
+            if index:
+                indexes[split] = build_index(
+                    files, digest(spec, list_files(spec)), job.teacher.samples_per_shard
+                )
+    return indexes

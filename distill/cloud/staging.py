@@ -30,7 +30,11 @@ from distill.store.storage import ObjectExists, open_store
 
 
 def stage_inputs(
-    job: Job, console: Console, gpu: bool = True, project: str = ""
+    job: Job,
+    console: Console,
+    gpu: bool = True,
+    project: str = "",
+    indexes: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
     """Upload the dataset (and a local teacher directory) under ``<output>/inputs/``.
 
@@ -39,7 +43,10 @@ def stage_inputs(
     checkpoint); ``project``: a short ``cloud.hf_token_secret``'s. Names are content-addressed
     and writes are create-only, so a rerun uploads nothing twice. ``gpu``: the job runs on an
     L4, so it says ``teacher.device = "cuda"``: a VM whose GPU the teacher cannot see fails in
-    seconds instead of running on the CPU, billed, until its max run duration."""
+    seconds instead of running on the CPU, billed, until its max run duration. ``indexes``
+    (a fan-out's, by split: :mod:`distill.data.record_index`): each is stored as
+    ``inputs/records-<hash>.json``, the job names it in ``data.record_index``, and the tasks
+    read the split's files where they are (staged or ``gs://``) instead of downloading them."""
     from distill.config import splits
 
     store = open_store(job.output.rstrip("/"))
@@ -54,20 +61,31 @@ def stage_inputs(
     raw = job.to_dict()
     inputs: list[tuple[str, str]] = []
     raw["data"]["dataset_sha256"] = {}
+    indexes = indexes or {}
+    if indexes:
+        raw["data"]["record_index"] = {}
     for split, spec in splits(job).items():
         files = list_files(spec)
         # the VM fingerprints its job with the controller's digest, reading no dataset byte
         raw["data"]["dataset_sha256"][split] = digest(spec, files)
+        urls = {}
         if is_remote(spec):  # read by the VM from its bucket, as it is
             raw["data"][split] = spec
-            continue
-        for f in files:
-            path = Path(f.url)
-            name = f"inputs/{file_sha256(path)[:16]}-{path.name}"
-            upload(name, path)
-            # the same file name (sample keys use its stem); several files keep their layout
-            inputs.append((store.join(name), f"data/{split}/{f.name}"))
-        raw["data"][split] = f"data/{split}/{files[0].name}" if len(files) == 1 else f"data/{split}"
+            urls = {f.name: f.url for f in files}
+        else:
+            for f in files:
+                path = Path(f.url)
+                name = f"inputs/{file_sha256(path)[:16]}-{path.name}"
+                upload(name, path)
+                urls[f.name] = store.join(name)
+                if split not in indexes:  # else a task reads the staged copy where it is
+                    # the same file name (sample keys use its stem); several files keep
+                    # their layout
+                    inputs.append((store.join(name), f"data/{split}/{f.name}"))
+            one = len(files) == 1
+            raw["data"][split] = f"data/{split}/{files[0].name}" if one else f"data/{split}"
+        if split in indexes:
+            raw["data"]["record_index"][split] = put_index(store, indexes[split].with_urls(urls))
     model = job.teacher.model
     source = parse_source(model)
     if source is not None:  # the VMs fetch it (a Hub model: into the bucket, once)
@@ -89,6 +107,16 @@ def stage_inputs(
     if "hf_token_secret" not in raw.get("cloud", {}):
         raw.pop("cloud", None)  # the VM needs none of it
     return raw, tuple(inputs)
+
+
+def put_index(store: Any, index: Any) -> str:
+    """Store a split's record index as ``inputs/records-<hash>.json`` (create-only,
+    content-named: a rerun stores nothing new); its URL."""
+    data = index.to_json()
+    name = f"inputs/records-{hashlib.sha256(data).hexdigest()[:16]}.json"
+    with contextlib.suppress(ObjectExists):
+        store.put_bytes(name, data)
+    return store.join(name)
 
 
 def upload_model_dir(src: Path, store: Any, present: set[str], console: Console) -> str:

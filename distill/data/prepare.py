@@ -70,6 +70,7 @@ class Prepared:
     store: TokenStore
     stats: TokenizeStats
     skipped: dict[int, int | str] = field(default_factory=dict)
+    read: str = ""  # how the records were read, when not whole files (a task's record index)
     _by_shard: dict[int, list[int | str]] | None = field(default=None, init=False, repr=False)
 
     @property

@@ -52,11 +52,16 @@ def key_stem(name: str) -> str:
 @dataclass(frozen=True)
 class DataFile:
     """One file of a split: ``name`` (relative to the split's root: sample keys use it),
-    ``path`` (where it is read, locally) and ``shown`` (how messages name it)."""
+    ``path`` (where it is read, locally) and ``shown`` (how messages name it). ``indexed``: its
+    entry in the split's record index, when a fan-out task reads it
+    (:func:`~distill.data.record_index.open_indexed`): its records are counted from the index,
+    a file holding none of the task's records is not read, and ``path`` of a plain JSONL file
+    holds only the strides with the task's records."""
 
     name: str
     path: Path
     shown: str
+    indexed: Any = None
 
     @property
     def stem(self) -> str:
@@ -130,6 +135,12 @@ def iter_split(
     for fi, f in enumerate(files):
         if select.stop and base >= select.stop:
             return
+        if f.indexed is not None:
+            from distill.data.record_index import indexed_records
+
+            yield from indexed_records(f, fi, base, select, granule)
+            base += f.indexed.records
+            continue
         if f.parquet:
             yield from _parquet_records(f, fi, base, select, granule)
             base += parquet_rows(f)
@@ -150,7 +161,9 @@ def count_records(files: list[DataFile], stop: int = 0) -> list[int]:
         if stop and total >= stop:
             counts.append(0)
             continue
-        if f.parquet:
+        if f.indexed is not None:
+            c = f.indexed.records if not stop else min(f.indexed.records, stop - total)
+        elif f.parquet:
             c = parquet_rows(f)
         else:
             c = 0
@@ -187,12 +200,17 @@ def _lines(f: DataFile) -> Iterator[tuple[int, bytes]]:
     try:
         with _open(f) as fh:
             for n, raw in enumerate(fh, start=1):
-                s = raw.strip(_BLANK)
-                if not s or (s[0] >= 0x80 and not raw.decode("utf-8", "replace").strip()):
-                    continue
-                yield n, raw
+                if not is_blank(raw):
+                    yield n, raw
     except broken as e:  # a truncated or corrupt gzip / zstd stream
         raise DistillError(f"{f.shown}: cannot read ({e})") from None
+
+
+def is_blank(raw: bytes) -> bool:
+    """Whether a line is blank: JSON whitespace only, or Unicode whitespace only (as
+    ``str.strip`` says); a blank line is no record but keeps its line number."""
+    s = raw.strip(_BLANK)
+    return not s or (s[0] >= 0x80 and not raw.decode("utf-8", "replace").strip())
 
 
 # --- Parquet -----------------------------------------------------------------------------------

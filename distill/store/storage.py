@@ -101,6 +101,10 @@ class Store(ABC):
         """The object's content; raises ObjectNotFound if it is missing."""
 
     @abstractmethod
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (one ranged read); ObjectNotFound if missing."""
+
+    @abstractmethod
     def download(self, name: str, dest: Path) -> None:
         """Copy the object to `dest` atomically (temp file next to `dest`, then os.replace);
         missing parent directories are created."""
@@ -215,6 +219,14 @@ class LocalStore(Store):
     def read_bytes(self, name: str) -> bytes:
         try:
             return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {self.join(name)} does not exist") from None
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        try:
+            with self._path(name).open("rb") as fh:
+                fh.seek(start)
+                return fh.read(max(0, end - start))
         except FileNotFoundError:
             raise ObjectNotFound(f"object {self.join(name)} does not exist") from None
 
@@ -380,6 +392,12 @@ class GCSStore(Store):
     def read_bytes(self, name: str) -> bytes:
         with self._errors("read", name):
             return self.bucket.blob(self._key(name)).download_as_bytes()
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        with self._errors("read", name):  # the client's end is inclusive
+            return self.bucket.blob(self._key(name)).download_as_bytes(start=start, end=end - 1)
 
     def download(self, name: str, dest: Path) -> None:
         tmp = _tmp_sibling(Path(dest))

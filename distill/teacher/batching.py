@@ -14,8 +14,9 @@ import torch
 from distill.config import Job
 from distill.data.dataset import Sample, TokenizeStats
 from distill.data.prepare import Prepared, Rules, prepare, tokenize_files
+from distill.data.records import Select
 from distill.shardset import Part
-from distill.sources import open_split
+from distill.sources import open_split, open_split_indexed
 
 
 def rules(job: Job) -> Rules:
@@ -25,14 +26,29 @@ def rules(job: Job) -> Rules:
 
 
 def prepare_split(
-    job: Job, spec: str, tokenizer: Any, scratch: Path, part: Part | None = None
+    job: Job,
+    spec: str,
+    tokenizer: Any,
+    scratch: Path,
+    part: Part | None = None,
+    index_url: str = "",
+    digest: str = "",
 ) -> Prepared:
     """One split as this run computes it: every shard, or ``part``'s (``s % N == i``): only
     those shards' records are read past counting, checked and tokenised, on every core, into
-    a token store under ``scratch`` (:func:`~distill.data.prepare.prepare`)."""
+    a token store under ``scratch`` (:func:`~distill.data.prepare.prepare`). ``index_url``:
+    the split's record index (``data.record_index``), made from the dataset of ``digest``."""
     per = job.teacher.samples_per_shard
     owns = None if part is None else (lambda i: part.owns(i // per))
     scratch.mkdir(parents=True, exist_ok=True)
+    if index_url:  # a fan-out task: only the files and byte ranges of its shards are read
+        select = Select(owns, job.data.max_samples)
+        files, index, reads = open_split_indexed(
+            index_url, digest, scratch, lambda lo, hi: select.any_in(lo, hi, per)
+        )
+        p = prepare(files, spec, tokenizer, rules(job), per, owns, scratch=scratch)
+        p.read = reads.summary(index)
+        return p
     files = open_split(spec, scratch)
     return prepare(files, spec, tokenizer, rules(job), per, owns, scratch=scratch)
 

@@ -475,7 +475,15 @@ def _run_teacher(job: Job, stop: StopWatch, part: Part | None) -> dict[str, Mani
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-data-")))
         prepared: dict[str, Prepared] = {}
         for split, spec in splits(job).items():  # validate all input before anything is written
-            p = prepare_split(job, spec, tokenizer, scratch / split, part)
+            p = prepare_split(
+                job,
+                spec,
+                tokenizer,
+                scratch / split,
+                part,
+                dict(job.data.record_index).get(split, ""),
+                dict(job.data.dataset_sha256).get(split, ""),
+            )
             stack.callback(p.close)
             prepared[split] = p
             _report(split, spec, p, part)
@@ -516,6 +524,8 @@ def _report(split: str, spec: str, p: Prepared, part: Part | None) -> None:
         f"{split}: {st.samples} samples, {st.tokens} tokens ({st.target_tokens} targets){share}"
         + (f", {st.truncated} truncated" if st.truncated else "")
     )
+    if p.read:
+        console.print(f"{split}: {p.read}")
     if st.invalid:
         console.print(
             f"[yellow]{split}: skipped {st.invalid} invalid line(s) of {spec} "

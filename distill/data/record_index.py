@@ -1,0 +1,311 @@
+"""A split's record index: what lets a fan-out task read only its own shards' records.
+
+Without it every Batch task would download its whole split and read every record to number
+them (O(dataset) on every VM). The controller already reads every record once for its checks
+(:func:`distill.cloud.session.check_datasets`); it writes what that pass learns, per file, as
+one small create-only object beside the staged inputs (:func:`build_index`):
+
+- ``records``: the file's records (non-blank lines, Parquet rows), so a task numbers the
+  split's records without reading a file it owns none of;
+- for plain JSONL, the byte offset and line number of every :data:`STRIDE`-th record, so a
+  task reads its shards' records by byte ranges (:func:`indexed_records`), at most one stride
+  of other records before each run of its own;
+- the object each file is read from (its ``gs://`` URL, or the staged copy of a local file).
+
+A compressed or Parquet file is downloaded by a task only when it holds one of the task's
+records (:func:`open_indexed`). The records a task reads, their numbers, lines and bytes are
+exactly those of :func:`~distill.data.records.iter_split` over the whole file (tested), so its
+shards are the single VM's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from distill.data.records import (
+    DataFile,
+    Record,
+    Select,
+    _lines,
+    _open,
+    is_blank,
+    parquet_rows,
+)
+from distill.errors import DistillError
+
+STRIDE = 256  # records between two indexed offsets, at most: ~16 bytes of index each
+MAX_READ = 64 * 2**20  # bytes fetched by one ranged read, at most (plus one line)
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileIndex:
+    """One data file of a split: ``name`` (relative to the split's root), ``url`` (where a task
+    reads it), ``size`` (bytes), ``records``; plain JSONL: ``offsets`` / ``lines``, the byte
+    offset and 1-based line number of records 0, STRIDE, 2 x STRIDE, ..."""
+
+    name: str
+    url: str
+    size: int
+    records: int
+    offsets: list[int] | None = None
+    lines: list[int] | None = None
+
+    @property
+    def ranged(self) -> bool:
+        return self.offsets is not None
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """A split's files, in order, and the digest of the dataset they were read from."""
+
+    digest: str
+    files: list[FileIndex]
+    stride: int = STRIDE
+    version: int = VERSION
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.files)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, shown: str) -> SplitIndex:
+        try:
+            raw = json.loads(data)
+            if raw.get("version") != VERSION:
+                raise ValueError(f"version {raw.get('version')!r}, this distill reads {VERSION}")
+            files = [FileIndex(**f) for f in raw["files"]]
+            return cls(raw["digest"], files, int(raw["stride"]), VERSION)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise DistillError(f"{shown}: not a record index this distill can read ({e})") from None
+
+    def with_urls(self, urls: dict[str, str]) -> SplitIndex:
+        """The same index, each file read from ``urls[name]`` (a staged copy)."""
+        files = [FileIndex(**{**asdict(f), "url": urls[f.name]}) for f in self.files]
+        return SplitIndex(self.digest, files, self.stride)
+
+
+def build_index(files: list[DataFile], digest: str, per: int = 0) -> SplitIndex:
+    """Index ``files`` (local copies): one pass over each file's lines (a Parquet file's
+    footer only), an offset every ``min(STRIDE, per)`` records (``per``: samples per shard,
+    so a shard smaller than the stride is read without its neighbours). Each entry's ``url``
+    is the file's ``shown`` name until the index is staged (:meth:`SplitIndex.with_urls`)."""
+    stride = min(STRIDE, per) if per > 0 else STRIDE
+    out = []
+    for f in files:
+        size = f.path.stat().st_size
+        if f.parquet:
+            out.append(FileIndex(f.name, f.shown, size, parquet_rows(f)))
+        elif f.compression is not None:
+            out.append(FileIndex(f.name, f.shown, size, sum(1 for _ in _lines(f))))
+        else:
+            out.append(_index_jsonl(f, size, stride))
+    return SplitIndex(digest, out, stride)
+
+
+def _index_jsonl(f: DataFile, size: int, stride: int) -> FileIndex:
+    offsets: list[int] = []
+    lines: list[int] = []
+    records = offset = 0
+    with _open(f) as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not is_blank(raw):
+                if records % stride == 0:
+                    offsets.append(offset)
+                    lines.append(n)
+                records += 1
+            offset += len(raw)
+    return FileIndex(f.name, f.shown, size, records, offsets, lines)
+
+
+def open_indexed(
+    index: SplitIndex,
+    scratch: Path,
+    wanted: Callable[[int, int], bool],
+    read: Callable[[str, int, int], bytes],
+    download: Callable[[str, Path], None],
+) -> list[DataFile]:
+    """The split's files as a task reads them, fetched once under ``scratch``: of a plain JSONL
+    file, the strides holding a record that ``wanted(lo, hi)`` asks for (split record numbers
+    ``[lo, hi)``), by ranged reads (``read(url, start, end)``), into a local file indexed
+    anew; a compressed or Parquet file downloaded whole (``download(url, dest)``) when it holds
+    such a record. :func:`indexed_records` reads them (every pass of
+    :func:`~distill.data.prepare.prepare` from the local copy)."""
+    out = []
+    base = 0
+    for f in index.files:
+        local, shown = scratch / "data" / f.name, f.url
+        if f.records and wanted(base, base + f.records):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if f.ranged:
+                f = _fetch_strides(f, index.stride, base, wanted, read, local)
+            else:
+                download(f.url, local)
+        out.append(DataFile(f.name, local, shown, _Indexed(f, index.stride, _read_local)))
+        base += f.records
+    return out
+
+
+def _fetch_strides(
+    f: FileIndex,
+    stride: int,
+    base: int,
+    wanted: Callable[[int, int], bool],
+    read: Callable[[str, int, int], bytes],
+    local: Path,
+) -> FileIndex:
+    """Copy the wanted strides of ``f`` into ``local``; its index entry for the copy (a
+    stride not copied takes no bytes there)."""
+    assert f.offsets is not None
+    blocks = len(f.offsets)
+    ends = [*f.offsets[1:], f.size]
+    offsets: list[int] = []
+    pos = 0
+    with local.open("wb") as out:
+        k = 0
+        while k < blocks:
+            lo = k * stride
+            if not wanted(base + lo, base + min(lo + stride, f.records)):
+                offsets.append(pos)
+                k += 1
+                continue
+            offsets.append(pos)
+            start = f.offsets[k]
+            while k + 1 < blocks and wanted(
+                base + (k + 1) * stride, base + min((k + 2) * stride, f.records)
+            ):
+                k += 1
+                offsets.append(pos + f.offsets[k] - start)
+            end = ends[k]
+            while start < end:  # at most MAX_READ bytes a read
+                chunk = read(f.url, start, min(start + MAX_READ, end))
+                if not chunk:
+                    break
+                out.write(chunk)
+                start += len(chunk)
+                pos += len(chunk)
+            k += 1
+    return FileIndex(f.name, str(local), pos, f.records, offsets, f.lines)
+
+
+def _read_local(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        return fh.read(max(0, end - start))
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    """A :class:`FileIndex` with the stride and the ranged reader: ``DataFile.indexed``."""
+
+    entry: FileIndex
+    stride: int
+    read: Callable[[str, int, int], bytes]
+
+    @property
+    def records(self) -> int:
+        return self.entry.records
+
+
+def indexed_records(
+    f: DataFile, fi: int, base: int, select: Select, granule: int
+) -> Iterator[Record]:
+    """The selected records of an indexed file whose first record is the split's ``base``:
+    none read when it holds none of them; a plain JSONL file by ranged reads, a downloaded
+    one as :func:`~distill.data.records.iter_split` reads it."""
+    ix: _Indexed = f.indexed
+    if not select.any_in(base, base + ix.records, granule):
+        return
+    if not ix.entry.ranged:
+        from distill.data.records import iter_split
+
+        plain = DataFile(f.name, f.path, f.shown)
+        for r in iter_split([plain], _Shifted(select, base), granule):
+            yield Record(r.index + base, fi, r.n, r.where, r.raw)
+        return
+    for lo, hi in _runs(base, ix.records, select, granule):
+        yield from _read_run(f, fi, base, lo, hi, select)
+
+
+class _Shifted(Select):
+    """A selection seen from a file whose first record is the split's ``base`` (the granules
+    stay the split's)."""
+
+    def __init__(self, select: Select, base: int) -> None:
+        super().__init__(None, max(select.stop - base, 1) if select.stop else 0)
+        self.inner, self.base = select, base
+
+    def __contains__(self, i: int) -> bool:
+        return (i + self.base) in self.inner
+
+    def any_in(self, lo: int, hi: int, step: int = 1) -> bool:
+        return self.inner.any_in(lo + self.base, hi + self.base, step)
+
+
+def _runs(base: int, n: int, select: Select, granule: int) -> list[tuple[int, int]]:
+    """The file's record ranks to read (``[lo, hi)`` runs, adjacent granules merged): the
+    granules of the split's records ``[base, base + n)`` that hold a selected record."""
+    runs: list[tuple[int, int]] = []
+    i, end = base, base + n
+    if select.stop:
+        end = min(end, select.stop)
+    while i < end:
+        nxt = min((i // granule + 1) * granule, end)
+        if select.any_in(i, nxt, granule):
+            if runs and runs[-1][1] == i - base:
+                runs[-1] = (runs[-1][0], nxt - base)
+            else:
+                runs.append((i - base, nxt - base))
+        i = nxt
+    return runs
+
+
+def _read_run(
+    f: DataFile, fi: int, base: int, lo: int, hi: int, select: Select
+) -> Iterator[Record]:
+    """Records ``[lo, hi)`` of a plain JSONL file (ranks within it): the bytes from the indexed
+    offset at or before ``lo`` to the one at or after ``hi``, in ranged reads of at most
+    :data:`MAX_READ` bytes, cut at line ends."""
+    ix: _Indexed = f.indexed
+    e, stride = ix.entry, ix.stride
+    assert e.offsets is not None and e.lines is not None
+    p, q = lo // stride, -(-hi // stride)
+    pos, stop = e.offsets[p], e.offsets[q] if q < len(e.offsets) else e.size
+    rank, n, carry = p * stride, e.lines[p], b""
+    while pos < stop:
+        chunk = ix.read(e.url, pos, min(pos + MAX_READ, stop))
+        if not chunk:
+            break
+        pos += len(chunk)
+        data, carry = carry + chunk, b""
+        if pos < stop:  # whole lines now, the rest with the next read
+            cut = data.rfind(b"\n") + 1
+            data, carry = data[:cut], data[cut:]
+        for raw in _lf(data):
+            if not is_blank(raw):
+                if rank >= lo and (base + rank) in select:
+                    yield Record(base + rank, fi, n, f.where(n), raw)
+                rank += 1
+                if rank >= hi:
+                    return
+            n += 1
+    raise DistillError(
+        f"{f.shown}: fewer records at its indexed bytes than its record index says: the "
+        "object changed after teacher-cloud indexed it; rerun teacher-cloud"
+    )
+
+
+def _lf(data: bytes) -> list[bytes]:
+    """``data`` split after each ``\\n`` only, as reading a binary file by lines does."""
+    parts = data.split(b"\n")
+    out = [p + b"\n" for p in parts[:-1]]
+    if parts[-1]:
+        out.append(parts[-1])
+    return out
