@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from distill.data.records import DATA_SUFFIXES, DataFile, data_suffix, key_stem
 from distill.errors import DistillError
@@ -205,17 +205,24 @@ class IndexedReads:
 
     def __init__(self) -> None:
         self.ranged_bytes = self.ranged_reads = self.downloaded = self.downloaded_bytes = 0
+        self._stores: dict[str, Any] = {}  # one client per bucket for all the reads
+
+    def _object(self, url: str) -> tuple[Any, str]:
+        bucket, _, key = url[len("gs://") :].partition("/")
+        if bucket not in self._stores:
+            self._stores[bucket] = open_store(f"gs://{bucket}")
+        return self._stores[bucket], key
 
     def read(self, url: str, start: int, end: int) -> bytes:
-        bucket, _, key = url[len("gs://") :].partition("/")
-        data = open_store(f"gs://{bucket}").read_range(key, start, end)
+        store, key = self._object(url)
+        data = store.read_range(key, start, end)
         self.ranged_bytes += len(data)
         self.ranged_reads += 1
         return data
 
     def download(self, url: str, dest: Path) -> None:
-        bucket, _, key = url[len("gs://") :].partition("/")
-        open_store(f"gs://{bucket}").download(key, dest)
+        store, key = self._object(url)
+        store.download(key, dest)
         self.downloaded += 1
         self.downloaded_bytes += dest.stat().st_size
 
