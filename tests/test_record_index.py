@@ -82,12 +82,15 @@ def records(files: list[DataFile], select: Select, per: int) -> list[tuple]:
 
 @pytest.mark.parametrize("per", [1, 4, 13, 300])
 @pytest.mark.parametrize("tasks", [1, 3, 5])
-@pytest.mark.parametrize("max_samples", [0, 150])
+# a cap inside the first plain file, the gzip file, the Parquet file
+@pytest.mark.parametrize("max_samples", [0, 50, 110, 125])
 def test_a_task_reads_what_the_whole_files_give(tmp_path, monkeypatch, per, tasks, max_samples):
     monkeypatch.setattr(record_index, "MAX_READ", 257)  # many reads, lines longer than one
     files = split_files(tmp_path)
     index = build_index(files, "d" * 64, per)
     assert index.records == sum(count_records(files)) == 97 + 23 + 19 + 61
+    if max_samples:  # counting stops at the cap, in every format
+        assert sum(count_records(files, max_samples)) == max_samples
     for task in range(tasks):
         owns = (lambda t: lambda i: (i // per) % tasks == t)(task)
         want = records(files, Select(owns, max_samples), per)
@@ -105,6 +108,42 @@ def test_a_task_reads_what_the_whole_files_give(tmp_path, monkeypatch, per, task
         # a compressed or Parquet file is fetched only by a task that owns one of its records
         for name, lo, hi in (("b.jsonl.gz", 97, 120), ("c.parquet", 120, 139)):
             assert (name in reads.downloaded) == selected.any_in(lo, hi, per), (name, task)
+
+
+@pytest.mark.parametrize("per", [300, 513])
+def test_shards_that_do_not_line_up_with_the_strides(tmp_path, per):
+    """Shards of 300 or 513 records over strides of 256, across two plain files: every task
+    reads what the whole files give."""
+    a = awkward_jsonl(tmp_path / "a.jsonl", 1100, seed=5)
+    b = awkward_jsonl(tmp_path / "b.jsonl", 700, seed=6)
+    files = [DataFile(p.name, p, str(p)) for p in (a, b)]
+    index = build_index(files, "d" * 64, per)
+    assert index.stride == 256
+    for tasks in (2, 3):
+        for t in range(tasks):
+            sel = Select(lambda i, t=t, n=tasks: (i // per) % n == t, 1700)
+            reads = Reads()
+            got = open_indexed(
+                index,
+                tmp_path / f"{tasks}-{t}",
+                lambda lo, hi, sel=sel: sel.any_in(lo, hi, per),
+                reads.read,
+                reads.download,
+            )
+            assert records(got, sel, per) == records(files, sel, per), (tasks, t)
+
+
+def test_a_short_or_long_ranged_read_is_an_error(tmp_path):
+    """A store that answers a ranged read with other bytes (an object served decompressed,
+    ``Content-Encoding: gzip``, ignores the range) is refused, not read as records."""
+    path = awkward_jsonl(tmp_path / "a.jsonl", 40, seed=7)
+    index = build_index([DataFile(path.name, path, str(path))], "d" * 64, 4)
+
+    def whole(url: str, start: int, end: int) -> bytes:
+        return Path(url).read_bytes()
+
+    with pytest.raises(DistillError, match="asked for bytes 0 to .* got"):
+        open_indexed(index, tmp_path, lambda lo, hi: lo < 4, whole, Reads().download)
 
 
 def test_each_task_reads_about_its_share(tmp_path, monkeypatch):
@@ -140,7 +179,13 @@ def test_a_changed_file_is_an_error_not_other_records(tmp_path):
     index = build_index(files, "d" * 64, 4)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut after indexing
     reads = Reads()
-    got = open_indexed(index, tmp_path, lambda lo, hi: True, reads.read, reads.download)
+    with pytest.raises(DistillError, match="changed after teacher-cloud indexed it"):
+        open_indexed(index, tmp_path, lambda lo, hi: True, reads.read, reads.download)
+    # a store that gave back the bytes asked for, of fewer records: found while reading
+    index = build_index([DataFile(path.name, path, str(path))], "d" * 64, 4)
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join(b" " * len(x) if i == 30 else x for i, x in enumerate(lines)))
+    got = open_indexed(index, tmp_path / "b", lambda lo, hi: True, reads.read, reads.download)
     with pytest.raises(DistillError, match="changed after teacher-cloud indexed it"):
         records(got, Select(), 4)
 
@@ -183,3 +228,33 @@ def test_a_task_reads_its_ranges_from_the_bucket(gcs_bucket, tmp_path):
     assert store.read_range("records.json", 2, 9) == index.to_json()[2:9]
     with pytest.raises(DistillError, match="indexes another dataset"):
         open_split_indexed(f"{gcs_bucket}/records.json", "e" * 64, tmp_path / "u", lambda *a: True)
+
+
+def test_an_object_served_other_than_stored_is_downloaded_whole(tmp_path):
+    """A gs:// object whose stored size differs from the copy the controller read (stored
+    with Content-Encoding: gzip, served decompressed) is not read by ranges."""
+    files = split_files(tmp_path)
+    listed = {"a.jsonl": 1234, "e.jsonl": files[3].path.stat().st_size}
+    index = build_index(files, "d" * 64, 4, listed)
+    assert [f.ranged for f in index.files] == [False, False, False, True]
+    reads = Reads()
+    sel = Select(lambda i: (i // 4) % 2 == 0)
+    got = open_indexed(
+        index, tmp_path / "t", lambda lo, hi: sel.any_in(lo, hi, 4), reads.read, reads.download
+    )
+    assert "a.jsonl" in reads.downloaded and str(files[0].path) not in reads.ranged
+    assert records(got, sel, 4) == records(files, sel, 4)
+
+
+def test_a_sample_cap_inside_a_parquet_file_counts_to_the_cap(smol_tokenizer, tmp_path):
+    """data.max_samples inside a Parquet file: the run holds exactly the cap's samples and
+    shards (the count went on to the file's end, and the shards past the cap were refused as
+    empty)."""
+    from distill.data.prepare import Rules, prepare
+
+    files = split_files(tmp_path)
+    p = prepare(files, "split", smol_tokenizer, Rules(4096, "right", 125), per=4)
+    try:
+        assert p.records == 125 and p.shards == 32 and p.stats.samples == 125
+    finally:
+        p.close()

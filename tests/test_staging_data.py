@@ -171,3 +171,16 @@ def test_a_fanout_task_reads_a_gs_split_through_the_record_index(
     assert part.read.startswith("read ") and "1 of 1 compressed or Parquet files" in part.read
     with pytest.raises(DistillError, match="indexes another dataset"):
         prepare_split(on_vm, "unused", tok, tmp_path / "x", Part(0, 2), url, "0" * 64)
+
+
+def test_a_dataset_changed_between_the_checks_and_the_staging_is_refused(
+    tiny_teacher_dir, tmp_path
+):
+    path = make_job(tmp_path, tiny_teacher_dir, str(tmp_path / "out"), n_train=20)
+    job = load_job(path)
+    indexes = check_datasets(job, index=True)
+    with (tmp_path / "train.jsonl").open("a") as f:  # edited after the checks read it
+        f.write(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    with pytest.raises(DistillError, match="changed while teacher-cloud was checking it"):
+        stage_inputs(job, QUIET, gpu=False, indexes=indexes)
+    assert not open_store(str(tmp_path / "out")).list("inputs/")  # nothing staged

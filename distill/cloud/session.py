@@ -479,7 +479,11 @@ def check_datasets(job: Job, index: bool = False) -> dict[str, Any]:
             files = open_split(spec, Path(tmp) / split)
             check(files, spec, rules)
             if index:
+                listed = list_files(spec)
                 indexes[split] = build_index(
-                    files, digest(spec, list_files(spec)), job.teacher.samples_per_shard
+                    files,
+                    digest(spec, listed),
+                    job.teacher.samples_per_shard,
+                    {f.name: f.size for f in listed if f.remote},
                 )
     return indexes

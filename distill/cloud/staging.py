@@ -68,6 +68,11 @@ def stage_inputs(
         files = list_files(spec)
         # the VM fingerprints its job with the controller's digest, reading no dataset byte
         raw["data"]["dataset_sha256"][split] = digest(spec, files)
+        if split in indexes and indexes[split].digest != raw["data"]["dataset_sha256"][split]:
+            raise DistillError(
+                f"{spec} changed while teacher-cloud was checking it (its files or their "
+                "bytes differ from what the checks read): rerun teacher-cloud"
+            )
         urls = {}
         if is_remote(spec):  # read by the VM from its bucket, as it is
             raw["data"][split] = spec

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from distill.data.records import (
 from distill.errors import DistillError
 
 STRIDE = 256  # records between two indexed offsets, at most: ~16 bytes of index each
-MAX_READ = 64 * 2**20  # bytes fetched by one ranged read, at most (plus one line)
+MAX_READ = 16 * 2**20  # bytes fetched by one ranged read, at most
+READERS = 8  # ranged reads in flight at once
 VERSION = 1
 
 
@@ -53,6 +55,7 @@ class FileIndex:
     records: int
     offsets: list[int] | None = None
     lines: list[int] | None = None
+    shown: str = ""  # how messages name it (the user's path of a staged file)
 
     @property
     def ranged(self) -> bool:
@@ -92,19 +95,26 @@ class SplitIndex:
         return SplitIndex(self.digest, files, self.stride)
 
 
-def build_index(files: list[DataFile], digest: str, per: int = 0) -> SplitIndex:
+def build_index(
+    files: list[DataFile], digest: str, per: int = 0, listed: dict[str, int] | None = None
+) -> SplitIndex:
     """Index ``files`` (local copies): one pass over each file's lines (a Parquet file's
     footer only), an offset every ``min(STRIDE, per)`` records (``per``: samples per shard,
-    so a shard smaller than the stride is read without its neighbours). Each entry's ``url``
-    is the file's ``shown`` name until the index is staged (:meth:`SplitIndex.with_urls`)."""
+    so a shard smaller than the stride is read without its neighbours). ``listed``: each
+    ``gs://`` file's stored size; a copy of another size (an object stored with
+    ``Content-Encoding: gzip`` comes decompressed) is not read by ranges but downloaded
+    whole. Each entry's ``url`` is the file's ``shown`` name until the index is staged
+    (:meth:`SplitIndex.with_urls`)."""
     stride = min(STRIDE, per) if per > 0 else STRIDE
     out = []
     for f in files:
         size = f.path.stat().st_size
+        whole = listed is not None and listed.get(f.name, size) != size
         if f.parquet:
-            out.append(FileIndex(f.name, f.shown, size, parquet_rows(f)))
-        elif f.compression is not None:
-            out.append(FileIndex(f.name, f.shown, size, sum(1 for _ in _lines(f))))
+            out.append(FileIndex(f.name, f.shown, size, parquet_rows(f), shown=f.shown))
+        elif f.compression is not None or whole:
+            records = sum(1 for _ in _lines(f))
+            out.append(FileIndex(f.name, f.shown, size, records, shown=f.shown))
         else:
             out.append(_index_jsonl(f, size, stride))
     return SplitIndex(digest, out, stride)
@@ -122,7 +132,7 @@ def _index_jsonl(f: DataFile, size: int, stride: int) -> FileIndex:
                     lines.append(n)
                 records += 1
             offset += len(raw)
-    return FileIndex(f.name, f.shown, size, records, offsets, lines)
+    return FileIndex(f.name, f.shown, size, records, offsets, lines, f.shown)
 
 
 def open_indexed(
@@ -141,7 +151,7 @@ def open_indexed(
     out = []
     base = 0
     for f in index.files:
-        local, shown = scratch / "data" / f.name, f.url
+        local, shown = scratch / "data" / f.name, f.shown or f.url
         if f.records and wanted(base, base + f.records):
             local.parent.mkdir(parents=True, exist_ok=True)
             if f.ranged:
@@ -161,38 +171,39 @@ def _fetch_strides(
     read: Callable[[str, int, int], bytes],
     local: Path,
 ) -> FileIndex:
-    """Copy the wanted strides of ``f`` into ``local``; its index entry for the copy (a
-    stride not copied takes no bytes there)."""
+    """Copy the wanted strides of ``f`` into ``local`` (:data:`READERS` ranged reads at once,
+    written in order); its index entry for the copy (a stride not copied takes no bytes)."""
     assert f.offsets is not None
-    blocks = len(f.offsets)
     ends = [*f.offsets[1:], f.size]
     offsets: list[int] = []
+    ranges: list[tuple[int, int]] = []  # byte ranges of f, at most MAX_READ each
     pos = 0
-    with local.open("wb") as out:
-        k = 0
-        while k < blocks:
-            lo = k * stride
-            if not wanted(base + lo, base + min(lo + stride, f.records)):
-                offsets.append(pos)
-                k += 1
-                continue
-            offsets.append(pos)
-            start = f.offsets[k]
-            while k + 1 < blocks and wanted(
-                base + (k + 1) * stride, base + min((k + 2) * stride, f.records)
-            ):
-                k += 1
-                offsets.append(pos + f.offsets[k] - start)
-            end = ends[k]
-            while start < end:  # at most MAX_READ bytes a read
-                chunk = read(f.url, start, min(start + MAX_READ, end))
-                if not chunk:
-                    break
-                out.write(chunk)
-                start += len(chunk)
-                pos += len(chunk)
-            k += 1
-    return FileIndex(f.name, str(local), pos, f.records, offsets, f.lines)
+    for k, start in enumerate(f.offsets):
+        offsets.append(pos)
+        lo = k * stride
+        if not wanted(base + lo, base + min(lo + stride, f.records)):
+            continue
+        pos += ends[k] - start
+        if ranges and ranges[-1][1] == start and ranges[-1][1] - ranges[-1][0] < MAX_READ:
+            start = ranges.pop()[0]  # adjacent strides: one read
+        ranges += [(a, min(a + MAX_READ, ends[k])) for a in range(start, ends[k], MAX_READ)]
+
+    def get(r: tuple[int, int]) -> bytes:
+        data = read(f.url, *r)
+        if len(data) != r[1] - r[0]:
+            raise DistillError(
+                f"{f.shown or f.url}: asked for bytes {r[0]} to {r[1]}, got {len(data)}: the "
+                "object changed after teacher-cloud indexed it, or its store does not serve "
+                "byte ranges of it (an object uploaded with Content-Encoding: gzip is served "
+                "decompressed): rerun teacher-cloud, or store the file without that encoding"
+            )
+        return data
+
+    with local.open("wb") as out, ThreadPoolExecutor(READERS) as pool:
+        for w in range(0, len(ranges), READERS * 2):  # a bounded window in memory
+            for data in pool.map(get, ranges[w : w + READERS * 2]):
+                out.write(data)
+    return FileIndex(f.name, str(local), pos, f.records, offsets, f.lines, f.shown)
 
 
 def _read_local(path: str, start: int, end: int) -> bytes:

@@ -164,7 +164,7 @@ def count_records(files: list[DataFile], stop: int = 0) -> list[int]:
         if f.indexed is not None:
             c = f.indexed.records if not stop else min(f.indexed.records, stop - total)
         elif f.parquet:
-            c = parquet_rows(f)
+            c = parquet_rows(f) if not stop else min(parquet_rows(f), stop - total)
         else:
             c = 0
             for _ in _lines(f):
