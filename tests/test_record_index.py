@@ -76,6 +76,15 @@ def split_files(tmp_path: Path) -> list[DataFile]:
     return [DataFile(p.name, p, str(p)) for p in (a, b, c, e)]
 
 
+def as_task(index: SplitIndex, scratch: Path, sel: Select, per: int) -> tuple[list, Reads]:
+    """The split's files as the task whose records ``sel`` selects reads them, and its reads."""
+    reads = Reads()
+    files = open_indexed(
+        index, scratch, lambda lo, hi: sel.any_in(lo, hi, per), reads.read, reads.download
+    )
+    return files, reads
+
+
 def records(files: list[DataFile], select: Select, per: int) -> list[tuple]:
     return [(r.index, r.file, r.n, r.where, r.raw) for r in iter_split(files, select, per)]
 
@@ -94,15 +103,8 @@ def test_a_task_reads_what_the_whole_files_give(tmp_path, monkeypatch, per, task
     for task in range(tasks):
         owns = (lambda t: lambda i: (i // per) % tasks == t)(task)
         want = records(files, Select(owns, max_samples), per)
-        reads = Reads()
         selected = Select(owns, max_samples)
-        indexed = open_indexed(
-            index,
-            tmp_path / f"task{task}",
-            lambda lo, hi, selected=selected: selected.any_in(lo, hi, per),
-            reads.read,
-            reads.download,
-        )
+        indexed, reads = as_task(index, tmp_path / f"task{task}", selected, per)
         assert records(indexed, Select(owns, max_samples), per) == want, (task, per)
         assert count_records(indexed, max_samples) == count_records(files, max_samples)
         # a compressed or Parquet file is fetched only by a task that owns one of its records
@@ -122,14 +124,7 @@ def test_shards_that_do_not_line_up_with_the_strides(tmp_path, per):
     for tasks in (2, 3):
         for t in range(tasks):
             sel = Select(lambda i, t=t, n=tasks: (i // per) % n == t, 1700)
-            reads = Reads()
-            got = open_indexed(
-                index,
-                tmp_path / f"{tasks}-{t}",
-                lambda lo, hi, sel=sel: sel.any_in(lo, hi, per),
-                reads.read,
-                reads.download,
-            )
+            got, _ = as_task(index, tmp_path / f"{tasks}-{t}", sel, per)
             assert records(got, sel, per) == records(files, sel, per), (tasks, t)
 
 
@@ -158,15 +153,8 @@ def test_each_task_reads_about_its_share(tmp_path, monkeypatch):
     size = path.stat().st_size
     total = 0
     for t in range(n):
-        reads = Reads()
         sel = Select(lambda i, t=t: (i // per) % n == t)
-        got = open_indexed(
-            index,
-            tmp_path / "s",
-            lambda lo, hi, sel=sel: sel.any_in(lo, hi, per),
-            reads.read,
-            reads.download,
-        )
+        got, reads = as_task(index, tmp_path / f"s{t}", sel, per)
         assert len(records(got, sel, per)) == 500
         assert reads.ranged[str(path)] == pytest.approx(size / n, rel=0.01)
         total += reads.ranged[str(path)]
@@ -237,11 +225,8 @@ def test_an_object_served_other_than_stored_is_downloaded_whole(tmp_path):
     listed = {"a.jsonl": 1234, "e.jsonl": files[3].path.stat().st_size}
     index = build_index(files, "d" * 64, 4, listed)
     assert [f.ranged for f in index.files] == [False, False, False, True]
-    reads = Reads()
     sel = Select(lambda i: (i // 4) % 2 == 0)
-    got = open_indexed(
-        index, tmp_path / "t", lambda lo, hi: sel.any_in(lo, hi, 4), reads.read, reads.download
-    )
+    got, reads = as_task(index, tmp_path / "t", sel, 4)
     assert "a.jsonl" in reads.downloaded and str(files[0].path) not in reads.ranged
     assert records(got, sel, 4) == records(files, sel, 4)
 
