@@ -185,16 +185,19 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
 
 def open_split(spec: str, scratch: Path) -> list[DataFile]:
     """The split's files to read: local ones where they are, ``gs://`` ones downloaded under
-    ``scratch`` (messages still name their ``gs://`` URL)."""
+    ``scratch`` (messages still name their ``gs://`` URL). A copy already there from an
+    earlier call with the same ``scratch`` (the controller's checks, then its estimate) is
+    read again if it has the object's listed size, not downloaded twice."""
     out = []
     for f in list_files(spec):
         if not f.remote:
             out.append(DataFile(f.name, Path(f.url), f.url))
             continue
         local = scratch / "data" / f.name
-        local.parent.mkdir(parents=True, exist_ok=True)
-        bucket, _, key = f.url[len("gs://") :].partition("/")
-        open_store(f"gs://{bucket}").download(key, local)
+        if not (local.is_file() and local.stat().st_size == f.size):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            bucket, _, key = f.url[len("gs://") :].partition("/")
+            open_store(f"gs://{bucket}").download(key, local)
         out.append(DataFile(f.name, local, f.url))
     return out
 

@@ -146,6 +146,36 @@ def test_the_preflight_estimate_is_sampled_and_its_shard_totals_exact(ref, gcs_s
     assert totals["train"][1] == data.per_split["train"]["tokens"] and data.bound("tokens") > 0
 
 
+def test_the_preflight_copies_a_gs_split_once(ref, gcs_server, tmp_path, monkeypatch):
+    """teacher-cloud's checks and its sampled estimate read one copy of a gs:// split (over
+    the user's link), not one each."""
+    from distill.store.storage import GCSStore
+
+    job, _ = ref
+    out = bucket(gcs_server)
+    open_store(f"{out}/data").put_file("train.jsonl", Path(load_job(job).data.train))
+    sets = [
+        f'job.output="{out}/run"',
+        f"cloud.zones={list(ZONES)}",
+        f'data.train="{out}/data/train.jsonl"',
+    ]
+    downloads: list[str] = []
+    real = GCSStore.download
+
+    def counted(self, name: str, dest: Path) -> None:
+        downloads.append(name)
+        real(self, name, dest)
+
+    monkeypatch.setattr(GCSStore, "download", counted)
+    opts = dataclasses.replace(options(tmp_path), cost=CostOptions(sample_lines=8))
+    session = Session(
+        load_job(job, sets), opts, Console(file=io.StringIO()), backend=MemoryBackend(ZONES)
+    )
+    plan = session.preflight()
+    assert plan.estimate.data.sampled["train"].sampled == 8  # the sampled path, on the copy
+    assert downloads == ["data/train.jsonl"]
+
+
 def plan_for(base: Plan, out: str, **cloud: object) -> Plan:
     """``base`` with its own output and cloud settings."""
     job = base.job.model_copy(

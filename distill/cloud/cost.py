@@ -112,8 +112,11 @@ __all__ = [
 ]
 
 
-def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
-    """Count, size and price one teacher pass of ``job`` on an L4 spot VM (or ``opts.vms``)."""
+def estimate_cost(
+    job: Job, opts: CostOptions | None = None, data_scratch: Path | None = None
+) -> CostEstimate:
+    """Count, size and price one teacher pass of ``job`` on an L4 spot VM (or ``opts.vms``);
+    ``data_scratch``: where a ``gs://`` split's copy already is (teacher-cloud's checks')."""
     from transformers import AutoConfig
 
     from distill import models
@@ -128,7 +131,9 @@ def estimate_cost(job: Job, opts: CostOptions | None = None) -> CostEstimate:
         raise DistillError(f"cannot read the teacher config in {teacher_dir}: {e}") from None
     profile = teacher_profile(config, teacher_dir)
     way = plan_l4(job, profile)  # refuse before the (slow) tokenisation
-    data = estimate_data(job, models.load_tokenizer(teacher_dir), opts.sample_lines)
+    data = estimate_data(
+        job, models.load_tokenizer(teacher_dir), opts.sample_lines, scratch=data_scratch
+    )
     calibration = (
         load_calibration(opts.calibration, job, profile, data) if opts.calibration else None
     )

@@ -320,10 +320,13 @@ def estimate_data(
     tokenizer: Any,
     sample_lines: int = DEFAULT_SAMPLE_LINES,
     max_bytes: int = SAMPLE_BYTES,
+    scratch: Path | None = None,
 ) -> DataCounts:
     """The job's counts: each split estimated from a uniform sample of ``sample_lines`` of its
     lines (up to ``max_bytes`` of them), or counted exactly when they all fit (or
-    ``sample_lines`` is 0: ``cost-estimate --exact``)."""
+    ``sample_lines`` is 0: ``cost-estimate --exact``). ``scratch``: where a ``gs://`` split's
+    copy is (or goes), kept for the caller (teacher-cloud's checks read the same copy)."""
+    import contextlib
     import tempfile
 
     from distill.config import splits
@@ -342,8 +345,13 @@ def estimate_data(
             else:
                 sample_split(c, job, split, path, scan, tokenizer, max_bytes)
             continue
-        with tempfile.TemporaryDirectory(prefix="distill-estimate-") as tmp:
-            files = open_split(spec, Path(tmp))  # a gs:// file is read into the scratch folder
+        with (
+            contextlib.nullcontext(str(scratch))
+            if scratch is not None
+            else tempfile.TemporaryDirectory(prefix="distill-estimate-")
+        ) as tmp:
+            # a gs:// file is read into the scratch folder (once, when the caller keeps it)
+            files = open_split(spec, Path(tmp) / split)
             rscan = scan_records(files, sample_lines, job.data.max_samples)
             if rscan.lines <= sample_lines and int(rscan.sizes.sum()) <= max_bytes:
                 count_split(c, job, split, spec, tokenizer)

@@ -297,13 +297,15 @@ class Session:
         # a Hub teacher at one commit (a bucket one at one listing) for the whole run; only
         # its config and tokenizer come to this machine
         job = pin_teacher(job)
-        # every line's JSON, shape and roles, on every core: no tokenizer; a fan-out's tasks
-        # get what this pass learns (record index) so each reads only its shards' records
-        indexes = check_datasets(job, index=cloud.engine == "batch")
-        for z in cloud.zones:
-            self.backend.check_zone(z)
-        # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
-        estimate = estimate_cost(job, self.cost_options(job))
+        with tempfile.TemporaryDirectory(prefix="distill-preflight-") as tmp:
+            # every line's JSON, shape and roles, on every core: no tokenizer; a fan-out's
+            # tasks get what this pass learns (record index) so each reads only its shards'
+            # records; a gs:// split is copied here once, for this and the estimate
+            indexes = check_datasets(job, index=cloud.engine == "batch", scratch=Path(tmp))
+            for z in cloud.zones:
+                self.backend.check_zone(z)
+            # refuses a teacher that fits the L4 in no way the job allows (resident, layered)
+            estimate = estimate_cost(job, self.cost_options(job), data_scratch=Path(tmp))
         if job.teacher.mode == "auto":  # the VMs run the way that was estimated
             teacher = job.teacher.model_copy(update={"mode": estimate.way.mode})
             job = job.model_copy(update={"teacher": teacher})
@@ -461,12 +463,13 @@ class Session:
         )
 
 
-def check_datasets(job: Job, index: bool = False) -> dict[str, Any]:
+def check_datasets(job: Job, index: bool = False, scratch: Path | None = None) -> dict[str, Any]:
     """The whole-file checks of every split (:func:`distill.data.prepare.check`), read from
     where the job names it (a ``gs://`` split from its bucket), before anything is spent; the
     checks that need tokens run on the VMs, each on its own shards. ``index``: also each
     split's record index (:func:`distill.data.record_index.build_index`) from the same copy,
-    returned by split."""
+    returned by split. ``scratch``: where a ``gs://`` split's copy goes, kept for the caller
+    (else a temporary directory)."""
     from distill.data.prepare import Rules, check
     from distill.data.record_index import build_index
     from distill.sources import digest, list_files, open_split
@@ -474,7 +477,11 @@ def check_datasets(job: Job, index: bool = False) -> dict[str, Any]:
     d = job.data
     rules = Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid)
     indexes: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
+    with (
+        contextlib.nullcontext(str(scratch))
+        if scratch is not None
+        else tempfile.TemporaryDirectory(prefix="distill-check-")
+    ) as tmp:
         for split, spec in splits(job).items():
             files = open_split(spec, Path(tmp) / split)
             check(files, spec, rules)
