@@ -17,12 +17,13 @@ file's name and sha256.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import glob
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 from distill.data.records import DATA_SUFFIXES, DataFile, data_suffix, key_stem
 from distill.errors import DistillError
 from distill.store.cache import sha256_file
-from distill.store.storage import ObjectInfo, open_store
+from distill.store.storage import ObjectInfo, ObjectNotFound, open_store
 
 if TYPE_CHECKING:
-    from distill.data.record_index import SplitIndex
+    from distill.data.record_index import FileIndex, SplitIndex
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -47,6 +48,7 @@ class SourceFile:
     url: str
     size: int
     content_hash: str = ""
+    generation: int = 0  # gs://: the listed version
 
     @property
     def remote(self) -> bool:
@@ -135,7 +137,11 @@ def _gcs_files(spec: str) -> list[SourceFile]:
 
 def _gcs_file(bucket: str, info: ObjectInfo, prefix: str) -> SourceFile:
     return SourceFile(
-        info.name[len(prefix) :], f"gs://{bucket}/{info.name}", info.size, info.content_hash
+        info.name[len(prefix) :],
+        f"gs://{bucket}/{info.name}",
+        info.size,
+        info.content_hash,
+        info.generation,
     )
 
 
@@ -216,18 +222,35 @@ class IndexedReads:
             self._stores[bucket] = open_store(f"gs://{bucket}")
         return self._stores[bucket], key
 
-    def read(self, url: str, start: int, end: int) -> bytes:
-        store, key = self._object(url)
-        data = store.read_range(key, start, end)
+    def read(self, f: FileIndex, start: int, end: int) -> bytes:
+        store, key = self._object(f.url)
+        with self._pinned(f):
+            data = store.read_range(key, start, end, f.generation)
         self.ranged_bytes += len(data)
         self.ranged_reads += 1
         return data
 
-    def download(self, url: str, dest: Path) -> None:
-        store, key = self._object(url)
-        store.download(key, dest)
+    def download(self, f: FileIndex, dest: Path) -> None:
+        store, key = self._object(f.url)
+        with self._pinned(f):
+            store.download(key, dest, f.generation)
         self.downloaded += 1
         self.downloaded_bytes += dest.stat().st_size
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _pinned(f: FileIndex) -> Iterator[None]:
+        """A pinned version that is gone: the object was overwritten or deleted."""
+        try:
+            yield
+        except ObjectNotFound:
+            if not f.generation:
+                raise
+            raise DistillError(
+                f"{f.shown or f.url}: the version teacher-cloud indexed (generation "
+                f"{f.generation}) is gone: the object changed after it was indexed; rerun "
+                "teacher-cloud (or keep the dataset unchanged while a run uses it)"
+            ) from None
 
     def summary(self, index: SplitIndex) -> str:
         total = sum(f.size for f in index.files)

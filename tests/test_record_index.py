@@ -14,7 +14,7 @@ import pytest
 from test_formats import write_parquet
 
 from distill.data import record_index
-from distill.data.record_index import SplitIndex, build_index, open_indexed
+from distill.data.record_index import FileIndex, SplitIndex, build_index, open_indexed
 from distill.data.records import DataFile, Select, count_records, iter_split
 from distill.errors import DistillError
 from distill.sources import open_split_indexed
@@ -51,16 +51,16 @@ class Reads:
         self.ranged: dict[str, int] = {}
         self.downloaded: list[str] = []
 
-    def read(self, url: str, start: int, end: int) -> bytes:
-        with open(url, "rb") as fh:
+    def read(self, f: FileIndex, start: int, end: int) -> bytes:
+        with open(f.url, "rb") as fh:
             fh.seek(start)
             data = fh.read(end - start)
-        self.ranged[url] = self.ranged.get(url, 0) + len(data)
+        self.ranged[f.url] = self.ranged.get(f.url, 0) + len(data)
         return data
 
-    def download(self, url: str, dest: Path) -> None:
-        self.downloaded.append(Path(url).name)
-        shutil.copyfile(url, dest)
+    def download(self, f: FileIndex, dest: Path) -> None:
+        self.downloaded.append(Path(f.url).name)
+        shutil.copyfile(f.url, dest)
 
 
 def split_files(tmp_path: Path) -> list[DataFile]:
@@ -134,8 +134,8 @@ def test_a_short_or_long_ranged_read_is_an_error(tmp_path):
     path = awkward_jsonl(tmp_path / "a.jsonl", 40, seed=7)
     index = build_index([DataFile(path.name, path, str(path))], "d" * 64, 4)
 
-    def whole(url: str, start: int, end: int) -> bytes:
-        return Path(url).read_bytes()
+    def whole(f: FileIndex, start: int, end: int) -> bytes:
+        return Path(f.url).read_bytes()
 
     with pytest.raises(DistillError, match="asked for bytes 0 to .* got"):
         open_indexed(index, tmp_path, lambda lo, hi: lo < 4, whole, Reads().download)
@@ -222,9 +222,10 @@ def test_an_object_served_other_than_stored_is_downloaded_whole(tmp_path):
     """A gs:// object whose stored size differs from the copy the controller read (stored
     with Content-Encoding: gzip, served decompressed) is not read by ranges."""
     files = split_files(tmp_path)
-    listed = {"a.jsonl": 1234, "e.jsonl": files[3].path.stat().st_size}
+    listed = {"a.jsonl": (1234, 7), "e.jsonl": (files[3].path.stat().st_size, 8)}
     index = build_index(files, "d" * 64, 4, listed)
     assert [f.ranged for f in index.files] == [False, False, False, True]
+    assert [f.generation for f in index.files] == [7, 0, 0, 8]
     sel = Select(lambda i: (i // 4) % 2 == 0)
     got, reads = as_task(index, tmp_path / "t", sel, 4)
     assert "a.jsonl" in reads.downloaded and str(files[0].path) not in reads.ranged
@@ -243,3 +244,27 @@ def test_a_sample_cap_inside_a_parquet_file_counts_to_the_cap(smol_tokenizer, tm
         assert p.records == 125 and p.shards == 32 and p.stats.samples == 125
     finally:
         p.close()
+
+
+def test_an_object_overwritten_after_indexing_is_refused(gcs_bucket, tmp_path):
+    """The index pins each gs:// object's generation: while it is live the task reads it; once
+    the object is overwritten (even with the same bytes) the task refuses it by name."""
+    from distill.demo.fake_gcs import emulator_client
+
+    path = awkward_jsonl(tmp_path / "a.jsonl", 40, seed=8)
+    store = open_store(gcs_bucket)
+    store.put_file("data/a.jsonl", path)
+    (info,) = store.list_info("data/")
+    url = f"{gcs_bucket}/data/a.jsonl"
+    index = build_index(
+        [DataFile("a.jsonl", path, url)], "d" * 64, 4, {"a.jsonl": (info.size, info.generation)}
+    ).with_urls({"a.jsonl": url})
+    assert index.files[0].generation == info.generation > 0
+    store.put_bytes("records.json", index.to_json())
+    index_url = f"{gcs_bucket}/records.json"
+    got, _, _ = open_split_indexed(index_url, "d" * 64, tmp_path / "a", lambda lo, hi: True)
+    assert len(records(got, Select(), 4)) == 40
+    bucket = emulator_client().bucket(gcs_bucket[len("gs://") :])
+    bucket.blob("data/a.jsonl").upload_from_filename(str(path))  # a new generation
+    with pytest.raises(DistillError, match=r"the version teacher-cloud indexed \(generation"):
+        open_split_indexed(index_url, "d" * 64, tmp_path / "b", lambda lo, hi: True)

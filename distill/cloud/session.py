@@ -491,6 +491,6 @@ def check_datasets(job: Job, index: bool = False, scratch: Path | None = None) -
                     files,
                     digest(spec, listed),
                     job.teacher.samples_per_shard,
-                    {f.name: f.size for f in listed if f.remote},
+                    {f.name: (f.size, f.generation) for f in listed if f.remote},
                 )
     return indexes

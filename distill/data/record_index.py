@@ -20,6 +20,7 @@ shards are the single VM's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,7 @@ class FileIndex:
     offsets: list[int] | None = None
     lines: list[int] | None = None
     shown: str = ""  # how messages name it (the user's path of a staged file)
+    generation: int = 0  # the gs:// object's version that was indexed (0: not pinned)
 
     @property
     def ranged(self) -> bool:
@@ -96,27 +98,31 @@ class SplitIndex:
 
 
 def build_index(
-    files: list[DataFile], digest: str, per: int = 0, listed: dict[str, int] | None = None
+    files: list[DataFile],
+    digest: str,
+    per: int = 0,
+    listed: dict[str, tuple[int, int]] | None = None,
 ) -> SplitIndex:
     """Index ``files`` (local copies): one pass over each file's lines (a Parquet file's
     footer only), an offset every ``min(STRIDE, per)`` records (``per``: samples per shard,
     so a shard smaller than the stride is read without its neighbours). ``listed``: each
-    ``gs://`` file's stored size; a copy of another size (an object stored with
-    ``Content-Encoding: gzip`` comes decompressed) is not read by ranges but downloaded
+    ``gs://`` file's stored size and generation; the index pins that generation (a task
+    refuses the object once it is overwritten), and a copy of another size (an object stored
+    with ``Content-Encoding: gzip`` comes decompressed) is not read by ranges but downloaded
     whole. Each entry's ``url`` is the file's ``shown`` name until the index is staged
     (:meth:`SplitIndex.with_urls`)."""
     stride = min(STRIDE, per) if per > 0 else STRIDE
     out = []
     for f in files:
         size = f.path.stat().st_size
-        whole = listed is not None and listed.get(f.name, size) != size
+        stored, generation = (listed or {}).get(f.name, (size, 0))
         if f.parquet:
-            out.append(FileIndex(f.name, f.shown, size, parquet_rows(f), shown=f.shown))
-        elif f.compression is not None or whole:
-            records = sum(1 for _ in _lines(f))
-            out.append(FileIndex(f.name, f.shown, size, records, shown=f.shown))
+            entry = FileIndex(f.name, f.shown, size, parquet_rows(f), shown=f.shown)
+        elif f.compression is not None or stored != size:
+            entry = FileIndex(f.name, f.shown, size, sum(1 for _ in _lines(f)), shown=f.shown)
         else:
-            out.append(_index_jsonl(f, size, stride))
+            entry = _index_jsonl(f, size, stride)
+        out.append(dataclasses.replace(entry, generation=generation))
     return SplitIndex(digest, out, stride)
 
 
@@ -139,15 +145,15 @@ def open_indexed(
     index: SplitIndex,
     scratch: Path,
     wanted: Callable[[int, int], bool],
-    read: Callable[[str, int, int], bytes],
-    download: Callable[[str, Path], None],
+    read: Callable[[FileIndex, int, int], bytes],
+    download: Callable[[FileIndex, Path], None],
 ) -> list[DataFile]:
     """The split's files as a task reads them, fetched once under ``scratch``: of a plain JSONL
     file, the strides holding a record that ``wanted(lo, hi)`` asks for (split record numbers
-    ``[lo, hi)``), by ranged reads (``read(url, start, end)``), into a local file indexed
-    anew; a compressed or Parquet file downloaded whole (``download(url, dest)``) when it holds
-    such a record. :func:`indexed_records` reads them (every pass of
-    :func:`~distill.data.prepare.prepare` from the local copy)."""
+    ``[lo, hi)``), by ranged reads (``read(entry, start, end)``: its ``url``, at its
+    ``generation``), into a local file indexed anew; a compressed or Parquet file downloaded
+    whole (``download(entry, dest)``) when it holds such a record. :func:`indexed_records`
+    reads them (every pass of :func:`~distill.data.prepare.prepare` from the local copy)."""
     out = []
     base = 0
     for f in index.files:
@@ -157,7 +163,7 @@ def open_indexed(
             if f.ranged:
                 f = _fetch_strides(f, index.stride, base, wanted, read, local)
             else:
-                download(f.url, local)
+                download(f, local)
         out.append(DataFile(f.name, local, shown, _Indexed(f, index.stride, _read_local)))
         base += f.records
     return out
@@ -168,7 +174,7 @@ def _fetch_strides(
     stride: int,
     base: int,
     wanted: Callable[[int, int], bool],
-    read: Callable[[str, int, int], bytes],
+    read: Callable[[FileIndex, int, int], bytes],
     local: Path,
 ) -> FileIndex:
     """Copy the wanted strides of ``f`` into ``local`` (:data:`READERS` ranged reads at once,
@@ -189,7 +195,7 @@ def _fetch_strides(
         ranges += [(a, min(a + MAX_READ, ends[k])) for a in range(start, ends[k], MAX_READ)]
 
     def get(r: tuple[int, int]) -> bytes:
-        data = read(f.url, *r)
+        data = read(f, *r)
         if len(data) != r[1] - r[0]:
             raise DistillError(
                 f"{f.shown or f.url}: asked for bytes {r[0]} to {r[1]}, got {len(data)}: the "
@@ -203,7 +209,7 @@ def _fetch_strides(
         for w in range(0, len(ranges), READERS * 2):  # a bounded window in memory
             for data in pool.map(get, ranges[w : w + READERS * 2]):
                 out.write(data)
-    return FileIndex(f.name, str(local), pos, f.records, offsets, f.lines, f.shown)
+    return FileIndex(f.name, str(local), pos, f.records, offsets, f.lines, f.shown, f.generation)
 
 
 def _read_local(path: str, start: int, end: int) -> bytes:

@@ -68,11 +68,13 @@ def _tmp_sibling(dest: Path) -> Path:
 class ObjectInfo:
     """An object's name (relative to the store), size and the content hash the store keeps
     without reading it (GCS: ``md5:<base64>``, or ``crc32c:<base64>`` for a composite object;
-    a local store keeps none: ``""``)."""
+    a local store keeps none: ``""``); ``generation``: GCS's number for this version of it
+    (0 for a local store)."""
 
     name: str
     size: int
     content_hash: str = ""
+    generation: int = 0
 
 
 class Store(ABC):
@@ -101,13 +103,14 @@ class Store(ABC):
         """The object's content; raises ObjectNotFound if it is missing."""
 
     @abstractmethod
-    def read_range(self, name: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object (one ranged read); ObjectNotFound if missing."""
+    def read_range(self, name: str, start: int, end: int, generation: int = 0) -> bytes:
+        """Bytes ``[start, end)`` of the object (one ranged read); ObjectNotFound if missing.
+        ``generation``: that version only (GCS; 0: the live one)."""
 
     @abstractmethod
-    def download(self, name: str, dest: Path) -> None:
+    def download(self, name: str, dest: Path, generation: int = 0) -> None:
         """Copy the object to `dest` atomically (temp file next to `dest`, then os.replace);
-        missing parent directories are created."""
+        missing parent directories are created. ``generation``: that version only (GCS)."""
 
     @abstractmethod
     def put_file(self, name: str, src: Path) -> None:
@@ -222,7 +225,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise ObjectNotFound(f"object {self.join(name)} does not exist") from None
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
+    def read_range(self, name: str, start: int, end: int, generation: int = 0) -> bytes:
         try:
             with self._path(name).open("rb") as fh:
                 fh.seek(start)
@@ -230,7 +233,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise ObjectNotFound(f"object {self.join(name)} does not exist") from None
 
-    def download(self, name: str, dest: Path) -> None:
+    def download(self, name: str, dest: Path, generation: int = 0) -> None:
         src = self._path(name)
         tmp = _tmp_sibling(Path(dest))
         try:
@@ -383,6 +386,7 @@ class GCSStore(Store):
                 b.name[len(base) :],
                 int(b.size or 0),
                 f"md5:{b.md5_hash}" if b.md5_hash else f"crc32c:{b.crc32c or ''}",
+                int(b.generation or 0),
             )
             for b in blobs
             if not b.name.endswith("/")
@@ -393,17 +397,19 @@ class GCSStore(Store):
         with self._errors("read", name):
             return self.bucket.blob(self._key(name)).download_as_bytes()
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
+    def read_range(self, name: str, start: int, end: int, generation: int = 0) -> bytes:
         if end <= start:
             return b""
+        blob = self.bucket.blob(self._key(name), generation=generation or None)
         with self._errors("read", name):  # the client's end is inclusive
-            return self.bucket.blob(self._key(name)).download_as_bytes(start=start, end=end - 1)
+            return blob.download_as_bytes(start=start, end=end - 1)
 
-    def download(self, name: str, dest: Path) -> None:
+    def download(self, name: str, dest: Path, generation: int = 0) -> None:
         tmp = _tmp_sibling(Path(dest))
         try:
             with self._errors("read", name):
-                self.bucket.blob(self._key(name)).download_to_filename(str(tmp))
+                blob = self.bucket.blob(self._key(name), generation=generation or None)
+                blob.download_to_filename(str(tmp))
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
