@@ -23,6 +23,7 @@ import functools
 import glob
 import hashlib
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,13 +190,14 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def open_split(spec: str, scratch: Path) -> list[DataFile]:
-    """The split's files to read: local ones where they are, ``gs://`` ones downloaded under
-    ``scratch`` (messages still name their ``gs://`` URL). A copy already there from an
-    earlier call with the same ``scratch`` (the controller's checks, then its estimate) is
-    read again if it has the object's listed size, not downloaded twice."""
+def open_split(spec: str, scratch: Path, files: list[SourceFile] | None = None) -> list[DataFile]:
+    """The split's files to read (``files``: its listing, when the caller has it): local ones
+    where they are, ``gs://`` ones downloaded under ``scratch`` (messages still name their
+    ``gs://`` URL). A copy already there from an earlier call with the same ``scratch`` (the
+    controller's checks, then its estimate) is read again if it has the object's listed size,
+    not downloaded twice."""
     out = []
-    for f in list_files(spec):
+    for f in list_files(spec) if files is None else files:
         if not f.remote:
             out.append(DataFile(f.name, Path(f.url), f.url))
             continue
@@ -206,6 +208,16 @@ def open_split(spec: str, scratch: Path) -> list[DataFile]:
             open_store(f"gs://{bucket}").download(key, local)
         out.append(DataFile(f.name, local, f.url))
     return out
+
+
+@contextlib.contextmanager
+def scratch_dir(scratch: Path | None, prefix: str) -> Iterator[Path]:
+    """``scratch`` (the caller keeps it), else a temporary directory removed on exit."""
+    if scratch is not None:
+        yield scratch
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 class IndexedReads:

@@ -326,11 +326,8 @@ def estimate_data(
     lines (up to ``max_bytes`` of them), or counted exactly when they all fit (or
     ``sample_lines`` is 0: ``cost-estimate --exact``). ``scratch``: where a ``gs://`` split's
     copy is (or goes), kept for the caller (teacher-cloud's checks read the same copy)."""
-    import contextlib
-    import tempfile
-
     from distill.config import splits
-    from distill.sources import open_split
+    from distill.sources import open_split, scratch_dir
 
     c = DataCounts()
     for split, spec in splits(job).items():
@@ -345,13 +342,9 @@ def estimate_data(
             else:
                 sample_split(c, job, split, path, scan, tokenizer, max_bytes)
             continue
-        with (
-            contextlib.nullcontext(str(scratch))
-            if scratch is not None
-            else tempfile.TemporaryDirectory(prefix="distill-estimate-")
-        ) as tmp:
+        with scratch_dir(scratch, "distill-estimate-") as tmp:
             # a gs:// file is read into the scratch folder (once, when the caller keeps it)
-            files = open_split(spec, Path(tmp) / split)
+            files = open_split(spec, tmp / split)
             rscan = scan_records(files, sample_lines, job.data.max_samples)
             if rscan.lines <= sample_lines and int(rscan.sizes.sum()) <= max_bytes:
                 count_split(c, job, split, spec, tokenizer)

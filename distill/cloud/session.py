@@ -472,21 +472,17 @@ def check_datasets(job: Job, index: bool = False, scratch: Path | None = None) -
     (else a temporary directory)."""
     from distill.data.prepare import Rules, check
     from distill.data.record_index import build_index
-    from distill.sources import digest, list_files, open_split
+    from distill.sources import digest, list_files, open_split, scratch_dir
 
     d = job.data
     rules = Rules(d.max_length, d.truncation, d.max_samples, d.on_invalid)
     indexes: dict[str, Any] = {}
-    with (
-        contextlib.nullcontext(str(scratch))
-        if scratch is not None
-        else tempfile.TemporaryDirectory(prefix="distill-check-")
-    ) as tmp:
+    with scratch_dir(scratch, "distill-check-") as tmp:
         for split, spec in splits(job).items():
-            files = open_split(spec, Path(tmp) / split)
+            listed = list_files(spec)  # one listing: the index describes the copies read
+            files = open_split(spec, tmp / split, listed)
             check(files, spec, rules)
             if index:
-                listed = list_files(spec)
                 indexes[split] = build_index(
                     files,
                     digest(spec, listed),

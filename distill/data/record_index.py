@@ -8,8 +8,8 @@ one small create-only object beside the staged inputs (:func:`build_index`):
 - ``records``: the file's records (non-blank lines, Parquet rows), so a task numbers the
   split's records without reading a file it owns none of;
 - for plain JSONL, the byte offset and line number of every :data:`STRIDE`-th record, so a
-  task reads its shards' records by byte ranges (:func:`indexed_records`), at most one stride
-  of other records before each run of its own;
+  task fetches its shards' records by byte ranges (:func:`open_indexed`), at most a stride of
+  other records around each run of its own;
 - the object each file is read from (its ``gs://`` URL, or the staged copy of a local file).
 
 A compressed or Parquet file is downloaded by a task only when it holds one of the task's
@@ -31,10 +31,10 @@ from distill.data.records import (
     DataFile,
     Record,
     Select,
-    _lines,
     _open,
+    count_records,
     is_blank,
-    parquet_rows,
+    iter_split,
 )
 from distill.errors import DistillError
 
@@ -116,10 +116,8 @@ def build_index(
     for f in files:
         size = f.path.stat().st_size
         stored, generation = (listed or {}).get(f.name, (size, 0))
-        if f.parquet:
-            entry = FileIndex(f.name, f.shown, size, parquet_rows(f), shown=f.shown)
-        elif f.compression is not None or stored != size:
-            entry = FileIndex(f.name, f.shown, size, sum(1 for _ in _lines(f)), shown=f.shown)
+        if f.parquet or f.compression is not None or stored != size:  # read whole
+            entry = FileIndex(f.name, f.shown, size, count_records([f])[0], shown=f.shown)
         else:
             entry = _index_jsonl(f, size, stride)
         out.append(dataclasses.replace(entry, generation=generation))
@@ -164,7 +162,7 @@ def open_indexed(
                 f = _fetch_strides(f, index.stride, base, wanted, read, local)
             else:
                 download(f, local)
-        out.append(DataFile(f.name, local, shown, _Indexed(f, index.stride, _read_local)))
+        out.append(DataFile(f.name, local, shown, _Indexed(f, index.stride)))
         base += f.records
     return out
 
@@ -212,19 +210,13 @@ def _fetch_strides(
     return FileIndex(f.name, str(local), pos, f.records, offsets, f.lines, f.shown, f.generation)
 
 
-def _read_local(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        return fh.read(max(0, end - start))
-
-
 @dataclass(frozen=True)
 class _Indexed:
-    """A :class:`FileIndex` with the stride and the ranged reader: ``DataFile.indexed``."""
+    """``DataFile.indexed``: the entry of the task's local copy (or of a file it has no
+    record in) and the index's stride."""
 
     entry: FileIndex
     stride: int
-    read: Callable[[str, int, int], bytes]
 
     @property
     def records(self) -> int:
@@ -235,14 +227,12 @@ def indexed_records(
     f: DataFile, fi: int, base: int, select: Select, granule: int
 ) -> Iterator[Record]:
     """The selected records of an indexed file whose first record is the split's ``base``:
-    none read when it holds none of them; a plain JSONL file by ranged reads, a downloaded
-    one as :func:`~distill.data.records.iter_split` reads it."""
+    none read when it holds none of them; a plain JSONL file from its local copy of the
+    fetched strides, a downloaded one as :func:`~distill.data.records.iter_split` reads it."""
     ix: _Indexed = f.indexed
     if not select.any_in(base, base + ix.records, granule):
         return
     if not ix.entry.ranged:
-        from distill.data.records import iter_split
-
         plain = DataFile(f.name, f.path, f.shown)
         for r in iter_split([plain], _Shifted(select, base), granule):
             yield Record(r.index + base, fi, r.n, r.where, r.raw)
@@ -287,25 +277,20 @@ def _runs(base: int, n: int, select: Select, granule: int) -> list[tuple[int, in
 def _read_run(
     f: DataFile, fi: int, base: int, lo: int, hi: int, select: Select
 ) -> Iterator[Record]:
-    """Records ``[lo, hi)`` of a plain JSONL file (ranks within it): the bytes from the indexed
-    offset at or before ``lo`` to the one at or after ``hi``, in ranged reads of at most
-    :data:`MAX_READ` bytes, cut at line ends."""
+    """Records ``[lo, hi)`` of a plain JSONL file (ranks within it), read by lines from its
+    local copy: from the indexed offset at or before ``lo`` to the one at or after ``hi``."""
     ix: _Indexed = f.indexed
     e, stride = ix.entry, ix.stride
     assert e.offsets is not None and e.lines is not None
     p, q = lo // stride, -(-hi // stride)
     pos, stop = e.offsets[p], e.offsets[q] if q < len(e.offsets) else e.size
-    rank, n, carry = p * stride, e.lines[p], b""
-    while pos < stop:
-        chunk = ix.read(e.url, pos, min(pos + MAX_READ, stop))
-        if not chunk:
-            break
-        pos += len(chunk)
-        data, carry = carry + chunk, b""
-        if pos < stop:  # whole lines now, the rest with the next read
-            cut = data.rfind(b"\n") + 1
-            data, carry = data[:cut], data[cut:]
-        for raw in _lf(data):
+    rank, n = p * stride, e.lines[p]
+    with open(e.url, "rb") as fh:
+        fh.seek(pos)
+        for raw in fh:
+            if pos >= stop:
+                break
+            pos += len(raw)
             if not is_blank(raw):
                 if rank >= lo and (base + rank) in select:
                     yield Record(base + rank, fi, n, f.where(n), raw)
@@ -317,12 +302,3 @@ def _read_run(
         f"{f.shown}: fewer records at its indexed bytes than its record index says: the "
         "object changed after teacher-cloud indexed it; rerun teacher-cloud"
     )
-
-
-def _lf(data: bytes) -> list[bytes]:
-    """``data`` split after each ``\\n`` only, as reading a binary file by lines does."""
-    parts = data.split(b"\n")
-    out = [p + b"\n" for p in parts[:-1]]
-    if parts[-1]:
-        out.append(parts[-1])
-    return out
